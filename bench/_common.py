@@ -1,0 +1,155 @@
+"""Shared benchmark plumbing: device peaks, timing, and the results JSON of DESIGN §6.
+
+Every bench file times its impls with :func:`measure` inside a pytest-benchmark test and appends a
+record; at session end ``bench/conftest.py`` writes ``bench/results/<device>-<date>.json`` with the
+device's measured bf16 matmul peak and copy bandwidth from the same run.
+
+``peak_mem_bytes`` is the memory an impl allocates on top of what was resident before the call
+(inputs and weights excluded), read with ``torch.cuda.max_memory_allocated``.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+
+RESULTS_DIR = Path(__file__).parent / "results"
+RECORDS: list[dict] = []
+_PEAKS: dict[str, float] = {}
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="benchmarks time CUDA kernels")
+
+
+def device_slug() -> str:
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    m = re.search(r"(H100|H200|H20|A100|A10G|L40S|L4|B200|GB200|RTX ?\d+)", name, re.I)
+    return (m.group(1) if m else name).replace(" ", "").lower()
+
+
+def _cuda_time_ms(fn: Callable[[], object], warmup: int = 3, reps: int = 10) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def device_peaks() -> dict[str, float]:
+    """Measured bf16 matmul TFLOP/s (8192^3, random data) and device-to-device copy GB/s (read + write)."""
+    if not _PEAKS:
+        n = 8192
+        a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+        b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+        ms = _cuda_time_ms(lambda: a @ b, warmup=5, reps=20)
+        _PEAKS["peak_tflops"] = 2 * n**3 / ms / 1e9
+        src = torch.empty(2 * 1024**3 // 2, device="cuda", dtype=torch.bfloat16).normal_()
+        dst = torch.empty_like(src)
+        ms = _cuda_time_ms(lambda: dst.copy_(src), warmup=3, reps=20)
+        _PEAKS["peak_gbps"] = 2 * src.numel() * src.element_size() / ms / 1e6
+        del a, b, src, dst
+        torch.cuda.empty_cache()
+    return _PEAKS
+
+
+def measure(
+    benchmark,
+    fn: Callable[[], object],
+    *,
+    op: str,
+    shape: str,
+    mode: str,
+    impl: str,
+    dtype: torch.dtype | str = torch.bfloat16,
+    flops: float | None = None,
+    bytes_moved: float | None = None,
+    rounds: int = 10,
+    warmup_rounds: int = 3,
+) -> dict:
+    """Time ``fn`` (synchronised) with pytest-benchmark, measure its extra peak memory, record it.
+
+    ``flops`` counts only real (unpadded) work; ``bytes_moved`` the minimal device-memory traffic.
+    Returns the record (also appended to :data:`RECORDS`).
+    """
+
+    def timed():
+        out = fn()
+        torch.cuda.synchronize()
+        return out
+
+    benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=warmup_rounds)
+    ms = benchmark.stats.stats.median * 1e3
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    timed()
+    peak = torch.cuda.max_memory_allocated() - base
+    record = {
+        "op": op,
+        "shape": shape,
+        "mode": mode,
+        "impl": impl,
+        "dtype": str(dtype).replace("torch.", ""),
+        "ms": ms,
+        "tflops": flops / ms / 1e9 if flops else None,
+        "gbps": bytes_moved / ms / 1e6 if bytes_moved else None,
+        "peak_mem_bytes": int(peak),
+    }
+    peaks = device_peaks()
+    if record["tflops"] is not None:
+        record["pct_peak"] = 100 * record["tflops"] / peaks["peak_tflops"]
+    elif record["gbps"] is not None:
+        record["pct_peak"] = 100 * record["gbps"] / peaks["peak_gbps"]
+    benchmark.extra_info.update(record)
+    RECORDS.append(record)
+    return record
+
+
+def _git_commit() -> str | None:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, text=True).strip()
+    except Exception:
+        return os.environ.get("UNIVIGU_COMMIT")
+
+
+def write_results() -> Path | None:
+    """Merge this run's records into ``bench/results/<device>-<date>.json``.
+
+    Records of an (op, shape) pair measured in this run replace that pair's older records, so every
+    ratio inside one (op, shape) is between impls timed in the same run.
+    """
+    if not RECORDS or not torch.cuda.is_available():
+        return None
+    import triton
+
+    date = datetime.date.today().isoformat()
+    path = RESULTS_DIR / f"{device_slug()}-{date}.json"
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    old = json.loads(path.read_text()) if path.exists() else {"records": []}
+    fresh = {(r["op"], r["shape"]) for r in RECORDS}
+    kept = [r for r in old.get("records", []) if (r["op"], r["shape"]) not in fresh]
+    doc = {
+        "device": torch.cuda.get_device_name(),
+        "commit": _git_commit(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "date": date,
+        **device_peaks(),
+        "records": kept + RECORDS,
+    }
+    path.write_text(json.dumps(doc, indent=1) + "\n")
+    return path

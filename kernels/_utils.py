@@ -1,0 +1,71 @@
+"""Helpers shared by the kernels: when to take the Triton path, segment tables, logging once."""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+
+import torch
+
+try:  # triton is a hard dependency on Linux; elsewhere every op falls back to its reference.
+    import triton  # noqa: F401
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - exercised only where triton is missing
+    HAS_TRITON = False
+
+logger = logging.getLogger("univigu_fast")
+
+
+def interpreting() -> bool:
+    """True when ``TRITON_INTERPRET=1``: Triton kernels run on CPU tensors (tests on CPU)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def use_triton(*tensors: torch.Tensor | None) -> bool:
+    """Whether the Triton path can run on ``tensors``: all on CUDA, or all on CPU under the interpreter."""
+    if not HAS_TRITON:
+        return False
+    devices = {t.device.type for t in tensors if t is not None}
+    if devices == {"cuda"}:
+        return True
+    return devices == {"cpu"} and interpreting()
+
+
+@functools.lru_cache(maxsize=None)
+def log_once(message: str) -> None:
+    """Log ``message`` at WARNING level the first time it is seen (e.g. which path an op takes)."""
+    logger.warning(message)
+
+
+def check_segment_table(seg_offsets: torch.Tensor, total: int, name: str = "seg_offsets") -> list[int]:
+    """Validate a packed segment table and return it as a Python list.
+
+    ``seg_offsets`` is int32 ``(S+1,)``: 0 first, ``total`` last, non-decreasing (empty segments
+    allowed). Raises ``TypeError``/``ValueError`` naming ``name`` otherwise.
+    """
+    if not isinstance(seg_offsets, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(seg_offsets).__name__}")
+    if seg_offsets.dtype != torch.int32:
+        raise TypeError(f"{name} must be int32, got {seg_offsets.dtype}")
+    if seg_offsets.dim() != 1 or seg_offsets.numel() < 2:
+        raise ValueError(f"{name} must be 1-D with at least 2 entries, got shape {tuple(seg_offsets.shape)}")
+    offsets = seg_offsets.tolist()
+    if offsets[0] != 0:
+        raise ValueError(f"{name}[0] must be 0, got {offsets[0]}")
+    if offsets[-1] != total:
+        raise ValueError(f"{name}[-1] must equal the number of tokens {total}, got {offsets[-1]}")
+    if any(b < a for a, b in zip(offsets[:-1], offsets[1:])):
+        raise ValueError(f"{name} must be non-decreasing, got {offsets}")
+    return offsets
+
+
+def segment_lengths(seg_offsets: torch.Tensor) -> torch.Tensor:
+    """``(S+1,)`` offsets -> ``(S,)`` int64 lengths."""
+    return (seg_offsets[1:] - seg_offsets[:-1]).long()
+
+
+def expand_segments(values: torch.Tensor, seg_offsets: torch.Tensor) -> torch.Tensor:
+    """Per-segment rows ``values (S, ...)`` -> per-token rows ``(T, ...)`` (segment i repeated len_i times)."""
+    return torch.repeat_interleave(values, segment_lengths(seg_offsets).to(values.device), dim=0,
+                                   output_size=int(seg_offsets[-1]))

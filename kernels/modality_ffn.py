@@ -44,3 +44,31 @@ def modality_ffn_reference(
     if gate is not None:
         y = y * expand_segments(gate, seg_offsets).to(y.dtype)
     return y if residual is None else residual + y
+
+
+class GELUProj(torch.nn.Module):
+    """``net.0`` of a diffusers FeedForward: ``gelu_tanh(proj(x))`` (parameter names ``proj.{weight,bias}``)."""
+
+    def __init__(self, dim: int, inner_dim: int):
+        super().__init__()
+        self.proj = torch.nn.Linear(dim, inner_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.proj(x), approximate="tanh")
+
+
+class FeedForward(torch.nn.Module):
+    """Wan's FFN under diffusers' names: ``net.0.proj`` (dim -> inner, GELU-tanh), ``net.2`` (inner -> dim)."""
+
+    def __init__(self, dim: int, inner_dim: int):
+        super().__init__()
+        self.net = torch.nn.ModuleList([GELUProj(dim, inner_dim), torch.nn.Dropout(0.0), torch.nn.Linear(inner_dim, dim)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.net:
+            x = layer(x)
+        return x
+
+    def expert(self) -> Expert:
+        """``(w1, b1, w2, b2)`` in ``nn.Linear`` layout, as :func:`modality_ffn` takes them."""
+        return (self.net[0].proj.weight, self.net[0].proj.bias, self.net[2].weight, self.net[2].bias)

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Run the GPU checks and benchmarks in one go on a CUDA machine (how the committed results were made).
+#   bash bench/run_gpu.sh [tests|bench|all] [pytest -k expression]
+# Wheels for packages the machine lacks (diffusers, liger-kernel) may be put in .whl/ beforehand.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+what=${1:-all}
+kexpr=${2:-}
+out=${OUT:-/tmp/univigu-out}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >"$out/install.log" 2>&1 || cat "$out/install.log"
+python3 - <<'PY' | tee "$out/env.txt"
+import torch, triton
+print("torch", torch.__version__, "triton", triton.__version__, torch.cuda.get_device_name())
+for name in ("torch.nn.attention.varlen", "torch.nn.attention.flex_attention"):
+    try:
+        __import__(name); print(name, "yes")
+    except Exception as e:
+        print(name, "no", type(e).__name__)
+import torch.nn.functional as F
+print("F.grouped_mm", hasattr(F, "grouped_mm"), "torch._grouped_mm", hasattr(torch, "_grouped_mm"),
+      "F.linear_cross_entropy", hasattr(F, "linear_cross_entropy"))
+PY
+rc=0
+if [ "$what" = tests ] || [ "$what" = all ]; then
+  python3 -m pytest tests -q -x --timeout 900 ${kexpr:+-k "$kexpr"} -p no:cacheprovider 2>&1 | tee "$out/tests.log" | tail -40 || rc=1
+fi
+if [ "$what" = bench ] || [ "$what" = all ]; then
+  python3 -m pytest bench --benchmark-only -q ${kexpr:+-k "$kexpr"} -p no:cacheprovider --benchmark-columns=median,rounds 2>&1 | tee "$out/bench.log" | tail -60 || rc=1
+  cp bench/results/*.json "$out/" 2>/dev/null
+fi
+exit $rc

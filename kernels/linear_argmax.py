@@ -2,20 +2,411 @@
 
 ``logits = x @ weight.T (+ bias)``; returns ``(ids, max_logit, logsumexp)`` per row without
 materialising the ``(N, V)`` logits in the fast path.
+
+Decoding text in Uni-ViGU (paper Eq. 8 ``argmax_v z . E_v``, the logits head's argmax, and the
+discrete Euler solver's sample from ``softmax(logits)``) is a ``(N, dim) x (dim, V)`` product
+reduced to one id per token. The Triton path:
+
+1. ``_linear_argmax_partial_kernel``: grid ``(row blocks, splits)``. Each program owns ``BLOCK_N``
+   rows and a contiguous chunk of the vocabulary, walks it in ``BLOCK_V`` tiles, computes each
+   ``(BLOCK_N, BLOCK_V)`` logits tile with ``tl.dot`` over ``dim`` in ``BLOCK_D`` blocks, and keeps
+   per row a running (best score, its id, its logit) and an online-softmax (max, sum-exp) pair.
+   It writes these partials, ``(N, splits)`` each; the logits tile never leaves registers.
+2. ``_linear_argmax_reduce_kernel``: one tiny pass merging the partials of a row in increasing
+   vocabulary order.
+
+Ties resolve to the lowest id, like ``torch.argmax``: inside a tile the max reduction returns the
+leftmost maximal column, tiles and splits are merged with a strict ``>`` in increasing id order.
+
+Sampling (``gumbel_seed`` given): the Gumbel-max trick. With ``g_v = -log(-log(u_v))``,
+``u_v ~ U(0, 1)`` i.i.d., ``argmax_v (z_v / T + g_v)`` is an exact sample from
+``softmax(z / T)``. ``u`` comes from Philox-4x32-10 keyed on ``(seed, row, vocab id)`` only
+(counter ``(id // 4, row, 0, 0)``, output word ``id % 4``), so the same seed gives the same ids
+whatever the tiling, the number of splits or the launch configuration.
+
+Outputs in both modes: ``ids`` int64 ``(N,)``; ``max_logit`` fp32 ``(N,)`` = the *un-noised*
+tempered logit of the returned id, ``z[id] / T`` (without a seed and with ``T = 1`` that is the
+max logit); ``logsumexp`` fp32 ``(N,)`` = ``logsumexp(z / T)``. Hence ``max_logit - logsumexp`` is
+the log-probability of the returned id under ``softmax(z / T)`` (a confidence) in both modes.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
+from ._utils import HAS_TRITON, interpreting, log_once, use_triton
 
-def linear_argmax_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Philox rounds of the in-kernel Gumbel noise (Salmon et al. 2011's default, as tl.rand's).
+PHILOX_ROUNDS = 10
+# Every GPU config's BLOCK_V divides this, so a split's vocabulary chunk is a whole number of tiles.
+_GPU_V_GRANULE = 256
+
+
+def linear_argmax_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    gumbel_seed: int | None = None,
+    temperature: float = 1.0,
+):
     """Naive decode: the full ``(N, V)`` logits in fp32, then argmax (ties -> lowest id).
 
     x (N, dim), weight (V, dim), bias (V,) -> ids int64 (N,), max_logit fp32 (N,), logsumexp fp32 (N,).
+
+    With ``gumbel_seed`` the ids are a sample from ``softmax(logits / temperature)`` by the
+    Gumbel-max trick with noise from ``torch.Generator(seed)`` (the same distribution as the Triton
+    kernel, not the same random stream). ``max_logit`` is then ``logits[id] / temperature`` (the
+    un-noised logit of the sampled id) and ``logsumexp`` that of ``logits / temperature``.
     """
     logits = x.float() @ weight.float().t()
     if bias is not None:
         logits = logits + bias.float()
-    ids = logits.argmax(dim=-1)  # first maximal index, like torch.argmax
+    if temperature != 1.0:
+        logits = logits / temperature
+    if gumbel_seed is None:
+        ids = logits.argmax(dim=-1)  # first maximal index, like torch.argmax
+    else:
+        gen = torch.Generator(device=logits.device).manual_seed(int(gumbel_seed))
+        u = torch.rand(logits.shape, generator=gen, device=logits.device, dtype=torch.float64)
+        gumbel = -torch.log(-torch.log(u))
+        ids = (logits.double() + gumbel).argmax(dim=-1)
     max_logit = logits.gather(-1, ids[:, None]).squeeze(-1)
     return ids, max_logit, torch.logsumexp(logits, dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------
+if HAS_TRITON:
+
+    @triton.jit
+    def _linear_argmax_partial_kernel(
+        x_ptr, w_ptr, b_ptr, tgt_ptr,                      # x (N, D), w (V, D), bias (V,), target (N,)
+        best_ptr, id_ptr, sel_ptr, max_ptr, sumexp_ptr,    # partials (N, S): fp32, int32, fp32 x3
+        tlogit_ptr, zsum_ptr,                              # partials (N, S) fp32 (cross-entropy only)
+        N, V, D, chunk, S, stride_xn, stride_wv,
+        seed, inv_temp, n_bucket,
+        HAS_BIAS: tl.constexpr, SAMPLE: tl.constexpr, HAS_TARGET: tl.constexpr, SUM_Z: tl.constexpr,
+        EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, N_ROUNDS: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        pid_n = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_mask = rows < N
+        v_start = pid_s * chunk
+        v_end = tl.minimum(v_start + chunk, V)
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_v = tl.arange(0, BLOCK_V)
+
+        m_run = tl.full((BLOCK_N,), float("-inf"), tl.float32)     # running max of z / T
+        s_run = tl.zeros((BLOCK_N,), tl.float32)                   # running sum exp(z / T - m_run)
+        best = tl.full((BLOCK_N,), float("-inf"), tl.float32)      # best (noised) score so far
+        best_id = tl.zeros((BLOCK_N,), tl.int32)
+        best_sel = tl.full((BLOCK_N,), float("-inf"), tl.float32)  # un-noised z / T of best_id
+        if HAS_TARGET:
+            tgt = tl.load(tgt_ptr + rows, mask=row_mask, other=-1).to(tl.int32)
+            t_acc = tl.zeros((BLOCK_N,), tl.float32)
+        if SUM_Z:
+            zs_acc = tl.zeros((BLOCK_N,), tl.float32)
+
+        x_rows = x_ptr + rows[:, None].to(tl.int64) * stride_xn
+        for v0 in range(v_start, v_end, BLOCK_V):
+            cols = v0 + offs_v
+            col_mask = cols < v_end
+            w_rows = w_ptr + cols[:, None].to(tl.int64) * stride_wv
+            # logits tile z = x[rows] @ w[cols].T, fp32 accumulation over dim
+            acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
+            for d0 in range(0, D, BLOCK_D):
+                dd = d0 + offs_d
+                if EVEN_D:
+                    a = tl.load(x_rows + dd[None, :], mask=row_mask[:, None], other=0.0)
+                    b = tl.load(w_rows + dd[None, :], mask=col_mask[:, None], other=0.0)
+                else:
+                    a = tl.load(x_rows + dd[None, :], mask=row_mask[:, None] & (dd[None, :] < D), other=0.0)
+                    b = tl.load(w_rows + dd[None, :], mask=col_mask[:, None] & (dd[None, :] < D), other=0.0)
+                acc = tl.dot(a, tl.trans(b), acc, input_precision=DOT_PRECISION)
+            if HAS_BIAS:
+                acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+            if HAS_TARGET:
+                t_acc += tl.sum(tl.where(cols[None, :] == tgt[:, None], acc, 0.0), axis=1)
+            if SUM_Z:
+                zs_acc += tl.sum(tl.where(col_mask[None, :], acc, 0.0), axis=1)
+            z = tl.where(col_mask[None, :], acc * inv_temp, float("-inf"))
+
+            # online softmax statistics of z / T
+            m_new = tl.maximum(m_run, tl.max(z, axis=1))
+            s_run = s_run * tl.exp(m_run - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
+            m_run = m_new
+
+            if SAMPLE:
+                # Gumbel-max: u from Philox keyed on (row, vocab id) only -> tiling independent.
+                quad = v0 // 4 + tl.arange(0, BLOCK_V // 4)                 # counter word 0: id // 4
+                c0 = tl.broadcast_to(quad[None, :], (BLOCK_N, BLOCK_V // 4)).to(tl.uint32)
+                c1 = tl.broadcast_to(rows[:, None], (BLOCK_N, BLOCK_V // 4)).to(tl.uint32)
+                zero = tl.zeros((BLOCK_N, BLOCK_V // 4), tl.uint32)
+                r0, r1, r2, r3 = tl.philox(seed, c0, c1, zero, zero, N_ROUNDS)
+                # interleave so that column 4 q + k takes output word k
+                bits = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), (BLOCK_N, BLOCK_V))
+                u = _uint_to_unit(bits)
+                score = z - tl.log(-tl.log(u))
+                score = tl.where(col_mask[None, :], score, float("-inf"))
+                tile_best, tile_arg = tl.max(score, axis=1, return_indices=True, return_indices_tie_break_left=True)
+                tile_sel = tl.sum(tl.where(offs_v[None, :] == tile_arg[:, None], z, 0.0), axis=1)
+            else:
+                tile_best, tile_arg = tl.max(z, axis=1, return_indices=True, return_indices_tie_break_left=True)
+                tile_sel = tile_best
+            upd = tile_best > best  # strict: an earlier (lower) id wins ties
+            best = tl.where(upd, tile_best, best)
+            best_id = tl.where(upd, v0 + tile_arg.to(tl.int32), best_id)
+            best_sel = tl.where(upd, tile_sel, best_sel)
+
+        out = rows.to(tl.int64) * S + pid_s
+        tl.store(best_ptr + out, best, mask=row_mask)
+        tl.store(id_ptr + out, best_id, mask=row_mask)
+        tl.store(sel_ptr + out, best_sel, mask=row_mask)
+        tl.store(max_ptr + out, m_run, mask=row_mask)
+        tl.store(sumexp_ptr + out, s_run, mask=row_mask)
+        if HAS_TARGET:
+            tl.store(tlogit_ptr + out, t_acc, mask=row_mask)
+        if SUM_Z:
+            tl.store(zsum_ptr + out, zs_acc, mask=row_mask)
+
+    @triton.jit
+    def _uint_to_unit(bits):
+        """uint32 -> float32 in [0, 1) (31 random bits, as tl.rand)."""
+        xi = bits.to(tl.int32, bitcast=True)
+        xi = tl.where(xi < 0, ~xi, xi)
+        return xi.to(tl.float32) * 4.6566127342e-10
+
+    @triton.jit
+    def _linear_argmax_reduce_kernel(
+        best_ptr, id_ptr, sel_ptr, max_ptr, sumexp_ptr, tlogit_ptr, zsum_ptr,  # partials (N, S)
+        ids_out, sel_out, lse_out, tlogit_out, zsum_out,                      # (N,)
+        N, S,
+        HAS_TARGET: tl.constexpr, SUM_Z: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+    ):
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_mask = rows < N
+        sp = tl.arange(0, BLOCK_S)
+        mask = row_mask[:, None] & (sp[None, :] < S)
+        offs = rows[:, None].to(tl.int64) * S + sp[None, :]
+        best = tl.load(best_ptr + offs, mask=mask, other=float("-inf"))
+        # splits are in increasing id order: the leftmost best split holds the lowest id
+        _, arg = tl.max(best, axis=1, return_indices=True, return_indices_tie_break_left=True)
+        pick = sp[None, :] == arg[:, None]
+        ids = tl.sum(tl.where(pick, tl.load(id_ptr + offs, mask=mask, other=0), 0), axis=1)
+        sel = tl.sum(tl.where(pick, tl.load(sel_ptr + offs, mask=mask, other=0.0), 0.0), axis=1)
+        m = tl.load(max_ptr + offs, mask=mask, other=float("-inf"))
+        s = tl.load(sumexp_ptr + offs, mask=mask, other=0.0)
+        m_all = tl.max(m, axis=1)
+        total = tl.sum(tl.where(mask, s * tl.exp(m - m_all[:, None]), 0.0), axis=1)
+        tl.store(ids_out + rows, ids.to(tl.int64), mask=row_mask)
+        tl.store(sel_out + rows, sel, mask=row_mask)
+        tl.store(lse_out + rows, m_all + tl.log(total), mask=row_mask)
+        if HAS_TARGET:
+            t = tl.sum(tl.load(tlogit_ptr + offs, mask=mask, other=0.0), axis=1)
+            tl.store(tlogit_out + rows, t, mask=row_mask)
+        if SUM_Z:
+            zs = tl.sum(tl.load(zsum_ptr + offs, mask=mask, other=0.0), axis=1)
+            tl.store(zsum_out + rows, zs, mask=row_mask)
+
+    def _gpu_configs():
+        cfg = triton.Config
+        return [
+            cfg({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_D": 64}, num_warps=8, num_stages=4),
+            cfg({"BLOCK_N": 128, "BLOCK_V": 256, "BLOCK_D": 64}, num_warps=8, num_stages=3),
+            cfg({"BLOCK_N": 64, "BLOCK_V": 256, "BLOCK_D": 64}, num_warps=4, num_stages=4),
+            cfg({"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_D": 128}, num_warps=4, num_stages=3),
+            cfg({"BLOCK_N": 16, "BLOCK_V": 256, "BLOCK_D": 128}, num_warps=4, num_stages=3),
+        ]
+
+    def _prune(configs, named_args, **kwargs):
+        # tiny N: only the narrow-row config is worth trying; otherwise drop it
+        n = named_args["n_bucket"]
+        small = [c for c in configs if c.kwargs["BLOCK_N"] == 16]
+        return small if n <= 16 else [c for c in configs if c.kwargs["BLOCK_N"] != 16 and c.kwargs["BLOCK_N"] <= max(64, n)]
+
+    _linear_argmax_partial_tuned = triton.autotune(
+        configs=_gpu_configs(),
+        key=["n_bucket", "D", "SAMPLE", "HAS_TARGET"],
+        prune_configs_by={"early_config_prune": _prune},
+    )(_linear_argmax_partial_kernel)
+
+
+# Block sizes of the interpreter path (CPU tests): tiny so that ragged shapes cross tile edges.
+INTERPRETER_BLOCKS = {"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_D": 16}
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # interpreter: a few splits, so the cross-split merge is exercised
+
+
+def _default_splits(n: int, v: int, granule: int, device: torch.device) -> int:
+    """Vocabulary splits: about one program per SM in total (row blocks estimated at 128 rows)."""
+    row_blocks = -(-n // 128)
+    return max(1, min(-(-v // granule), _num_sms(device) // row_blocks))
+
+
+def _check_inputs(x, weight, bias, temperature=1.0, gumbel_seed=None):
+    if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
+        raise TypeError("x and weight must be torch.Tensors")
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D (N, dim), got shape {tuple(x.shape)}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (V, dim), got shape {tuple(weight.shape)}")
+    if weight.shape[1] != x.shape[1]:
+        raise ValueError(f"weight must be (V, dim={x.shape[1]}) to match x {tuple(x.shape)}, got {tuple(weight.shape)}")
+    if weight.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"weight must have V >= 1 and dim >= 1, got shape {tuple(weight.shape)}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"x must be float16, bfloat16 or float32, got {x.dtype}")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} must match x dtype {x.dtype}")
+    if x.device != weight.device:
+        raise ValueError(f"x ({x.device}) and weight ({weight.device}) must be on the same device")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"bias must be (V={weight.shape[0]},), got shape {tuple(bias.shape)}")
+        if bias.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"bias must be a float tensor, got {bias.dtype}")
+        if bias.device != x.device:
+            raise ValueError(f"bias ({bias.device}) must be on x's device ({x.device})")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+    if gumbel_seed is not None:
+        if isinstance(gumbel_seed, bool) or not isinstance(gumbel_seed, int):
+            raise TypeError(f"gumbel_seed must be an int or None, got {type(gumbel_seed).__name__}")
+        if not 0 <= gumbel_seed < 2**63:
+            raise ValueError(f"gumbel_seed must be in [0, 2**63), got {gumbel_seed}")
+
+
+def _linear_argmax_launch(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    gumbel_seed: int | None = None,
+    temperature: float = 1.0,
+    target: torch.Tensor | None = None,
+    sum_logits: bool = False,
+    num_splits: int | None = None,
+    blocks: dict | None = None,
+):
+    """Run the two Triton passes. Returns ``(ids, sel_logit, lse, target_logit, logit_sum)``.
+
+    ``target`` (N,) int: also return ``logits[row, target[row]]`` (un-tempered; 0 where the target
+    is outside ``[0, V)``); ``sum_logits``: also return ``logits[row].sum()``. Both for the
+    cross-entropy forward. ``num_splits`` / ``blocks`` override the launch configuration (tests).
+    """
+    n, d = x.shape
+    v = weight.shape[0]
+    dev = x.device
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    if weight.stride(1) != 1:
+        weight = weight.contiguous()
+    if bias is not None:
+        bias = bias.contiguous()
+    interp = dev.type == "cpu"
+    if blocks is None and interp:
+        blocks = INTERPRETER_BLOCKS
+    granule = blocks["BLOCK_V"] if blocks is not None else _GPU_V_GRANULE
+    splits = num_splits if num_splits is not None else _default_splits(n, v, granule, dev)
+    tiles = -(-v // granule)
+    splits = max(1, min(splits, tiles))
+    chunk = -(-tiles // splits) * granule
+    splits = -(-v // chunk)
+
+    f32 = dict(device=dev, dtype=torch.float32)
+    part = torch.empty((5, n, splits), **f32)
+    best, sel_p, max_p, sum_p = part[0], part[1], part[2], part[3]
+    id_p = torch.empty((n, splits), device=dev, dtype=torch.int32)
+    tl_p = part[4] if target is not None else best
+    zs_p = torch.empty((n, splits), **f32) if sum_logits else best
+    dummy = best
+    seed = 0 if gumbel_seed is None else int(gumbel_seed)
+    args = (
+        x, weight, bias if bias is not None else dummy, target if target is not None else id_p,
+        best, id_p, sel_p, max_p, sum_p, tl_p, zs_p,
+        n, v, d, chunk, splits, x.stride(0), weight.stride(0),
+        seed, 1.0 / float(temperature), min(triton.next_power_of_2(n), 8192),
+    )
+    consts = dict(
+        HAS_BIAS=bias is not None, SAMPLE=gumbel_seed is not None, HAS_TARGET=target is not None,
+        SUM_Z=sum_logits, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        N_ROUNDS=PHILOX_ROUNDS,
+    )
+    if blocks is not None:
+        consts["EVEN_D"] = d % blocks["BLOCK_D"] == 0
+        grid = (triton.cdiv(n, blocks["BLOCK_N"]), splits)
+        _linear_argmax_partial_kernel[grid](*args, **consts, **blocks, num_warps=4)
+    else:
+        consts["EVEN_D"] = d % 128 == 0
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), splits)  # noqa: E731
+        _linear_argmax_partial_tuned[grid](*args, **consts)
+
+    ids = torch.empty(n, device=dev, dtype=torch.int64)
+    out = torch.empty((4, n), **f32)
+    block_s = triton.next_power_of_2(splits)
+    block_r = max(1, min(64, 4096 // block_s))
+    _linear_argmax_reduce_kernel[(triton.cdiv(n, block_r),)](
+        best, id_p, sel_p, max_p, sum_p, tl_p, zs_p,
+        ids, out[0], out[1], out[2], out[3], n, splits,
+        HAS_TARGET=target is not None, SUM_Z=sum_logits, BLOCK_N=block_r, BLOCK_S=block_s,
+    )
+    return ids, out[0], out[1], out[2] if target is not None else None, out[3] if sum_logits else None
+
+
+def linear_argmax(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    gumbel_seed: int | None = None,
+    temperature: float = 1.0,
+):
+    """Fused ``argmax_v (x @ weight.T + bias)`` (or a sample of ``softmax(logits / temperature)``).
+
+    x (N, dim), weight (V, dim), bias (V,) or None; float16/bfloat16/float32 (x and weight alike).
+    Returns ``ids`` int64 (N,), ``max_logit`` fp32 (N,) = ``logits[id] / temperature`` (un-noised),
+    ``logsumexp`` fp32 (N,) of ``logits / temperature``. ``gumbel_seed`` (int): return an exact sample
+    from ``softmax(logits / temperature)`` via in-kernel Gumbel noise; the same seed gives the same
+    ids on any launch configuration. Without a seed the temperature only rescales the two logit
+    outputs. Never materialises the ``(N, V)`` logits on the Triton path.
+    """
+    _check_inputs(x, weight, bias, temperature, gumbel_seed)
+    if not use_triton(x, weight, bias):
+        log_once("linear_argmax: Triton path unavailable (needs CUDA or TRITON_INTERPRET=1), using the reference")
+        return linear_argmax_reference(x, weight, bias, gumbel_seed=gumbel_seed, temperature=temperature)
+    n = x.shape[0]
+    if n == 0:
+        e = torch.empty(0, device=x.device, dtype=torch.float32)
+        return torch.empty(0, device=x.device, dtype=torch.int64), e, e.clone()
+    ids, sel, lse, _, _ = _linear_argmax_launch(x, weight, bias, gumbel_seed=gumbel_seed, temperature=temperature)
+    return ids, sel, lse
+
+
+class LinearArgmax(torch.nn.Module):
+    """Thin module: ``forward(x, weight, bias=None)`` -> :func:`linear_argmax` with fixed seed/temperature."""
+
+    def __init__(self, temperature: float = 1.0):
+        super().__init__()
+        self.temperature = temperature
+
+    def forward(self, x, weight, bias=None, gumbel_seed=None):
+        return linear_argmax(x, weight, bias, gumbel_seed=gumbel_seed, temperature=self.temperature)

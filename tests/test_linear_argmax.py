@@ -1,0 +1,172 @@
+"""Fused linear argmax / sample (kernels/linear_argmax.py) against its pure-PyTorch reference.
+
+On CPU the Triton kernels run in the interpreter (fp32, fp16, tiny ragged shapes); the bf16 tests
+run only on a GPU.
+"""
+import pytest
+import torch
+
+from univigu_fast.kernels.linear_argmax import (
+    _linear_argmax_launch,
+    linear_argmax,
+    linear_argmax_reference,
+)
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: dict(atol=1e-4, rtol=1e-5), torch.float16: dict(atol=2e-3, rtol=1e-4),
+       torch.bfloat16: dict(atol=2e-2, rtol=1e-3)}
+# df = V - 1 chi-square critical values at p = 1e-4 (fixed threshold; seeds are fixed, so deterministic)
+CHI2_CRIT = {12: 39.13, 36: 76.36}
+
+
+def _planted(n, v, d, dtype, seed=0, bias=True, margin=3.0):
+    """x (n, d), w (v, d), bias (v,) with a clear winner per row (no near-ties)."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(v, d, generator=g)
+    x = torch.randn(n, d, generator=g)
+    win = torch.randint(0, v, (n,), generator=g)
+    x = x + margin * w[win] / w[win].norm(dim=1, keepdim=True)
+    b = 0.1 * torch.randn(v, generator=g) if bias else None
+    x, w = x.to(dtype), w.to(dtype)
+    b = b.to(dtype) if b is not None else None
+    # guard: the top-2 gap of the reference logits is far above any accumulation-order error
+    logits = x.float() @ w.float().t() + (b.float() if b is not None else 0)
+    top2 = logits.topk(2, dim=1).values
+    assert (top2[:, 0] - top2[:, 1]).min() > 0.05, "test data has a near-tie"
+    return x.to(DEV), w.to(DEV), (b.to(DEV) if b is not None else None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("n,v,d,bias", [(37, 301, 40, True), (1, 97, 24, False), (20, 33, 17, True)])
+def test_argmax_matches_reference(dtype, n, v, d, bias):
+    x, w, b = _planted(n, v, d, dtype, bias=bias)
+    ids, mx, lse = linear_argmax(x, w, b)
+    rids, rmx, rlse = linear_argmax_reference(x, w, b)
+    assert ids.dtype == torch.int64 and mx.dtype == torch.float32 and lse.dtype == torch.float32
+    torch.testing.assert_close(ids, rids, atol=0, rtol=0)
+    torch.testing.assert_close(mx, rmx, **TOL[dtype])
+    torch.testing.assert_close(lse, rlse, **TOL[dtype])
+
+
+def test_temperature_scales_outputs_not_ids():
+    x, w, b = _planted(9, 70, 24, torch.float32)
+    ids, mx, lse = linear_argmax(x, w, b, temperature=0.5)
+    rids, rmx, rlse = linear_argmax_reference(x, w, b, temperature=0.5)
+    torch.testing.assert_close(ids, rids, atol=0, rtol=0)
+    torch.testing.assert_close(mx, rmx, **TOL[torch.float32])
+    torch.testing.assert_close(lse, rlse, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_exact_ties_resolve_to_lowest_id(dtype):
+    """Integer data: exact ties within a tile, across tiles and across splits -> lowest id."""
+    v, d = 300, 24
+    g = torch.Generator().manual_seed(1)
+    w = torch.randint(-2, 3, (v, d), generator=g).float()
+    w[[100, 40, 3, 299]] = 3.0     # row 0 (x = +1): max 3 d at ids 3, 40, 100, 299 -> 3
+    w[[250, 42, 41]] = -3.0        # row 1 (x = -1): max 3 d at ids 41, 42, 250 -> 41
+    x = torch.stack([torch.ones(d), -torch.ones(d), torch.zeros(d)])  # row 2: all logits 0 -> 0
+    x, w = x.to(dtype).to(DEV), w.to(dtype).to(DEV)
+    expect = torch.tensor([3, 41, 0], device=DEV)
+    for splits in (1, 3, 7):
+        ids, mx, _ = _linear_argmax_launch(x, w, None, num_splits=splits)[:3]
+        torch.testing.assert_close(ids, expect, atol=0, rtol=0)
+        torch.testing.assert_close(mx, torch.tensor([3.0 * d, 3.0 * d, 0.0], device=DEV))
+    torch.testing.assert_close(linear_argmax_reference(x, w)[0], expect, atol=0, rtol=0)
+
+
+def test_sample_deterministic_and_tiling_independent():
+    x, w, b = _planted(21, 45, 20, torch.float32)
+    ids1, mx1, lse1 = linear_argmax(x, w, b, gumbel_seed=1234, temperature=3.0)
+    ids1b, _, _ = linear_argmax(x, w, b, gumbel_seed=1234, temperature=3.0)
+    torch.testing.assert_close(ids1, ids1b, atol=0, rtol=0)
+    # other tilings / split counts draw the same noise: Philox keyed on (seed, row, vocab id) only
+    for blocks, splits in (({"BLOCK_N": 32, "BLOCK_V": 16, "BLOCK_D": 32}, 1),
+                           ({"BLOCK_N": 16, "BLOCK_V": 64, "BLOCK_D": 16}, 5)):
+        ids2 = _linear_argmax_launch(x, w, b, gumbel_seed=1234, temperature=3.0, num_splits=splits, blocks=blocks)[0]
+        torch.testing.assert_close(ids1, ids2, atol=0, rtol=0)
+    ids3, _, _ = linear_argmax(x, w, b, gumbel_seed=99, temperature=3.0)
+    assert (ids3 != ids1).any(), "different seeds gave identical samples"
+    # max_logit is the un-noised tempered logit of the sampled id; logsumexp of logits / T
+    logits = (x.float() @ w.float().t() + b.float()) / 3.0
+    torch.testing.assert_close(mx1, logits.gather(1, ids1[:, None]).squeeze(1), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(lse1, torch.logsumexp(logits, 1), atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("v,temperature", [(13, 0.7), (37, 1.5)])
+def test_sample_distribution_chi_square(v, temperature):
+    """Empirical distribution over rows x seeds matches softmax(logits / T) (chi-square, p = 1e-4)."""
+    d, rows = 8, 1024
+    g = torch.Generator().manual_seed(v)
+    w = torch.randn(v, d, generator=g)
+    b = torch.randn(v, generator=g)
+    x = torch.randn(1, d, generator=g).expand(rows, d).contiguous()  # identical rows: i.i.d. draws
+    x, w, b = x.to(DEV), w.to(DEV), b.to(DEV)
+    counts = torch.zeros(v, dtype=torch.float64)
+    for seed in (0, 1, 2**40 + 7):
+        ids = _linear_argmax_launch(x, w, b, gumbel_seed=seed, temperature=temperature,
+                                    blocks={"BLOCK_N": 128, "BLOCK_V": 16, "BLOCK_D": 8})[0]
+        counts += torch.bincount(ids.cpu(), minlength=v).double()
+    p = torch.softmax((x[0].float() @ w.float().t() + b.float()).cpu().double() / temperature, 0)
+    expected = counts.sum() * p
+    stat = ((counts - expected) ** 2 / expected).sum().item()
+    assert stat < CHI2_CRIT[v - 1], f"chi-square {stat:.1f} >= {CHI2_CRIT[v - 1]} (df {v - 1})"
+    # and the reference sampler draws from the same distribution
+    rc = torch.zeros(v, dtype=torch.float64)
+    for seed in range(3):
+        rc += torch.bincount(linear_argmax_reference(x, w, b, gumbel_seed=seed, temperature=temperature)[0].cpu(),
+                             minlength=v).double()
+    assert ((rc - expected) ** 2 / expected).sum().item() < CHI2_CRIT[v - 1]
+
+
+def test_empty_rows():
+    w = torch.randn(50, 16, device=DEV)
+    ids, mx, lse = linear_argmax(torch.randn(0, 16, device=DEV), w)
+    assert ids.shape == (0,) and mx.shape == (0,) and lse.shape == (0,)
+
+
+@pytest.mark.parametrize("bad,err", [
+    (dict(x=torch.randn(3, 4, 8)), ValueError),
+    (dict(weight=torch.randn(10, 7)), ValueError),
+    (dict(weight=torch.randn(10, 8, dtype=torch.float64)), TypeError),
+    (dict(x=torch.randn(3, 8).half()), TypeError),
+    (dict(bias=torch.randn(11)), ValueError),
+    (dict(temperature=0.0), ValueError),
+    (dict(temperature=-1.0), ValueError),
+    (dict(gumbel_seed=1.5), TypeError),
+    (dict(gumbel_seed=-1), ValueError),
+])
+def test_bad_inputs(bad, err):
+    args = dict(x=torch.randn(3, 8), weight=torch.randn(10, 8), bias=None, temperature=1.0, gumbel_seed=None)
+    args.update(bad)
+    with pytest.raises(err):
+        linear_argmax(args["x"], args["weight"], args["bias"], temperature=args["temperature"],
+                      gumbel_seed=args["gumbel_seed"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 tl.dot needs a GPU")
+@pytest.mark.parametrize("n,v,d", [(1, 256384, 1536), (256, 256384, 1536), (300, 5001, 200)])
+def test_argmax_bf16_gpu(n, v, d):
+    x, w, b = _planted(n, v, d, torch.bfloat16, bias=False, margin=6.0)
+    ids, mx, lse = linear_argmax(x, w, b)
+    rids, rmx, rlse = linear_argmax_reference(x, w, b)
+    torch.testing.assert_close(ids, rids, atol=0, rtol=0)
+    torch.testing.assert_close(mx, rmx, **TOL[torch.bfloat16])
+    torch.testing.assert_close(lse, rlse, **TOL[torch.bfloat16])
+    # sampling on GPU: deterministic, and at a very low temperature it is the argmax
+    s1 = linear_argmax(x, w, b, gumbel_seed=3)[0]
+    torch.testing.assert_close(s1, linear_argmax(x, w, b, gumbel_seed=3)[0], atol=0, rtol=0)
+    torch.testing.assert_close(linear_argmax(x, w, b, gumbel_seed=3, temperature=1e-3)[0], rids, atol=0, rtol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_sample_distribution_gpu():
+    v, d, rows = 37, 64, 65536
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(v, d, generator=g).bfloat16().cuda()
+    x = torch.randn(1, d, generator=g).bfloat16().cuda().expand(rows, d).contiguous()
+    ids = linear_argmax(x, w, gumbel_seed=11, temperature=1.3)[0]
+    counts = torch.bincount(ids, minlength=v).double().cpu()
+    p = torch.softmax((x[:1].float() @ w.float().t()).double().cpu()[0] / 1.3, 0)
+    expected = rows * p
+    assert ((counts - expected) ** 2 / expected).sum().item() < CHI2_CRIT[36]

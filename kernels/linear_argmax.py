@@ -225,15 +225,13 @@ if HAS_TRITON:
             cfg({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_D": 64}, num_warps=8, num_stages=4),
             cfg({"BLOCK_N": 128, "BLOCK_V": 256, "BLOCK_D": 64}, num_warps=8, num_stages=3),
             cfg({"BLOCK_N": 64, "BLOCK_V": 256, "BLOCK_D": 64}, num_warps=4, num_stages=4),
-            cfg({"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_D": 128}, num_warps=4, num_stages=3),
             cfg({"BLOCK_N": 16, "BLOCK_V": 256, "BLOCK_D": 128}, num_warps=4, num_stages=3),
         ]
 
     def _prune(configs, named_args, **kwargs):
-        # tiny N: only the narrow-row config is worth trying; otherwise drop it
-        n = named_args["n_bucket"]
-        small = [c for c in configs if c.kwargs["BLOCK_N"] == 16]
-        return small if n <= 16 else [c for c in configs if c.kwargs["BLOCK_N"] != 16 and c.kwargs["BLOCK_N"] <= max(64, n)]
+        # N <= 16 (one or a few tokens: memory-bound): only the narrow-row config; else the others
+        narrow = named_args["n_bucket"] <= 16
+        return [c for c in configs if (c.kwargs["BLOCK_N"] == 16) == narrow]
 
     _linear_argmax_partial_tuned = triton.autotune(
         configs=_gpu_configs(),

@@ -7,7 +7,7 @@ Decoding text in Uni-ViGU (paper Eq. 8 ``argmax_v z . E_v``, the logits head's a
 discrete Euler solver's sample from ``softmax(logits)``) is a ``(N, dim) x (dim, V)`` product
 reduced to one id per token. The Triton path:
 
-1. ``_linear_argmax_partial_kernel``: grid ``(row blocks, splits)``. Each program owns ``BLOCK_N``
+1. ``_linear_argmax_partial_kernel``: grid ``row blocks x splits`` (grouped order). Each program owns ``BLOCK_N``
    rows and a contiguous chunk of the vocabulary, walks it in ``BLOCK_V`` tiles, computes each
    ``(BLOCK_N, BLOCK_V)`` logits tile with ``tl.dot`` over ``dim`` in ``BLOCK_D`` blocks, and keeps
    per row a running (best score, its id, its logit) and an online-softmax (max, sum-exp) pair.
@@ -44,6 +44,8 @@ if HAS_TRITON:
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Philox rounds of the in-kernel Gumbel noise (Salmon et al. 2011's default, as tl.rand's).
 PHILOX_ROUNDS = 10
+# Row blocks per program group of the grouped launch order (see the partial kernel).
+GROUP_ROWS = 8
 # Every GPU config's BLOCK_V divides this, so a split's vocabulary chunk is a whole number of tiles.
 _GPU_V_GRANULE = 256
 
@@ -94,11 +96,18 @@ if HAS_TRITON:
         N, V, D, chunk, S, stride_xn, stride_wv,
         seed, inv_temp, n_bucket,
         HAS_BIAS: tl.constexpr, SAMPLE: tl.constexpr, HAS_TARGET: tl.constexpr, SUM_Z: tl.constexpr,
-        EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, N_ROUNDS: tl.constexpr,
+        EVEN_D: tl.constexpr, IEEE_FP32: tl.constexpr, N_ROUNDS: tl.constexpr, GROUP_R: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
-        pid_n = tl.program_id(0)
-        pid_s = tl.program_id(1)
+        # 1-D grid, grouped: consecutive programs take GROUP_R row blocks x all S splits, so the
+        # programs resident together share their x blocks (L2) and stream each W tile once per group.
+        pid = tl.program_id(0)
+        row_blocks = tl.cdiv(N, BLOCK_N)
+        per_group = GROUP_R * S
+        first = (pid // per_group) * GROUP_R
+        group_size = tl.minimum(row_blocks - first, GROUP_R)
+        pid_n = first + (pid % per_group) % group_size
+        pid_s = (pid % per_group) // group_size
         rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         row_mask = rows < N
         v_start = pid_s * chunk
@@ -132,7 +141,10 @@ if HAS_TRITON:
                 else:
                     a = tl.load(x_rows + dd[None, :], mask=row_mask[:, None] & (dd[None, :] < D), other=0.0)
                     b = tl.load(w_rows + dd[None, :], mask=col_mask[:, None] & (dd[None, :] < D), other=0.0)
-                acc = tl.dot(a, tl.trans(b), acc, input_precision=DOT_PRECISION)
+                if IEEE_FP32:  # fp32 inputs: exact fp32 products, not TF32
+                    acc = tl.dot(a, tl.trans(b), acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(a, tl.trans(b), acc)
             if HAS_BIAS:
                 acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
             if HAS_TARGET:
@@ -225,6 +237,7 @@ if HAS_TRITON:
             cfg({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_D": 64}, num_warps=8, num_stages=4),
             cfg({"BLOCK_N": 128, "BLOCK_V": 256, "BLOCK_D": 64}, num_warps=8, num_stages=3),
             cfg({"BLOCK_N": 64, "BLOCK_V": 256, "BLOCK_D": 64}, num_warps=4, num_stages=4),
+            cfg({"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_D": 64}, num_warps=4, num_stages=3),  # 2 CTAs / SM
             cfg({"BLOCK_N": 16, "BLOCK_V": 256, "BLOCK_D": 128}, num_warps=4, num_stages=3),
         ]
 
@@ -251,9 +264,10 @@ def _num_sms(device: torch.device) -> int:
 
 
 def _default_splits(n: int, v: int, granule: int, device: torch.device) -> int:
-    """Vocabulary splits: about one program per SM in total (row blocks estimated at 128 rows)."""
-    row_blocks = -(-n // 128)
-    return max(1, min(-(-v // granule), _num_sms(device) // row_blocks))
+    """Vocabulary splits: one group of ``min(row blocks, GROUP_ROWS)`` row blocks x splits fills the
+    SMs about once (row blocks estimated at 128 rows): small N -> many splits, large N -> 16."""
+    group = min(-(-n // 128), GROUP_ROWS)
+    return max(1, min(-(-v // granule), _num_sms(device) // group))
 
 
 def _check_inputs(x, weight, bias, temperature=1.0, gumbel_seed=None):
@@ -346,16 +360,15 @@ def _linear_argmax_launch(
     )
     consts = dict(
         HAS_BIAS=bias is not None, SAMPLE=gumbel_seed is not None, HAS_TARGET=target is not None,
-        SUM_Z=sum_logits, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        N_ROUNDS=PHILOX_ROUNDS,
+        SUM_Z=sum_logits, IEEE_FP32=x.dtype == torch.float32, N_ROUNDS=PHILOX_ROUNDS, GROUP_R=GROUP_ROWS,
     )
     if blocks is not None:
         consts["EVEN_D"] = d % blocks["BLOCK_D"] == 0
-        grid = (triton.cdiv(n, blocks["BLOCK_N"]), splits)
+        grid = (triton.cdiv(n, blocks["BLOCK_N"]) * splits,)
         _linear_argmax_partial_kernel[grid](*args, **consts, **blocks, num_warps=4)
     else:
         consts["EVEN_D"] = d % 128 == 0
-        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), splits)  # noqa: E731
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * splits,)  # noqa: E731
         _linear_argmax_partial_tuned[grid](*args, **consts)
 
     ids = torch.empty(n, device=dev, dtype=torch.int64)

@@ -48,6 +48,17 @@ def test_argmax_matches_reference(dtype, n, v, d, bias):
     torch.testing.assert_close(lse, rlse, **TOL[dtype])
 
 
+def test_grouped_launch_many_row_blocks():
+    """More row blocks than GROUP_ROWS (10 blocks of 16 rows: a full group of 8 and a ragged one)."""
+    x, w, b = _planted(150, 70, 32, torch.float32, seed=2)
+    rids, rmx, rlse = linear_argmax_reference(x, w, b)
+    for splits in (1, 3):
+        ids, mx, lse = _linear_argmax_launch(x, w, b, num_splits=splits)[:3]
+        torch.testing.assert_close(ids, rids, atol=0, rtol=0)
+        torch.testing.assert_close(mx, rmx, **TOL[torch.float32])
+        torch.testing.assert_close(lse, rlse, **TOL[torch.float32])
+
+
 def test_temperature_scales_outputs_not_ids():
     x, w, b = _planted(9, 70, 24, torch.float32)
     ids, mx, lse = linear_argmax(x, w, b, temperature=0.5)

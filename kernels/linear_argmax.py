@@ -127,58 +127,71 @@ if HAS_TRITON:
             zs_acc = tl.zeros((BLOCK_N,), tl.float32)
 
         x_rows = x_ptr + rows[:, None].to(tl.int64) * stride_xn
-        for v0 in range(v_start, v_end, BLOCK_V):
-            cols = v0 + offs_v
-            col_mask = cols < v_end
-            w_rows = w_ptr + cols[:, None].to(tl.int64) * stride_wv
+        # One flat loop over (vocab tile, dim block) so the software pipeline keeps loading across
+        # tile boundaries; the tile epilogue runs on the last dim block of each tile.
+        k_tiles = tl.cdiv(D, BLOCK_D)
+        n_iters = tl.cdiv(v_end - v_start, BLOCK_V) * k_tiles
+        ki = k_tiles - 1
+        v0 = v_start - BLOCK_V
+        cols = v0 + offs_v
+        col_mask = cols < v_end
+        w_rows = w_ptr + cols[:, None].to(tl.int64) * stride_wv
+        acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
+        for _ in range(0, n_iters):
+            ki = tl.where(ki == k_tiles - 1, 0, ki + 1)
+            if ki == 0:  # next vocabulary tile
+                v0 += BLOCK_V
+                cols = v0 + offs_v
+                col_mask = cols < v_end
+                w_rows = w_ptr + cols[:, None].to(tl.int64) * stride_wv
             # logits tile z = x[rows] @ w[cols].T, fp32 accumulation over dim
-            acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
-            for d0 in range(0, D, BLOCK_D):
-                dd = d0 + offs_d
-                if EVEN_D:
-                    a = tl.load(x_rows + dd[None, :], mask=row_mask[:, None], other=0.0)
-                    b = tl.load(w_rows + dd[None, :], mask=col_mask[:, None], other=0.0)
-                else:
-                    a = tl.load(x_rows + dd[None, :], mask=row_mask[:, None] & (dd[None, :] < D), other=0.0)
-                    b = tl.load(w_rows + dd[None, :], mask=col_mask[:, None] & (dd[None, :] < D), other=0.0)
-                if IEEE_FP32:  # fp32 inputs: exact fp32 products, not TF32
-                    acc = tl.dot(a, tl.trans(b), acc, input_precision="ieee")
-                else:
-                    acc = tl.dot(a, tl.trans(b), acc)
-            if HAS_BIAS:
-                acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-            if HAS_TARGET:
-                t_acc += tl.sum(tl.where(cols[None, :] == tgt[:, None], acc, 0.0), axis=1)
-            if SUM_Z:
-                zs_acc += tl.sum(tl.where(col_mask[None, :], acc, 0.0), axis=1)
-            z = tl.where(col_mask[None, :], acc * inv_temp, float("-inf"))
-
-            # online softmax statistics of z / T
-            m_new = tl.maximum(m_run, tl.max(z, axis=1))
-            s_run = s_run * tl.exp(m_run - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
-            m_run = m_new
-
-            if SAMPLE:
-                # Gumbel-max: u from Philox keyed on (row, vocab id) only -> tiling independent.
-                quad = v0 // 4 + tl.arange(0, BLOCK_V // 4)                 # counter word 0: id // 4
-                c0 = tl.broadcast_to(quad[None, :], (BLOCK_N, BLOCK_V // 4)).to(tl.uint32)
-                c1 = tl.broadcast_to(rows[:, None], (BLOCK_N, BLOCK_V // 4)).to(tl.uint32)
-                zero = tl.zeros((BLOCK_N, BLOCK_V // 4), tl.uint32)
-                r0, r1, r2, r3 = tl.philox(seed, c0, c1, zero, zero, N_ROUNDS)
-                # interleave so that column 4 q + k takes output word k
-                bits = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), (BLOCK_N, BLOCK_V))
-                u = _uint_to_unit(bits)
-                score = z - tl.log(-tl.log(u))
-                score = tl.where(col_mask[None, :], score, float("-inf"))
-                tile_best, tile_arg = tl.max(score, axis=1, return_indices=True, return_indices_tie_break_left=True)
-                tile_sel = tl.sum(tl.where(offs_v[None, :] == tile_arg[:, None], z, 0.0), axis=1)
+            dd = ki * BLOCK_D + offs_d
+            if EVEN_D:
+                a = tl.load(x_rows + dd[None, :], mask=row_mask[:, None], other=0.0)
+                b = tl.load(w_rows + dd[None, :], mask=col_mask[:, None], other=0.0)
             else:
-                tile_best, tile_arg = tl.max(z, axis=1, return_indices=True, return_indices_tie_break_left=True)
-                tile_sel = tile_best
-            upd = tile_best > best  # strict: an earlier (lower) id wins ties
-            best = tl.where(upd, tile_best, best)
-            best_id = tl.where(upd, v0 + tile_arg.to(tl.int32), best_id)
-            best_sel = tl.where(upd, tile_sel, best_sel)
+                a = tl.load(x_rows + dd[None, :], mask=row_mask[:, None] & (dd[None, :] < D), other=0.0)
+                b = tl.load(w_rows + dd[None, :], mask=col_mask[:, None] & (dd[None, :] < D), other=0.0)
+            if IEEE_FP32:  # fp32 inputs: exact fp32 products, not TF32
+                acc = tl.dot(a, tl.trans(b), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, tl.trans(b), acc)
+            if ki == k_tiles - 1:  # tile epilogue
+                if HAS_BIAS:
+                    acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+                if HAS_TARGET:
+                    t_acc += tl.sum(tl.where(cols[None, :] == tgt[:, None], acc, 0.0), axis=1)
+                if SUM_Z:
+                    zs_acc += tl.sum(tl.where(col_mask[None, :], acc, 0.0), axis=1)
+                z = tl.where(col_mask[None, :], acc * inv_temp, float("-inf"))
+
+                # online softmax statistics of z / T
+                m_new = tl.maximum(m_run, tl.max(z, axis=1))
+                s_run = s_run * tl.exp(m_run - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
+                m_run = m_new
+
+                if SAMPLE:
+                    # Gumbel-max: u from Philox keyed on (row, vocab id) only -> tiling independent.
+                    quad = v0 // 4 + tl.arange(0, BLOCK_V // 4)                 # counter word 0: id // 4
+                    c0 = tl.broadcast_to(quad[None, :], (BLOCK_N, BLOCK_V // 4)).to(tl.uint32)
+                    c1 = tl.broadcast_to(rows[:, None], (BLOCK_N, BLOCK_V // 4)).to(tl.uint32)
+                    zero = tl.zeros((BLOCK_N, BLOCK_V // 4), tl.uint32)
+                    r0, r1, r2, r3 = tl.philox(seed, c0, c1, zero, zero, N_ROUNDS)
+                    # interleave so that column 4 q + k takes output word k
+                    bits = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), (BLOCK_N, BLOCK_V))
+                    u = _uint_to_unit(bits)
+                    score = z - tl.log(-tl.log(u))
+                    score = tl.where(col_mask[None, :], score, float("-inf"))
+                    tile_best, tile_arg = tl.max(score, axis=1, return_indices=True, return_indices_tie_break_left=True)
+                    tile_sel = tl.sum(tl.where(offs_v[None, :] == tile_arg[:, None], z, 0.0), axis=1)
+                else:
+                    tile_best, tile_arg = tl.max(z, axis=1, return_indices=True, return_indices_tie_break_left=True)
+                    tile_sel = tile_best
+                upd = tile_best > best  # strict: an earlier (lower) id wins ties
+                best = tl.where(upd, tile_best, best)
+                best_id = tl.where(upd, v0 + tile_arg.to(tl.int32), best_id)
+                best_sel = tl.where(upd, tile_sel, best_sel)
+                acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
 
         out = rows.to(tl.int64) * S + pid_s
         tl.store(best_ptr + out, best, mask=row_mask)
@@ -242,9 +255,15 @@ if HAS_TRITON:
         ]
 
     def _prune(configs, named_args, **kwargs):
-        # N <= 16 (one or a few tokens: memory-bound): only the narrow-row config; else the others
+        # N <= 16 (one or a few tokens: memory-bound): only the narrow-row config; else the others.
+        # Sampling / cross-entropy epilogues carry more live tiles: 256-wide tiles spill there.
         narrow = named_args["n_bucket"] <= 16
-        return [c for c in configs if (c.kwargs["BLOCK_N"] == 16) == narrow]
+        heavy = bool(kwargs.get("SAMPLE", named_args.get("SAMPLE"))) or bool(
+            kwargs.get("HAS_TARGET", named_args.get("HAS_TARGET")))
+        keep = [c for c in configs if (c.kwargs["BLOCK_N"] == 16) == narrow]
+        if heavy and not narrow:
+            keep = [c for c in keep if c.kwargs["BLOCK_V"] <= 128]
+        return keep
 
     _linear_argmax_partial_tuned = triton.autotune(
         configs=_gpu_configs(),

@@ -19,12 +19,14 @@ gradient:
   but ``lse``. Every GEMM has the full ``N`` or the full ``Vc`` as a large dimension (Liger's
   row-chunking instead issues GEMMs with a few dozen rows at V = 256K).
 
-``dx`` accumulation over chunks: in fp32 when ``x`` is fp32. For 16-bit ``x`` the fp32
-accumulator lives in the not-yet-written tail rows of ``dW``'s own storage (its last ``Vs`` rows,
-``bytes(N x dim fp32) <= bytes(Vs x dim)``), so it costs no memory; the chunks overlapping that
-tail are processed last, after the accumulator is rounded once into ``dx``, and add into ``dx``
-in its dtype (a handful of additions). Where ``dW`` is not requested or is too small for that, the
-accumulator is a plain fp32 buffer.
+``dx`` accumulation over chunks is in fp32 (each chunk's ``dz W[chunk]`` is one GEMM with fp32
+output, ``torch.addmm(..., out_dtype=float32)``, where torch has it). For 16-bit ``x`` the fp32
+accumulator lives in the not-yet-written tail rows of ``dW``'s own storage (its last ``2 N`` rows:
+``bytes(N x dim fp32) = bytes(2N x dim 16-bit)``), so it costs no memory; the chunks overlapping
+that tail are processed last, after the accumulator is rounded once into ``dx``, and add into
+``dx`` in its dtype (``2N / Vc + 1`` additions). Where ``dW`` is not requested or is too small,
+the accumulator is a plain fp32 buffer. ``logits`` and ``dz`` chunks are in the input dtype (as
+Liger's).
 """
 from __future__ import annotations
 
@@ -119,20 +121,31 @@ def default_chunk_v(n: int, dim: int, v: int) -> int:
 _ADDMM_OUT_DTYPE: list[bool] = []  # whether torch.addmm(..., out_dtype=float32) works here (probed once)
 
 
+def _addmm_out_dtype_ok(device: torch.device) -> bool:
+    """Probe once whether ``torch.addmm(acc, a, b, out_dtype=float32, out=acc)`` exists and is right."""
+    if not _ADDMM_OUT_DTYPE:
+        ok = False
+        try:
+            acc = torch.full((2, 2), 1.0, device=device)
+            a = torch.ones(2, 3, device=device, dtype=torch.bfloat16)
+            torch.addmm(acc, a, a.t(), out_dtype=torch.float32, out=acc)
+            ok = bool((acc == 4.0).all())
+        except (RuntimeError, TypeError):
+            pass
+        _ADDMM_OUT_DTYPE.append(ok)
+        if not ok:
+            log_once("linear_cross_entropy: torch.addmm(out_dtype=float32) unavailable; dx chunks are "
+                     "rounded to the input dtype before the fp32 accumulation")
+    return _ADDMM_OUT_DTYPE[0]
+
+
 def _accumulate_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """``acc (fp32) += a @ b`` for 16-bit ``a, b``: one GEMM with fp32 output where torch has
     ``addmm(out_dtype=)`` (CUDA, torch >= 2.8); otherwise the product in ``a.dtype``, added in fp32."""
-    if acc.is_cuda and _ADDMM_OUT_DTYPE != [False]:
-        try:
-            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-            if not _ADDMM_OUT_DTYPE:
-                _ADDMM_OUT_DTYPE.append(True)
-            return
-        except (RuntimeError, TypeError):
-            _ADDMM_OUT_DTYPE[:] = [False]
-            log_once("linear_cross_entropy: torch.addmm(out_dtype=float32) unavailable; dx chunks are "
-                     "rounded to the input dtype before the fp32 accumulation")
-    acc.add_(torch.mm(a, b))
+    if acc.is_cuda and _addmm_out_dtype_ok(acc.device):
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        acc.add_(torch.mm(a, b))
 
 
 def _dx_accumulator(n, d, x, dw, v, chunk_v):

@@ -95,6 +95,123 @@ if HAS_TRITON:
         tl.store(z_ptr + offs, g.to(z_ptr.dtype.element_ty), mask=mask)
 
 
+    @triton.jit
+    def _ce_chunk_stats_kernel(
+        z_ptr,            # (N, Vc) logits chunk (fp32 or 16-bit), without bias
+        b_ptr,            # (V,) bias (if HAS_BIAS)
+        m_ptr, s_ptr,     # (N,) fp32 running max / sum-exp, updated in place
+        zt_ptr, zs_ptr,   # (N,) fp32 running target logit / logit sum, updated in place
+        tgt_ptr,          # (N,) int32 target, -1 on ignored rows
+        N, VC, v0,
+        HAS_BIAS: tl.constexpr, SUM_Z: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+    ):
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_mask = rows < N
+        m = tl.load(m_ptr + rows, mask=row_mask, other=0.0)
+        s = tl.load(s_ptr + rows, mask=row_mask, other=0.0)
+        tgt = tl.load(tgt_ptr + rows, mask=row_mask, other=-1)
+        zt = tl.zeros((BLOCK_N,), tl.float32)
+        zs = tl.zeros((BLOCK_N,), tl.float32)
+        for c0 in range(0, VC, BLOCK_V):
+            cols = c0 + tl.arange(0, BLOCK_V)
+            col_mask = cols < VC
+            mask = row_mask[:, None] & col_mask[None, :]
+            z = tl.load(z_ptr + rows[:, None].to(tl.int64) * VC + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                z += tl.load(b_ptr + v0 + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+            zt += tl.sum(tl.where(cols[None, :] + v0 == tgt[:, None], z, 0.0), axis=1)
+            if SUM_Z:
+                zs += tl.sum(tl.where(mask, z, 0.0), axis=1)
+            z = tl.where(mask, z, float("-inf"))
+            m_new = tl.maximum(m, tl.max(z, axis=1))
+            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
+            m = tl.where(row_mask, m_new, 0.0)
+        tl.store(m_ptr + rows, m, mask=row_mask)
+        tl.store(s_ptr + rows, s, mask=row_mask)
+        tl.store(zt_ptr + rows, tl.load(zt_ptr + rows, mask=row_mask, other=0.0) + zt, mask=row_mask)
+        if SUM_Z:
+            tl.store(zs_ptr + rows, tl.load(zs_ptr + rows, mask=row_mask, other=0.0) + zs, mask=row_mask)
+
+
+_MM_OUT_DTYPE: list[bool] = []  # whether torch.mm(..., out_dtype=float32, out=) works here (probed once)
+
+
+def _mm_out_dtype_ok(device: torch.device) -> bool:
+    """Probe once whether ``torch.mm(a16, b16, out_dtype=float32, out=o)`` exists (CUDA, torch >= 2.8)."""
+    if device.type != "cuda":
+        return False
+    if not _MM_OUT_DTYPE:
+        ok = False
+        try:
+            o = torch.empty(2, 2, device=device)
+            t = torch.ones(2, 3, device=device, dtype=torch.bfloat16)
+            torch.mm(t, t.t(), out_dtype=torch.float32, out=o)
+            ok = bool((o == 3.0).all())
+        except (RuntimeError, TypeError):
+            pass
+        _MM_OUT_DTYPE.append(ok)
+    return _MM_OUT_DTYPE[0]
+
+
+def _forward_stats_chunked(x, weight, bias, tgt, chunk_v, sum_logits):
+    """Forward statistics with cuBLAS: per chunk of ``Vc`` columns one GEMM into an (N, Vc) buffer
+    (fp32 where torch can write fp32 from 16-bit inputs), then an online max / sum-exp update.
+    Returns ``(lse, z_t, z_sum)`` (N,) fp32, like :func:`_linear_argmax_launch`."""
+    n, d = x.shape
+    v = weight.shape[0]
+    dev = x.device
+    stats = torch.zeros((4, n), device=dev, dtype=torch.float32)
+    m, s, zt, zs = stats[0], stats[1], stats[2], stats[3]
+    m.fill_(float("-inf"))
+    wide = x.dtype != torch.float32 and _mm_out_dtype_ok(dev)  # fp32 logits chunk from 16-bit inputs
+    buf = torch.empty(n * min(chunk_v, v), device=dev, dtype=torch.float32 if wide else x.dtype)
+    block_n, block_v = (16, 32) if dev.type == "cpu" else (16, 512)
+    for v0 in range(0, v, chunk_v):
+        v1 = min(v0 + chunk_v, v)
+        z = buf[: n * (v1 - v0)].view(n, v1 - v0)
+        if wide:
+            torch.mm(x, weight[v0:v1].t(), out_dtype=torch.float32, out=z)
+        else:
+            torch.mm(x, weight[v0:v1].t(), out=z)
+        _ce_chunk_stats_kernel[(triton.cdiv(n, block_n),)](
+            z, bias if bias is not None else z, m, s, zt, zs, tgt, n, v1 - v0, v0,
+            HAS_BIAS=bias is not None, SUM_Z=sum_logits, BLOCK_N=block_n, BLOCK_V=block_v)
+    return m + torch.log(s), zt, (zs if sum_logits else None)
+
+
+def _forward_stats_fused(x, weight, bias, tgt, chunk_v, sum_logits):
+    """Forward statistics with the fused Triton kernel (no logits buffer at all)."""
+    _, _, lse, z_t, z_sum = _linear_argmax_launch(x, weight, bias, target=tgt, sum_logits=sum_logits)
+    return lse, z_t, z_sum
+
+
+FORWARD_METHODS = {"fused": _forward_stats_fused, "chunked": _forward_stats_chunked}
+_FORWARD_CHOICE: dict = {}
+
+
+def _pick_forward(x, weight, bias, tgt, chunk_v, sum_logits) -> str:
+    """On CUDA, time both forward methods once per (N bucket, dim, V, dtype, bias) and keep the
+    faster (like an autotuner); elsewhere the fused kernel."""
+    if not x.is_cuda:
+        return "fused"
+    n, d = x.shape
+    key = (triton.next_power_of_2(max(n, 1)), d, weight.shape[0], x.dtype, bias is not None, sum_logits)
+    if key not in _FORWARD_CHOICE:
+        times = {}
+        for name, fn in FORWARD_METHODS.items():
+            fn(x, weight, bias, tgt, chunk_v, sum_logits)  # compile / autotune outside the timing
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn(x, weight, bias, tgt, chunk_v, sum_logits)
+            end.record()
+            end.synchronize()
+            times[name] = start.elapsed_time(end)
+        _FORWARD_CHOICE[key] = min(times, key=times.get)
+        log_once(f"linear_cross_entropy: forward method for {key}: {_FORWARD_CHOICE[key]} "
+                 f"({', '.join(f'{k} {t:.2f} ms' for k, t in times.items())})")
+    return _FORWARD_CHOICE[key]
+
+
 def _ce_grad_inplace(z, lse, tgt, scale, v0, label_smoothing, v_total):
     n, vc = z.shape
     if use_triton(z):
@@ -214,17 +331,19 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     """autograd.Function: forward = fused lse / target-logit pass, backward = chunked recompute."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, target, ignore_index, reduction, label_smoothing, chunk_v):
+    def forward(ctx, x, weight, bias, target, ignore_index, reduction, label_smoothing, chunk_v, forward_method):
         n = x.shape[0]
         v = weight.shape[0]
         valid = target != ignore_index
         tgt = torch.where(valid, target, -1).to(torch.int32)
+        chunk_v = chunk_v or default_chunk_v(n, x.shape[1], v)
         if n == 0:
             lse = torch.empty(0, device=x.device, dtype=torch.float32)
             rows = lse
         else:
-            _, _, lse, z_t, z_sum = _linear_argmax_launch(
-                x, weight, bias, target=tgt, sum_logits=label_smoothing > 0)
+            sum_z = label_smoothing > 0
+            method = forward_method or _pick_forward(x, weight, bias, tgt, chunk_v, sum_z)
+            lse, z_t, z_sum = FORWARD_METHODS[method](x, weight, bias, tgt, chunk_v, sum_z)
             rows = lse - (1.0 - label_smoothing) * z_t
             if label_smoothing > 0:
                 rows = rows - (label_smoothing / v) * z_sum
@@ -248,17 +367,16 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             dx = torch.zeros_like(x) if need_dx else None
             dw = torch.zeros_like(weight) if need_dw else None
             db = torch.zeros_like(bias) if need_db else None
-            return dx, dw, db, None, None, None, None, None
+            return dx, dw, db, None, None, None, None, None, None
         valid = (tgt >= 0).float()
         g = grad_out.float()
         if ctx.reduction == "mean":
             scale = valid * (g / count.clamp_min(1))
         else:
             scale = valid * g  # scalar (sum) or per-row (none)
-        chunk_v = ctx.chunk_v or default_chunk_v(*x.shape, weight.shape[0])
         dx, dw, db = _linear_ce_backward(x, weight, bias, tgt, lse, scale.contiguous(), ctx.label_smoothing,
-                                         chunk_v, need_dx, need_dw, need_db and bias is not None)
-        return dx, dw, db, None, None, None, None, None
+                                         ctx.chunk_v, need_dx, need_dw, need_db and bias is not None)
+        return dx, dw, db, None, None, None, None, None, None
 
 
 def _check_ce_inputs(x, weight, target, bias, ignore_index, reduction, label_smoothing):
@@ -297,6 +415,7 @@ def linear_cross_entropy(
     reduction: str = "mean",
     label_smoothing: float = 0.0,
     chunk_v: int | None = None,
+    forward_method: str | None = None,
 ) -> torch.Tensor:
     """Fused ``cross_entropy(x @ weight.T + bias, target)``, forward and backward.
 
@@ -304,18 +423,22 @@ def linear_cross_entropy(
     for padding, bias (V,) or None. Returns an fp32 loss: the mean over non-ignored rows
     (``"mean"``, NaN if all are ignored, as torch), their sum (``"sum"``) or per row (``"none"``,
     0 on ignored rows). ``label_smoothing`` as ``torch.nn.functional.cross_entropy``. ``chunk_v``:
-    vocabulary columns per backward chunk (default :func:`default_chunk_v`).
+    vocabulary columns per chunk (default :func:`default_chunk_v`). ``forward_method``: ``"fused"``
+    (the Triton kernel of :mod:`.linear_argmax`, no logits buffer) or ``"chunked"`` (cuBLAS GEMM per
+    chunk + online statistics); default: on CUDA the faster of the two, timed once per shape bucket.
     """
     _check_ce_inputs(x, weight, target, bias, ignore_index, reduction, label_smoothing)
     if chunk_v is not None and (not isinstance(chunk_v, int) or chunk_v < 1):
         raise ValueError(f"chunk_v must be a positive int or None, got {chunk_v!r}")
+    if forward_method is not None and forward_method not in FORWARD_METHODS:
+        raise ValueError(f"forward_method must be one of {tuple(FORWARD_METHODS)} or None, got {forward_method!r}")
     if not use_triton(x, weight, bias, target):
         log_once("linear_cross_entropy: Triton path unavailable (needs CUDA or TRITON_INTERPRET=1), "
                  "using the reference")
         return linear_cross_entropy_reference(x, weight, target, bias, ignore_index=ignore_index,
                                               reduction=reduction, label_smoothing=label_smoothing)
     return LinearCrossEntropyFunction.apply(x, weight, bias, target, ignore_index, reduction,
-                                            float(label_smoothing), chunk_v)
+                                            float(label_smoothing), chunk_v, forward_method)
 
 
 class LinearCrossEntropyLoss(torch.nn.Module):

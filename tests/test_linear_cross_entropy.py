@@ -106,14 +106,16 @@ def test_module():
     (dict(label_smoothing=1.5), ValueError),
     (dict(weight=torch.randn(10, 7)), ValueError),
     (dict(chunk_v=0), ValueError),
+    (dict(forward_method="cublas"), ValueError),
 ])
 def test_bad_inputs(bad, err):
     args = dict(x=torch.randn(4, 8), weight=torch.randn(10, 8), target=torch.tensor([0, 1, -100, 9]),
-                reduction="mean", label_smoothing=0.0, chunk_v=None)
+                reduction="mean", label_smoothing=0.0, chunk_v=None, forward_method=None)
     args.update(bad)
     with pytest.raises(err):
         linear_cross_entropy(args["x"], args["weight"], args["target"], reduction=args["reduction"],
-                             label_smoothing=args["label_smoothing"], chunk_v=args["chunk_v"])
+                             label_smoothing=args["label_smoothing"], chunk_v=args["chunk_v"],
+                             forward_method=args["forward_method"])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 tl.dot needs a GPU")
@@ -123,6 +125,10 @@ def test_bf16_gpu(n, v, d, chunk_v):
     _check(x, w, None, t, chunk_v=chunk_v)
     x, w, b, t = _data(n, v, d, torch.bfloat16, bias=True, n_ignored=n // 10)
     _check(x, w, b, t, reduction="none", label_smoothing=0.1, chunk_v=chunk_v)
+    ref = linear_cross_entropy_reference(x, w, t, b, reduction="none")
+    for method in ("fused", "chunked"):
+        loss = linear_cross_entropy(x, w, t, b, reduction="none", chunk_v=chunk_v, forward_method=method)
+        torch.testing.assert_close(loss, ref, **LOSS_TOL[torch.bfloat16])
 
 
 def test_dx_accumulator_borrows_dw_tail():
@@ -137,3 +143,17 @@ def test_dx_accumulator_borrows_dw_tail():
     assert start <= acc.data_ptr() and acc.data_ptr() + acc.numel() * 4 <= dw.data_ptr() + dw.numel() * 2
     acc2, tail2 = _dx_accumulator(13, 24, x, torch.empty(40, 24, dtype=torch.float16), 40, 32)  # too small
     assert tail2 == 40 and acc2.dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("method", ["fused", "chunked"])
+def test_forward_methods(dtype, method):
+    """Both forward statistics paths (fused Triton kernel / GEMM chunks + online stats) match."""
+    x, w, b, t = _data(10, 130, 24, dtype)
+    _check(x, w, b, t, chunk_v=48, reduction="sum", label_smoothing=0.1)
+    loss = linear_cross_entropy(x, w, t, b, reduction="none", label_smoothing=0.1, chunk_v=48, forward_method=method)
+    ref = linear_cross_entropy_reference(x, w, t, b, reduction="none", label_smoothing=0.1)
+    torch.testing.assert_close(loss, ref, **LOSS_TOL[dtype])
+    x, w, _, t = _data(10, 130, 24, dtype, bias=False)
+    loss = linear_cross_entropy(x, w, t, None, chunk_v=64, forward_method=method)
+    torch.testing.assert_close(loss, linear_cross_entropy_reference(x, w, t), **LOSS_TOL[dtype])

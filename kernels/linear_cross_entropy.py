@@ -3,9 +3,12 @@
 ``loss = CE(x @ weight.T + bias, target)`` without materialising the ``(N, V)`` logits or their
 gradient:
 
-* **Forward**: the fused kernel of :mod:`.linear_argmax` (one pass over the vocabulary, logits
-  tiles in registers) returns per row ``lse = logsumexp(z)``, the target logit ``z_t`` and, for
-  label smoothing, ``sum_v z_v``. Per-row loss (``eps`` = label smoothing, as
+* **Forward**: per row ``lse = logsumexp(z)``, the target logit ``z_t`` and, for label smoothing,
+  ``sum_v z_v``, by one of two methods: ``"fused"``, the kernel of :mod:`.linear_argmax` (one
+  pass over the vocabulary, logits tiles in registers, no buffer), or ``"chunked"``, one cuBLAS
+  GEMM per ``Vc``-column chunk into a reused (N, Vc) buffer plus ``_ce_chunk_stats_kernel``
+  (online max / sum-exp). On CUDA the faster is picked by timing both once per shape bucket.
+  Per-row loss (``eps`` = label smoothing, as
   ``torch.nn.functional.cross_entropy``):
   ``(1 - eps) (lse - z_t) + eps (lse - mean_v z_v) = lse - (1 - eps) z_t - eps / V sum_v z_v``.
   Only ``lse`` (N floats) is saved for the backward: no gradient is held between the passes.
@@ -34,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from ._utils import HAS_TRITON, log_once, use_triton
-from .linear_argmax import _FLOAT_DTYPES, _linear_argmax_launch
+from .linear_argmax import _check_inputs, _linear_argmax_launch
 
 if HAS_TRITON:
     import triton
@@ -380,8 +383,6 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
 
 def _check_ce_inputs(x, weight, target, bias, ignore_index, reduction, label_smoothing):
-    from .linear_argmax import _check_inputs
-
     _check_inputs(x, weight, bias)
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")

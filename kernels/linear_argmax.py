@@ -248,21 +248,29 @@ if HAS_TRITON:
         cfg = triton.Config
         return [
             cfg({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_D": 64}, num_warps=8, num_stages=4),
+            cfg({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_D": 128}, num_warps=8, num_stages=3),
             cfg({"BLOCK_N": 128, "BLOCK_V": 256, "BLOCK_D": 64}, num_warps=8, num_stages=3),
+            cfg({"BLOCK_N": 256, "BLOCK_V": 128, "BLOCK_D": 64}, num_warps=8, num_stages=3),
             cfg({"BLOCK_N": 64, "BLOCK_V": 256, "BLOCK_D": 64}, num_warps=4, num_stages=4),
             cfg({"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_D": 64}, num_warps=4, num_stages=3),  # 2 CTAs / SM
-            cfg({"BLOCK_N": 16, "BLOCK_V": 256, "BLOCK_D": 128}, num_warps=4, num_stages=3),
+            cfg({"BLOCK_N": 16, "BLOCK_V": 256, "BLOCK_D": 128}, num_warps=4, num_stages=3),  # N <= 16
         ]
 
     def _prune(configs, named_args, **kwargs):
-        # N <= 16 (one or a few tokens: memory-bound): only the narrow-row config; else the others.
-        # Sampling / cross-entropy epilogues carry more live tiles: 256-wide tiles spill there.
+        """N <= 16 (a few tokens, memory-bound): only the narrow-row config. Sampling and the
+        cross-entropy statistics keep more tiles live in the epilogue: there only the configs that
+        neither spill much nor overflow shared memory (checked with ptxas for sm_90)."""
+        def flag(name):
+            return bool(kwargs.get(name, named_args.get(name)))
+
         narrow = named_args["n_bucket"] <= 16
-        heavy = bool(kwargs.get("SAMPLE", named_args.get("SAMPLE"))) or bool(
-            kwargs.get("HAS_TARGET", named_args.get("HAS_TARGET")))
         keep = [c for c in configs if (c.kwargs["BLOCK_N"] == 16) == narrow]
-        if heavy and not narrow:
-            keep = [c for c in keep if c.kwargs["BLOCK_V"] <= 128]
+        if narrow:
+            return keep
+        if flag("SAMPLE"):
+            keep = [c for c in keep if c.kwargs["BLOCK_V"] <= 128 and c.kwargs["BLOCK_N"] <= 128 and c.kwargs["BLOCK_D"] == 64]
+        elif flag("HAS_TARGET"):
+            keep = [c for c in keep if c.kwargs["BLOCK_V"] <= 128 and c.kwargs["BLOCK_N"] <= 128]
         return keep
 
     _linear_argmax_partial_tuned = triton.autotune(

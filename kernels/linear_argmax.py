@@ -165,8 +165,14 @@ if HAS_TRITON:
                     zs_acc += tl.sum(tl.where(col_mask[None, :], acc, 0.0), axis=1)
                 z = tl.where(col_mask[None, :], acc * inv_temp, float("-inf"))
 
+                if SAMPLE:
+                    z_max = tl.max(z, axis=1)
+                else:  # the argmax's max is also the softmax max: one reduction for both
+                    tile_best, tile_arg = tl.max(z, axis=1, return_indices=True, return_indices_tie_break_left=True)
+                    z_max = tile_best
+                    tile_sel = tile_best
                 # online softmax statistics of z / T
-                m_new = tl.maximum(m_run, tl.max(z, axis=1))
+                m_new = tl.maximum(m_run, z_max)
                 s_run = s_run * tl.exp(m_run - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
                 m_run = m_new
 
@@ -184,9 +190,6 @@ if HAS_TRITON:
                     score = tl.where(col_mask[None, :], score, float("-inf"))
                     tile_best, tile_arg = tl.max(score, axis=1, return_indices=True, return_indices_tie_break_left=True)
                     tile_sel = tl.sum(tl.where(offs_v[None, :] == tile_arg[:, None], z, 0.0), axis=1)
-                else:
-                    tile_best, tile_arg = tl.max(z, axis=1, return_indices=True, return_indices_tie_break_left=True)
-                    tile_sel = tile_best
                 upd = tile_best > best  # strict: an earlier (lower) id wins ties
                 best = tl.where(upd, tile_best, best)
                 best_id = tl.where(upd, v0 + tile_arg.to(tl.int32), best_id)

@@ -257,6 +257,7 @@ if HAS_TRITON:
             cfg({"BLOCK_N": 64, "BLOCK_V": 256, "BLOCK_D": 64}, num_warps=4, num_stages=4),
             cfg({"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_D": 64}, num_warps=4, num_stages=3),  # 2 CTAs / SM
             cfg({"BLOCK_N": 16, "BLOCK_V": 256, "BLOCK_D": 128}, num_warps=4, num_stages=3),  # N <= 16
+            cfg({"BLOCK_N": 16, "BLOCK_V": 128, "BLOCK_D": 64}, num_warps=4, num_stages=3),   # N <= 16
         ]
 
     def _prune(configs, named_args, **kwargs):
@@ -268,6 +269,8 @@ if HAS_TRITON:
 
         narrow = named_args["n_bucket"] <= 16
         keep = [c for c in configs if (c.kwargs["BLOCK_N"] == 16) == narrow]
+        if flag("IEEE_FP32"):  # fp32 operands take twice the shared memory: the small tiles only
+            return [c for c in keep if c.kwargs["BLOCK_N"] <= 64 and c.kwargs["BLOCK_V"] <= 128]
         if narrow:
             return keep
         if flag("SAMPLE"):

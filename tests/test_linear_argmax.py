@@ -116,7 +116,7 @@ def test_sample_distribution_chi_square(v, temperature):
     counts = torch.zeros(v, dtype=torch.float64)
     for seed in (0, 1, 2**40 + 7):
         ids = _linear_argmax_launch(x, w, b, gumbel_seed=seed, temperature=temperature,
-                                    blocks={"BLOCK_N": 128, "BLOCK_V": 16, "BLOCK_D": 8})[0]
+                                    blocks={"BLOCK_N": 128, "BLOCK_V": 16, "BLOCK_D": 16})[0]
         counts += torch.bincount(ids.cpu(), minlength=v).double()
     p = torch.softmax((x[0].float() @ w.float().t() + b.float()).cpu().double() / temperature, 0)
     expected = counts.sum() * p

@@ -88,7 +88,9 @@ def linear_argmax_reference(
 # ----------------------------------------------------------------------------------------------
 if HAS_TRITON:
 
-    @triton.jit
+    # sizes that only bound loops / masks are not specialised on (fewer compiles); D, chunk and the
+    # strides are (their divisibility decides vectorised, pipelined loads)
+    @triton.jit(do_not_specialize=["N", "V", "S", "seed", "n_bucket"])
     def _linear_argmax_partial_kernel(
         x_ptr, w_ptr, b_ptr, tgt_ptr,                      # x (N, D), w (V, D), bias (V,), target (N,)
         best_ptr, id_ptr, sel_ptr, max_ptr, sumexp_ptr,    # partials (N, S): fp32, int32, fp32 x3

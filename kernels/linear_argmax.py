@@ -380,10 +380,10 @@ def _linear_argmax_launch(
     splits = -(-v // chunk)
 
     f32 = dict(device=dev, dtype=torch.float32)
-    part = torch.empty((5, n, splits), **f32)
-    best, sel_p, max_p, sum_p = part[0], part[1], part[2], part[3]
+    # separate allocations: every pointer 16-byte aligned, so one compiled variant serves all N
+    best, sel_p, max_p, sum_p = (torch.empty((n, splits), **f32) for _ in range(4))
     id_p = torch.empty((n, splits), device=dev, dtype=torch.int32)
-    tl_p = part[4] if target is not None else best
+    tl_p = torch.empty((n, splits), **f32) if target is not None else best
     zs_p = torch.empty((n, splits), **f32) if sum_logits else best
     dummy = best
     seed = 0 if gumbel_seed is None else int(gumbel_seed)
@@ -407,7 +407,7 @@ def _linear_argmax_launch(
         _linear_argmax_partial_tuned[grid](*args, **consts)
 
     ids = torch.empty(n, device=dev, dtype=torch.int64)
-    out = torch.empty((4, n), **f32)
+    out = [torch.empty(n, **f32) for _ in range(4)]
     block_s = triton.next_power_of_2(splits)
     block_r = max(1, min(64, 4096 // block_s))
     _linear_argmax_reduce_kernel[(triton.cdiv(n, block_r),)](

@@ -163,9 +163,8 @@ def _forward_stats_chunked(x, weight, bias, tgt, chunk_v, sum_logits):
     n, d = x.shape
     v = weight.shape[0]
     dev = x.device
-    stats = torch.zeros((4, n), device=dev, dtype=torch.float32)
-    m, s, zt, zs = stats[0], stats[1], stats[2], stats[3]
-    m.fill_(float("-inf"))
+    m = torch.full((n,), float("-inf"), device=dev, dtype=torch.float32)
+    s, zt, zs = (torch.zeros(n, device=dev, dtype=torch.float32) for _ in range(3))
     wide = x.dtype != torch.float32 and _mm_out_dtype_ok(dev)  # fp32 logits chunk from 16-bit inputs
     buf = torch.empty(n * min(chunk_v, v), device=dev, dtype=torch.float32 if wide else x.dtype)
     block_n, block_v = (16, 32) if dev.type == "cpu" else (16, 512)

@@ -136,26 +136,6 @@ if HAS_TRITON:
             tl.store(zs_ptr + rows, tl.load(zs_ptr + rows, mask=row_mask, other=0.0) + zs, mask=row_mask)
 
 
-_MM_OUT_DTYPE: list[bool] = []  # whether torch.mm(..., out_dtype=float32, out=) works here (probed once)
-
-
-def _mm_out_dtype_ok(device: torch.device) -> bool:
-    """Probe once whether ``torch.mm(a16, b16, out_dtype=float32, out=o)`` exists (CUDA, torch >= 2.8)."""
-    if device.type != "cuda":
-        return False
-    if not _MM_OUT_DTYPE:
-        ok = False
-        try:
-            o = torch.empty(2, 2, device=device)
-            t = torch.ones(2, 3, device=device, dtype=torch.bfloat16)
-            torch.mm(t, t.t(), out_dtype=torch.float32, out=o)
-            ok = bool((o == 3.0).all())
-        except (RuntimeError, TypeError):
-            pass
-        _MM_OUT_DTYPE.append(ok)
-    return _MM_OUT_DTYPE[0]
-
-
 def _forward_stats_chunked(x, weight, bias, tgt, chunk_v, sum_logits):
     """Forward statistics with cuBLAS: per chunk of ``Vc`` columns one GEMM into an (N, Vc) buffer
     (fp32 where torch can write fp32 from 16-bit inputs), then an online max / sum-exp update.
@@ -165,7 +145,7 @@ def _forward_stats_chunked(x, weight, bias, tgt, chunk_v, sum_logits):
     dev = x.device
     m = torch.full((n,), float("-inf"), device=dev, dtype=torch.float32)
     s, zt, zs = (torch.zeros(n, device=dev, dtype=torch.float32) for _ in range(3))
-    wide = x.dtype != torch.float32 and _mm_out_dtype_ok(dev)  # fp32 logits chunk from 16-bit inputs
+    wide = _out_dtype_ok("mm", x.dtype, dev)  # fp32 logits chunk from 16-bit inputs
     buf = torch.empty(n * min(chunk_v, v), device=dev, dtype=torch.float32 if wide else x.dtype)
     block_n, block_v = (16, 32) if dev.type == "cpu" else (16, 512)
     for v0 in range(0, v, chunk_v):
@@ -237,31 +217,39 @@ def default_chunk_v(n: int, dim: int, v: int) -> int:
     return max(256, min(v + 255, vc) // 256 * 256)
 
 
-_ADDMM_OUT_DTYPE: list[bool] = []  # whether torch.addmm(..., out_dtype=float32) works here (probed once)
+_OUT_DTYPE_OK: dict = {}  # (op, dtype) -> whether torch's out_dtype=float32 GEMM works here (probed once)
 
 
-def _addmm_out_dtype_ok(device: torch.device) -> bool:
-    """Probe once whether ``torch.addmm(acc, a, b, out_dtype=float32, out=acc)`` exists and is right."""
-    if not _ADDMM_OUT_DTYPE:
+def _out_dtype_ok(op: str, dtype: torch.dtype, device: torch.device) -> bool:
+    """Probe once per (op, dtype) whether ``torch.addmm`` / ``torch.mm`` with ``out_dtype=float32``
+    and ``out=`` exist for 16-bit inputs on ``device`` (CUDA, torch >= 2.8) and give the right result."""
+    if device.type != "cuda" or dtype == torch.float32:
+        return False
+    key = (op, dtype)
+    if key not in _OUT_DTYPE_OK:
         ok = False
         try:
             acc = torch.full((2, 2), 1.0, device=device)
-            a = torch.ones(2, 3, device=device, dtype=torch.bfloat16)
-            torch.addmm(acc, a, a.t(), out_dtype=torch.float32, out=acc)
-            ok = bool((acc == 4.0).all())
+            a = torch.ones(2, 3, device=device, dtype=dtype)
+            if op == "addmm":
+                torch.addmm(acc, a, a.t(), out_dtype=torch.float32, out=acc)
+                ok = bool((acc == 4.0).all())
+            else:
+                torch.mm(a, a.t(), out_dtype=torch.float32, out=acc)
+                ok = bool((acc == 3.0).all())
         except (RuntimeError, TypeError):
             pass
-        _ADDMM_OUT_DTYPE.append(ok)
+        _OUT_DTYPE_OK[key] = ok
         if not ok:
-            log_once("linear_cross_entropy: torch.addmm(out_dtype=float32) unavailable; dx chunks are "
-                     "rounded to the input dtype before the fp32 accumulation")
-    return _ADDMM_OUT_DTYPE[0]
+            log_once(f"linear_cross_entropy: torch.{op}(out_dtype=float32) unavailable for {dtype}; "
+                     "using 16-bit GEMM outputs there")
+    return _OUT_DTYPE_OK[key]
 
 
 def _accumulate_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """``acc (fp32) += a @ b`` for 16-bit ``a, b``: one GEMM with fp32 output where torch has
-    ``addmm(out_dtype=)`` (CUDA, torch >= 2.8); otherwise the product in ``a.dtype``, added in fp32."""
-    if acc.is_cuda and _addmm_out_dtype_ok(acc.device):
+    ``addmm(out_dtype=)``; otherwise the product in ``a.dtype``, added in fp32."""
+    if _out_dtype_ok("addmm", a.dtype, acc.device):
         torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
     else:
         acc.add_(torch.mm(a, b))

@@ -50,6 +50,45 @@ GROUP_ROWS = 8
 _GPU_V_GRANULE = 256
 
 
+_M32 = 0xFFFFFFFF
+
+
+def _mulhilo32(a: torch.Tensor, b: int):
+    """(hi, lo) 32-bit words of ``a * b`` for ``a`` int64 holding uint32 values, ``b`` a uint32
+    constant, without overflowing int64 (b split into 16-bit halves)."""
+    p_lo = a * (b & 0xFFFF)
+    p_hi = a * (b >> 16)
+    return (p_hi + (p_lo >> 16)) >> 16, (((p_hi & 0xFFFF) << 16) + p_lo) & _M32
+
+
+def philox4x32_reference(seed: int, c0, c1, c2, c3, n_rounds: int = PHILOX_ROUNDS):
+    """Philox-4x32 (Salmon et al., SC'11) in PyTorch: counters ``c0..c3`` (int64 tensors holding
+    uint32 values), key ``(seed mod 2^32, seed >> 32)`` -> four uint32 words, as ``tl.philox``."""
+    k0 = torch.full_like(c0, seed & _M32)
+    k1 = torch.full_like(c0, (seed >> 32) & _M32)
+    for _ in range(n_rounds):
+        hi_b, lo_b = _mulhilo32(c2, 0xCD9E8D57)
+        hi_a, lo_a = _mulhilo32(c0, 0xD2511F53)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0 = (k0 + 0x9E3779B9) & _M32
+        k1 = (k1 + 0xBB67AE85) & _M32
+    return c0, c1, c2, c3
+
+
+def gumbel_noise_reference(seed: int, n: int, v: int, device=None) -> torch.Tensor:
+    """The kernel's Gumbel noise ``g[row, id] = -log(-log(u))`` (n, v) fp32: ``u`` from Philox keyed
+    on ``seed`` with counter ``(id // 4, row, 0, 0)``, output word ``id % 4``, 31 bits -> [0, 1)."""
+    quads = -(-v // 4)
+    c0 = torch.arange(quads, device=device, dtype=torch.int64)[None, :].expand(n, quads)
+    c1 = torch.arange(n, device=device, dtype=torch.int64)[:, None].expand(n, quads)
+    zero = torch.zeros_like(c0)
+    words = torch.stack(philox4x32_reference(seed, c0, c1, zero, zero), dim=-1).reshape(n, 4 * quads)[:, :v]
+    signed = torch.where(words >= 2**31, words - 2**32, words)     # bitcast to int32
+    signed = torch.where(signed < 0, -signed - 1, signed)          # ~x on negatives, as tl.rand
+    u = signed.to(torch.float32) * 4.6566127342e-10
+    return -torch.log(-torch.log(u))
+
+
 def linear_argmax_reference(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -63,22 +102,22 @@ def linear_argmax_reference(
     x (N, dim), weight (V, dim), bias (V,) -> ids int64 (N,), max_logit fp32 (N,), logsumexp fp32 (N,).
 
     With ``gumbel_seed`` the ids are a sample from ``softmax(logits / temperature)`` by the
-    Gumbel-max trick with noise from ``torch.Generator(seed)`` (the same distribution as the Triton
-    kernel, not the same random stream). ``max_logit`` is then ``logits[id] / temperature`` (the
-    un-noised logit of the sampled id) and ``logsumexp`` that of ``logits / temperature``.
+    Gumbel-max trick, ``argmax(logits / T + g)``, with the kernel's own noise
+    (:func:`gumbel_noise_reference`: the same Philox stream), so the reference draws the same ids
+    as the kernel up to floating-point near-ties of the noised scores. ``max_logit`` is then
+    ``logits[id] / temperature`` (the un-noised logit of the sampled id) and ``logsumexp`` that of
+    ``logits / temperature``.
     """
     logits = x.float() @ weight.float().t()
     if bias is not None:
         logits = logits + bias.float()
     if temperature != 1.0:
-        logits = logits / temperature
+        logits = logits * (1.0 / temperature)
     if gumbel_seed is None:
         ids = logits.argmax(dim=-1)  # first maximal index, like torch.argmax
     else:
-        gen = torch.Generator(device=logits.device).manual_seed(int(gumbel_seed))
-        u = torch.rand(logits.shape, generator=gen, device=logits.device, dtype=torch.float64)
-        gumbel = -torch.log(-torch.log(u))
-        ids = (logits.double() + gumbel).argmax(dim=-1)
+        gumbel = gumbel_noise_reference(int(gumbel_seed), logits.shape[0], logits.shape[1], logits.device)
+        ids = (logits + gumbel).argmax(dim=-1)
     max_logit = logits.gather(-1, ids[:, None]).squeeze(-1)
     return ids, max_logit, torch.logsumexp(logits, dim=-1)
 

@@ -8,8 +8,10 @@ import torch
 
 from univigu_fast.kernels.linear_argmax import (
     _linear_argmax_launch,
+    gumbel_noise_reference,
     linear_argmax,
     linear_argmax_reference,
+    philox4x32_reference,
 )
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -104,6 +106,32 @@ def test_sample_deterministic_and_tiling_independent():
     torch.testing.assert_close(lse1, torch.logsumexp(logits, 1), atol=1e-4, rtol=1e-5)
 
 
+def test_philox_reference_known_answer():
+    """Random123's Philox4x32-10 known-answer vectors (counter 0 / key 0; all-ones counter and key)."""
+    z = torch.zeros(1, dtype=torch.int64)
+    assert [int(w) for w in philox4x32_reference(0, z, z, z, z)] == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+    f = torch.full((1,), 0xFFFFFFFF, dtype=torch.int64)
+    assert [int(w) for w in philox4x32_reference(2**64 - 1, f, f, f, f)] == [0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_sample_equals_reference_stream(dtype):
+    """The kernel's samples are the reference's: same Philox stream, same Gumbel-max argmax
+    (rows whose two best noised scores are within floating-point noise are not compared)."""
+    x, w, b = _planted(37, 301, 40, dtype, margin=0.5)
+    for seed, temp in ((7, 1.0), (2**33 + 5, 2.5)):
+        ids, mx, lse = linear_argmax(x, w, b, gumbel_seed=seed, temperature=temp)
+        rids, rmx, rlse = linear_argmax_reference(x, w, b, gumbel_seed=seed, temperature=temp)
+        logits = (x.float() @ w.float().t() + b.float()) / temp
+        top2 = (logits + gumbel_noise_reference(seed, 37, 301, logits.device)).topk(2, dim=1).values
+        clear = (top2[:, 0] - top2[:, 1]) > 1e-3
+        assert clear.sum() >= 30
+        torch.testing.assert_close(ids[clear], rids[clear], atol=0, rtol=0)
+        assert (ids != logits.argmax(1)).any()  # the noise does change some ids
+        torch.testing.assert_close(mx[clear], rmx[clear], **TOL[dtype])
+        torch.testing.assert_close(lse, rlse, **TOL[dtype])
+
+
 @pytest.mark.parametrize("v,temperature", [(13, 0.7), (37, 1.5)])
 def test_sample_distribution_chi_square(v, temperature):
     """Empirical distribution over rows x seeds matches softmax(logits / T) (chi-square, p = 1e-4)."""
@@ -164,9 +192,16 @@ def test_argmax_bf16_gpu(n, v, d):
     torch.testing.assert_close(ids, rids, atol=0, rtol=0)
     torch.testing.assert_close(mx, rmx, **TOL[torch.bfloat16])
     torch.testing.assert_close(lse, rlse, **TOL[torch.bfloat16])
-    # sampling on GPU: deterministic, and at a very low temperature it is the argmax
-    s1 = linear_argmax(x, w, b, gumbel_seed=3)[0]
-    torch.testing.assert_close(s1, linear_argmax(x, w, b, gumbel_seed=3)[0], atol=0, rtol=0)
+    # sampling on GPU: deterministic, the reference's Philox stream, and at a very low temperature
+    # it is the argmax
+    s1 = linear_argmax(x, w, b, gumbel_seed=3, temperature=40.0)[0]
+    torch.testing.assert_close(s1, linear_argmax(x, w, b, gumbel_seed=3, temperature=40.0)[0], atol=0, rtol=0)
+    logits = (x.float() @ w.float().t()) / 40.0
+    top2 = (logits + gumbel_noise_reference(3, n, v, logits.device)).topk(2, dim=1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 1e-2
+    rs = linear_argmax_reference(x, w, b, gumbel_seed=3, temperature=40.0)[0]
+    torch.testing.assert_close(s1[clear], rs[clear], atol=0, rtol=0)
+    del logits, top2
     torch.testing.assert_close(linear_argmax(x, w, b, gumbel_seed=3, temperature=1e-3)[0], rids, atol=0, rtol=0)
 
 

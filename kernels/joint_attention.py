@@ -11,6 +11,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ._utils import HAS_TRITON, interpreting, log_once, use_triton
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
 Rope = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
@@ -67,4 +73,491 @@ def joint_attention_reference(
             q[qs:qe].transpose(0, 1), k[ks:ke].transpose(0, 1), v[ks:ke].transpose(0, 1), scale=softmax_scale
         )
         out[qs:qe] = o.transpose(0, 1)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton implementation
+# ----------------------------------------------------------------------------------------------
+# Layout: q (Tq, H, D), k/v (Tk, H, D), all with unit stride on D. Sequences are addressed through
+# a flat tile table: program i of the forward grid owns query rows [tile_start[i], +BLOCK_M) of
+# sequence tile_seq[i], so a 1-token text sample costs one tile and a 30K-token video many, with
+# no padding and no search over cu_seqlens inside the kernel.
+#
+# RoPE: q is rotated in the forward kernel's prologue (one extra partner load per q tile); k is
+# rotated once by `_rope_kernel` before the main loop, because rotating it in the inner loop
+# would redo the work for every q tile (T / BLOCK_M times). The backward works on the rotated
+# q and k and un-rotates dq, dk with the transposed rotation (the same kernel, angle negated).
+
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+_LOG2E = 1.4426950408889634
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _dot(a, b, IEEE: tl.constexpr):
+        if IEEE:  # fp32 inputs: exact fp32 products instead of tf32
+            return tl.dot(a, b, input_precision="ieee")
+        return tl.dot(a, b)
+
+    @triton.jit
+    def _rotate_tile(x, partner, il, cos_ptr, sin_ptr, rows, cols, mask, stride_rope,
+                     HEAD_DIM: tl.constexpr, INVERSE: tl.constexpr):
+        """Rotate a loaded (R, D) tile ``x`` by per-row RoPE tables (format in the module docstring).
+
+        ``partner`` holds each element's rotation partner (loaded through ``_partner_cols``), ``il``
+        the per-row pairing flag. Pair (a, b) -> (a cos - b sin, a sin + b cos); INVERSE uses -angle.
+        Returns fp32.
+        """
+        HALF: tl.constexpr = HEAD_DIM // 2
+        il2 = il[:, None]
+        pair = tl.where(il2, (cols // 2)[None, :], (cols % HALF)[None, :])
+        first = tl.where(il2, (cols % 2 == 0)[None, :], (cols < HALF)[None, :])
+        c = tl.load(cos_ptr + rows[:, None].to(tl.int64) * stride_rope + pair, mask=mask, other=1.0)
+        s = tl.load(sin_ptr + rows[:, None].to(tl.int64) * stride_rope + pair, mask=mask, other=0.0)
+        if INVERSE:
+            s = -s
+        p = partner.to(tl.float32)
+        return x.to(tl.float32) * c + tl.where(first, -p, p) * s
+
+    @triton.jit
+    def _partner_cols(il, cols, HEAD_DIM: tl.constexpr):
+        """Column of each element's rotation partner: (2i <-> 2i+1) if interleaved else (i <-> i + D/2)."""
+        HALF: tl.constexpr = HEAD_DIM // 2
+        return tl.where(il[:, None], (cols ^ 1)[None, :], ((cols + HALF) % HEAD_DIM)[None, :])
+
+    @triton.jit
+    def _rope_kernel(X, OUT, COS, SIN, IL, T, stride_xt, stride_xh, stride_ot, stride_oh, stride_rope,
+                     HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, INVERSE: tl.constexpr):
+        """OUT[t, h] = R(t) X[t, h] (or R(t)^T with INVERSE) for a block of tokens of one head."""
+        pid_t = tl.program_id(0)
+        h = tl.program_id(1)
+        rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+        cols = tl.arange(0, HEAD_DIM)
+        row_ok = rows < T
+        mask = row_ok[:, None]
+        safe_rows = tl.where(row_ok, rows, 0)
+        il = tl.load(IL + safe_rows, mask=row_ok, other=0) != 0
+        base = X + safe_rows[:, None].to(tl.int64) * stride_xt + h * stride_xh
+        x = tl.load(base + cols[None, :], mask=mask, other=0.0)
+        partner = tl.load(base + _partner_cols(il, cols, HEAD_DIM), mask=mask, other=0.0)
+        out = _rotate_tile(x, partner, il, COS, SIN, safe_rows, cols, mask, stride_rope, HEAD_DIM, INVERSE)
+        optrs = OUT + safe_rows[:, None].to(tl.int64) * stride_ot + h * stride_oh + cols[None, :]
+        tl.store(optrs, out.to(OUT.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _attn_fwd_kernel(
+        Q, K, V, O, LSE, CU_Q, CU_K, TILE_SEQ, TILE_START,
+        COS, SIN, IL,
+        qk_scale,  # softmax_scale * log2(e)
+        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+        stride_lse_h, stride_rope,
+        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROPE_Q: tl.constexpr, IEEE: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        h = tl.program_id(1)
+        seq = tl.load(TILE_SEQ + pid)
+        m0 = tl.load(TILE_START + pid)
+        q_end = tl.load(CU_Q + seq + 1)
+        k_start = tl.load(CU_K + seq)
+        k_end = tl.load(CU_K + seq + 1)
+
+        rows = m0 + tl.arange(0, BLOCK_M)
+        cols = tl.arange(0, HEAD_DIM)
+        row_ok = rows < q_end
+        safe_rows = tl.where(row_ok, rows, m0)
+        q_base = Q + safe_rows[:, None].to(tl.int64) * stride_qt + h * stride_qh
+        q = tl.load(q_base + cols[None, :], mask=row_ok[:, None], other=0.0)
+        if ROPE_Q:
+            il = tl.load(IL + safe_rows) != 0
+            partner = tl.load(q_base + _partner_cols(il, cols, HEAD_DIM), mask=row_ok[:, None], other=0.0)
+            q = _rotate_tile(q, partner, il, COS, SIN, safe_rows, cols, row_ok[:, None], stride_rope,
+                             HEAD_DIM, False).to(K.dtype.element_ty)
+
+        m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        l_i = tl.zeros((BLOCK_M,), tl.float32)
+        acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
+        for n0 in range(k_start, k_end, BLOCK_N):
+            kr = n0 + tl.arange(0, BLOCK_N)
+            k_ok = kr < k_end
+            safe_kr = tl.where(k_ok, kr, k_start)
+            k = tl.load(K + safe_kr[:, None].to(tl.int64) * stride_kt + h * stride_kh + cols[None, :],
+                        mask=k_ok[:, None], other=0.0)
+            v = tl.load(V + safe_kr[:, None].to(tl.int64) * stride_vt + h * stride_vh + cols[None, :],
+                        mask=k_ok[:, None], other=0.0)
+            s = _dot(q, tl.trans(k), IEEE) * qk_scale
+            s = tl.where(k_ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + _dot(p.to(V.dtype.element_ty), v, IEEE)
+            m_i = m_new
+        has_keys = l_i > 0
+        out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+        tl.store(O + safe_rows[:, None].to(tl.int64) * stride_ot + h * stride_oh + cols[None, :],
+                 out.to(O.dtype.element_ty), mask=row_ok[:, None])
+        # log2-domain logsumexp of the scaled scores; +inf for rows with no keys (then p = 0 in bwd)
+        lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("inf"))
+        tl.store(LSE + h * stride_lse_h + safe_rows, lse, mask=row_ok)
+
+    @triton.jit
+    def _attn_bwd_dkdv_kernel(
+        Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, TILE_SEQ, TILE_START,
+        qk_scale, sm_scale,
+        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+        stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lse_h,
+        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+    ):
+        """dK, dV for one key tile: loop over the query rows of its sequence (FlashAttention-2)."""
+        pid = tl.program_id(0)
+        h = tl.program_id(1)
+        seq = tl.load(TILE_SEQ + pid)
+        n0 = tl.load(TILE_START + pid)
+        k_end = tl.load(CU_K + seq + 1)
+        q_start = tl.load(CU_Q + seq)
+        q_end = tl.load(CU_Q + seq + 1)
+        cols = tl.arange(0, HEAD_DIM)
+        kr = n0 + tl.arange(0, BLOCK_N)
+        k_ok = kr < k_end
+        safe_kr = tl.where(k_ok, kr, n0)
+        k = tl.load(K + safe_kr[:, None].to(tl.int64) * stride_kt + h * stride_kh + cols[None, :], mask=k_ok[:, None], other=0.0)
+        v = tl.load(V + safe_kr[:, None].to(tl.int64) * stride_vt + h * stride_vh + cols[None, :], mask=k_ok[:, None], other=0.0)
+        dk = tl.zeros((BLOCK_N, HEAD_DIM), tl.float32)
+        dv = tl.zeros((BLOCK_N, HEAD_DIM), tl.float32)
+        for m0 in range(q_start, q_end, BLOCK_M):
+            qr = m0 + tl.arange(0, BLOCK_M)
+            q_ok = qr < q_end
+            safe_qr = tl.where(q_ok, qr, m0)
+            q = tl.load(Q + safe_qr[:, None].to(tl.int64) * stride_qt + h * stride_qh + cols[None, :], mask=q_ok[:, None], other=0.0)
+            do = tl.load(DO + safe_qr[:, None].to(tl.int64) * stride_dot + h * stride_doh + cols[None, :], mask=q_ok[:, None], other=0.0)
+            lse = tl.load(LSE + h * stride_lse_h + safe_qr, mask=q_ok, other=float("inf"))
+            delta = tl.load(DELTA + h * stride_lse_h + safe_qr, mask=q_ok, other=0.0)
+            # scores transposed: (BLOCK_N, BLOCK_M)
+            st = _dot(k, tl.trans(q), IEEE) * qk_scale
+            pt = tl.exp2(st - lse[None, :])
+            pt = tl.where(k_ok[:, None] & q_ok[None, :], pt, 0.0)
+            dv += _dot(pt.to(DO.dtype.element_ty), do, IEEE)
+            dpt = _dot(v, tl.trans(do), IEEE)
+            dst = pt * (dpt - delta[None, :])
+            dk += _dot(dst.to(Q.dtype.element_ty), q, IEEE)
+        dk = dk * sm_scale
+        tl.store(DK + safe_kr[:, None].to(tl.int64) * stride_dkt + h * stride_dkh + cols[None, :], dk.to(DK.dtype.element_ty), mask=k_ok[:, None])
+        tl.store(DV + safe_kr[:, None].to(tl.int64) * stride_dvt + h * stride_dvh + cols[None, :], dv.to(DV.dtype.element_ty), mask=k_ok[:, None])
+
+    @triton.jit
+    def _attn_bwd_dq_kernel(
+        Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, TILE_SEQ, TILE_START,
+        qk_scale, sm_scale,
+        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+        stride_dqt, stride_dqh, stride_lse_h,
+        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+    ):
+        """dQ for one query tile: loop over the keys of its sequence."""
+        pid = tl.program_id(0)
+        h = tl.program_id(1)
+        seq = tl.load(TILE_SEQ + pid)
+        m0 = tl.load(TILE_START + pid)
+        q_end = tl.load(CU_Q + seq + 1)
+        k_start = tl.load(CU_K + seq)
+        k_end = tl.load(CU_K + seq + 1)
+        cols = tl.arange(0, HEAD_DIM)
+        qr = m0 + tl.arange(0, BLOCK_M)
+        q_ok = qr < q_end
+        safe_qr = tl.where(q_ok, qr, m0)
+        q = tl.load(Q + safe_qr[:, None].to(tl.int64) * stride_qt + h * stride_qh + cols[None, :], mask=q_ok[:, None], other=0.0)
+        do = tl.load(DO + safe_qr[:, None].to(tl.int64) * stride_dot + h * stride_doh + cols[None, :], mask=q_ok[:, None], other=0.0)
+        lse = tl.load(LSE + h * stride_lse_h + safe_qr, mask=q_ok, other=float("inf"))
+        delta = tl.load(DELTA + h * stride_lse_h + safe_qr, mask=q_ok, other=0.0)
+        dq = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
+        for n0 in range(k_start, k_end, BLOCK_N):
+            kr = n0 + tl.arange(0, BLOCK_N)
+            k_ok = kr < k_end
+            safe_kr = tl.where(k_ok, kr, k_start)
+            k = tl.load(K + safe_kr[:, None].to(tl.int64) * stride_kt + h * stride_kh + cols[None, :], mask=k_ok[:, None], other=0.0)
+            v = tl.load(V + safe_kr[:, None].to(tl.int64) * stride_vt + h * stride_vh + cols[None, :], mask=k_ok[:, None], other=0.0)
+            s = _dot(q, tl.trans(k), IEEE) * qk_scale
+            p = tl.exp2(s - lse[:, None])
+            p = tl.where(k_ok[None, :], p, 0.0)
+            dp = _dot(do, tl.trans(v), IEEE)
+            ds = p * (dp - delta[:, None])
+            dq += _dot(ds.to(K.dtype.element_ty), k, IEEE)
+        dq = dq * sm_scale
+        tl.store(DQ + safe_qr[:, None].to(tl.int64) * stride_dqt + h * stride_dqh + cols[None, :], dq.to(DQ.dtype.element_ty), mask=q_ok[:, None])
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+# Tile sizes. The tile tables are built for these, so they are fixed per head dim; the autotuner
+# varies only the inner block, warps and pipeline depth (keyed on HEAD_DIM, never on lengths).
+_FWD_BLOCK_M = 128  # query rows per forward / dQ program
+_KV_BLOCK_N = 128  # key rows per dK/dV program
+_INTERP_BLOCK = 32  # the interpreter's single config (small, ragged tests)
+_ROPE_BLOCK_T = 32
+
+
+def _gpu_configs(inner: str, sizes: tuple[int, ...]):
+    return [
+        triton.Config({inner: b}, num_warps=w, num_stages=s)
+        for b in sizes
+        for (w, s) in ((8, 3), (4, 3), (8, 2))
+    ]
+
+
+if HAS_TRITON:
+    _attn_fwd_tuned = triton.autotune(_gpu_configs("BLOCK_N", (64, 128)), key=["HEAD_DIM", "IEEE"])(_attn_fwd_kernel)
+    _attn_dkdv_tuned = triton.autotune(_gpu_configs("BLOCK_M", (32, 64)), key=["HEAD_DIM", "IEEE"])(_attn_bwd_dkdv_kernel)
+    _attn_dq_tuned = triton.autotune(_gpu_configs("BLOCK_N", (32, 64)), key=["HEAD_DIM", "IEEE"])(_attn_bwd_dq_kernel)
+
+
+def _tile_table(cu_seqlens: list[int], block: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat (sequence id, first row) of every ``block``-row tile of every sequence."""
+    seq, start = [], []
+    for i in range(len(cu_seqlens) - 1):
+        for s in range(cu_seqlens[i], cu_seqlens[i + 1], block):
+            seq.append(i)
+            start.append(s)
+    return (torch.tensor(seq, dtype=torch.int32, device=device), torch.tensor(start, dtype=torch.int32, device=device))
+
+
+def _rope_tensors(rope: Rope | None, ref: torch.Tensor):
+    if rope is None:
+        return ref, ref, ref  # dummies, never read (ROPE_Q=False)
+    cos, sin, il = rope
+    return cos, sin, il.view(torch.uint8) if il.dtype == torch.bool else il
+
+
+def _rotate(x: torch.Tensor, cos, sin, il, inverse: bool) -> torch.Tensor:
+    """R x (or R^T x) for ``x (T, H, D)`` with per-token tables, by ``_rope_kernel``."""
+    T, H, D = x.shape
+    out = torch.empty_like(x)
+    if T == 0:
+        return out
+    il = il.view(torch.uint8) if il.dtype == torch.bool else il
+    _rope_kernel[(triton.cdiv(T, _ROPE_BLOCK_T), H)](
+        x, out, cos, sin, il, T, x.stride(0), x.stride(1), out.stride(0), out.stride(1), cos.stride(0),
+        HEAD_DIM=D, BLOCK_T=_ROPE_BLOCK_T, INVERSE=inverse,
+    )
+    return out
+
+
+def _blocks(interp: bool):
+    return (_INTERP_BLOCK, _INTERP_BLOCK) if interp else (_FWD_BLOCK_M, _KV_BLOCK_N)
+
+
+def _attention_forward(q, k, v, cu_q, cu_k, scale, rope_q, rope_k):
+    """Returns ``out (Tq, H, D)`` and ``lse (H, Tq)`` (log2 domain of the scaled scores)."""
+    Tq, H, D = q.shape
+    interp = interpreting()
+    block_m, _ = _blocks(interp)
+    if rope_k is not None:
+        k = _rotate(k, *_rope_tensors(rope_k, k), inverse=False)
+    out = torch.empty_like(q)
+    lse = torch.empty((H, Tq), device=q.device, dtype=torch.float32)
+    tile_seq, tile_start = _tile_table(cu_q.tolist(), block_m, q.device)
+    if tile_seq.numel() == 0:
+        return out, lse
+    cos, sin, il = _rope_tensors(rope_q, q)
+    args = (q, k, v, out, lse, cu_q, cu_k, tile_seq, tile_start, cos, sin, il, scale * _LOG2E,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+            lse.stride(0), cos.stride(0) if rope_q is not None else 0)
+    meta = dict(HEAD_DIM=D, BLOCK_M=block_m, ROPE_Q=rope_q is not None, IEEE=q.dtype == torch.float32)
+    grid = (tile_seq.numel(), H)
+    if interp:
+        _attn_fwd_kernel[grid](*args, BLOCK_N=_INTERP_BLOCK, **meta)
+    else:
+        _attn_fwd_tuned[grid](*args, **meta)
+    return out, lse
+
+
+def _attention_backward(do, q, k, v, out, lse, cu_q, cu_k, scale, rope_q, rope_k):
+    """FlashAttention-2 backward on the rotated q, k; dq, dk are rotated back (R^T)."""
+    Tq, H, D = q.shape
+    interp = interpreting()
+    block_m, block_n = _blocks(interp)
+    if rope_q is not None:
+        q = _rotate(q, *_rope_tensors(rope_q, q), inverse=False)
+    if rope_k is not None:
+        k = _rotate(k, *_rope_tensors(rope_k, k), inverse=False)
+    do = do.contiguous()
+    delta = (do.float() * out.float()).sum(-1).t().contiguous()  # (H, Tq) = rowsum(dO * O)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    ieee = q.dtype == torch.float32
+    common = dict(HEAD_DIM=D, IEEE=ieee)
+    cu_q_list, cu_k_list = cu_q.tolist(), cu_k.tolist()
+    kv_seq, kv_start = _tile_table(cu_k_list, block_n, q.device)
+    if kv_seq.numel():
+        args = (q, k, v, do, lse, delta, dk, dv, cu_q, cu_k, kv_seq, kv_start, scale * _LOG2E, scale,
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
+                dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), lse.stride(0))
+        grid = (kv_seq.numel(), H)
+        if interp:
+            _attn_bwd_dkdv_kernel[grid](*args, BLOCK_M=_INTERP_BLOCK, BLOCK_N=block_n, **common)
+        else:
+            _attn_dkdv_tuned[grid](*args, BLOCK_N=block_n, **common)
+    q_seq, q_start = _tile_table(cu_q_list, block_m, q.device)
+    if q_seq.numel():
+        args = (q, k, v, do, lse, delta, dq, cu_q, cu_k, q_seq, q_start, scale * _LOG2E, scale,
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
+                dq.stride(0), dq.stride(1), lse.stride(0))
+        grid = (q_seq.numel(), H)
+        if interp:
+            _attn_bwd_dq_kernel[grid](*args, BLOCK_M=block_m, BLOCK_N=_INTERP_BLOCK, **common)
+        else:
+            _attn_dq_tuned[grid](*args, BLOCK_M=block_m, **common)
+    if rope_q is not None:
+        dq = _rotate(dq, *_rope_tensors(rope_q, dq), inverse=True)
+    if rope_k is not None:
+        dk = _rotate(dk, *_rope_tensors(rope_k, dk), inverse=True)
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.library ops (so torch.compile traces through without graph breaks) + autograd
+# ----------------------------------------------------------------------------------------------
+def _rope_or_none(cos, sin, il) -> Rope | None:
+    return None if cos is None else (cos, sin, il)
+
+
+@torch.library.custom_op("univigu_fast::joint_attention_fwd", mutates_args=())
+def _joint_attention_fwd_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+    softmax_scale: float,
+    rope_q_cos: torch.Tensor | None, rope_q_sin: torch.Tensor | None, rope_q_il: torch.Tensor | None,
+    rope_k_cos: torch.Tensor | None, rope_k_sin: torch.Tensor | None, rope_k_il: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale,
+                              _rope_or_none(rope_q_cos, rope_q_sin, rope_q_il), _rope_or_none(rope_k_cos, rope_k_sin, rope_k_il))
+
+
+@_joint_attention_fwd_op.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, *rope):
+    return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("univigu_fast::joint_attention_bwd", mutates_args=())
+def _joint_attention_bwd_op(
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, softmax_scale: float,
+    rope_q_cos: torch.Tensor | None, rope_q_sin: torch.Tensor | None, rope_q_il: torch.Tensor | None,
+    rope_k_cos: torch.Tensor | None, rope_k_sin: torch.Tensor | None, rope_k_il: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _attention_backward(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, softmax_scale,
+                               _rope_or_none(rope_q_cos, rope_q_sin, rope_q_il), _rope_or_none(rope_k_cos, rope_k_sin, rope_k_il))
+
+
+@_joint_attention_bwd_op.register_fake
+def _(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, softmax_scale, *rope):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, scale, *rope = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, *[t if t is not None else torch.empty(0) for t in rope])
+    ctx.rope_present = [t is not None for t in rope]
+    ctx.scale = scale
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, cu_q, cu_k, *rope = ctx.saved_tensors
+    rope = [t if present else None for t, present in zip(rope, ctx.rope_present)]
+    dq, dk, dv = _joint_attention_bwd_op(grad_out, q, k, v, out, lse, cu_q, cu_k, ctx.scale, *rope)
+    return (dq, dk, dv) + (None,) * 9
+
+
+torch.library.register_autograd("univigu_fast::joint_attention_fwd", _backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry point
+# ----------------------------------------------------------------------------------------------
+def _check_cu_seqlens(cu: torch.Tensor, total: int, name: str) -> None:
+    if not isinstance(cu, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(cu).__name__}")
+    if cu.dtype != torch.int32:
+        raise TypeError(f"{name} must be int32, got {cu.dtype}")
+    if cu.dim() != 1 or cu.numel() < 2:
+        raise ValueError(f"{name} must be 1-D with batch+1 >= 2 entries, got shape {tuple(cu.shape)}")
+    if torch.compiler.is_compiling():  # value checks would sync and break the graph; eager calls do them
+        return
+    vals = cu.tolist()
+    if vals[0] != 0:
+        raise ValueError(f"{name}[0] must be 0, got {vals[0]}")
+    if any(b < a for a, b in zip(vals[:-1], vals[1:])):
+        raise ValueError(f"{name} must be non-decreasing, got {vals}")
+    if vals[-1] != total:
+        raise ValueError(f"{name}[-1] must equal the number of packed tokens {total}, got {vals[-1]}")
+
+
+def _check_rope(rope, x: torch.Tensor, name: str) -> None:
+    if rope is None:
+        return
+    if not (isinstance(rope, (tuple, list)) and len(rope) == 3):
+        raise TypeError(f"{name} must be a tuple (cos, sin, interleaved), got {type(rope).__name__}")
+    cos, sin, il = rope
+    T, _, D = x.shape
+    for t, nm in ((cos, "cos"), (sin, "sin")):
+        if t.shape != (T, D // 2) or t.dtype != torch.float32:
+            raise ValueError(f"{name}.{nm} must be float32 of shape ({T}, {D // 2}), got {t.dtype} {tuple(t.shape)}")
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name}.{nm} must have unit stride on its last dim")
+    if il.shape != (T,) or il.dtype not in (torch.bool, torch.uint8, torch.int8):
+        raise ValueError(f"{name}.interleaved must be bool of shape ({T},), got {il.dtype} {tuple(il.shape)}")
+
+
+def joint_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    *,
+    softmax_scale: float | None = None,
+    rope_q: Rope | None = None,
+    rope_k: Rope | None = None,
+) -> torch.Tensor:
+    """Non-causal varlen attention over packed sequences, RoPE fused (``flash_attn_varlen_func`` style).
+
+    q (Tq, H, D), k and v (Tk, H, D), D a power of two in [16, 128] (Wan: 128); cu_seqlens_q/k int32
+    (B+1,); rope_q / rope_k tables as in the module docstring (None: no rotation; cross-attention
+    passes none). Returns (Tq, H, D) in q.dtype. Sample i's queries attend to its keys only; a sample
+    with no keys gets zeros. Differentiable in q, k, v. Runs the Triton kernels on CUDA (or under
+    the interpreter); elsewhere the per-sample SDPA reference (logged once).
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 3:
+            raise ValueError(f"{name} must be (T, H, head_dim), got shape {tuple(t.shape)}")
+        if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if q.shape[1:] != k.shape[1:]:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree on (H, head_dim)")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    D = q.shape[-1]
+    if D not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head_dim {D} is not supported: expected one of {SUPPORTED_HEAD_DIMS}")
+    _check_cu_seqlens(cu_seqlens_q, q.shape[0], "cu_seqlens_q")
+    _check_cu_seqlens(cu_seqlens_k, k.shape[0], "cu_seqlens_k")
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError(f"cu_seqlens_q ({cu_seqlens_q.numel()}) and cu_seqlens_k ({cu_seqlens_k.numel()}) "
+                         "must describe the same batch size")
+    _check_rope(rope_q, q, "rope_q")
+    _check_rope(rope_k, k, "rope_k")
+    scale = float(softmax_scale) if softmax_scale is not None else D ** -0.5
+    if not use_triton(q, k, v):
+        log_once("joint_attention: Triton unavailable for these tensors; using the per-sample SDPA reference")
+        return joint_attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                         softmax_scale=scale, rope_q=rope_q, rope_k=rope_k)
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    rq = tuple(rope_q) if rope_q is not None else (None, None, None)
+    rk = tuple(rope_k) if rope_k is not None else (None, None, None)
+    out, _ = _joint_attention_fwd_op(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, *rq, *rk)
     return out

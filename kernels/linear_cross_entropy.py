@@ -318,7 +318,8 @@ def _linear_ce_backward(x, weight, bias, tgt, lse, scale, label_smoothing, chunk
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
-    """autograd.Function: forward = fused lse / target-logit pass, backward = chunked recompute."""
+    """autograd.Function: forward = per-row lse / target-logit statistics (fused kernel or GEMM
+    chunks), saving only lse; backward = chunked recompute (see the module docstring)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, target, ignore_index, reduction, label_smoothing, chunk_v, forward_method):

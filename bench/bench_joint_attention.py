@@ -1,0 +1,150 @@
+"""Benchmark: joint varlen attention, one layer's self-attention at the DESIGN §6 shapes.
+
+Records op ``joint_attention``, modes ``fwd`` / ``fwd_bwd``, impls:
+``triton`` (ours, packed, RoPE fused), ``naive`` (padded SDPA with a key-padding mask, the public
+implementation's way), ``sdpa`` (per-sample SDPA, best backend), ``varlen``
+(``torch.nn.attention.varlen.varlen_attn`` where present), ``flex`` (FlexAttention with a document
+mask, compiled), ``flash_attn`` (``flash_attn_varlen_func`` where installed).
+Only ours applies RoPE inside the timed call (the peers get pre-rotated q/k: a conservative
+comparison). TFLOP/s count real work only: ``4 * sum(L_i^2) * H * hd`` forward, 3.5x that fwd+bwd.
+"""
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from _common import measure, requires_cuda
+from univigu_fast.shapes import SHAPES
+
+DTYPE = torch.bfloat16
+_CACHE: dict = {}
+
+
+def _video_rope_angles(n_tokens: int, hd: int) -> torch.Tensor:
+    """A Wan-like 3-axis angle table for a (F, H, W) grid with F*H*W >= n_tokens (frame-major)."""
+    h, w = 30, 52
+    f = -(-n_tokens // (h * w))
+    d_h = d_w = 2 * (hd // 6)
+    d_t = hd - d_h - d_w
+    grid = torch.stack(torch.meshgrid(torch.arange(f), torch.arange(h), torch.arange(w), indexing="ij"), -1).reshape(-1, 3)[:n_tokens]
+    parts = []
+    for axis, d in enumerate((d_t, d_h, d_w)):
+        inv = 1.0 / (10000 ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+        parts.append(grid[:, axis, None].double() * inv)
+    return torch.cat(parts, -1).float()
+
+
+def _text_rope_angles(n_tokens: int, hd: int) -> torch.Tensor:
+    inv = 1.0 / (10000 ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+    return (torch.arange(n_tokens, dtype=torch.float64)[:, None] * inv).float()
+
+
+def _inputs(shape_name: str):
+    if _CACHE.get("key") == shape_name:
+        return _CACHE
+    _CACHE.clear()
+    torch.cuda.empty_cache()
+    s = SHAPES[shape_name]
+    lens = list(s.seq_lens)
+    T, H, hd = sum(lens), s.num_heads, s.head_dim
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(T, H, hd, device="cuda", dtype=DTYPE, generator=g) for _ in range(3))
+    angles, il = [], []
+    for lv, lt in zip(s.video_lens, s.text_lens):
+        angles += [_video_rope_angles(lv, hd), _text_rope_angles(lt, hd)]
+        il += [torch.ones(lv, dtype=torch.bool), torch.zeros(lt, dtype=torch.bool)]
+    angles = torch.cat(angles).cuda()
+    rope = (angles.cos(), angles.sin(), torch.cat(il).cuda())
+    cu = torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32, device="cuda")
+    _CACHE.update(key=shape_name, q=q, k=k, v=v, rope=rope, cu=cu, lens=lens, H=H, hd=hd,
+                  flops=4 * sum(L * L for L in lens) * H * hd)
+    return _CACHE
+
+
+def _impl(name, c):
+    """Returns f(q, k, v) -> out for one impl (None where the peer is unavailable)."""
+    cu, lens, rope = c["cu"], c["lens"], c["rope"]
+    L = max(lens)
+    if name == "triton":
+        from univigu_fast.kernels.joint_attention import joint_attention
+
+        return lambda q, k, v: joint_attention(q, k, v, cu, cu, L, L, rope_q=rope, rope_k=rope)
+    if name == "sdpa":
+        bounds = list(zip(cu.tolist()[:-1], cu.tolist()[1:]))
+
+        def per_sample(q, k, v):
+            return torch.cat([F.scaled_dot_product_attention(q[a:b].transpose(0, 1)[None], k[a:b].transpose(0, 1)[None],
+                                                             v[a:b].transpose(0, 1)[None])[0].transpose(0, 1)
+                              for a, b in bounds])
+        return per_sample
+    if name == "naive":
+        B = len(lens)
+        bounds = list(zip(cu.tolist()[:-1], cu.tolist()[1:]))
+        key_ok = torch.zeros(B, L, dtype=torch.bool, device="cuda")
+        for i, n in enumerate(lens):
+            key_ok[i, :n] = True
+        mask = key_ok[:, None, None, :]
+
+        def padded(q, k, v):
+            def pad(x):
+                return torch.stack([F.pad(x[a:b], (0, 0, 0, 0, 0, L - (b - a))) for a, b in bounds]).transpose(1, 2)
+            o = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=mask).transpose(1, 2)
+            return torch.cat([o[i, : b - a] for i, (a, b) in enumerate(bounds)])
+        return padded
+    if name == "varlen":
+        try:
+            from torch.nn.attention.varlen import varlen_attn
+        except ImportError:
+            return None
+        return lambda q, k, v: varlen_attn(q, k, v, cu, cu, L, L)
+    if name == "flex":
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        doc = torch.repeat_interleave(torch.arange(len(lens), device="cuda"), torch.tensor(lens, device="cuda"))
+        T = doc.numel()
+        block_mask = create_block_mask(lambda b, h, qi, ki: doc[qi] == doc[ki], None, None, T, T, device="cuda")
+        flex = torch.compile(flex_attention, dynamic=False)
+        return lambda q, k, v: flex(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                                    block_mask=block_mask)[0].transpose(0, 1)
+    if name == "flash_attn":
+        try:
+            from flash_attn import flash_attn_varlen_func
+        except ImportError:
+            return None
+        return lambda q, k, v: flash_attn_varlen_func(q, k, v, cu, cu, L, L)
+    raise ValueError(name)
+
+
+IMPLS = ["triton", "naive", "sdpa", "varlen", "flex", "flash_attn"]
+
+
+@requires_cuda
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
+@pytest.mark.parametrize("shape", ["wan1.3b-480p", "wan1.3b-varlen", "wan14b-720p"])
+def test_bench_joint_attention(benchmark, shape, mode, impl):
+    c = _inputs(shape)
+    if impl == "naive" and shape == "wan14b-720p" and mode == "fwd_bwd":
+        pytest.skip("padded SDPA with a mask at 75,856 tokens x 40 heads: fwd+bwd exceeds the bench budget")
+    try:
+        fn = _impl(impl, c)
+        if fn is None:
+            pytest.skip(f"{impl} is not available in this environment")
+        q, k, v = (c[n].detach().requires_grad_(mode == "fwd_bwd") for n in "qkv")
+        grad = torch.randn_like(q)
+        if mode == "fwd":
+            def run():
+                with torch.no_grad():
+                    return fn(q, k, v)
+        else:
+            def run():
+                fn(q, k, v).backward(grad)
+        run()
+        torch.cuda.synchronize()
+    except Exception as e:  # one failing peer must not stop the others
+        torch.cuda.empty_cache()
+        pytest.skip(f"{impl} failed: {type(e).__name__}: {str(e)[:200]}")
+    flops = c["flops"] * (3.5 if mode == "fwd_bwd" else 1.0)
+    measure(benchmark, run, op="joint_attention", shape=shape, mode=mode, impl=impl, dtype=DTYPE,
+            flops=flops, rounds=5, warmup_rounds=1)

@@ -69,3 +69,15 @@ def expand_segments(values: torch.Tensor, seg_offsets: torch.Tensor) -> torch.Te
     """Per-segment rows ``values (S, ...)`` -> per-token rows ``(T, ...)`` (segment i repeated len_i times)."""
     return torch.repeat_interleave(values, segment_lengths(seg_offsets).to(values.device), dim=0,
                                    output_size=int(seg_offsets[-1]))
+
+
+def token_segments(seg_offsets: torch.Tensor, total: int) -> torch.Tensor:
+    """int32 ``(total,)`` segment id of every packed row (no host sync: searchsorted on the device)."""
+    rows = torch.arange(total, device=seg_offsets.device, dtype=seg_offsets.dtype)
+    return torch.searchsorted(seg_offsets[1:].contiguous(), rows, right=True).to(torch.int32)
+
+
+def segment_sum(values: torch.Tensor, seg_ids: torch.Tensor, num_segments: int) -> torch.Tensor:
+    """Sum rows ``values (T, D)`` into ``(num_segments, D)`` by per-row segment id."""
+    out = values.new_zeros((num_segments, values.shape[-1]))
+    return out.index_add_(0, seg_ids.long(), values)

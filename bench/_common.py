@@ -22,6 +22,7 @@ import torch
 
 RESULTS_DIR = Path(__file__).parent / "results"
 RECORDS: list[dict] = []
+_RUN_ID = datetime.datetime.now().isoformat()
 _PEAKS: dict[str, float] = {}
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="benchmarks time CUDA kernels")
@@ -116,14 +117,17 @@ def measure(
         record["pct_peak"] = 100 * record["gbps"] / peaks["peak_gbps"]
     benchmark.extra_info.update(record)
     RECORDS.append(record)
+    write_results()  # after every record, so a run cut short still leaves its figures
     return record
 
 
 def _git_commit() -> str | None:
+    if os.environ.get("UNIVIGU_COMMIT"):
+        return os.environ["UNIVIGU_COMMIT"]
     try:
         return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, text=True).strip()
     except Exception:
-        return os.environ.get("UNIVIGU_COMMIT")
+        return None
 
 
 def write_results() -> Path | None:
@@ -141,7 +145,7 @@ def write_results() -> Path | None:
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     old = json.loads(path.read_text()) if path.exists() else {"records": []}
     fresh = {(r["op"], r["shape"]) for r in RECORDS}
-    kept = [r for r in old.get("records", []) if (r["op"], r["shape"]) not in fresh]
+    kept = [r for r in old.get("records", []) if (r["op"], r["shape"]) not in fresh and old.get("run_id") != _RUN_ID]
     doc = {
         "device": torch.cuda.get_device_name(),
         "commit": _git_commit(),
@@ -149,6 +153,7 @@ def write_results() -> Path | None:
         "triton": triton.__version__,
         "date": date,
         **device_peaks(),
+        "run_id": _RUN_ID,
         "records": kept + RECORDS,
     }
     path.write_text(json.dumps(doc, indent=1) + "\n")

@@ -41,9 +41,13 @@ def modality_ffn_reference(
         y.index_copy_(0, rows, F.linear(h, w2, b2))
     if gate is None and residual is None:
         return y
+    # gated residual in fp32, as Wan: (h.float() + y.float() * gate).type_as(h)
+    out = y.float()
     if gate is not None:
-        y = y * expand_segments(gate, seg_offsets).to(y.dtype)
-    return y if residual is None else residual + y
+        out = out * expand_segments(gate.float(), seg_offsets)
+    if residual is not None:
+        out = residual.float() + out
+    return out.to(x.dtype if residual is None else residual.dtype)
 
 
 class GELUProj(torch.nn.Module):

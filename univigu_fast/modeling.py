@@ -1,0 +1,330 @@
+"""``UniViGUModelBase``: parameters, input handling and the forward of Uni-ViGU (DESIGN §3).
+
+The reference model (``univigu_fast.reference.UniViGUModel``) and the fast one
+(``univigu_fast.UniViGUModel``) are this class with different ``ops``.
+
+Forward contract::
+
+    model(video_latents, tau_video, encoder_hidden_states, text=None, tau_text=None, text_lens=None)
+        -> UniViGUOutput(video_velocity, text_out)
+
+* ``video_latents``: ``(B, C, F, H, W)`` or a list of ``(C, F, H, W)`` of different sizes.
+* ``tau_video`` / ``tau_text``: ``(B,)`` in [0, 1], the paper's time (0 noise, 1 data). Wan's network
+  sees ``t = 1000 (1 - tau_video)``; the text time embedder ``round(1000 (1 - tau_text))`` as the
+  public implementation. ``video_velocity`` is the paper's ``u = z1 - z0`` (= minus Wan's output).
+* ``encoder_hidden_states``: ``(B, L, text_dim)`` prompt embeddings, or a list of ``(L_i, text_dim)``.
+* ``text``: ids ``(B, N)`` (``text_flow="discrete"``) or embeddings ``(B, N, dim)`` (``"embedding"``),
+  with optional ``text_lens (B,)`` (padding is dropped, its outputs are zero), or a list of
+  per-sample tensors; ``None`` means no text stream (then the model is exactly Wan2.1).
+* ``text_out``: logits ``(.., V)`` / velocity ``(.., dim)``; with ``text_output="argmax"`` or
+  ``"sample"`` (``sample_seed``, ``temperature``) a ``TextDecoded(ids, max_logit, logsumexp)`` from the
+  fused decode op instead (discrete flow: the head's linear; embedding flow: the row's embedding
+  velocity is returned unchanged, decode it with ``decode_embeddings``). Outputs mirror the input
+  form (batched tensors or lists).
+"""
+from __future__ import annotations
+
+import logging
+from typing import NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import UniViGUConfig
+from .modules import TextHead, TextProjection, TimeEmbedding, UniViGUBlock, VideoHead
+from .ops import Ops
+from .packing import PackedBatch
+
+logger = logging.getLogger("univigu_fast")
+
+
+class UniViGUOutput(NamedTuple):
+    video_velocity: torch.Tensor | list[torch.Tensor]
+    text_out: torch.Tensor | list[torch.Tensor] | None
+
+
+class TextDecoded(NamedTuple):
+    ids: torch.Tensor | list[torch.Tensor]
+    max_logit: torch.Tensor | list[torch.Tensor]
+    logsumexp: torch.Tensor | list[torch.Tensor]
+
+
+class TextRope(nn.Module):
+    """``rotary_emb_text.inv_freq``: 1-D RoPE frequencies over the full head dim (base ``text_rope_base``)."""
+
+    def __init__(self, head_dim: int, base: float):
+        super().__init__()
+        self.register_buffer("inv_freq", 1.0 / (base ** (torch.arange(0, head_dim, 2).float() / head_dim)))
+
+
+class UniViGUModelBase(nn.Module):
+    ops: Ops  # set by subclasses
+
+    def __init__(self, config: UniViGUConfig):
+        super().__init__()
+        self.config = c = config
+        dim = c.dim
+        self.vocab_embed = nn.Embedding(c.text_vocab_size, dim)
+        self.patch_embedding = nn.Conv3d(c.in_channels, dim, kernel_size=c.patch_size, stride=c.patch_size)
+        self.time_embedding_v = TimeEmbedding(c.freq_dim, dim)
+        self.time_embedding_t = TimeEmbedding(c.freq_dim, dim)
+        self.cond_text_embedder = TextProjection(c.text_dim, dim)
+        self.rotary_emb_text = TextRope(c.head_dim, c.text_rope_base)
+        self.blocks = nn.ModuleList(
+            UniViGUBlock(dim, c.ffn_dim, c.num_attention_heads, c.eps, c.cross_attn_norm) for _ in range(c.num_layers)
+        )
+        self.scale_shift_table_v = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
+        self.scale_shift_table_t = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
+        self.video_head = VideoHead(dim, c.out_channels * c.patch_volume)
+        self.text_head = TextHead(dim, c.text_out_dim)
+        if c.text_ffn_init == "copy":
+            for block in self.blocks:
+                block.ffn_t.load_state_dict(block.ffn.state_dict())
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.patch_embedding.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.patch_embedding.weight.device
+
+    def init_text_stream(self) -> None:
+        """(Re)initialise what a Wan checkpoint lacks: vocab embedding, text time embedder (a copy of
+        the video one), text head table (a copy of the video one), zero text head, ``ffn_t`` per
+        ``text_ffn_init`` (a copy of ``ffn``, or fresh)."""
+        with torch.no_grad():
+            nn.init.normal_(self.vocab_embed.weight)  # rows at the scale of N(0, I) noise (DESIGN §2)
+            self.time_embedding_t.load_state_dict(self.time_embedding_v.state_dict())
+            self.scale_shift_table_t.copy_(self.scale_shift_table_v)
+            nn.init.ones_(self.text_head.norm_final.weight)
+            nn.init.zeros_(self.text_head.linear.weight)
+            nn.init.zeros_(self.text_head.linear.bias)
+            for block in self.blocks:
+                if self.config.text_ffn_init == "copy":
+                    block.ffn_t.load_state_dict(block.ffn.state_dict())
+                else:
+                    for lin in (block.ffn_t.net[0].proj, block.ffn_t.net[2]):
+                        lin.reset_parameters()
+
+    # ------------------------------------------------------------------ input handling
+    def _prepare(self, video_latents, tau_video, encoder_hidden_states, text, tau_text, text_lens):
+        c = self.config
+        batched_video = isinstance(video_latents, torch.Tensor)
+        if batched_video:
+            if video_latents.dim() != 5:
+                raise ValueError(f"video_latents must be (B, C, F, H, W) or a list of (C, F, H, W), got shape {tuple(video_latents.shape)}")
+            videos = list(video_latents.unbind(0))
+        elif isinstance(video_latents, (list, tuple)) and video_latents:
+            videos = list(video_latents)
+        else:
+            raise TypeError(f"video_latents must be a tensor (B, C, F, H, W) or a non-empty list of (C, F, H, W), got {type(video_latents).__name__}")
+        B = len(videos)
+        pt, ph, pw = c.patch_size
+        grids = []
+        for i, v in enumerate(videos):
+            if not isinstance(v, torch.Tensor) or v.dim() != 4:
+                raise ValueError(f"video_latents[{i}] must be (C, F, H, W), got {getattr(v, 'shape', type(v).__name__)}")
+            if v.shape[0] != c.in_channels:
+                raise ValueError(f"video_latents[{i}] has {v.shape[0]} channels, expected in_channels={c.in_channels}")
+            if not v.is_floating_point():
+                raise TypeError(f"video_latents must be floating point, got {v.dtype}")
+            f, h, w = v.shape[1:]
+            if f % pt or h % ph or w % pw or f == 0 or h == 0 or w == 0:
+                raise ValueError(f"video_latents[{i}] (F, H, W) = {(f, h, w)} must be positive multiples of patch_size {c.patch_size}")
+            grids.append((f // pt, h // ph, w // pw))
+        dtype = videos[0].dtype
+        if any(v.dtype != dtype for v in videos):
+            raise TypeError(f"video_latents mix dtypes: {sorted({str(v.dtype) for v in videos})}")
+
+        tau_video = self._check_tau(tau_video, B, "tau_video")
+        # prompts
+        if isinstance(encoder_hidden_states, torch.Tensor):
+            if encoder_hidden_states.dim() != 3 or encoder_hidden_states.shape[0] != B:
+                raise ValueError(f"encoder_hidden_states must be (B={B}, L, text_dim) or a list, got shape {tuple(encoder_hidden_states.shape)}")
+            prompts = list(encoder_hidden_states.unbind(0))
+        elif isinstance(encoder_hidden_states, (list, tuple)) and len(encoder_hidden_states) == B:
+            prompts = list(encoder_hidden_states)
+        else:
+            raise TypeError(f"encoder_hidden_states must be a (B, L, text_dim) tensor or a list of B tensors (B={B})")
+        for i, p in enumerate(prompts):
+            if not isinstance(p, torch.Tensor) or p.dim() != 2 or p.shape[-1] != c.text_dim:
+                raise ValueError(f"encoder_hidden_states[{i}] must be (L, text_dim={c.text_dim}), got {getattr(p, 'shape', None)}")
+            if p.dtype != dtype:
+                raise TypeError(f"encoder_hidden_states dtype {p.dtype} does not match video_latents dtype {dtype}")
+
+        # text
+        batched_text = isinstance(text, torch.Tensor)
+        texts: list[torch.Tensor] = []
+        if text is None:
+            if tau_text is not None or text_lens is not None:
+                raise ValueError("tau_text / text_lens given without text")
+            texts = [None] * B
+            tau_text = torch.zeros(B, device=tau_video.device)
+        else:
+            discrete = c.text_flow == "discrete"
+            if batched_text:
+                want = 2 if discrete else 3
+                if text.dim() != want or text.shape[0] != B:
+                    form = "(B, N) token ids" if discrete else "(B, N, dim) embeddings"
+                    raise ValueError(f"text must be {form} with B={B} for text_flow={c.text_flow!r}, got shape {tuple(text.shape)}")
+                texts = list(text.unbind(0))
+                if text_lens is not None:
+                    text_lens = torch.as_tensor(text_lens)
+                    if text_lens.shape != (B,):
+                        raise ValueError(f"text_lens must be ({B},), got shape {tuple(text_lens.shape)}")
+                    lens = text_lens.tolist()
+                    if any(n < 0 or n > text.shape[1] for n in lens):
+                        raise ValueError(f"text_lens {lens} must lie in [0, N={text.shape[1]}]")
+                    texts = [t[:n] for t, n in zip(texts, lens)]
+            elif isinstance(text, (list, tuple)) and len(text) == B:
+                if text_lens is not None:
+                    raise ValueError("text_lens is only for a padded (B, N) text tensor; a list carries its lengths")
+                texts = list(text)
+            else:
+                raise TypeError(f"text must be a tensor or a list of B={B} tensors, got {type(text).__name__}")
+            for i, t in enumerate(texts):
+                if discrete:
+                    if t.dim() != 1 or t.is_floating_point():
+                        raise ValueError(f"text[{i}] must be 1-D integer token ids for text_flow='discrete', got {t.dtype} {tuple(t.shape)}")
+                    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= c.text_vocab_size):
+                        raise ValueError(f"text[{i}] has token ids outside [0, {c.text_vocab_size}): min {int(t.min())}, max {int(t.max())}")
+                else:
+                    if t.dim() != 2 or t.shape[-1] != c.dim:
+                        raise ValueError(f"text[{i}] must be (N, dim={c.dim}) embeddings for text_flow='embedding', got {tuple(t.shape)}")
+                    if t.dtype != dtype:
+                        raise TypeError(f"text dtype {t.dtype} does not match video_latents dtype {dtype}")
+            tau_text = self._check_tau(tau_text, B, "tau_text")
+        return dict(videos=videos, grids=grids, batched_video=batched_video, tau_video=tau_video, prompts=prompts,
+                    texts=texts, batched_text=batched_text, has_text=text is not None, tau_text=tau_text,
+                    text_width=text.shape[1] if batched_text else None)
+
+    @staticmethod
+    def _check_tau(tau, B, name):
+        if tau is None:
+            raise ValueError(f"{name} is required")
+        tau = torch.as_tensor(tau, dtype=torch.float32)
+        if tau.dim() == 0:
+            tau = tau.expand(B)
+        if tau.shape != (B,):
+            raise ValueError(f"{name} must have shape ({B},), got {tuple(tau.shape)}")
+        if torch.isnan(tau).any() or (tau < 0).any() or (tau > 1).any():
+            raise ValueError(f"{name} must lie in [0, 1] (paper convention: 0 = noise, 1 = data), got {tau.tolist()}")
+        return tau
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, video_latents, tau_video, encoder_hidden_states, text=None, tau_text=None, text_lens=None, *,
+                text_output: str = "full", sample_seed: int | None = None, temperature: float = 1.0) -> UniViGUOutput:
+        if text_output not in ("full", "argmax", "sample"):
+            raise ValueError(f"text_output must be 'full', 'argmax' or 'sample', got {text_output!r}")
+        if text_output == "sample" and sample_seed is None:
+            raise ValueError("text_output='sample' needs sample_seed")
+        inp = self._prepare(video_latents, tau_video, encoder_hidden_states, text, tau_text, text_lens)
+        c, ops, dev, dtype = self.config, self.ops, self.device, self.dtype
+        videos, texts, B = inp["videos"], inp["texts"], len(inp["videos"])
+        text_lens_list = [0 if t is None else t.shape[0] for t in texts]
+        packed = PackedBatch.build(inp["grids"], text_lens_list, [p.shape[0] for p in inp["prompts"]],
+                                   c.head_dim, self.rotary_emb_text.inv_freq, dev)
+
+        # embeddings
+        video_tokens = self._patchify(videos, dtype, dev)
+        if inp["has_text"]:
+            if c.text_flow == "discrete":
+                ids = torch.cat([t.to(dev) for t in texts]).long()
+                text_rows = self.vocab_embed(ids)
+            else:
+                text_rows = torch.cat([t.to(dev, dtype) for t in texts])
+            text_tokens = list(torch.split(text_rows, text_lens_list))
+        else:
+            text_tokens = [video_tokens[0].new_zeros(0, c.dim)] * B
+        x = packed.pack(video_tokens, text_tokens)
+        context = self.cond_text_embedder(torch.cat([p.to(dev, dtype) for p in inp["prompts"]]))
+
+        # Wan's time convention at the boundary (DESIGN §2)
+        temb_v, proj_v = self.time_embedding_v((1000.0 * (1.0 - inp["tau_video"])).to(dev))
+        temb_t, proj_t = self.time_embedding_t(torch.round(1000.0 * (1.0 - inp["tau_text"])).to(dev))
+        seg_temb = torch.stack([proj_v.float(), proj_t.float()], 1).flatten(0, 1)  # (2B, 6, dim): v_0, t_0, ...
+
+        for block in self.blocks:
+            x = block(ops, x, context, seg_temb, packed)
+
+        # heads
+        video_rows, text_rows = packed.unpack(x)
+        shift_v, scale_v = (self.scale_shift_table_v.float() + temb_v.float()[:, None]).unbind(1)
+        video_out = []
+        for i, rows in enumerate(video_rows):
+            h = (F.layer_norm(rows.float(), (c.dim,), eps=c.eps) * (1 + scale_v[i]) + shift_v[i]).type_as(rows)
+            video_out.append(-self._unpatchify(self.video_head.proj_out(h), inp["grids"][i]))  # u = -(Wan's output)
+        video_velocity = torch.stack(video_out) if inp["batched_video"] and _same_shapes(video_out) else video_out
+        if inp["batched_video"] and not isinstance(video_velocity, torch.Tensor):
+            video_velocity = torch.stack(video_out)
+
+        text_out = None
+        if inp["has_text"]:
+            shift_t, scale_t = (self.scale_shift_table_t.float() + temb_t.float()[:, None]).unbind(1)
+            lens = torch.tensor(text_lens_list, device=dev)
+            rows = torch.cat(text_rows)
+            feats = self.text_head.features(rows, shift_t.repeat_interleave(lens, 0), scale_t.repeat_interleave(lens, 0))
+            lin = self.text_head.linear
+            if text_output == "full" or c.text_flow == "embedding":
+                out = lin(feats)
+                text_out = self._shape_text(list(torch.split(out, text_lens_list)), inp)
+            else:
+                ids, mx, lse = ops.linear_argmax(feats, lin.weight, lin.bias,
+                                                 gumbel_seed=sample_seed if text_output == "sample" else None,
+                                                 temperature=temperature)
+                parts = [list(torch.split(t, text_lens_list)) for t in (ids, mx, lse)]
+                text_out = TextDecoded(*(self._shape_text(p, inp, pad_value=0) for p in parts))
+        return UniViGUOutput(video_velocity, text_out)
+
+    def _patchify(self, videos, dtype, dev) -> list[torch.Tensor]:
+        if all(v.shape == videos[0].shape for v in videos):
+            out = self.patch_embedding(torch.stack(videos).to(dev, dtype))
+            return list(out.flatten(2).transpose(1, 2).unbind(0))
+        return [self.patch_embedding(v[None].to(dev, dtype)).flatten(2).transpose(1, 2)[0] for v in videos]
+
+    def _unpatchify(self, rows: torch.Tensor, grid) -> torch.Tensor:
+        f, h, w = grid
+        pt, ph, pw = self.config.patch_size
+        x = rows.reshape(f, h, w, pt, ph, pw, -1).permute(6, 0, 3, 1, 4, 2, 5)
+        return x.reshape(-1, f * pt, h * ph, w * pw)
+
+    @staticmethod
+    def _shape_text(parts: list[torch.Tensor], inp, pad_value: float = 0.0):
+        if not inp["batched_text"]:
+            return parts
+        N = inp["text_width"]
+        padded = [F.pad(p, [0, 0] * (p.dim() - 1) + [0, N - p.shape[0]], value=pad_value) for p in parts]
+        return torch.stack(padded)
+
+    # ------------------------------------------------------------------ constructors / IO
+    @classmethod
+    def from_wan(cls, source, config: UniViGUConfig | None = None, **text_fields):
+        """From a diffusers ``WanTransformer3DModel``, a diffusers folder or an original Wan2.1 state dict."""
+        from .conversion import from_wan
+
+        return from_wan(cls, source, config, **text_fields)
+
+    @classmethod
+    def from_uni_vigu(cls, ckpt, config: UniViGUConfig | None = None, **config_overrides):
+        """From a checkpoint of the public implementation (path or dict); config inferred when omitted."""
+        from .conversion import from_uni_vigu
+
+        return from_uni_vigu(cls, ckpt, config, **config_overrides)
+
+    def save_pretrained(self, path) -> None:
+        from .conversion import save_pretrained
+
+        save_pretrained(self, path)
+
+    @classmethod
+    def from_pretrained(cls, path, **kwargs):
+        from .conversion import from_pretrained
+
+        return from_pretrained(cls, path, **kwargs)
+
+
+def _same_shapes(ts: Sequence[torch.Tensor]) -> bool:
+    return all(t.shape == ts[0].shape for t in ts)

@@ -1,0 +1,98 @@
+"""Packing a batch into one ``[video_0; text_0; video_1; text_1; ...]`` token sequence (DESIGN §2).
+
+``PackedBatch`` holds everything the blocks need: joint ``cu_seqlens``, the segment table
+(``[v_0, t_0, v_1, t_1, ...]``, empty text segments kept, expert 0 = ``ffn``, 1 = ``ffn_t``), the
+per-token RoPE tables in the format of ``kernels/joint_attention.py`` and the prompts' ``cu_seqlens``.
+"""
+from __future__ import annotations
+
+import functools
+import itertools
+from dataclasses import dataclass
+
+import torch
+
+
+def _cu(lengths, device) -> torch.Tensor:
+    return torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
+
+
+@functools.lru_cache(maxsize=64)
+def _video_angles(grid: tuple[int, int, int], head_dim: int, theta: float = 10000.0) -> torch.Tensor:
+    """Wan's 3-axis RoPE angles ``(f*h*w, head_dim/2)``: pairs split t/h/w as diffusers' WanRotaryPosEmbed
+    (h = w = 2 * (head_dim // 6) dims, t the rest), positions in (f, h, w) order, float64."""
+    f, h, w = grid
+    d_hw = 2 * (head_dim // 6)
+    d_t = head_dim - 2 * d_hw
+    parts = []
+    for n, d, shape in ((f, d_t, (f, 1, 1)), (h, d_hw, (1, h, 1)), (w, d_hw, (1, 1, w))):
+        inv = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+        ang = torch.arange(n, dtype=torch.float64)[:, None] * inv  # (n, d/2)
+        parts.append(ang.view(*shape, -1).expand(f, h, w, -1))
+    return torch.cat(parts, -1).reshape(f * h * w, head_dim // 2)
+
+
+@dataclass
+class PackedBatch:
+    video_grids: list[tuple[int, int, int]]  # post-patch (f, h, w) per sample
+    video_lens: list[int]
+    text_lens: list[int]
+    prompt_lens: list[int]
+    cu_seqlens: torch.Tensor  # int32 (B+1,) joint sequences
+    max_seqlen: int
+    seg_offsets: torch.Tensor  # int32 (2B+1,)
+    seg_expert: torch.Tensor  # int32 (2B,)
+    rope: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # cos, sin (T, hd/2) fp32; interleaved (T,) bool
+    cu_seqlens_prompt: torch.Tensor  # int32 (B+1,)
+    max_prompt_len: int
+
+    @property
+    def batch(self) -> int:
+        return len(self.video_lens)
+
+    @property
+    def total(self) -> int:
+        return sum(self.video_lens) + sum(self.text_lens)
+
+    @property
+    def seg_lens(self) -> list[int]:
+        return [n for pair in zip(self.video_lens, self.text_lens) for n in pair]
+
+    @classmethod
+    def build(cls, video_grids, text_lens, prompt_lens, head_dim: int, text_inv_freq: torch.Tensor, device):
+        video_lens = [f * h * w for f, h, w in video_grids]
+        seq = [v + t for v, t in zip(video_lens, text_lens)]
+        seg_lens = [n for pair in zip(video_lens, text_lens) for n in pair]
+        B = len(video_lens)
+        angles, interleaved = [], []
+        inv = text_inv_freq.detach().float().cpu()
+        for grid, lt in zip(video_grids, text_lens):
+            angles.append(_video_angles(tuple(grid), head_dim))
+            # 1-D text RoPE over the full head dim, positions 0..Lt-1 (fp32 like the public Rotary)
+            angles.append((torch.arange(lt, dtype=torch.float32)[:, None] * inv[None, :]).double())
+            interleaved += [torch.ones(grid[0] * grid[1] * grid[2], dtype=torch.bool), torch.zeros(lt, dtype=torch.bool)]
+        ang = torch.cat(angles) if angles else torch.zeros(0, head_dim // 2, dtype=torch.float64)
+        rope = (ang.cos().float().to(device), ang.sin().float().to(device), torch.cat(interleaved).to(device))
+        return cls(
+            video_grids=[tuple(g) for g in video_grids], video_lens=video_lens, text_lens=list(text_lens),
+            prompt_lens=list(prompt_lens), cu_seqlens=_cu(seq, device), max_seqlen=max(seq, default=0),
+            seg_offsets=_cu(seg_lens, device),
+            seg_expert=torch.tensor([0, 1] * B, dtype=torch.int32, device=device), rope=rope,
+            cu_seqlens_prompt=_cu(prompt_lens, device), max_prompt_len=max(prompt_lens, default=0),
+        )
+
+    def pack(self, video_tokens: list[torch.Tensor], text_tokens: list[torch.Tensor]) -> torch.Tensor:
+        """Per-sample ``(Lv_i, dim)`` and ``(Lt_i, dim)`` -> packed ``(T, dim)``."""
+        return torch.cat([t for pair in zip(video_tokens, text_tokens) for t in pair], 0)
+
+    def unpack(self, packed: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Packed ``(T, ...)`` -> per-sample video rows and text rows."""
+        parts = torch.split(packed, self.seg_lens, 0)
+        return list(parts[0::2]), list(parts[1::2])
+
+    def index(self, modality: str) -> torch.Tensor:
+        """int64 rows of all video (or text) tokens in the packed sequence, in sample order."""
+        offs = self.seg_offsets.tolist()
+        first = 0 if modality == "video" else 1
+        rows = [torch.arange(offs[i], offs[i + 1]) for i in range(first, len(offs) - 1, 2)]
+        return torch.cat(rows).to(self.seg_offsets.device) if rows else torch.zeros(0, dtype=torch.long, device=self.seg_offsets.device)

@@ -117,7 +117,7 @@ class UniViGUConfig:
     def tiny(cls, **overrides) -> "UniViGUConfig":
         """A CPU-test size: dim 32 (2 heads x 16), 2 layers, vocab 50."""
         base = dict(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, text_dim=24,
-                    freq_dim=32, ffn_dim=64, num_layers=2, vocab_size=50, rope_max_seq_len=64)
+                    freq_dim=32, ffn_dim=64, num_layers=2, vocab_size=50)
         return cls(**{**base, **overrides})
 
     @classmethod

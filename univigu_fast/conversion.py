@@ -159,7 +159,8 @@ def _infer_config(sd: dict, overrides: dict, head_dim: int | None = None) -> Uni
         inv = sd["rotary_emb_text.inv_freq"].double()
         head_dim = 2 * inv.numel()
         base = float(inv[1] ** (-head_dim / 2)) if inv.numel() > 1 else 10000.0
-        base = round(base, 6)
+        if abs(base - round(base)) < 1e-3 * base:  # undo fp32 rounding of the stored frequencies
+            base = float(round(base))
     else:
         base = 10000.0
     layers = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))

@@ -65,6 +65,15 @@ class TextProjection(nn.Module):
         return self.linear_2(F.gelu(self.linear_1(x), approximate="tanh"))
 
 
+class FP32LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in fp32 whatever the parameter dtype (diffusers' ``FP32LayerNorm``)."""
+
+    def forward(self, x):
+        w = self.weight.float() if self.weight is not None else None
+        b = self.bias.float() if self.bias is not None else None
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
+
+
 class RMSNormWeight(nn.Module):
     """Holds ``weight (dim,)`` of an RMSNorm; the normalisation itself is ``ops.rms_norm``."""
 
@@ -106,7 +115,7 @@ class UniViGUBlock(nn.Module):
         self.scale_shift_table = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
         self.attn1 = Attention(dim, heads)
         self.attn2 = Attention(dim, heads)
-        self.norm2 = nn.LayerNorm(dim, eps=eps, elementwise_affine=True) if cross_attn_norm else nn.Identity()
+        self.norm2 = FP32LayerNorm(dim, eps=eps, elementwise_affine=True) if cross_attn_norm else nn.Identity()
         self.ffn = FeedForward(dim, ffn_dim)
         self.ffn_t = FeedForward(dim, ffn_dim)
 
@@ -122,7 +131,7 @@ class UniViGUBlock(nn.Module):
                        self.eps, rope=packed.rope)
         x = ops.gated_residual(x, y, seg, gate)
         # 3. shared cross-attention to the prompt, ungated
-        h = self.norm2(x.float()).type_as(x)
+        h = self.norm2(x.float()).type_as(x)  # fp32 LayerNorm, as Wan
         y = self.attn2(ops, h, context, packed.cu_seqlens, packed.cu_seqlens_prompt, packed.max_seqlen,
                        packed.max_prompt_len, self.eps)
         x = x + y

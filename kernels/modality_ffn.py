@@ -12,7 +12,12 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from ._utils import expand_segments
+from ._utils import (HAS_TRITON, check_segment_table, expand_segments, interpreting, log_once, segment_sum,
+                     token_segments, use_triton)
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
 
 Expert = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # (w1 (F,dim), b1 (F,), w2 (dim,F), b2 (dim,))
 
@@ -76,3 +81,366 @@ class FeedForward(torch.nn.Module):
     def expert(self) -> Expert:
         """``(w1, b1, w2, b2)`` in ``nn.Linear`` layout, as :func:`modality_ffn` takes them."""
         return (self.net[0].proj.weight, self.net[0].proj.bias, self.net[2].weight, self.net[2].bias)
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton grouped GEMM over the segment table
+# ----------------------------------------------------------------------------------------------
+# One kernel serves the four GEMMs of the FFN (forward X·W1ᵀ, H·W2ᵀ; backward dY·W2, dP·W1):
+#   C[rows of segment s, n] = A[rows, :K_e] @ B_e[:K_e, n] (+ epilogue),   e = seg_expert[s]
+# B_e is addressed through a per-expert int64 table (element offset from a base weight, K_e, N_e,
+# strides), so the experts' weights are used in place (no stacking, no gather/scatter of rows).
+# Tile scheduler: a flat table of (segment, first row) M-tiles over every segment of every sample;
+# program (i, j) computes M-tile i x N-tile j, so a 1-token text segment costs one tile row and a
+# 30K-token video segment 256 of them, all in the same launch.
+
+EPI_NONE, EPI_BIAS_GELU, EPI_BIAS_GATED, EPI_GELU_GRAD = 0, 1, 2, 3
+_TABLE_COLS = 7  # b_offset, K, N, stride_bk, stride_bn, bias_offset, unused
+_GELU_C = 0.7978845608028654  # sqrt(2 / pi)
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _tanh(x):
+        return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+    @triton.jit
+    def _grouped_gemm_kernel(
+        A, B, C, BIAS, AUX, RES, GATE,
+        TILE_SEG, TILE_ROW, SEG_OFF, SEG_EXPERT, TABLE,
+        stride_am, stride_cm, stride_auxm, stride_gate,
+        EPILOGUE: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RES: tl.constexpr, WRITE_AUX: tl.constexpr,
+        K_MAX: tl.constexpr, N_MAX: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        seg = tl.load(TILE_SEG + pid_m)
+        row0 = tl.load(TILE_ROW + pid_m)
+        row_end = tl.load(SEG_OFF + seg + 1)
+        e = tl.load(SEG_EXPERT + seg)
+        b_off = tl.load(TABLE + e * 7 + 0)
+        K = tl.load(TABLE + e * 7 + 1)
+        N = tl.load(TABLE + e * 7 + 2)
+        s_bk = tl.load(TABLE + e * 7 + 3)
+        s_bn = tl.load(TABLE + e * 7 + 4)
+        bias_off = tl.load(TABLE + e * 7 + 5)
+        n0 = pid_n * BLOCK_N
+        if n0 >= N:  # an expert narrower than N_MAX
+            return
+        rows = row0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < row_end
+        rows = tl.where(row_ok, rows, row0).to(tl.int64)
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < N
+        cols_safe = tl.where(col_ok, cols, 0).to(tl.int64)
+        ks = tl.arange(0, BLOCK_K)
+        a_ptrs = A + rows[:, None] * stride_am + ks[None, :]
+        b_ptrs = B + b_off + ks[:, None].to(tl.int64) * s_bk + cols_safe[None, :] * s_bn
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k_ok = (k0 + ks) < K
+            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
+            if IEEE:
+                acc += tl.dot(a, b, input_precision="ieee")
+            else:
+                acc += tl.dot(a, b)
+            a_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K * s_bk
+        mask = row_ok[:, None] & col_ok[None, :]
+        if EPILOGUE == 1:  # + b1, keep the pre-activation, GELU(tanh)
+            acc += tl.load(BIAS + bias_off + cols_safe, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            if WRITE_AUX:
+                tl.store(AUX + rows[:, None] * stride_auxm + cols_safe[None, :], acc.to(AUX.dtype.element_ty), mask=mask)
+            acc = 0.5 * acc * (1.0 + _tanh(_GELU_C * (acc + 0.044715 * acc * acc * acc)))
+        elif EPILOGUE == 2:  # + b2, then residual + gate[seg] * y in fp32
+            acc += tl.load(BIAS + bias_off + cols_safe, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            if WRITE_AUX:  # y itself, for the gate's gradient
+                tl.store(AUX + rows[:, None] * stride_auxm + cols_safe[None, :], acc.to(AUX.dtype.element_ty), mask=mask)
+            if HAS_GATE:
+                acc = acc * tl.load(GATE + seg * stride_gate + cols_safe, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            if HAS_RES:
+                acc += tl.load(RES + rows[:, None] * stride_cm + cols_safe[None, :], mask=mask, other=0.0).to(tl.float32)
+        elif EPILOGUE == 3:  # dP = dH * gelu'(pre)
+            pre = tl.load(AUX + rows[:, None] * stride_auxm + cols_safe[None, :], mask=mask, other=0.0).to(tl.float32)
+            inner = _GELU_C * (pre + 0.044715 * pre * pre * pre)
+            th = _tanh(inner)
+            dgelu = 0.5 * (1.0 + th) + 0.5 * pre * (1.0 - th * th) * _GELU_C * (1.0 + 3 * 0.044715 * pre * pre)
+            acc = acc * dgelu
+        tl.store(C + rows[:, None] * stride_cm + cols_safe[None, :], acc.to(C.dtype.element_ty), mask=mask)
+
+
+def _gemm_configs():
+    return [
+        triton.Config({"BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=4),
+        triton.Config({"BLOCK_N": 256, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_N": 128, "BLOCK_K": 32}, num_warps=4, num_stages=4),  # Ampere-friendly
+    ]
+
+
+if HAS_TRITON:
+    _grouped_gemm_tuned = triton.autotune(
+        _gemm_configs(), key=["K_MAX", "N_MAX", "EPILOGUE", "IEEE", "HAS_GATE", "HAS_RES", "WRITE_AUX"]
+    )(_grouped_gemm_kernel)
+
+_GPU_BLOCK_M = 128
+_INTERP_BLOCKS = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32)
+
+
+def _tiles(offsets: list[int], block_m: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    seg, row = [], []
+    for s in range(len(offsets) - 1):
+        for r in range(offsets[s], offsets[s + 1], block_m):
+            seg.append(s)
+            row.append(r)
+    return (torch.tensor(seg, dtype=torch.int32, device=device), torch.tensor(row, dtype=torch.int32, device=device))
+
+
+class _Plan:
+    """Per-call scheduling data: the M-tile table and device copies of the segment table."""
+
+    def __init__(self, seg_offsets: torch.Tensor, seg_expert: torch.Tensor, offsets: list[int]):
+        self.interp = interpreting()
+        self.block_m = _INTERP_BLOCKS["BLOCK_M"] if self.interp else _GPU_BLOCK_M
+        self.tile_seg, self.tile_row = _tiles(offsets, self.block_m, seg_offsets.device)
+        self.seg_off = seg_offsets
+        self.seg_expert = seg_expert
+
+
+def _table(mats: list[torch.Tensor], biases: list[torch.Tensor | None], transpose: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
+    """Per-expert addressing of B_e = mats[e]ᵀ (transpose) or mats[e], relative to mats[0] / biases[0].
+
+    Returns (table int64 (E, 7), base, bias_base, K_max, N_max)."""
+    base = mats[0]
+    esize = base.element_size()
+    rows = []
+    bias_base = next((b for b in biases if b is not None), base)
+    for m, b in zip(mats, biases):
+        r, c = m.shape  # nn.Linear layout (out, in)
+        off = (m.data_ptr() - base.data_ptr()) // esize
+        if transpose:  # B[k, n] = m[n, k]: K = in, N = out
+            k_dim, n_dim, s_bk, s_bn = c, r, m.stride(1), m.stride(0)
+        else:  # B[k, n] = m[k, n]: K = out, N = in
+            k_dim, n_dim, s_bk, s_bn = r, c, m.stride(0), m.stride(1)
+        boff = 0 if b is None else (b.data_ptr() - bias_base.data_ptr()) // bias_base.element_size()
+        rows.append([off, k_dim, n_dim, s_bk, s_bn, boff, 0])
+    t = torch.tensor(rows, dtype=torch.int64, device=base.device)
+    return t, base, bias_base, max(r[1] for r in rows), max(r[2] for r in rows)
+
+
+def _grouped_gemm(plan: _Plan, a: torch.Tensor, mats, biases, transpose: bool, out_cols: int, *, epilogue: int,
+                  out_dtype=None, aux: torch.Tensor | None = None, write_aux: bool = False,
+                  residual: torch.Tensor | None = None, gate: torch.Tensor | None = None) -> torch.Tensor:
+    table, base, bias_base, k_max, n_max = _table(list(mats), list(biases), transpose)
+    T = a.shape[0]
+    c = torch.empty((T, out_cols), device=a.device, dtype=out_dtype or a.dtype)
+    if plan.tile_seg.numel() == 0:
+        return c
+    dummy = c
+    args = (a, base, c, bias_base, aux if aux is not None else dummy, residual if residual is not None else dummy,
+            gate if gate is not None else dummy, plan.tile_seg, plan.tile_row, plan.seg_off, plan.seg_expert, table,
+            a.stride(0), c.stride(0), aux.stride(0) if aux is not None else 0, gate.stride(0) if gate is not None else 0)
+    meta = dict(EPILOGUE=epilogue, HAS_GATE=gate is not None, HAS_RES=residual is not None, WRITE_AUX=write_aux,
+                K_MAX=k_max, N_MAX=n_max, IEEE=a.dtype == torch.float32)
+    if plan.interp:
+        grid = (plan.tile_seg.numel(), triton.cdiv(n_max, _INTERP_BLOCKS["BLOCK_N"]))
+        _grouped_gemm_kernel[grid](*args, **meta, **_INTERP_BLOCKS)
+    else:
+        grid = lambda META: (plan.tile_seg.numel(), triton.cdiv(n_max, META["BLOCK_N"]))  # noqa: E731
+        _grouped_gemm_tuned[grid](*args, **meta, BLOCK_M=plan.block_m)
+    return c
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward / backward, torch.library ops, autograd
+# ----------------------------------------------------------------------------------------------
+def _gelu_tanh(pre: torch.Tensor) -> torch.Tensor:
+    return F.gelu(pre.float(), approximate="tanh").to(pre.dtype)
+
+
+def _split(flat: list[torch.Tensor]) -> list[tuple]:
+    return [tuple(flat[i:i + 4]) for i in range(0, len(flat), 4)]
+
+
+def _ffn_forward(x, seg_offsets, seg_expert, flat, residual, gate, save: bool):
+    experts = _split(flat)
+    offsets = seg_offsets.tolist()
+    plan = _Plan(seg_offsets, seg_expert, offsets)
+    T, dim = x.shape
+    f_max = max(w1.shape[0] for w1, _, _, _ in experts)
+    pre = torch.empty((T, f_max), device=x.device, dtype=x.dtype) if save else x.new_empty(0)
+    h = _grouped_gemm(plan, x, [e[0] for e in experts], [e[1] for e in experts], True, f_max,
+                      epilogue=EPI_BIAS_GELU, aux=pre if save else None, write_aux=save)
+    y_save = torch.empty((T, dim), device=x.device, dtype=x.dtype) if (save and gate is not None) else x.new_empty(0)
+    out = _grouped_gemm(plan, h, [e[2] for e in experts], [e[3] for e in experts], True, dim,
+                        epilogue=EPI_BIAS_GATED, out_dtype=residual.dtype if residual is not None else x.dtype,
+                        aux=y_save if y_save.numel() else None, write_aux=bool(y_save.numel()),
+                        residual=residual, gate=gate)
+    return out, pre, y_save
+
+
+def _ffn_backward(dout, x, seg_offsets, seg_expert, flat, gate, pre, y_save):
+    experts = _split(flat)
+    offsets = seg_offsets.tolist()
+    plan = _Plan(seg_offsets, seg_expert, offsets)
+    dout = dout.contiguous()
+    seg_ids = token_segments(seg_offsets, x.shape[0]) if gate is not None else None
+    if gate is not None:
+        dy = (dout.float() * gate.float().index_select(0, seg_ids.long())).to(x.dtype)
+        dgate = segment_sum(dout.float() * y_save.float(), seg_ids, gate.shape[0]).to(gate.dtype)
+    else:
+        dy, dgate = dout.to(x.dtype), None
+    f_max = pre.shape[1]
+    dp = _grouped_gemm(plan, dy, [e[2] for e in experts], [None] * len(experts), False, f_max,
+                       epilogue=EPI_GELU_GRAD, aux=pre)
+    dx = _grouped_gemm(plan, dp, [e[0] for e in experts], [None] * len(experts), False, x.shape[1], epilogue=EPI_NONE)
+    h = _gelu_tanh(pre)  # recomputed from the saved pre-activation (cheaper in memory than saving h too)
+    grads = [[torch.zeros(t.shape, device=t.device, dtype=torch.float32) for t in e] for e in experts]
+    expert_of = seg_expert.tolist()
+    for s in range(len(offsets) - 1):
+        a, b = offsets[s], offsets[s + 1]
+        if a == b:
+            continue
+        e = expert_of[s]
+        f = experts[e][0].shape[0]
+        g_w1, g_b1, g_w2, g_b2 = grads[e]
+        g_w2.addmm_(dy[a:b].t().float(), h[a:b, :f].float())
+        g_b2.add_(dy[a:b].float().sum(0))
+        g_w1.addmm_(dp[a:b, :f].t().float(), x[a:b].float())
+        g_b1.add_(dp[a:b, :f].float().sum(0))
+    flat_grads = [g.to(t.dtype) for ge, e in zip(grads, experts) for g, t in zip(ge, e)]
+    return dx, flat_grads, dgate
+
+
+@torch.library.custom_op("univigu_fast::modality_ffn_fwd", mutates_args=())
+def _modality_ffn_fwd_op(x: torch.Tensor, seg_offsets: torch.Tensor, seg_expert: torch.Tensor, weights: list[torch.Tensor],
+                         residual: torch.Tensor | None, gate: torch.Tensor | None, save: bool
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _ffn_forward(x, seg_offsets, seg_expert, weights, residual, gate, save)
+
+
+@_modality_ffn_fwd_op.register_fake
+def _(x, seg_offsets, seg_expert, weights, residual, gate, save):
+    f_max = max(w.shape[0] for w in weights[0::4])
+    out = torch.empty_like(residual) if residual is not None else torch.empty_like(x)
+    pre = x.new_empty((x.shape[0], f_max)) if save else x.new_empty(0)
+    y = torch.empty_like(x) if (save and gate is not None) else x.new_empty(0)
+    return out, pre, y
+
+
+@torch.library.custom_op("univigu_fast::modality_ffn_bwd", mutates_args=())
+def _modality_ffn_bwd_op(dout: torch.Tensor, x: torch.Tensor, seg_offsets: torch.Tensor, seg_expert: torch.Tensor,
+                         weights: list[torch.Tensor], gate: torch.Tensor | None, pre: torch.Tensor, y: torch.Tensor
+                         ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+    dx, dws, dgate = _ffn_backward(dout, x, seg_offsets, seg_expert, weights, gate, pre, y)
+    return dx, dws, (dgate if dgate is not None else dout.new_empty(0))
+
+
+@_modality_ffn_bwd_op.register_fake
+def _(dout, x, seg_offsets, seg_expert, weights, gate, pre, y):
+    return (torch.empty_like(x), [torch.empty_like(w) for w in weights],
+            torch.empty_like(gate) if gate is not None else dout.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    x, seg_offsets, seg_expert, weights, residual, gate, save = inputs
+    _, pre, y = output
+    ctx.save_for_backward(x, seg_offsets, seg_expert, pre, y, *weights, *( [gate] if gate is not None else []))
+    ctx.n_weights = len(weights)
+    ctx.has_gate = gate is not None
+    ctx.has_residual = residual is not None
+
+
+def _backward(ctx, dout, _dpre, _dy):
+    x, seg_offsets, seg_expert, pre, y, *rest = ctx.saved_tensors
+    weights = rest[: ctx.n_weights]
+    gate = rest[ctx.n_weights] if ctx.has_gate else None
+    if pre.numel() == 0 and x.shape[0] > 0:
+        raise RuntimeError("modality_ffn: backward called on a forward run without grad")
+    dx, dws, dgate = _modality_ffn_bwd_op(dout, x, seg_offsets, seg_expert, list(weights), gate, pre, y)
+    dres = dout if ctx.has_residual else None  # d(residual + ...) / d residual = identity
+    return dx, None, None, list(dws), dres, (dgate if ctx.has_gate else None), None
+
+
+torch.library.register_autograd("univigu_fast::modality_ffn_fwd", _backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry point and module
+# ----------------------------------------------------------------------------------------------
+def _validate(x, seg_offsets, seg_expert, experts, residual, gate) -> None:
+    if not isinstance(x, torch.Tensor) or x.dim() != 2:
+        raise ValueError(f"x must be a (T, dim) tensor, got {getattr(x, 'shape', type(x).__name__)}")
+    T, dim = x.shape
+    if not isinstance(seg_expert, torch.Tensor) or seg_expert.dtype != torch.int32:
+        raise TypeError(f"seg_expert must be an int32 tensor, got {getattr(seg_expert, 'dtype', type(seg_expert).__name__)}")
+    if torch.compiler.is_compiling():
+        offsets = None
+    else:
+        offsets = check_segment_table(seg_offsets, T, "seg_offsets")
+    S = seg_offsets.numel() - 1
+    if seg_expert.shape != (S,):
+        raise ValueError(f"seg_expert must have shape ({S},) (one expert per segment), got {tuple(seg_expert.shape)}")
+    if not experts:
+        raise ValueError("experts must hold at least one (w1, b1, w2, b2) tuple")
+    if offsets is not None and S and (int(seg_expert.min()) < 0 or int(seg_expert.max()) >= len(experts)):
+        raise ValueError(f"seg_expert ids must lie in [0, {len(experts)}), got {seg_expert.tolist()}")
+    for i, e in enumerate(experts):
+        if len(e) != 4:
+            raise ValueError(f"experts[{i}] must be (w1, b1, w2, b2), got {len(e)} items")
+        w1, b1, w2, b2 = e
+        f = w1.shape[0] if w1.dim() == 2 else -1
+        if w1.shape != (f, dim) or b1.shape != (f,) or w2.shape != (dim, f) or b2.shape != (dim,):
+            raise ValueError(f"experts[{i}] shapes {tuple(w1.shape)}, {tuple(b1.shape)}, {tuple(w2.shape)}, {tuple(b2.shape)} "
+                             f"do not match (F, dim={dim}), (F,), (dim, F), (dim,)")
+        if any(t.dtype != x.dtype for t in e):
+            raise TypeError(f"experts[{i}] dtypes {[t.dtype for t in e]} must match x.dtype {x.dtype}")
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(f"residual must be (T, dim) = {tuple(x.shape)}, got {tuple(residual.shape)}")
+    if gate is not None and gate.shape != (S, dim):
+        raise ValueError(f"gate must be (S, dim) = ({S}, {dim}), got {tuple(gate.shape)}")
+
+
+def modality_ffn(
+    x: torch.Tensor,
+    seg_offsets: torch.Tensor,
+    seg_expert: torch.Tensor,
+    experts: Sequence[Expert],
+    *,
+    residual: torch.Tensor | None = None,
+    gate: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``residual + gate[segment] * FFN_e(x)`` over a packed sequence, one grouped GEMM launch per matmul.
+
+    x (T, dim); seg_offsets int32 (S+1,) (0 first, T last, non-decreasing; empty segments allowed);
+    seg_expert int32 (S,); experts: ``(w1 (F_e, dim), b1 (F_e,), w2 (dim, F_e), b2 (dim,))`` per expert
+    (``nn.Linear`` layout, inner sizes may differ); gate (S, dim); residual (T, dim). Either or both
+    of residual / gate may be None. Differentiable in x, every weight, the gate and the residual.
+    Triton on CUDA (or under the interpreter) for fp16 / bf16 / fp32; the reference elsewhere.
+    """
+    _validate(x, seg_offsets, seg_expert, experts, residual, gate)
+    tensors = [x, residual, gate, *[t for e in experts for t in e]]
+    if not use_triton(*tensors):
+        log_once("modality_ffn: Triton unavailable for these tensors; using the split + dense reference")
+        return modality_ffn_reference(x, seg_offsets, seg_expert, experts, residual=residual, gate=gate)
+    x = x.contiguous()
+    residual = residual.contiguous() if residual is not None else None
+    gate = gate.contiguous() if gate is not None else None
+    flat = [t.contiguous() for e in experts for t in e]
+    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in [x, residual, gate, *flat])
+    out, _, _ = _modality_ffn_fwd_op(x, seg_offsets, seg_expert, flat, residual, gate, save)
+    return out
+
+
+class ModalityFFN(torch.nn.Module):
+    """The two experts under the model's names (``ffn`` video, ``ffn_t`` text) with a routed forward."""
+
+    def __init__(self, dim: int, ffn_dim: int, text_ffn_dim: int | None = None):
+        super().__init__()
+        self.ffn = FeedForward(dim, ffn_dim)
+        self.ffn_t = FeedForward(dim, text_ffn_dim or ffn_dim)
+
+    def forward(self, x, seg_offsets, seg_expert, *, residual=None, gate=None):
+        return modality_ffn(x, seg_offsets, seg_expert, (self.ffn.expert(), self.ffn_t.expert()), residual=residual, gate=gate)

@@ -88,15 +88,14 @@ class FeedForward(torch.nn.Module):
 # ----------------------------------------------------------------------------------------------
 # One kernel serves the four GEMMs of the FFN (forward X·W1ᵀ, H·W2ᵀ; backward dY·W2, dP·W1):
 #   C[rows of segment s, n] = A[rows, :K_e] @ B_e[:K_e, n] (+ epilogue),   e = seg_expert[s]
-# B_e is addressed through a per-expert int64 table (element offset from a base weight, K_e, N_e,
-# strides), so the experts' weights are used in place (no stacking, no gather/scatter of rows).
+# The two experts' weights are separate kernel arguments (aligned, used in place: no stacking, no
+# gather/scatter of rows); each segment's program picks its expert's pointer and sizes.
 # Tile scheduler: a flat table of (segment, first row) M-tiles over every segment of every sample;
 # program (i, j) computes M-tile i x N-tile j, so a 1-token text segment costs one tile row and a
 # 30K-token video segment 256 of them, all in the same launch.
 
 EPI_NONE, EPI_BIAS_GELU, EPI_BIAS_GATED, EPI_GELU_GRAD = 0, 1, 2, 3
-_TABLE_COLS = 7  # b_offset, K, N, stride_bk, stride_bn, bias_offset, unused
-_GELU_C = 0.7978845608028654  # sqrt(2 / pi)
+# GELU(tanh) constant sqrt(2 / pi) = 0.7978845608028654 appears literally in the kernels.
 
 if HAS_TRITON:
 
@@ -106,25 +105,34 @@ if HAS_TRITON:
 
     @triton.jit
     def _grouped_gemm_kernel(
-        A, B, C, BIAS, AUX, RES, GATE,
-        TILE_SEG, TILE_ROW, SEG_OFF, SEG_EXPERT, TABLE,
+        A, B0, B1, C, BIAS0, BIAS1, AUX, RES, GATE,
+        TILE_SEG, TILE_ROW, SEG_OFF, SEG_EXPERT,
+        K0, N0, K1, N1,
         stride_am, stride_cm, stride_auxm, stride_gate,
-        EPILOGUE: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RES: tl.constexpr, WRITE_AUX: tl.constexpr,
-        K_MAX: tl.constexpr, N_MAX: tl.constexpr,
+        B_TRANS: tl.constexpr, EPILOGUE: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RES: tl.constexpr,
+        WRITE_AUX: tl.constexpr, K_MAX: tl.constexpr, N_MAX: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
     ):
+        """C[rows of segment s] = A[rows, :K_e] @ B_e (+ epilogue), e = SEG_EXPERT[s] in {0, 1}.
+
+        B_e is expert e's weight in nn.Linear layout, row-major: B_TRANS reads it transposed
+        (B_e[k, n] = W[n, k], W of shape (N_e, K_e)), otherwise as is (W of shape (K_e, N_e))."""
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         seg = tl.load(TILE_SEG + pid_m)
         row0 = tl.load(TILE_ROW + pid_m)
         row_end = tl.load(SEG_OFF + seg + 1)
         e = tl.load(SEG_EXPERT + seg)
-        b_off = tl.load(TABLE + e * 7 + 0)
-        K = tl.load(TABLE + e * 7 + 1)
-        N = tl.load(TABLE + e * 7 + 2)
-        s_bk = tl.load(TABLE + e * 7 + 3)
-        s_bn = tl.load(TABLE + e * 7 + 4)
-        bias_off = tl.load(TABLE + e * 7 + 5)
+        if e == 0:
+            B = B0
+            BIAS = BIAS0
+            K = K0
+            N = N0
+        else:
+            B = B1
+            BIAS = BIAS1
+            K = K1
+            N = N1
         n0 = pid_n * BLOCK_N
         if n0 >= N:  # an expert narrower than N_MAX
             return
@@ -136,7 +144,12 @@ if HAS_TRITON:
         cols_safe = tl.where(col_ok, cols, 0).to(tl.int64)
         ks = tl.arange(0, BLOCK_K)
         a_ptrs = A + rows[:, None] * stride_am + ks[None, :]
-        b_ptrs = B + b_off + ks[:, None].to(tl.int64) * s_bk + cols_safe[None, :] * s_bn
+        if B_TRANS:
+            b_ptrs = B + cols_safe[None, :] * K + ks[:, None]
+            b_step = BLOCK_K
+        else:
+            b_ptrs = B + ks[:, None].to(tl.int64) * N + cols_safe[None, :]
+            b_step = BLOCK_K * N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             k_ok = (k0 + ks) < K
@@ -147,15 +160,15 @@ if HAS_TRITON:
             else:
                 acc += tl.dot(a, b)
             a_ptrs += BLOCK_K
-            b_ptrs += BLOCK_K * s_bk
+            b_ptrs += b_step
         mask = row_ok[:, None] & col_ok[None, :]
         if EPILOGUE == 1:  # + b1, keep the pre-activation, GELU(tanh)
-            acc += tl.load(BIAS + bias_off + cols_safe, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            acc += tl.load(BIAS + cols_safe, mask=col_ok, other=0.0).to(tl.float32)[None, :]
             if WRITE_AUX:
                 tl.store(AUX + rows[:, None] * stride_auxm + cols_safe[None, :], acc.to(AUX.dtype.element_ty), mask=mask)
-            acc = 0.5 * acc * (1.0 + _tanh(_GELU_C * (acc + 0.044715 * acc * acc * acc)))
+            acc = 0.5 * acc * (1.0 + _tanh(0.7978845608028654 * (acc + 0.044715 * acc * acc * acc)))
         elif EPILOGUE == 2:  # + b2, then residual + gate[seg] * y in fp32
-            acc += tl.load(BIAS + bias_off + cols_safe, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            acc += tl.load(BIAS + cols_safe, mask=col_ok, other=0.0).to(tl.float32)[None, :]
             if WRITE_AUX:  # y itself, for the gate's gradient
                 tl.store(AUX + rows[:, None] * stride_auxm + cols_safe[None, :], acc.to(AUX.dtype.element_ty), mask=mask)
             if HAS_GATE:
@@ -164,9 +177,9 @@ if HAS_TRITON:
                 acc += tl.load(RES + rows[:, None] * stride_cm + cols_safe[None, :], mask=mask, other=0.0).to(tl.float32)
         elif EPILOGUE == 3:  # dP = dH * gelu'(pre)
             pre = tl.load(AUX + rows[:, None] * stride_auxm + cols_safe[None, :], mask=mask, other=0.0).to(tl.float32)
-            inner = _GELU_C * (pre + 0.044715 * pre * pre * pre)
+            inner = 0.7978845608028654 * (pre + 0.044715 * pre * pre * pre)
             th = _tanh(inner)
-            dgelu = 0.5 * (1.0 + th) + 0.5 * pre * (1.0 - th * th) * _GELU_C * (1.0 + 3 * 0.044715 * pre * pre)
+            dgelu = 0.5 * (1.0 + th) + 0.5 * pre * (1.0 - th * th) * 0.7978845608028654 * (1.0 + 3 * 0.044715 * pre * pre)
             acc = acc * dgelu
         tl.store(C + rows[:, None] * stride_cm + cols_safe[None, :], acc.to(C.dtype.element_ty), mask=mask)
 
@@ -182,7 +195,7 @@ def _gemm_configs():
 
 if HAS_TRITON:
     _grouped_gemm_tuned = triton.autotune(
-        _gemm_configs(), key=["K_MAX", "N_MAX", "EPILOGUE", "IEEE", "HAS_GATE", "HAS_RES", "WRITE_AUX"]
+        _gemm_configs(), key=["K_MAX", "N_MAX", "B_TRANS", "EPILOGUE", "IEEE", "HAS_GATE", "HAS_RES", "WRITE_AUX"]
     )(_grouped_gemm_kernel)
 
 _GPU_BLOCK_M = 128
@@ -209,41 +222,29 @@ class _Plan:
         self.seg_expert = seg_expert
 
 
-def _table(mats: list[torch.Tensor], biases: list[torch.Tensor | None], transpose: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
-    """Per-expert addressing of B_e = mats[e]ᵀ (transpose) or mats[e], relative to mats[0] / biases[0].
-
-    Returns (table int64 (E, 7), base, bias_base, K_max, N_max)."""
-    base = mats[0]
-    esize = base.element_size()
-    rows = []
-    bias_base = next((b for b in biases if b is not None), base)
-    for m, b in zip(mats, biases):
-        r, c = m.shape  # nn.Linear layout (out, in)
-        off = (m.data_ptr() - base.data_ptr()) // esize
-        if transpose:  # B[k, n] = m[n, k]: K = in, N = out
-            k_dim, n_dim, s_bk, s_bn = c, r, m.stride(1), m.stride(0)
-        else:  # B[k, n] = m[k, n]: K = out, N = in
-            k_dim, n_dim, s_bk, s_bn = r, c, m.stride(0), m.stride(1)
-        boff = 0 if b is None else (b.data_ptr() - bias_base.data_ptr()) // bias_base.element_size()
-        rows.append([off, k_dim, n_dim, s_bk, s_bn, boff, 0])
-    t = torch.tensor(rows, dtype=torch.int64, device=base.device)
-    return t, base, bias_base, max(r[1] for r in rows), max(r[2] for r in rows)
-
-
 def _grouped_gemm(plan: _Plan, a: torch.Tensor, mats, biases, transpose: bool, out_cols: int, *, epilogue: int,
                   out_dtype=None, aux: torch.Tensor | None = None, write_aux: bool = False,
                   residual: torch.Tensor | None = None, gate: torch.Tensor | None = None) -> torch.Tensor:
-    table, base, bias_base, k_max, n_max = _table(list(mats), list(biases), transpose)
+    """Launch the grouped GEMM with B_e = mats[e]ᵀ (transpose) or mats[e]; at most two experts."""
+    mats = list(mats) + [mats[-1]] * (2 - len(mats))
+    biases = list(biases) + [biases[-1]] * (2 - len(biases))
+    dims = []
+    for m in mats:
+        r, c = m.shape  # row-major nn.Linear layout (out, in)
+        dims += [c, r] if transpose else [r, c]  # (K_e, N_e)
     T = a.shape[0]
     c = torch.empty((T, out_cols), device=a.device, dtype=out_dtype or a.dtype)
     if plan.tile_seg.numel() == 0:
         return c
     dummy = c
-    args = (a, base, c, bias_base, aux if aux is not None else dummy, residual if residual is not None else dummy,
-            gate if gate is not None else dummy, plan.tile_seg, plan.tile_row, plan.seg_off, plan.seg_expert, table,
+    b0, b1 = (b if b is not None else dummy for b in biases)
+    args = (a, mats[0], mats[1], c, b0, b1, aux if aux is not None else dummy,
+            residual if residual is not None else dummy, gate if gate is not None else dummy,
+            plan.tile_seg, plan.tile_row, plan.seg_off, plan.seg_expert, *dims,
             a.stride(0), c.stride(0), aux.stride(0) if aux is not None else 0, gate.stride(0) if gate is not None else 0)
-    meta = dict(EPILOGUE=epilogue, HAS_GATE=gate is not None, HAS_RES=residual is not None, WRITE_AUX=write_aux,
-                K_MAX=k_max, N_MAX=n_max, IEEE=a.dtype == torch.float32)
+    k_max, n_max = max(dims[0::2]), max(dims[1::2])
+    meta = dict(B_TRANS=transpose, EPILOGUE=epilogue, HAS_GATE=gate is not None, HAS_RES=residual is not None,
+                WRITE_AUX=write_aux, K_MAX=k_max, N_MAX=n_max, IEEE=a.dtype == torch.float32)
     if plan.interp:
         grid = (plan.tile_seg.numel(), triton.cdiv(n_max, _INTERP_BLOCKS["BLOCK_N"]))
         _grouped_gemm_kernel[grid](*args, **meta, **_INTERP_BLOCKS)
@@ -422,6 +423,9 @@ def modality_ffn(
     """
     _validate(x, seg_offsets, seg_expert, experts, residual, gate)
     tensors = [x, residual, gate, *[t for e in experts for t in e]]
+    if len(experts) > 2:
+        log_once("modality_ffn: the grouped kernel takes at most two experts; using the reference")
+        return modality_ffn_reference(x, seg_offsets, seg_expert, experts, residual=residual, gate=gate)
     if not use_triton(*tensors):
         log_once("modality_ffn: Triton unavailable for these tensors; using the split + dense reference")
         return modality_ffn_reference(x, seg_offsets, seg_expert, experts, residual=residual, gate=gate)

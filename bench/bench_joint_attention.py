@@ -1,7 +1,8 @@
 """Benchmark: joint varlen attention, one layer's self-attention at the DESIGN §6 shapes.
 
 Records op ``joint_attention``, modes ``fwd`` / ``fwd_bwd``, impls:
-``triton`` (ours, packed, RoPE fused), ``naive`` (padded SDPA with a key-padding mask, the public
+``triton`` (our FlashAttention kernel, packed, RoPE fused), ``auto`` (our entry point's default on
+CUDA: Triton RoPE kernel + per-sample SDPA, RoPE inside the timing), ``naive`` (padded SDPA with a key-padding mask, the public
 implementation's way), ``sdpa`` (per-sample SDPA, best backend), ``varlen``
 (``torch.nn.attention.varlen.varlen_attn`` where present), ``flex`` (FlexAttention with a document
 mask, compiled), ``flash_attn`` (``flash_attn_varlen_func`` where installed).
@@ -69,7 +70,11 @@ def _impl(name, c):
     if name == "triton":
         from univigu_fast.kernels.joint_attention import joint_attention
 
-        return lambda q, k, v: joint_attention(q, k, v, cu, cu, L, L, rope_q=rope, rope_k=rope)
+        return lambda q, k, v: joint_attention(q, k, v, cu, cu, L, L, rope_q=rope, rope_k=rope, backend="triton")
+    if name == "auto":
+        from univigu_fast.kernels.joint_attention import joint_attention
+
+        return lambda q, k, v: joint_attention(q, k, v, cu, cu, L, L, rope_q=rope, rope_k=rope, backend="auto")
     if name == "sdpa":
         bounds = list(zip(cu.tolist()[:-1], cu.tolist()[1:]))
 
@@ -116,7 +121,7 @@ def _impl(name, c):
     raise ValueError(name)
 
 
-IMPLS = ["triton", "naive", "sdpa", "varlen", "flex", "flash_attn"]
+IMPLS = ["triton", "auto", "naive", "sdpa", "varlen", "flex", "flash_attn"]
 
 
 @requires_cuda

@@ -1,0 +1,144 @@
+"""``univigu-fast`` command line (typer)."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(help="univigu-fast: fast Uni-ViGU (Wan2.1 + text stream) on Triton kernels.", no_args_is_help=True)
+
+
+def _nvml() -> dict | None:
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+        h = pynvml.nvmlDeviceGetHandleByIndex(0)
+        mem = pynvml.nvmlDeviceGetMemoryInfo(h)
+        return {"nvml_memory_used_bytes": int(mem.used), "nvml_power_w": pynvml.nvmlDeviceGetPowerUsage(h) / 1000.0}
+    except Exception:  # NVML present but unusable (e.g. in a container): say nothing rather than guess
+        return None
+
+
+@app.command()
+def profile(
+    shape: str = typer.Option(None, help="DESIGN §6 shape: wan1.3b-480p, wan1.3b-varlen, wan14b-720p, or 'tiny'. "
+                                          "Default: wan1.3b-480p on a GPU, tiny on CPU."),
+    config: Optional[Path] = typer.Option(None, help="A UniViGUConfig JSON (e.g. a checkpoint's config.json) instead of the shape's model sizes."),
+    mode: str = typer.Option("joint", help="joint | understanding | generation | video (no text stream)."),
+    layers: Optional[int] = typer.Option(None, help="Override the number of layers (FLOPs and times scale linearly)."),
+    dtype: str = typer.Option("bf16", help="bf16 | fp16 | fp32 (CPU always runs fp32)."),
+    reference: bool = typer.Option(True, help="Also profile the reference model, side by side."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+):
+    """Per-component FLOPs, latency, TFLOP/s, % of peak and peak memory of one denoising step, fast vs reference."""
+    import torch
+
+    on_gpu = torch.cuda.is_available()
+    device = "cuda" if on_gpu else "cpu"
+    if not on_gpu:  # the kernels run in Triton's interpreter on CPU (set before any kernel module is imported)
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+    from . import profiling as P
+    from .config import UniViGUConfig
+    from .model import UniViGUModel
+    from .reference import UniViGUModel as ReferenceModel
+    shape_obj = P.shape_by_name(shape or ("wan1.3b-480p" if on_gpu else "tiny"))
+    cfg = UniViGUConfig.load(config) if config else P.config_for(shape_obj)
+    if layers:
+        cfg.num_layers = layers
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype] if on_gpu else torch.float32
+    torch.manual_seed(0)
+    with torch.device(device):
+        fast = UniViGUModel(cfg).to(torch_dtype).eval()
+    inputs = P.make_inputs(shape_obj, cfg, mode, device, torch_dtype)
+    decode = mode != "video"
+    flops = P.component_flops(shape_obj, cfg, mode, decode=decode)
+    peak_tflops = None
+    if on_gpu:
+        n = 8192
+        a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+        a @ a
+        torch.cuda.synchronize()
+        import time
+
+        t0 = time.perf_counter()
+        for _ in range(10):
+            a @ a
+        torch.cuda.synchronize()
+        peak_tflops = 10 * 2 * n**3 / (time.perf_counter() - t0) / 1e12
+        del a
+
+    results = {}
+    models = [("triton", fast)]
+    if reference:
+        ref = ReferenceModel(cfg)
+        ref.load_state_dict(fast.state_dict(), assign=True)  # shares the weights
+        models.append(("reference", ref.eval()))
+    for name, model in models:
+        if on_gpu:
+            torch.cuda.reset_peak_memory_stats()
+        comps = P.profile_components(model, inputs, decode)
+        total = P.time_step(model, inputs, decode, reps=3 if on_gpu else 1)
+        comps["total"] = total
+        results[name] = {
+            "seconds": comps,
+            "peak_mem_bytes": torch.cuda.max_memory_allocated() if on_gpu else None,
+        }
+    total_flops = sum(flops.values())
+    doc = {
+        "shape": shape_obj.name, "mode": mode, "device": torch.cuda.get_device_name() if on_gpu else "cpu",
+        "dtype": str(torch_dtype).replace("torch.", ""), "layers": cfg.num_layers,
+        "timings": "GPU" if on_gpu else "CPU (Triton interpreter: not representative of GPU speed)",
+        "peak_tflops_measured": peak_tflops, "flops": {**flops, "total": total_flops}, "results": results,
+        **({"nvml": _nvml()} if on_gpu else {}),
+    }
+    if as_json:
+        typer.echo(json.dumps(doc, indent=1))
+        return
+    typer.echo(f"univigu-fast profile: shape={shape_obj.name} mode={mode} layers={cfg.num_layers} "
+               f"dtype={doc['dtype']} device={doc['device']}")
+    if not on_gpu:
+        typer.echo("NOTE: no GPU found - these are CPU timings of the tiny config (kernels in Triton's interpreter).")
+    header = f"{'component':<16}{'GFLOP':>12}" + "".join(f"{n + ' ms':>18}{n + ' TF/s':>18}" for n, _ in models)
+    if peak_tflops:
+        header += f"{'% peak (triton)':>17}"
+    typer.echo(header)
+    for comp in ("attention", "cross_attention", "ffn", "glue", "decode", "other", "total"):
+        if comp not in flops and comp != "total":
+            continue
+        fl = total_flops if comp == "total" else flops.get(comp, 0.0)
+        line = f"{comp:<16}{fl / 1e9:>12.4f}"
+        for name, _ in models:
+            s = results[name]["seconds"].get(comp, 0.0)
+            tf = fl / s / 1e12 if s > 0 and fl else 0.0
+            line += f"{s * 1e3:>18.3f}{tf:>18.3f}"
+        if peak_tflops:
+            s = results["triton"]["seconds"].get(comp, 0.0)
+            line += f"{(100 * fl / s / 1e12 / peak_tflops if s > 0 and fl else 0.0):>17.1f}"
+        typer.echo(line)
+    for name, _ in models:
+        pm = results[name]["peak_mem_bytes"]
+        if pm is not None:
+            typer.echo(f"peak memory ({name}): {pm / 2**30:.2f} GiB")
+    if doc.get("nvml"):
+        typer.echo(f"NVML: memory used {doc['nvml']['nvml_memory_used_bytes'] / 2**30:.2f} GiB, power {doc['nvml']['nvml_power_w']:.0f} W")
+    if reference and "reference" in results:
+        typer.echo(f"speed-up (reference / triton, total): {results['reference']['seconds']['total'] / results['triton']['seconds']['total']:.2f}x")
+
+
+@app.command()
+def version():
+    """Print the installed version."""
+    from . import __version__
+
+    typer.echo(__version__)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,167 @@
+"""Shared by ``univigu-fast profile`` and ``bench/bench_model.py``: named-shape inputs, analytic FLOPs
+per component, and a per-op timer around an ``Ops`` object.
+
+Components: ``attention`` (self-attention core), ``cross_attention`` (core), ``ffn`` (routed FFN),
+``glue`` (modulated LayerNorm, gated residual, q/k RMSNorm), ``decode`` (fused text decoding),
+``other`` (projections, embeddings, heads: the rest of the step).
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections import defaultdict
+
+import torch
+
+from .config import UniViGUConfig
+from .ops import Ops
+from .shapes import SHAPES, BenchShape
+
+MODES = ("joint", "understanding", "generation", "video")
+
+TINY_SHAPE = BenchShape("tiny", (3 * 4 * 6, 1 * 2 * 2), (12, 0), 7, 32, 64, 2, 16, 2)
+_TINY_GRIDS = [(3, 4, 6), (1, 2, 2)]
+
+
+def config_for(shape: BenchShape) -> UniViGUConfig:
+    if shape.name == "tiny":
+        return UniViGUConfig.tiny()
+    return UniViGUConfig(num_attention_heads=shape.num_heads, attention_head_dim=shape.head_dim, ffn_dim=shape.ffn_dim,
+                         num_layers=shape.num_layers)
+
+
+def video_grid(n_tokens: int, shape_name: str, index: int) -> tuple[int, int, int]:
+    """A post-patch (f, h, w) grid with exactly ``n_tokens`` tokens (480p: 21 x 30 x 52; 720p: 21 x 45 x 80)."""
+    if shape_name == "tiny":
+        return _TINY_GRIDS[index]
+    for h, w in ((30, 52), (45, 80), (30, 13), (16, 16), (30, 26)):
+        if n_tokens % (h * w) == 0:
+            return (n_tokens // (h * w), h, w)
+    raise ValueError(f"no grid for {n_tokens} video tokens")
+
+
+def make_inputs(shape: BenchShape, config: UniViGUConfig, mode: str, device, dtype, seed: int = 0):
+    """Model inputs for one denoising step of ``mode`` at ``shape`` (lists: packed batches of any sizes)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    pt, ph, pw = config.patch_size
+    videos, prompts, texts = [], [], []
+    for i, (lv, lt) in enumerate(zip(shape.video_lens, shape.text_lens)):
+        f, h, w = video_grid(lv, shape.name, i)
+        videos.append(torch.randn(config.in_channels, f * pt, h * ph, w * pw, generator=g).to(device, dtype))
+        prompts.append(torch.randn(shape.prompt_len, config.text_dim, generator=g).to(device, dtype))
+        if config.text_flow == "discrete":
+            texts.append(torch.randint(0, config.vocab_size, (lt,), generator=g).to(device))
+        else:
+            texts.append(torch.randn(lt, config.dim, generator=g).to(device, dtype))
+    B = shape.batch
+    tau_v = torch.ones(B) if mode == "understanding" else torch.rand(B, generator=g)
+    tau_t = torch.ones(B) if mode == "generation" else torch.rand(B, generator=g)
+    kwargs = dict(video_latents=videos, tau_video=tau_v, encoder_hidden_states=prompts)
+    if mode != "video":
+        kwargs.update(text=texts, tau_text=tau_t)
+    return kwargs
+
+
+def component_flops(shape: BenchShape, config: UniViGUConfig, mode: str, decode: bool = False) -> dict[str, float]:
+    """Forward FLOPs per component for one step (multiply-add = 2 FLOPs)."""
+    text = [0] * shape.batch if mode == "video" else list(shape.text_lens)
+    seq = [v + t for v, t in zip(shape.video_lens, text)]
+    T, P, d, L = sum(seq), shape.prompt_len * shape.batch, config.dim, config.num_layers
+    flops = {
+        "attention": L * 4 * sum(s * s for s in seq) * d,
+        "cross_attention": L * 4 * sum(s * shape.prompt_len for s in seq) * d,
+        "ffn": L * 4 * T * d * config.ffn_dim,
+        "glue": 0.0,
+        "other": L * (2 * T * d * d * 4 + 2 * T * d * d * 2 + 2 * P * d * d * 2),
+    }
+    if decode:
+        flops["decode"] = 2 * sum(text) * config.text_out_dim * d
+    return flops
+
+
+class TimedOps:
+    """Wraps an ``Ops`` so each call is timed (synchronised) and booked to its component."""
+
+    def __init__(self, ops: Ops):
+        self.inner = ops
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    def _wrap(self, fn, component_of):
+        def timed(*args, **kwargs):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            out = fn(*args, **kwargs)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.seconds[component_of(args, kwargs)] += time.perf_counter() - t0
+            return out
+        return timed
+
+    def ops(self) -> Ops:
+        o = self.inner
+
+        def attention_kind(args, kwargs):
+            return "attention" if kwargs.get("rope_q") is not None else "cross_attention"
+
+        return dataclasses.replace(
+            o, name=o.name + "+timed",
+            modulated_layer_norm=self._wrap(o.modulated_layer_norm, lambda a, k: "glue"),
+            gated_residual=self._wrap(o.gated_residual, lambda a, k: "glue"),
+            rms_norm=self._wrap(o.rms_norm, lambda a, k: "glue"),
+            attention=self._wrap(o.attention, attention_kind),
+            modality_ffn=self._wrap(o.modality_ffn, lambda a, k: "ffn"),
+            linear_argmax=self._wrap(o.linear_argmax, lambda a, k: "decode"),
+        )
+
+
+def step(model, inputs: dict, decode: bool):
+    with torch.no_grad():
+        return model(**inputs, text_output="argmax" if decode and "text" in inputs else "full")
+
+
+def time_step(model, inputs: dict, decode: bool, reps: int = 3) -> float:
+    """Median seconds of one synchronised forward step."""
+    times = []
+    for _ in range(reps + 1):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step(model, inputs, decode)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    times = sorted(times[1:])
+    return times[len(times) // 2]
+
+
+def profile_components(model, inputs: dict, decode: bool) -> dict[str, float]:
+    """Seconds per component in one step (ops timed one by one; ``other`` is the untimed rest)."""
+    timed = TimedOps(type(model).ops)
+    model.ops = timed.ops()
+    try:
+        step(model, inputs, decode)  # warm-up (compiles / autotunes)
+        timed.seconds.clear()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step(model, inputs, decode)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        total = time.perf_counter() - t0
+    finally:
+        del model.ops  # back to the class's ops
+    out = dict(timed.seconds)
+    out["other"] = max(total - sum(out.values()), 0.0)
+    out["total"] = total
+    return out
+
+
+def shape_by_name(name: str) -> BenchShape:
+    if name == "tiny":
+        return TINY_SHAPE
+    if name not in SHAPES:
+        raise ValueError(f"unknown shape {name!r}: expected 'tiny' or one of {sorted(SHAPES)}")
+    return SHAPES[name]

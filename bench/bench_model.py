@@ -1,0 +1,132 @@
+"""End-to-end benchmark: one denoising step of the full model at the DESIGN §6 shapes (30 layers).
+
+Records op ``model_step``: modes ``joint`` / ``understanding`` / ``generation`` (text decoded to ids:
+fused for ``triton``, logits + argmax for ``reference``), ``train`` (forward + backward of a loss on
+both outputs), ``video`` (no text stream: ``triton`` vs diffusers' ``WanTransformer3DModel`` on the
+same weights, default attention backend); impls ``triton`` (fast model), ``reference``,
+``diffusers``. Op ``caption``: a 50-step caption of one video at wan1.3b-480p (``triton``).
+wan14b-720p is not run here (three 14B copies do not fit one 80 GB GPU next to their activations).
+"""
+import pytest
+import torch
+
+from _common import measure, requires_cuda
+from univigu_fast import profiling as P
+from univigu_fast.shapes import SHAPES
+
+DTYPE = torch.bfloat16
+_CACHE: dict = {}
+
+
+def _models(shape_name):
+    if _CACHE.get("key") == shape_name:
+        return _CACHE
+    _CACHE.clear()
+    torch.cuda.empty_cache()
+    from univigu_fast import UniViGUModel
+    from univigu_fast.reference import UniViGUModel as ReferenceModel
+
+    s = SHAPES[shape_name]
+    cfg = P.config_for(s)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        fast = UniViGUModel(cfg).to(DTYPE).eval()
+    with torch.no_grad():
+        torch.nn.init.normal_(fast.text_head.linear.weight, std=0.02)
+    ref = ReferenceModel(cfg)
+    ref.load_state_dict(fast.state_dict(), assign=True)  # same tensors: no second copy of the weights
+    _CACHE.update(key=shape_name, shape=s, cfg=cfg, fast=fast, ref=ref.eval())
+    return _CACHE
+
+
+def _diffusers(c):
+    if "wan" not in c:
+        from diffusers import WanTransformer3DModel
+
+        from univigu_fast.conversion import diffusers_to_ours
+
+        with torch.device("cuda"):
+            wan = WanTransformer3DModel(**c["cfg"].wan_config()).to(DTYPE).eval()
+        ours = c["fast"].state_dict()
+        sd = {}
+        for k in wan.state_dict():  # copy our video-path weights into the diffusers model
+            mapped = list(diffusers_to_ours({k: None}).keys())
+            if mapped:
+                sd[k] = ours[mapped[0]]
+        wan.load_state_dict(sd, strict=False)
+        c["wan"] = wan
+    return c["wan"]
+
+
+def _flops(s, cfg, mode):
+    f = P.component_flops(s, cfg, "video" if mode == "video" else "joint", decode=mode not in ("video", "train"))
+    total = sum(f.values())
+    return 3 * total if mode == "train" else total
+
+
+@requires_cuda
+@pytest.mark.parametrize("impl", ["triton", "reference", "diffusers"])
+@pytest.mark.parametrize("mode", ["joint", "understanding", "generation", "video", "train"])
+@pytest.mark.parametrize("shape", ["wan1.3b-480p", "wan1.3b-varlen"])
+def test_bench_model_step(benchmark, shape, mode, impl):
+    if impl == "diffusers" and mode != "video":
+        pytest.skip("diffusers' WanTransformer3DModel has no text stream: compared in mode 'video'")
+    if impl == "reference" and mode == "video":
+        pytest.skip("video-only is compared against diffusers")
+    c = _models(shape)
+    s, cfg = c["shape"], c["cfg"]
+    inputs = P.make_inputs(s, cfg, "video" if mode in ("video",) else ("joint" if mode == "train" else mode), "cuda", DTYPE)
+    try:
+        if impl == "diffusers":
+            wan = _diffusers(c)
+            t_wan = [1000 * (1 - tau) for tau in inputs["tau_video"].tolist()]
+
+            def run():
+                with torch.no_grad():
+                    return [wan(v[None], torch.tensor([t], device="cuda"), p[None]).sample
+                            for v, t, p in zip(inputs["video_latents"], t_wan, inputs["encoder_hidden_states"])]
+        else:
+            model = c["fast"] if impl == "triton" else c["ref"]
+            if mode == "train":
+                model.train()
+                params = [p for p in model.parameters()]
+                for p in params:
+                    p.requires_grad_(True)
+
+                def run():
+                    out = model(**inputs)
+                    loss = sum(v.float().pow(2).mean() for v in out.video_velocity) + \
+                        sum(t.float().logsumexp(-1).mean() for t in out.text_out if t.numel())
+                    loss.backward()
+                    for p in params:
+                        p.grad = None
+            else:
+                model.eval()
+
+                def run():
+                    return P.step(model, inputs, decode=True)
+        run()
+        torch.cuda.synchronize()
+    except Exception as e:  # one failing impl must not stop the others
+        torch.cuda.empty_cache()
+        pytest.skip(f"{impl} failed: {type(e).__name__}: {str(e)[:300]}")
+    measure(benchmark, run, op="model_step", shape=shape, mode=mode, impl=impl, dtype=DTYPE,
+            flops=_flops(s, cfg, mode), rounds=3, warmup_rounds=1)
+    if mode == "train":
+        for p in (c["fast"] if impl == "triton" else c["ref"]).parameters():
+            p.requires_grad_(False)
+
+
+@requires_cuda
+def test_bench_caption_50_steps(benchmark):
+    from univigu_fast.sampling import caption
+
+    c = _models("wan1.3b-480p")
+    inputs = P.make_inputs(c["shape"], c["cfg"], "understanding", "cuda", DTYPE)
+    lens = list(c["shape"].text_lens)
+
+    def run():
+        return caption(c["fast"], inputs["video_latents"], inputs["encoder_hidden_states"], lens, steps=50, seed=0)
+
+    measure(benchmark, run, op="caption", shape="wan1.3b-480p", mode="understanding", impl="triton", dtype=DTYPE,
+            flops=50 * _flops(c["shape"], c["cfg"], "understanding"), rounds=1, warmup_rounds=0)

@@ -7,6 +7,7 @@ Spec (paper Eq. 13/15): token rows of segment ``s`` go through expert ``e = seg_
 """
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import torch
@@ -95,6 +96,11 @@ class FeedForward(torch.nn.Module):
 # 30K-token video segment 256 of them, all in the same launch.
 
 EPI_NONE, EPI_BIAS_GELU, EPI_BIAS_GATED, EPI_GELU_GRAD = 0, 1, 2, 3
+
+#: Backward strategy. False: the forward saves the pre-activation (T, F_max) and the backward gets
+#: h = gelu(pre) from its dP epilogue. True: nothing (T, F)-sized is saved; the backward recomputes
+#: pre and h with one extra grouped GEMM (x W1ᵀ). bench/bench_modality_ffn.py times both.
+RECOMPUTE_PREACTIVATION = False
 # GELU(tanh) constant sqrt(2 / pi) = 0.7978845608028654 appears literally in the kernels.
 
 if HAS_TRITON:
@@ -105,20 +111,28 @@ if HAS_TRITON:
 
     @triton.jit
     def _grouped_gemm_kernel(
-        A, B0, B1, C, BIAS0, BIAS1, AUX, RES, GATE,
-        TILE_SEG, TILE_ROW, SEG_OFF, SEG_EXPERT,
+        A, B0, B1, C, BIAS0, BIAS1, AUX, RES, GATE, H_OUT,
+        TILE_SEG, TILE_ROW, SEG_OFF, SEG_EXPERT, NUM_M_TILES,
         K0, N0, K1, N1,
         stride_am, stride_cm, stride_auxm, stride_gate,
         B_TRANS: tl.constexpr, EPILOGUE: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RES: tl.constexpr,
-        WRITE_AUX: tl.constexpr, K_MAX: tl.constexpr, N_MAX: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
+        WRITE_AUX: tl.constexpr, WRITE_H: tl.constexpr, K_MAX: tl.constexpr, N_MAX: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+        IEEE: tl.constexpr,
     ):
         """C[rows of segment s] = A[rows, :K_e] @ B_e (+ epilogue), e = SEG_EXPERT[s] in {0, 1}.
 
         B_e is expert e's weight in nn.Linear layout, row-major: B_TRANS reads it transposed
         (B_e[k, n] = W[n, k], W of shape (N_e, K_e)), otherwise as is (W of shape (K_e, N_e))."""
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
+        # 1-D grid over (M-tile, N-tile) pairs, swizzled in bands of GROUP_M M-tiles so that the
+        # programs resident at one time share A row-blocks and B column-blocks in L2.
+        pid = tl.program_id(0)
+        num_n = tl.cdiv(N_MAX, BLOCK_N)
+        band = GROUP_M * num_n
+        first_m = (pid // band) * GROUP_M
+        group_m = tl.minimum(NUM_M_TILES - first_m, GROUP_M)
+        pid_m = first_m + (pid % band) % group_m
+        pid_n = (pid % band) // group_m
         seg = tl.load(TILE_SEG + pid_m)
         row0 = tl.load(TILE_ROW + pid_m)
         row_end = tl.load(SEG_OFF + seg + 1)
@@ -180,35 +194,43 @@ if HAS_TRITON:
             inner = 0.7978845608028654 * (pre + 0.044715 * pre * pre * pre)
             th = _tanh(inner)
             dgelu = 0.5 * (1.0 + th) + 0.5 * pre * (1.0 - th * th) * 0.7978845608028654 * (1.0 + 3 * 0.044715 * pre * pre)
+            if WRITE_H:  # h = gelu(pre) for the weight gradient of W2 (no separate pass)
+                h = 0.5 * pre * (1.0 + th)
+                tl.store(H_OUT + rows[:, None] * stride_auxm + cols_safe[None, :], h.to(H_OUT.dtype.element_ty), mask=mask)
             acc = acc * dgelu
         tl.store(C + rows[:, None] * stride_cm + cols_safe[None, :], acc.to(C.dtype.element_ty), mask=mask)
 
 
 def _gemm_configs():
+    # BLOCK_M is fixed by the tile table (128 on GPU); Hopper-friendly first, Ampere-friendly last.
     return [
-        triton.Config({"BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=4),
-        triton.Config({"BLOCK_N": 256, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_N": 128, "BLOCK_K": 32}, num_warps=4, num_stages=4),  # Ampere-friendly
+        triton.Config({"BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
+        triton.Config({"BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=4),  # Ampere-friendly
     ]
 
 
 if HAS_TRITON:
+    # Keyed on the expert sizes (shape bucket), never on T: a new video length does not re-tune.
     _grouped_gemm_tuned = triton.autotune(
-        _gemm_configs(), key=["K_MAX", "N_MAX", "B_TRANS", "EPILOGUE", "IEEE", "HAS_GATE", "HAS_RES", "WRITE_AUX"]
+        _gemm_configs(),
+        key=["K_MAX", "N_MAX", "B_TRANS", "EPILOGUE", "IEEE", "HAS_GATE", "HAS_RES", "WRITE_AUX", "WRITE_H"],
     )(_grouped_gemm_kernel)
 
 _GPU_BLOCK_M = 128
-_INTERP_BLOCKS = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32)
+_INTERP_BLOCKS = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2)
 
 
-def _tiles(offsets: list[int], block_m: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+@functools.lru_cache(maxsize=64)
+def _tiles_host(offsets: tuple[int, ...], block_m: int) -> tuple[list[int], list[int]]:
+    """Flat M-tile table over all segments: (segment id, first row) per tile; empty segments get none."""
     seg, row = [], []
     for s in range(len(offsets) - 1):
         for r in range(offsets[s], offsets[s + 1], block_m):
             seg.append(s)
             row.append(r)
-    return (torch.tensor(seg, dtype=torch.int32, device=device), torch.tensor(row, dtype=torch.int32, device=device))
+    return seg, row
 
 
 class _Plan:
@@ -217,15 +239,23 @@ class _Plan:
     def __init__(self, seg_offsets: torch.Tensor, seg_expert: torch.Tensor, offsets: list[int]):
         self.interp = interpreting()
         self.block_m = _INTERP_BLOCKS["BLOCK_M"] if self.interp else _GPU_BLOCK_M
-        self.tile_seg, self.tile_row = _tiles(offsets, self.block_m, seg_offsets.device)
+        seg, row = _tiles_host(tuple(offsets), self.block_m)
+        tiles = torch.tensor([seg, row], dtype=torch.int32).to(seg_offsets.device, non_blocking=True)
+        self.tile_seg, self.tile_row = tiles[0], tiles[1]
+        self.num_tiles = len(seg)
         self.seg_off = seg_offsets
         self.seg_expert = seg_expert
 
 
 def _grouped_gemm(plan: _Plan, a: torch.Tensor, mats, biases, transpose: bool, out_cols: int, *, epilogue: int,
                   out_dtype=None, aux: torch.Tensor | None = None, write_aux: bool = False,
-                  residual: torch.Tensor | None = None, gate: torch.Tensor | None = None) -> torch.Tensor:
-    """Launch the grouped GEMM with B_e = mats[e]ᵀ (transpose) or mats[e]; at most two experts."""
+                  residual: torch.Tensor | None = None, gate: torch.Tensor | None = None,
+                  h_out: torch.Tensor | None = None) -> torch.Tensor:
+    """Launch the grouped GEMM with B_e = mats[e]ᵀ (transpose) or mats[e]; at most two experts.
+
+    a (T, K_max) row-major; returns C (T, out_cols). ``aux`` (T, *) is the pre-activation / y buffer
+    (written when ``write_aux``; read by the GELU-gradient epilogue), ``h_out`` receives gelu(pre)
+    in the GELU-gradient epilogue."""
     mats = list(mats) + [mats[-1]] * (2 - len(mats))
     biases = list(biases) + [biases[-1]] * (2 - len(biases))
     dims = []
@@ -234,22 +264,24 @@ def _grouped_gemm(plan: _Plan, a: torch.Tensor, mats, biases, transpose: bool, o
         dims += [c, r] if transpose else [r, c]  # (K_e, N_e)
     T = a.shape[0]
     c = torch.empty((T, out_cols), device=a.device, dtype=out_dtype or a.dtype)
-    if plan.tile_seg.numel() == 0:
+    if plan.num_tiles == 0:
         return c
     dummy = c
     b0, b1 = (b if b is not None else dummy for b in biases)
     args = (a, mats[0], mats[1], c, b0, b1, aux if aux is not None else dummy,
             residual if residual is not None else dummy, gate if gate is not None else dummy,
-            plan.tile_seg, plan.tile_row, plan.seg_off, plan.seg_expert, *dims,
+            h_out if h_out is not None else dummy,
+            plan.tile_seg, plan.tile_row, plan.seg_off, plan.seg_expert, plan.num_tiles, *dims,
             a.stride(0), c.stride(0), aux.stride(0) if aux is not None else 0, gate.stride(0) if gate is not None else 0)
     k_max, n_max = max(dims[0::2]), max(dims[1::2])
     meta = dict(B_TRANS=transpose, EPILOGUE=epilogue, HAS_GATE=gate is not None, HAS_RES=residual is not None,
-                WRITE_AUX=write_aux, K_MAX=k_max, N_MAX=n_max, IEEE=a.dtype == torch.float32)
+                WRITE_AUX=write_aux, WRITE_H=h_out is not None, K_MAX=k_max, N_MAX=n_max,
+                IEEE=a.dtype == torch.float32)
     if plan.interp:
-        grid = (plan.tile_seg.numel(), triton.cdiv(n_max, _INTERP_BLOCKS["BLOCK_N"]))
+        grid = (plan.num_tiles * triton.cdiv(n_max, _INTERP_BLOCKS["BLOCK_N"]),)
         _grouped_gemm_kernel[grid](*args, **meta, **_INTERP_BLOCKS)
     else:
-        grid = lambda META: (plan.tile_seg.numel(), triton.cdiv(n_max, META["BLOCK_N"]))  # noqa: E731
+        grid = lambda META: (plan.num_tiles * triton.cdiv(n_max, META["BLOCK_N"]),)  # noqa: E731
         _grouped_gemm_tuned[grid](*args, **meta, BLOCK_M=plan.block_m)
     return c
 
@@ -257,23 +289,23 @@ def _grouped_gemm(plan: _Plan, a: torch.Tensor, mats, biases, transpose: bool, o
 # ----------------------------------------------------------------------------------------------
 # Forward / backward, torch.library ops, autograd
 # ----------------------------------------------------------------------------------------------
-def _gelu_tanh(pre: torch.Tensor) -> torch.Tensor:
-    return F.gelu(pre.float(), approximate="tanh").to(pre.dtype)
-
-
 def _split(flat: list[torch.Tensor]) -> list[tuple]:
     return [tuple(flat[i:i + 4]) for i in range(0, len(flat), 4)]
 
 
-def _ffn_forward(x, seg_offsets, seg_expert, flat, residual, gate, save: bool):
+def _ffn_forward(x, seg_offsets, seg_expert, flat, residual, gate, save: bool, recompute: bool):
+    """Two grouped GEMMs. Returns (out, pre, y): ``pre`` (T, F_max) the saved pre-activation
+    (empty unless ``save`` and not ``recompute``), ``y`` (T, dim) the un-gated FFN output kept for
+    the gate's gradient (empty unless ``save`` and a gate is given)."""
     experts = _split(flat)
     offsets = seg_offsets.tolist()
     plan = _Plan(seg_offsets, seg_expert, offsets)
     T, dim = x.shape
     f_max = max(w1.shape[0] for w1, _, _, _ in experts)
-    pre = torch.empty((T, f_max), device=x.device, dtype=x.dtype) if save else x.new_empty(0)
+    keep_pre = save and not recompute
+    pre = torch.empty((T, f_max), device=x.device, dtype=x.dtype) if keep_pre else x.new_empty(0)
     h = _grouped_gemm(plan, x, [e[0] for e in experts], [e[1] for e in experts], True, f_max,
-                      epilogue=EPI_BIAS_GELU, aux=pre if save else None, write_aux=save)
+                      epilogue=EPI_BIAS_GELU, aux=pre if keep_pre else None, write_aux=keep_pre)
     y_save = torch.empty((T, dim), device=x.device, dtype=x.dtype) if (save and gate is not None) else x.new_empty(0)
     out = _grouped_gemm(plan, h, [e[2] for e in experts], [e[3] for e in experts], True, dim,
                         epilogue=EPI_BIAS_GATED, out_dtype=residual.dtype if residual is not None else x.dtype,
@@ -283,50 +315,68 @@ def _ffn_forward(x, seg_offsets, seg_expert, flat, residual, gate, save: bool):
 
 
 def _ffn_backward(dout, x, seg_offsets, seg_expert, flat, gate, pre, y_save):
+    """dX, per-expert (dW1, db1, dW2, db2) and dgate. With an empty ``pre`` the pre-activation and
+    h are recomputed by the first GEMM; otherwise h = gelu(pre) comes out of the dP epilogue."""
     experts = _split(flat)
     offsets = seg_offsets.tolist()
     plan = _Plan(seg_offsets, seg_expert, offsets)
+    T, dim = x.shape
+    f_max = max(e[0].shape[0] for e in experts)
     dout = dout.contiguous()
-    seg_ids = token_segments(seg_offsets, x.shape[0]) if gate is not None else None
-    if gate is not None:
+    if gate is not None:  # out = residual + gate[s] * y  =>  dy = gate[s] * dout,  dgate[s] = sum_{t in s} dout_t * y_t
+        seg_ids = token_segments(seg_offsets, T)
         dy = (dout.float() * gate.float().index_select(0, seg_ids.long())).to(x.dtype)
         dgate = segment_sum(dout.float() * y_save.float(), seg_ids, gate.shape[0]).to(gate.dtype)
     else:
         dy, dgate = dout.to(x.dtype), None
-    f_max = pre.shape[1]
+    if pre.numel() == 0:  # recompute: pre = x W1ᵀ + b1 and h = gelu(pre) in one grouped GEMM
+        pre = torch.empty((T, f_max), device=x.device, dtype=x.dtype)
+        h = _grouped_gemm(plan, x, [e[0] for e in experts], [e[1] for e in experts], True, f_max,
+                          epilogue=EPI_BIAS_GELU, aux=pre, write_aux=True)
+        h_out = None
+    else:
+        h = h_out = torch.empty((T, f_max), device=x.device, dtype=x.dtype)
+    # dP = (dY W2_e) * gelu'(pre)   (and h = gelu(pre) on the side when pre was saved)
     dp = _grouped_gemm(plan, dy, [e[2] for e in experts], [None] * len(experts), False, f_max,
-                       epilogue=EPI_GELU_GRAD, aux=pre)
-    dx = _grouped_gemm(plan, dp, [e[0] for e in experts], [None] * len(experts), False, x.shape[1], epilogue=EPI_NONE)
-    h = _gelu_tanh(pre)  # recomputed from the saved pre-activation (cheaper in memory than saving h too)
-    grads = [[torch.zeros(t.shape, device=t.device, dtype=torch.float32) for t in e] for e in experts]
+                       epilogue=EPI_GELU_GRAD, aux=pre, h_out=h_out)
+    dx = _grouped_gemm(plan, dp, [e[0] for e in experts], [None] * len(experts), False, dim, epilogue=EPI_NONE)
+    # Weight gradients: per segment one cuBLAS GEMM on the contiguous row slice (tensor cores in the
+    # input dtype, fp32 accumulation inside), partial sums over an expert's segments added in fp32.
+    grads = [[None] * 4 for _ in experts]
     expert_of = seg_expert.tolist()
+
+    def acc(ge, k, val):
+        val = val.float()
+        ge[k] = val if ge[k] is None else ge[k].add_(val)
+
     for s in range(len(offsets) - 1):
         a, b = offsets[s], offsets[s + 1]
         if a == b:
             continue
         e = expert_of[s]
         f = experts[e][0].shape[0]
-        g_w1, g_b1, g_w2, g_b2 = grads[e]
-        g_w2.addmm_(dy[a:b].t().float(), h[a:b, :f].float())
-        g_b2.add_(dy[a:b].float().sum(0))
-        g_w1.addmm_(dp[a:b, :f].t().float(), x[a:b].float())
-        g_b1.add_(dp[a:b, :f].float().sum(0))
-    flat_grads = [g.to(t.dtype) for ge, e in zip(grads, experts) for g, t in zip(ge, e)]
+        ge = grads[e]
+        dys, dps = dy[a:b], dp[a:b, :f]
+        acc(ge, 0, dps.t() @ x[a:b])
+        acc(ge, 1, dps.sum(0, dtype=torch.float32))
+        acc(ge, 2, dys.t() @ h[a:b, :f])
+        acc(ge, 3, dys.sum(0, dtype=torch.float32))
+    flat_grads = [(torch.zeros_like(t) if g is None else g.to(t.dtype)) for ge, e in zip(grads, experts) for g, t in zip(ge, e)]
     return dx, flat_grads, dgate
 
 
 @torch.library.custom_op("univigu_fast::modality_ffn_fwd", mutates_args=())
 def _modality_ffn_fwd_op(x: torch.Tensor, seg_offsets: torch.Tensor, seg_expert: torch.Tensor, weights: list[torch.Tensor],
-                         residual: torch.Tensor | None, gate: torch.Tensor | None, save: bool
+                         residual: torch.Tensor | None, gate: torch.Tensor | None, save: bool, recompute: bool
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _ffn_forward(x, seg_offsets, seg_expert, weights, residual, gate, save)
+    return _ffn_forward(x, seg_offsets, seg_expert, weights, residual, gate, save, recompute)
 
 
 @_modality_ffn_fwd_op.register_fake
-def _(x, seg_offsets, seg_expert, weights, residual, gate, save):
+def _(x, seg_offsets, seg_expert, weights, residual, gate, save, recompute):
     f_max = max(w.shape[0] for w in weights[0::4])
     out = torch.empty_like(residual) if residual is not None else torch.empty_like(x)
-    pre = x.new_empty((x.shape[0], f_max)) if save else x.new_empty(0)
+    pre = x.new_empty((x.shape[0], f_max)) if (save and not recompute) else x.new_empty(0)
     y = torch.empty_like(x) if (save and gate is not None) else x.new_empty(0)
     return out, pre, y
 
@@ -346,23 +396,24 @@ def _(dout, x, seg_offsets, seg_expert, weights, gate, pre, y):
 
 
 def _setup_context(ctx, inputs, output):
-    x, seg_offsets, seg_expert, weights, residual, gate, save = inputs
+    x, seg_offsets, seg_expert, weights, residual, gate, save, recompute = inputs
     _, pre, y = output
     ctx.save_for_backward(x, seg_offsets, seg_expert, pre, y, *weights, *( [gate] if gate is not None else []))
     ctx.n_weights = len(weights)
     ctx.has_gate = gate is not None
     ctx.has_residual = residual is not None
+    ctx.saved = save
 
 
 def _backward(ctx, dout, _dpre, _dy):
     x, seg_offsets, seg_expert, pre, y, *rest = ctx.saved_tensors
     weights = rest[: ctx.n_weights]
     gate = rest[ctx.n_weights] if ctx.has_gate else None
-    if pre.numel() == 0 and x.shape[0] > 0:
+    if not ctx.saved:
         raise RuntimeError("modality_ffn: backward called on a forward run without grad")
     dx, dws, dgate = _modality_ffn_bwd_op(dout, x, seg_offsets, seg_expert, list(weights), gate, pre, y)
     dres = dout if ctx.has_residual else None  # d(residual + ...) / d residual = identity
-    return dx, None, None, list(dws), dres, (dgate if ctx.has_gate else None), None
+    return dx, None, None, list(dws), dres, (dgate if ctx.has_gate else None), None, None
 
 
 torch.library.register_autograd("univigu_fast::modality_ffn_fwd", _backward, setup_context=_setup_context)
@@ -434,7 +485,7 @@ def modality_ffn(
     gate = gate.contiguous() if gate is not None else None
     flat = [t.contiguous() for e in experts for t in e]
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in [x, residual, gate, *flat])
-    out, _, _ = _modality_ffn_fwd_op(x, seg_offsets, seg_expert, flat, residual, gate, save)
+    out, _, _ = _modality_ffn_fwd_op(x, seg_offsets, seg_expert, flat, residual, gate, save, RECOMPUTE_PREACTIVATION)
     return out
 
 

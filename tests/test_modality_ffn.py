@@ -54,6 +54,16 @@ def test_ragged_segments_two_experts(dtype, gated):
     _compare(x, seg, seg_expert, experts, residual if gated else None, gate if gated else None, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_recompute_preactivation_backward(dtype, monkeypatch):
+    """The recompute strategy (nothing (T, F)-sized saved) gives the same values and gradients."""
+    import univigu_fast.kernels.modality_ffn as mod
+
+    monkeypatch.setattr(mod, "RECOMPUTE_PREACTIVATION", True)
+    x, seg, seg_expert, experts, residual, gate = _case([33, 1, 0, 40], [0, 1, 0, 1], dim=24, inner=(40, 56), dtype=dtype, seed=2)
+    _compare(x, seg, seg_expert, experts, residual, gate, dtype)
+
+
 def test_block_multiple_dims_and_single_expert_segments():
     x, seg, seg_expert, experts, residual, gate = _case([64, 32], [1, 1], dim=64, inner=(64, 128), dtype=torch.float32, seed=1)
     _compare(x, seg, seg_expert, experts, None, gate, torch.float32)

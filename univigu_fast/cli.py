@@ -25,6 +25,14 @@ def _nvml() -> dict | None:
         return None
 
 
+def _peak_rss_bytes() -> int | None:
+    try:
+        import resource
+    except ImportError:  # not on POSIX
+        return None
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
 @app.command()
 def profile(
     shape: str = typer.Option(None, help="DESIGN §6 shape: wan1.3b-480p, wan1.3b-varlen, wan14b-720p, or 'tiny'. "
@@ -89,6 +97,7 @@ def profile(
         results[name] = {
             "seconds": comps,
             "peak_mem_bytes": torch.cuda.max_memory_allocated() if on_gpu else None,
+            "peak_rss_bytes": _peak_rss_bytes(),  # whole process, so on CPU it bounds both models together
         }
     total_flops = sum(flops.values())
     doc = {
@@ -126,6 +135,8 @@ def profile(
         pm = results[name]["peak_mem_bytes"]
         if pm is not None:
             typer.echo(f"peak memory ({name}): {pm / 2**30:.2f} GiB")
+    if not on_gpu and results[models[-1][0]]["peak_rss_bytes"]:
+        typer.echo(f"peak memory (process RSS, CPU): {results[models[-1][0]]['peak_rss_bytes'] / 2**20:.1f} MiB")
     if doc.get("nvml"):
         typer.echo(f"NVML: memory used {doc['nvml']['nvml_memory_used_bytes'] / 2**30:.2f} GiB, power {doc['nvml']['nvml_power_w']:.0f} W")
     if reference and "reference" in results:

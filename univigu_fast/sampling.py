@@ -1,15 +1,37 @@
-"""Samplers (paper §3.3, Eq. 16-18; DESIGN §4): captioning a clean video with the text flow.
+"""Euler samplers of Uni-ViGU (paper §3.3, Eq. 16-18; DESIGN §4).
 
-Discrete text flow (the released checkpoints): mixture path ``x_t = x1`` with probability
-``kappa(t) = t^n`` else the source token (uniform over V, or [MASK]); the discrete Euler step from
-``t`` to ``t + h`` samples ``x1_hat ~ softmax(logits / T)`` — the fused linear-sample kernel does it
-without materialising the logits (Gumbel-max) — and moves each token to ``x1_hat`` with probability
-``min(1, h kappa'(t) / (1 - kappa(t)))``; the last step lands on ``x1_hat``.
-Embedding text flow (paper Eq. 7-8): Euler on the embeddings, then ``argmax_v z . E_v``.
+Three tasks, all on the paper's time (0 noise, 1 data):
+
+* ``caption`` / ``understand`` (``tau_video = 1``): the clean video conditions, the text flows from
+  its source to data.
+* ``generate`` (``tau_text = 1``): the text stream holds the clean prompt (ids or ``E[ids]``, as the
+  public T2V path does), the video flows from N(0, I) to data with Euler steps on a Wan flow-shifted
+  grid (``sigma' = shift sigma / (1 + (shift - 1) sigma)`` on ``sigma = 1 - tau``; the public
+  default shift is 3) and classifier-free guidance ``v = v_u + g (v_c - v_u)`` where the
+  unconditional pass swaps the cross-attention condition for the empty-prompt embedding (the
+  text stream is the same in both passes).
+* ``joint``: video and text both from noise on the same time grid (``tau_text = tau_video`` at
+  every step, as the public T2VT path), one forward per step drives both.
+
+Discrete text flow: the discrete Euler solver of the mixture path ``kappa(t) = t^n``: sample
+``x1_hat ~ softmax(logits / T)`` (the model's fused ``text_output="sample"`` decode: Gumbel-max, no
+logits materialised), and each token jumps to ``x1_hat`` with probability
+``min(1, h kappa'(t) / (1 - kappa(t)))`` (the first-order rate of Meta's ``MixtureDiscreteEulerSolver``);
+the last step lands on ``x1_hat``. Embedding text flow: Euler on the embeddings, then
+``argmax_v z . E_v`` (Eq. 8) with the fused ``linear_argmax`` op against ``vocab_embed``.
+All functions return token ids; detokenise with the tokenizer (``univigu_fast.text``/synthetic).
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
+
+from .flow import PolynomialScheduler, generation_taus
+
+
+def _rng_seed(g: torch.Generator) -> int:
+    return int(torch.randint(0, 2**62, (1,), generator=g))
 
 
 def _source_tokens(config, n: int, generator: torch.Generator, device) -> torch.Tensor:
@@ -18,51 +40,157 @@ def _source_tokens(config, n: int, generator: torch.Generator, device) -> torch.
     return torch.randint(0, config.vocab_size, (n,), generator=generator).to(device)
 
 
-@torch.no_grad()
-def caption(model, videos, prompts, text_lens, *, steps: int = 50, seed: int = 0, kappa_power: float = 1.0,
-            temperature: float = 1.0) -> list[torch.Tensor]:
-    """Understanding (``tau_video = 1``): integrate the text flow from noise to ids, per sample.
-
-    videos: list of (C, F, H, W); prompts: list of (L, text_dim); text_lens: tokens per caption.
-    Returns a list of int64 id tensors. ``model`` is a reference or fast ``UniViGUModel``.
-    """
+def _check_common(steps, videos_or_prompts, name):
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    c = model.config
-    device = model.device
-    g = torch.Generator().manual_seed(seed)
-    B = len(videos)
-    ones = torch.ones(B)
-    if c.text_flow == "discrete":
-        x = [_source_tokens(c, n, g, device) for n in text_lens]
-        for i in range(steps):
-            t, h = i / steps, 1.0 / steps
-            out = model(videos, ones, prompts, text=x, tau_text=torch.full((B,), t), text_output="sample",
-                        sample_seed=int(torch.randint(0, 2**62, (1,), generator=g)), temperature=temperature)
-            x1_hat = out.text_out.ids
-            p_jump = 1.0 if i == steps - 1 else jump_probability(t, h, kappa_power)
-            x = [torch.where(torch.rand(xi.shape, generator=g).to(device) < p_jump, yi, xi) for xi, yi in zip(x, x1_hat)]
-        return x
-    # embedding flow: Euler on z (paper Eq. 16), decode by argmax against E (Eq. 8)
-    z = [torch.randn(n, c.dim, generator=g).to(device, model.dtype) for n in text_lens]
-    for i in range(steps):
-        out = model(videos, ones, prompts, text=z, tau_text=torch.full((B,), i / steps))
-        z = [zi + vi / steps for zi, vi in zip(z, out.text_out)]
-    return [decode_embeddings(model, zi) for zi in z]
+    if not isinstance(videos_or_prompts, (list, tuple)) or not videos_or_prompts:
+        raise TypeError(f"{name} must be a non-empty list of tensors, got {type(videos_or_prompts).__name__}")
 
 
 def jump_probability(t: float, h: float, kappa_power: float) -> float:
     """``min(1, h kappa'(t) / (1 - kappa(t)))`` for ``kappa(t) = t^n`` (the discrete Euler step)."""
-    n = kappa_power
-    if t == 0.0:
-        dkappa = float("inf") if n < 1 else (1.0 if n == 1 else 0.0)
-    else:
-        dkappa = n * t ** (n - 1)
-    kappa = t**n
-    return 1.0 if kappa >= 1.0 else min(1.0, h * dkappa / (1.0 - kappa))
+    return PolynomialScheduler(kappa_power).jump_probability(t, h)
 
 
 def decode_embeddings(model, z: torch.Tensor) -> torch.Tensor:
-    """Paper Eq. 8: ``argmax_v z . E_v`` with E = ``vocab_embed.weight`` (the fused argmax kernel)."""
+    """Paper Eq. 8: ``argmax_v z . E_v`` with E = ``vocab_embed.weight`` (the fused argmax kernel);
+    the [MASK] row, if any, is excluded."""
     ids, _, _ = model.ops.linear_argmax(z, model.vocab_embed.weight[: model.config.vocab_size])
     return ids
+
+
+class _TextState:
+    """The text stream during sampling: ids (discrete) or embeddings (embedding flow)."""
+
+    def __init__(self, model, text_lens, g, kappa_power, temperature):
+        c = model.config
+        self.model, self.c, self.g = model, c, g
+        self.sched = PolynomialScheduler(kappa_power)
+        self.temperature = temperature
+        dev = model.device
+        if c.text_flow == "discrete":
+            self.x = [_source_tokens(c, int(n), g, dev) for n in text_lens]
+        else:
+            self.x = [torch.randn(int(n), c.dim, generator=g).to(dev, model.dtype) for n in text_lens]
+
+    def forward_kwargs(self):
+        kw = dict(text=self.x)
+        if self.c.text_flow == "discrete":
+            kw.update(text_output="sample", sample_seed=_rng_seed(self.g), temperature=self.temperature)
+        return kw
+
+    def step(self, text_out, t: float, t_next: float, last: bool):
+        if self.c.text_flow == "discrete":
+            x1_hat = text_out.ids
+            p = 1.0 if last else self.sched.jump_probability(t, t_next - t)
+            self.x = [torch.where(torch.rand(xi.shape, generator=self.g).to(xi.device) < p, yi, xi)
+                      for xi, yi in zip(self.x, x1_hat)]
+        else:  # Euler, Eq. 16
+            self.x = [zi + (t_next - t) * vi.to(zi.dtype) for zi, vi in zip(self.x, text_out)]
+
+    def ids(self) -> list[torch.Tensor]:
+        if self.c.text_flow == "discrete":
+            return self.x
+        return [decode_embeddings(self.model, zi) for zi in self.x]
+
+
+@torch.no_grad()
+def caption(model, videos, prompts, text_lens, *, steps: int = 50, seed: int = 0, kappa_power: float = 1.0,
+            temperature: float = 1.0) -> list[torch.Tensor]:
+    """Understanding (``tau_video = 1``): integrate the text flow from its source to ids, per sample.
+
+    videos: list of clean latents (C, F, H, W); prompts: list of (L, text_dim) conditions (the
+    empty-prompt embedding for plain captioning); text_lens: tokens per caption. Returns a list of
+    int64 id tensors ``(text_lens[i],)``. ``model`` is a reference or fast ``UniViGUModel``.
+    """
+    _check_common(steps, list(videos), "videos")
+    if len(text_lens) != len(videos) or len(prompts) != len(videos):
+        raise ValueError(f"videos ({len(videos)}), prompts ({len(prompts)}) and text_lens ({len(text_lens)}) must have the same length")
+    g = torch.Generator().manual_seed(seed)
+    B = len(videos)
+    state = _TextState(model, text_lens, g, kappa_power, temperature)
+    ones = torch.ones(B)
+    for i in range(steps):
+        t, t_next = i / steps, (i + 1) / steps
+        out = model(list(videos), ones, list(prompts), tau_text=torch.full((B,), t), **state.forward_kwargs())
+        state.step(out.text_out, t, t_next, last=i == steps - 1)
+    return state.ids()
+
+
+understand = caption
+
+
+def _clean_text(model, text_ids):
+    if model.config.text_flow == "discrete":
+        return [t.to(model.device) for t in text_ids]
+    E = model.vocab_embed.weight
+    return [E[t.to(model.device)] for t in text_ids]
+
+
+def _guided(model, x, tau_v, prompts, null_prompts, guidance, **kw):
+    out = model(x, tau_v, prompts, **kw)
+    if guidance == 1.0:
+        return out.video_velocity, out
+    kw_u = dict(kw)
+    kw_u.pop("text_output", None)
+    kw_u.pop("sample_seed", None)
+    kw_u.pop("temperature", None)
+    vu = model(x, tau_v, null_prompts, **kw_u).video_velocity
+    return [u + guidance * (c - u) for c, u in zip(out.video_velocity, vu)], out
+
+
+@torch.no_grad()
+def generate(model, prompts, prompt_ids, video_shape: Sequence[int], *, null_prompt: torch.Tensor | None = None,
+             steps: int = 50, shift: float = 3.0, guidance: float = 1.0, seed: int = 0) -> list[torch.Tensor]:
+    """Generation (``tau_text = 1``): video latents from N(0, I) given the prompt.
+
+    prompts: list of (L, text_dim) prompt embeddings; prompt_ids: list of (N,) prompt token ids
+    (the clean text stream; a length-0 tensor gives an empty text segment);
+    video_shape: (C, F, H, W); null_prompt: (L0, text_dim) empty-prompt condition, needed when
+    ``guidance != 1``; shift: Wan's flow shift; guidance: classifier-free guidance scale.
+    Returns a list of (C, F, H, W) latents.
+    """
+    _check_common(steps, list(prompts), "prompts")
+    if guidance != 1.0 and null_prompt is None:
+        raise ValueError("guidance != 1 needs null_prompt (the empty-prompt condition)")
+    if len(prompt_ids) != len(prompts):
+        raise ValueError(f"prompts ({len(prompts)}) and prompt_ids ({len(prompt_ids)}) must have the same length")
+    g = torch.Generator().manual_seed(seed)
+    B, dev, dtype = len(prompts), model.device, model.dtype
+    x = [torch.randn(tuple(video_shape), generator=g).to(dev, dtype) for _ in range(B)]
+    taus = generation_taus(steps, shift)
+    text = _clean_text(model, prompt_ids)
+    nulls = None if null_prompt is None else [null_prompt] * B
+    for i in range(steps):
+        t, t_next = taus[i], taus[i + 1]
+        v, _ = _guided(model, x, torch.full((B,), t), list(prompts), nulls, guidance, text=text,
+                       tau_text=torch.ones(B))
+        x = [xi + (t_next - t) * vi for xi, vi in zip(x, v)]
+    return x
+
+
+@torch.no_grad()
+def joint(model, prompts, video_shape: Sequence[int], text_lens, *, null_prompt: torch.Tensor | None = None,
+          steps: int = 50, shift: float = 3.0, guidance: float = 1.0, seed: int = 0, kappa_power: float = 1.0,
+          temperature: float = 1.0) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Joint generation: video and text from noise, coupled every step (``tau_text = tau_video``).
+
+    Guidance (if any) is applied to the video velocity; the text uses the conditional pass.
+    Returns ``(latents list of (C, F, H, W), ids list of (text_lens[i],))``.
+    """
+    _check_common(steps, list(prompts), "prompts")
+    if guidance != 1.0 and null_prompt is None:
+        raise ValueError("guidance != 1 needs null_prompt (the empty-prompt condition)")
+    g = torch.Generator().manual_seed(seed)
+    B, dev, dtype = len(prompts), model.device, model.dtype
+    x = [torch.randn(tuple(video_shape), generator=g).to(dev, dtype) for _ in range(B)]
+    state = _TextState(model, text_lens, g, kappa_power, temperature)
+    taus = generation_taus(steps, shift)
+    nulls = None if null_prompt is None else [null_prompt] * B
+    for i in range(steps):
+        t, t_next = taus[i], taus[i + 1]
+        tau = torch.full((B,), t)
+        v, out = _guided(model, x, tau, list(prompts), nulls, guidance, tau_text=tau, **state.forward_kwargs())
+        x = [xi + (t_next - t) * vi for xi, vi in zip(x, v)]
+        state.step(out.text_out, t, t_next, last=i == steps - 1)
+    return x, state.ids()

@@ -1,0 +1,288 @@
+"""Uni-flow: probability paths, velocity targets and the unified loss (paper §3.1, §3.3; DESIGN §4).
+
+Time follows the paper: ``tau`` in [0, 1], 0 = noise, 1 = data.
+
+* **Video** (continuous flow, paper Eq. 2-3): ``z_tau = (1 - tau) z0 + tau z1``, ``z0 ~ N(0, I)``,
+  target velocity ``u = z1 - z0``; loss ``||v_hat - u||^2``.
+* **Text, discrete** (``text_flow="discrete"``, the public implementation, which uses Meta's
+  ``flow_matching`` mixture path): ``x_t = x1`` with probability ``kappa(t) = t^n`` else ``x0``,
+  ``x0`` uniform over the V real tokens (``discrete_source="uniform"``, the public default) or the
+  [MASK] token (id V). The public code's scheduler exponent default is ``n = 1``. Loss: the
+  cross-entropy of the logits against ``x1`` on **every** text token (the public code passes all
+  tokens to ``torch.nn.CrossEntropyLoss``, masked or not).
+* **Text, embedding** (``text_flow="embedding"``, paper Eq. 7-8): ``z_{t,1} = E[y]`` with
+  ``E = model.vocab_embed.weight``, ``z_{t,tau} = (1 - tau) z0 + tau z_{t,1}``, ``u = z_{t,1} - z0``,
+  MSE loss. ``E`` is **detached** in both the input ``z_t`` and the target: it acts as the fixed
+  codebook of the paper (initialised N(0, I) by ``init_text_stream``, the scale of the noise).
+  Letting the MSE target depend on trainable E invites the trivial solution "shrink E", which
+  lowers the loss and destroys the argmax decoding of Eq. 8.
+
+**Loss (Eq. 11 with the token-count normalisation of DESIGN §4).**
+``L = (1/|z_v|) sum_video ||v_hat - u||^2 + (1/|z_t|) sum_text loss_t`` i.e. the per-token mean of each
+modality, added (``lambda_v = 1``, ``lambda_t = |z_v| / |z_t|``, normalised by ``|z_v|``). We take the
+per-**element** mean for the squared errors (divide also by the channel count: C x patch volume
+for video, ``dim`` for embedding text) so the two terms are O(1) at any width; the cross-entropy
+is per token. Means are over the tokens of the whole (global) batch.
+
+**Modes.** ``joint``: ``tau_v, tau_t ~ U(0, 1)`` independently. ``understanding``: ``tau_v = 1``
+(clean video, its loss is not counted: its target ``z1 - z0`` is unpredictable from a clean
+video). ``generation``: ``tau_t = 1`` (clean text, text loss not counted). A training batch draws
+a mode per sample with the probabilities ``mode_mix``.
+
+Randomness is drawn **per sample** from a generator seeded by ``(seed, step, global sample index)``
+(``sample_generator``), so a batch split over ranks draws exactly what a single process draws.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+MODES = ("joint", "understanding", "generation")
+
+
+# ---------------------------------------------------------------------------- schedulers
+@dataclass(frozen=True)
+class PolynomialScheduler:
+    """``kappa(t) = t^n`` (Meta's ``PolynomialConvexScheduler``); the public code uses ``n = 1``."""
+
+    n: float = 1.0
+
+    def __post_init__(self):
+        if not self.n > 0:
+            raise ValueError(f"PolynomialScheduler exponent n must be > 0, got {self.n}")
+
+    def kappa(self, t):
+        return t**self.n
+
+    def dkappa(self, t):
+        if isinstance(t, torch.Tensor):
+            return self.n * t.clamp_min(1e-12) ** (self.n - 1) if self.n != 1 else torch.ones_like(t)
+        if self.n == 1:
+            return 1.0
+        return float("inf") if (t == 0 and self.n < 1) else self.n * t ** (self.n - 1)
+
+    def jump_probability(self, t: float, h: float) -> float:
+        """Discrete Euler step ``t -> t + h``: ``min(1, h kappa'(t) / (1 - kappa(t)))`` (1 once kappa = 1)."""
+        k = self.kappa(t)
+        if k >= 1.0:
+            return 1.0
+        return min(1.0, h * self.dkappa(t) / (1.0 - k))
+
+
+def wan_shift(sigma, shift: float):
+    """Wan's flow shift on ``sigma = 1 - tau``: ``sigma' = shift sigma / (1 + (shift - 1) sigma)``."""
+    return shift * sigma / (1 + (shift - 1) * sigma)
+
+
+def generation_taus(steps: int, shift: float = 1.0) -> list[float]:
+    """``steps + 1`` paper-convention times from 0 to 1 for Euler sampling with Wan's flow shift
+    (uniform ``sigma`` grid 1 -> 0, shifted; ``shift = 1`` gives the uniform grid)."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if not shift > 0:
+        raise ValueError(f"shift must be > 0, got {shift}")
+    return [1.0 - wan_shift(1.0 - i / steps, shift) for i in range(steps + 1)]
+
+
+# ---------------------------------------------------------------------------- paths
+def video_path(z1: torch.Tensor, z0: torch.Tensor, tau: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Paper Eq. 2-3: ``z_tau = (1 - tau) z0 + tau z1`` and ``u = z1 - z0``; tau broadcasts from the left."""
+    t = tau.reshape(tau.shape + (1,) * (z1.dim() - tau.dim())).to(z1.dtype)
+    return (1 - t) * z0 + t * z1, z1 - z0
+
+
+def discrete_path(x1: torch.Tensor, x0: torch.Tensor, tau, scheduler: PolynomialScheduler,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """Mixture path: each token is ``x1`` with probability ``kappa(tau)``, else ``x0``."""
+    k = scheduler.kappa(torch.as_tensor(tau, dtype=torch.float32))
+    k = k.reshape(k.shape + (1,) * (x1.dim() - k.dim()))
+    keep = torch.rand(x1.shape, generator=generator) < k
+    return torch.where(keep.to(x1.device), x1, x0)
+
+
+def source_tokens(n: int, vocab_size: int, source: str, generator: torch.Generator | None = None,
+                  mask_token_id: int | None = None) -> torch.Tensor:
+    """``n`` source ids: uniform over the V real tokens, or all [MASK] (id ``mask_token_id``)."""
+    if source == "mask":
+        if mask_token_id is None:
+            raise ValueError("source='mask' needs mask_token_id")
+        return torch.full((n,), mask_token_id, dtype=torch.long)
+    if source != "uniform":
+        raise ValueError(f"source must be 'uniform' or 'mask', got {source!r}")
+    return torch.randint(0, vocab_size, (n,), generator=generator)
+
+
+# ---------------------------------------------------------------------------- per-sample randomness
+def sample_generator(seed: int, step: int, index: int) -> torch.Generator:
+    """A generator for global sample ``index`` of training step ``step`` (sharding-invariant)."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_000_033 + index)
+
+
+@dataclass
+class FlowConfig:
+    """Uni-flow training options."""
+
+    mode_mix: dict = field(default_factory=lambda: {"joint": 1.0, "understanding": 1.0, "generation": 1.0})
+    kappa_power: float = 1.0  # polynomial scheduler exponent (public code default 1)
+    cond_dropout: float = 0.5  # probability of replacing the prompt by the empty-prompt condition
+    video_weight: float = 1.0  # lambda_v
+    text_weight: float = 1.0  # multiplies the per-token text mean (1 = the paper's token-count normalisation)
+
+    def __post_init__(self):
+        bad = set(self.mode_mix) - set(MODES)
+        if bad or not self.mode_mix or any(v < 0 for v in self.mode_mix.values()) or sum(self.mode_mix.values()) <= 0:
+            raise ValueError(f"mode_mix must map a subset of {MODES} to non-negative weights (sum > 0), got {self.mode_mix}")
+        if not 0.0 <= self.cond_dropout <= 1.0:
+            raise ValueError(f"cond_dropout must lie in [0, 1], got {self.cond_dropout}")
+
+    def draw_mode(self, g: torch.Generator) -> str:
+        names = [m for m in MODES if self.mode_mix.get(m, 0) > 0]
+        w = torch.tensor([float(self.mode_mix[m]) for m in names])
+        return names[int(torch.multinomial(w / w.sum(), 1, generator=g))]
+
+
+@dataclass
+class NoisedSample:
+    """Model inputs and targets for one sample (``understanding``/``generation`` pin one tau to 1)."""
+
+    mode: str
+    tau_video: float
+    tau_text: float
+    video_in: torch.Tensor
+    video_target: torch.Tensor
+    text_in: torch.Tensor
+    text_target: torch.Tensor  # ids (discrete: CE target; embedding: ids whose E rows define the target)
+    text_noise: torch.Tensor | None  # embedding flow: z0 of the text (N, dim)
+    prompt: torch.Tensor
+    dropped: bool
+
+
+def draw_sample(video: torch.Tensor, prompt: torch.Tensor, null_prompt: torch.Tensor, text_ids: torch.Tensor,
+                g: torch.Generator, cfg: FlowConfig, model_config, mode: str | None = None) -> NoisedSample:
+    """Draws mode, times, noise and condition dropout for one sample and builds its noised inputs.
+
+    video (C, F, H, W); prompt (L, text_dim); null_prompt (L0, text_dim) the empty-prompt condition;
+    text_ids (N,) the target text. Embedding-flow ``text_in`` is returned as noise + ids: the caller
+    builds ``z_t = (1 - tau) z0 + tau E[y]`` with the live ``vocab_embed`` (``text_inputs``).
+    """
+    mode = mode or cfg.draw_mode(g)
+    tau_v, tau_t = torch.rand(2, generator=g).tolist()
+    if mode == "understanding":
+        tau_v = 1.0
+    elif mode == "generation":
+        tau_t = 1.0
+    z0 = torch.randn(video.shape, generator=g).to(video.dtype)
+    v_in, v_target = video_path(video, z0, torch.tensor(tau_v))
+    dropped = bool(torch.rand((), generator=g) < cfg.cond_dropout)
+    text_noise = None
+    if model_config.text_flow == "discrete":
+        x0 = source_tokens(text_ids.numel(), model_config.vocab_size, model_config.discrete_source, g,
+                           model_config.mask_token_id)
+        t_in = discrete_path(text_ids, x0, tau_t, PolynomialScheduler(cfg.kappa_power), g)
+    else:
+        text_noise = torch.randn(text_ids.numel(), model_config.dim, generator=g)
+        t_in = text_ids
+    return NoisedSample(mode, tau_v, tau_t, v_in, v_target, t_in, text_ids, text_noise,
+                        null_prompt if dropped else prompt, dropped)
+
+
+def text_inputs(model, samples: Sequence[NoisedSample]) -> list[torch.Tensor]:
+    """Text stream inputs: ids (discrete) or ``z_t = (1 - tau) z0 + tau E[y]`` (embedding, E detached)."""
+    if model.config.text_flow == "discrete":
+        return [s.text_in for s in samples]
+    E = model.vocab_embed.weight.detach()
+    out = []
+    for s in samples:
+        z1 = E[s.text_target.to(E.device)]
+        out.append(((1 - s.tau_text) * s.text_noise.to(E.device, E.dtype) + s.tau_text * z1))
+    return out
+
+
+def loss_terms(model, samples: Sequence[NoisedSample], out) -> dict[str, torch.Tensor]:
+    """Sums and counts of the two loss terms over ``samples`` (before normalisation).
+
+    Returns ``video_sum`` (sum of squared errors over counted video elements), ``video_count``,
+    ``text_sum`` (sum of per-token CE, or of squared errors over elements), ``text_count``,
+    ``text_correct`` (discrete: argmax == target over counted tokens; embedding: decode by Eq. 8).
+    """
+    c = model.config
+    dev = model.device
+    v_pred, t_pred = out.video_velocity, out.text_out
+    zero = torch.zeros((), device=dev, dtype=torch.float32)
+    vs, vc, ts, tc, corr = zero, 0, zero, 0, zero
+    E = model.vocab_embed.weight
+    for i, s in enumerate(samples):
+        if s.mode != "understanding":
+            d = v_pred[i].float() - s.video_target.to(dev).float()
+            vs = vs + d.pow(2).sum()
+            vc += d.numel()
+        if s.mode != "generation" and s.text_target.numel():
+            y = s.text_target.to(dev)
+            if c.text_flow == "discrete":
+                logits = t_pred[i].float()
+                ts = ts + F.cross_entropy(logits, y, reduction="sum")
+                tc += y.numel()
+                corr = corr + (logits.argmax(-1) == y).sum().float()
+            else:
+                u = E.detach()[y].float() - s.text_noise.to(dev).float()
+                d = t_pred[i].float() - u
+                ts = ts + d.pow(2).sum()
+                tc += d.numel()
+                with torch.no_grad():  # one-step estimate of z1 from z_tau and v (Eq. 16 to tau = 1)
+                    z_t = (1 - s.tau_text) * s.text_noise.to(dev).float() + s.tau_text * E.detach()[y].float()
+                    z1_hat = z_t + (1 - s.tau_text) * t_pred[i].float()
+                    ids = (z1_hat @ E.detach()[: c.vocab_size].float().T).argmax(-1)
+                    corr = corr + (ids == y).sum().float()
+    tc_tok = tc if c.text_flow == "discrete" else tc // max(c.dim, 1)
+    return dict(video_sum=vs, video_count=torch.tensor(float(vc), device=dev), text_sum=ts,
+                text_count=torch.tensor(float(tc), device=dev), text_correct=corr,
+                text_tokens=torch.tensor(float(tc_tok), device=dev))
+
+
+def combine(terms: dict[str, torch.Tensor], cfg: FlowConfig, video_count=None, text_count=None) -> torch.Tensor:
+    """``lambda_v * video_sum / |video| + text_weight * text_sum / |text|`` (Eq. 11, token-count
+    normalised). Pass the global counts in a distributed run (each rank then holds its share)."""
+    vc = terms["video_count"] if video_count is None else video_count
+    tc = terms["text_count"] if text_count is None else text_count
+    lv = terms["video_sum"] / vc.clamp_min(1.0)
+    lt = terms["text_sum"] / tc.clamp_min(1.0)
+    return cfg.video_weight * lv + cfg.text_weight * lt
+
+
+def uniflow_loss(model, videos, prompts, null_prompt, text_ids, *, cfg: FlowConfig, seed: int = 0, step: int = 0,
+                 index_offset: int = 0, modes: Sequence[str] | None = None, autocast=None):
+    """The unified loss of one (local) batch. Returns ``(loss, terms, samples)``.
+
+    videos: list of (C, F, H, W) clean latents; prompts: list of (L_i, text_dim); null_prompt:
+    (L0, text_dim) the empty-prompt condition; text_ids: list of (N_i,) target ids.
+    """
+    g_list = [sample_generator(seed, step, index_offset + i) for i in range(len(videos))]
+    samples = [draw_sample(v, p, null_prompt, y, g, cfg, model.config, mode=None if modes is None else modes[i])
+               for i, (v, p, y, g) in enumerate(zip(videos, prompts, text_ids, g_list))]
+    dev, dtype = model.device, model.dtype
+    tau_v = torch.tensor([s.tau_video for s in samples])
+    tau_t = torch.tensor([s.tau_text for s in samples])
+    ctx = autocast if autocast is not None else _nullcontext()
+    with ctx:
+        out = model([s.video_in.to(dev, dtype) for s in samples], tau_v,
+                    [s.prompt.to(dev, dtype) for s in samples],
+                    text=[t.to(dev, dtype) if t.is_floating_point() else t.to(dev) for t in text_inputs(model, samples)],
+                    tau_text=tau_t)
+    terms = loss_terms(model, samples, out)
+    return combine(terms, cfg), terms, samples
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *a):
+        return False
+
+
+def accuracy_chance(vocab_size: int) -> float:
+    return 1.0 / vocab_size if vocab_size > 0 else math.nan

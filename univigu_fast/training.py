@@ -1,0 +1,317 @@
+"""Training: the two stages of Uni-ViGU (paper §3.3) on the uni-flow loss (``univigu_fast.flow``).
+
+* **Stage 1, Knowledge Recall** (``stage=1``): the target text is the conditioning prompt itself
+  (its token ids), and the condition is dropped (replaced by the empty-prompt embedding) with
+  probability ``cond_dropout`` so the model cannot copy it. Paper lr 2e-4.
+* **Stage 2, Capability Refinement** (``stage=2``): the target text is the detailed caption, the
+  condition is still the brief prompt (dropped with ``cond_dropout``). Paper lr 5e-5.
+
+Optimiser: AdamW, betas (0.9, 0.95) (the paper's Adam betas; weight decay 0 by default, i.e. Adam),
+linear warm-up then constant or cosine, gradient clipping, bf16 autocast on CUDA only.
+Checkpoints (``OUT/checkpoint.pt``; ``save_every`` steps and at the end) hold model, optimiser,
+scheduler, RNG states, the step and the data position; they are written to a temporary file and
+renamed, so an interruption leaves the previous checkpoint intact. Batches are a deterministic
+function of ``(seed, step)`` (an epoch-wise permutation), so resuming at step k replays exactly the
+batches an uninterrupted run would see. Losses go to ``OUT/log.jsonl``; a tqdm bar shows progress.
+
+**Distributed** (``torchrun``): the global batch is split over ranks in order. On CUDA the model
+is sharded with FSDP2 (``torch.distributed.fsdp.fully_shard`` on every block, then the root); on
+CPU (gloo), where FSDP cannot run, DDP. Each rank normalises its loss sums by the **global** token
+counts (all-reduced before the backward) times the world size, so the averaged gradients equal
+those of one process on the whole batch, and the logged loss is the global one.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+
+from .flow import FlowConfig, combine, draw_sample, loss_terms, sample_generator, text_inputs
+
+STAGE_LR = {1: 2e-4, 2: 5e-5}
+
+
+@dataclass
+class TrainConfig:
+    stage: int = 1
+    steps: int = 1000
+    batch_size: int = 8  # global batch
+    lr: float | None = None  # default: the paper's lr of the stage (2e-4 / 5e-5)
+    betas: tuple = (0.9, 0.95)
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    schedule: str = "constant"  # "constant" | "cosine" (after warm-up)
+    min_lr_ratio: float = 0.1  # cosine floor
+    grad_clip: float = 1.0
+    seed: int = 0
+    log_every: int = 10
+    save_every: int = 0  # 0: only at the end
+    out_dir: str | None = None
+    progress: bool = True
+    flow: FlowConfig = field(default_factory=FlowConfig)
+
+    def __post_init__(self):
+        if self.stage not in (1, 2):
+            raise ValueError(f"stage must be 1 (Knowledge Recall) or 2 (Capability Refinement), got {self.stage}")
+        if self.steps < 0 or self.batch_size < 1:
+            raise ValueError(f"steps must be >= 0 and batch_size >= 1, got {self.steps}, {self.batch_size}")
+        if self.schedule not in ("constant", "cosine"):
+            raise ValueError(f"schedule must be 'constant' or 'cosine', got {self.schedule!r}")
+        if isinstance(self.flow, dict):
+            self.flow = FlowConfig(**self.flow)
+        if self.lr is None:
+            self.lr = STAGE_LR[self.stage]
+
+
+class ExampleSet:
+    """In-memory training examples: ``latents``, ``prompt_embeds``, ``prompt_ids``, ``caption_ids``
+    (lists, one entry per example) and ``null_prompt`` (the empty prompt's embedding, (L0, text_dim)).
+    ``univigu_fast.data.VideoTextDataset`` and ``synthetic.SyntheticData`` both provide these."""
+
+    def __init__(self, latents, prompt_embeds, prompt_ids, caption_ids, null_prompt):
+        n = len(latents)
+        if not (len(prompt_embeds) == len(prompt_ids) == len(caption_ids) == n) or n == 0:
+            raise ValueError("latents, prompt_embeds, prompt_ids and caption_ids must be non-empty lists of equal length")
+        self.latents, self.prompt_embeds, self.prompt_ids, self.caption_ids = latents, prompt_embeds, prompt_ids, caption_ids
+        self.null_prompt = null_prompt
+
+    @classmethod
+    def wrap(cls, data) -> "ExampleSet":
+        if isinstance(data, cls):
+            return data
+        return cls(data.latents, data.prompt_embeds, data.prompt_ids, data.caption_ids, data.null_prompt)
+
+    def __len__(self):
+        return len(self.latents)
+
+
+def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
+    """Example indices of global batch ``step``: consecutive slices of per-epoch permutations."""
+    out = []
+    pos = step * batch_size
+    while len(out) < batch_size:
+        epoch, off = divmod(pos, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+        take = min(batch_size - len(out), n - off)
+        out += perm[off:off + take].tolist()
+        pos += take
+    return out
+
+
+def _dist():
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _lr_lambda(cfg: TrainConfig):
+    def f(step):
+        if cfg.warmup_steps and step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.schedule == "constant":
+            return 1.0
+        span = max(1, cfg.steps - cfg.warmup_steps)
+        p = min(1.0, (step - cfg.warmup_steps) / span)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p))
+    return f
+
+
+def wrap_distributed(model):
+    """FSDP2 on CUDA, DDP on CPU/gloo; the unwrapped module is returned unchanged without a process group."""
+    rank, world = _dist()
+    if world == 1:
+        return model
+    if model.device.type == "cuda":
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.blocks:
+            fully_shard(block)
+        fully_shard(model)
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return DDP(model, find_unused_parameters=True)
+
+
+class Trainer:
+    """Runs one stage. ``model``: a ``UniViGUModel`` (reference or fast); ``data``: an ``ExampleSet``-like."""
+
+    def __init__(self, model, data, cfg: TrainConfig):
+        self.cfg = cfg
+        self.data = ExampleSet.wrap(data)
+        self.model = model  # the module (its config, device, vocab_embed)
+        self.rank, self.world = _dist()
+        if cfg.batch_size % self.world:
+            raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the world size {self.world}")
+        self.wrapped = wrap_distributed(model)
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
+                                     foreach=False)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _lr_lambda(cfg))
+        self.step = 0
+        self.history: list[dict] = []
+        self.out = Path(cfg.out_dir) if cfg.out_dir else None
+        if self.out and self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+
+    # ------------------------------------------------------------------ one step
+    def targets(self, idx: Sequence[int]) -> list[torch.Tensor]:
+        src = self.data.prompt_ids if self.cfg.stage == 1 else self.data.caption_ids
+        return [src[i] for i in idx]
+
+    def train_step(self) -> dict:
+        cfg, model = self.cfg, self.model
+        idx = batch_indices(len(self.data), cfg.batch_size, self.step, cfg.seed)
+        per = cfg.batch_size // self.world
+        lo = self.rank * per
+        mine = idx[lo:lo + per]
+        ys = self.targets(mine)
+        samples = [draw_sample(self.data.latents[i], self.data.prompt_embeds[i], self.data.null_prompt, y,
+                               sample_generator(cfg.seed, self.step, lo + k), cfg.flow, model.config)
+                   for k, (i, y) in enumerate(zip(mine, ys))]
+        dev, dtype = model.device, model.dtype
+        # global token counts first (they depend only on modes and lengths)
+        vc = sum(s.video_target.numel() for s in samples if s.mode != "understanding")
+        tc = sum(s.text_target.numel() * (1 if model.config.text_flow == "discrete" else model.config.dim)
+                 for s in samples if s.mode != "generation")
+        counts = torch.tensor([float(vc), float(tc)], device=dev)
+        if self.world > 1:
+            dist.all_reduce(counts)
+        model.train()
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else _Null()
+        tau_v = torch.tensor([s.tau_video for s in samples])
+        tau_t = torch.tensor([s.tau_text for s in samples])
+        with autocast:
+            out = self.wrapped([s.video_in.to(dev, dtype) for s in samples], tau_v,
+                               [s.prompt.to(dev, dtype) for s in samples],
+                               text=[t.to(dev, dtype) if t.is_floating_point() else t.to(dev)
+                                     for t in text_inputs(model, samples)], tau_text=tau_t)
+        terms = loss_terms(model, samples, out)
+        loss = combine(terms, cfg.flow, counts[0], counts[1]) * self.world  # DDP/FSDP average the grads
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip else None
+        self.opt.step()
+        self.sched.step()
+        stats = torch.stack([terms["video_sum"].detach(), terms["text_sum"].detach(), terms["text_correct"],
+                             terms["text_tokens"]]).float()
+        if self.world > 1:
+            dist.all_reduce(stats)
+        vloss = float(stats[0] / counts[0].clamp_min(1))
+        tloss = float(stats[1] / counts[1].clamp_min(1))
+        rec = dict(step=self.step + 1, loss=cfg.flow.video_weight * vloss + cfg.flow.text_weight * tloss,
+                   video_loss=vloss if vc or self.world > 1 else None, text_loss=tloss,
+                   text_acc=float(stats[2] / stats[3].clamp_min(1)), lr=self.sched.get_last_lr()[0],
+                   grad_norm=None if gnorm is None else float(gnorm),
+                   modes={m: sum(s.mode == m for s in samples) for m in ("joint", "understanding", "generation")},
+                   dropped=sum(s.dropped for s in samples))
+        self.step += 1
+        return rec
+
+    # ------------------------------------------------------------------ loop
+    def train(self, steps: int | None = None) -> list[dict]:
+        """Run until ``steps`` (default ``cfg.steps``) total steps; returns the records of this call."""
+        end = self.cfg.steps if steps is None else steps
+        recs = []
+        bar = None
+        if self.cfg.progress and self.rank == 0:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=end, initial=self.step, desc=f"stage {self.cfg.stage}", dynamic_ncols=True, leave=False)
+        t0 = time.time()
+        log = None
+        if self.out and self.rank == 0:
+            log = open(self.out / "log.jsonl", "a")
+        try:
+            while self.step < end:
+                rec = self.train_step()
+                rec["seconds"] = time.time() - t0
+                recs.append(rec)
+                self.history.append(rec)
+                if bar:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec['text_acc']:.2f}")
+                if log and (self.step % self.cfg.log_every == 0 or self.step == end):
+                    log.write(json.dumps({k: v for k, v in rec.items()}) + "\n")
+                    log.flush()
+                if self.out and self.cfg.save_every and self.step % self.cfg.save_every == 0:
+                    self.save()
+        finally:
+            if bar:
+                bar.close()
+            if log:
+                log.close()
+        if self.out:
+            self.save()
+        return recs
+
+    # ------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        msd, osd = get_state_dict(self.wrapped, self.opt,
+                                  options=StateDictOptions(full_state_dict=True, cpu_offload=self.world > 1))
+        return dict(model=msd, optimizer=osd, scheduler=self.sched.state_dict(), step=self.step,
+                    data_position=dict(step=self.step, batch_size=self.cfg.batch_size, seed=self.cfg.seed),
+                    rng=dict(torch=torch.get_rng_state(), python=random.getstate(),
+                             cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None),
+                    train_config=_jsonable(asdict(self.cfg)), model_config=self.model.config.to_dict())
+
+    def save(self, path: str | Path | None = None) -> Path | None:
+        """Atomic save (temporary file + rename) by rank 0; every rank must call it (collective)."""
+        path = Path(path) if path else (self.out / "checkpoint.pt")
+        sd = self.state_dict()
+        if self.rank == 0:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+            torch.save(sd, tmp)
+            os.replace(tmp, path)
+        if self.world > 1:
+            dist.barrier()
+        return path
+
+    def load(self, path: str | Path) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        sd = torch.load(path, map_location="cpu", weights_only=False)
+        set_state_dict(self.wrapped, self.opt, model_state_dict=sd["model"], optim_state_dict=sd["optimizer"],
+                       options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
+        self.sched.load_state_dict(sd["scheduler"])
+        self.step = int(sd["step"])
+        dp = sd["data_position"]
+        if dp["batch_size"] != self.cfg.batch_size or dp["seed"] != self.cfg.seed:
+            raise ValueError(f"checkpoint data position {dp} does not match batch_size={self.cfg.batch_size}, seed={self.cfg.seed}")
+        torch.set_rng_state(sd["rng"]["torch"])
+        random.setstate(sd["rng"]["python"])
+        if sd["rng"].get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(sd["rng"]["cuda"])
+
+    def resume_if_possible(self) -> bool:
+        if self.out and (self.out / "checkpoint.pt").exists():
+            self.load(self.out / "checkpoint.pt")
+            return True
+        return False
+
+
+class _Null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *a):
+        return False
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x

@@ -118,7 +118,7 @@ if HAS_TRITON:
         B_TRANS: tl.constexpr, EPILOGUE: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RES: tl.constexpr,
         WRITE_AUX: tl.constexpr, WRITE_H: tl.constexpr, K_MAX: tl.constexpr, N_MAX: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-        IEEE: tl.constexpr,
+        ALIGNED: tl.constexpr, IEEE: tl.constexpr,
     ):
         """C[rows of segment s] = A[rows, :K_e] @ B_e (+ epilogue), e = SEG_EXPERT[s] in {0, 1}.
 
@@ -147,6 +147,9 @@ if HAS_TRITON:
             BIAS = BIAS1
             K = K1
             N = N1
+        if ALIGNED:  # every K_e, N_e a multiple of 16 (host-checked): keeps loads vectorised
+            K = tl.multiple_of(K, 16)
+            N = tl.multiple_of(N, 16)
         n0 = pid_n * BLOCK_N
         if n0 >= N:  # an expert narrower than N_MAX
             return
@@ -155,20 +158,20 @@ if HAS_TRITON:
         rows = tl.where(row_ok, rows, row0).to(tl.int64)
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < N
-        cols_safe = tl.where(col_ok, cols, 0).to(tl.int64)
+        # columns stay unclamped (contiguous, so loads/stores vectorise); masks guard the tail
         ks = tl.arange(0, BLOCK_K)
         a_ptrs = A + rows[:, None] * stride_am + ks[None, :]
         if B_TRANS:
-            b_ptrs = B + cols_safe[None, :] * K + ks[:, None]
+            b_ptrs = B + cols[None, :].to(tl.int64) * K + ks[:, None]
             b_step = BLOCK_K
         else:
-            b_ptrs = B + ks[:, None].to(tl.int64) * N + cols_safe[None, :]
+            b_ptrs = B + ks[:, None].to(tl.int64) * N + cols[None, :]
             b_step = BLOCK_K * N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             k_ok = (k0 + ks) < K
             a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
+            b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
             if IEEE:
                 acc += tl.dot(a, b, input_precision="ieee")
             else:
@@ -177,45 +180,56 @@ if HAS_TRITON:
             b_ptrs += b_step
         mask = row_ok[:, None] & col_ok[None, :]
         if EPILOGUE == 1:  # + b1, keep the pre-activation, GELU(tanh)
-            acc += tl.load(BIAS + cols_safe, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            acc += tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
             if WRITE_AUX:
-                tl.store(AUX + rows[:, None] * stride_auxm + cols_safe[None, :], acc.to(AUX.dtype.element_ty), mask=mask)
+                tl.store(AUX + rows[:, None] * stride_auxm + cols[None, :], acc.to(AUX.dtype.element_ty), mask=mask)
             acc = 0.5 * acc * (1.0 + _tanh(0.7978845608028654 * (acc + 0.044715 * acc * acc * acc)))
         elif EPILOGUE == 2:  # + b2, then residual + gate[seg] * y in fp32
-            acc += tl.load(BIAS + cols_safe, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            acc += tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
             if WRITE_AUX:  # y itself, for the gate's gradient
-                tl.store(AUX + rows[:, None] * stride_auxm + cols_safe[None, :], acc.to(AUX.dtype.element_ty), mask=mask)
+                tl.store(AUX + rows[:, None] * stride_auxm + cols[None, :], acc.to(AUX.dtype.element_ty), mask=mask)
             if HAS_GATE:
-                acc = acc * tl.load(GATE + seg * stride_gate + cols_safe, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+                acc = acc * tl.load(GATE + seg * stride_gate + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
             if HAS_RES:
-                acc += tl.load(RES + rows[:, None] * stride_cm + cols_safe[None, :], mask=mask, other=0.0).to(tl.float32)
+                acc += tl.load(RES + rows[:, None] * stride_cm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         elif EPILOGUE == 3:  # dP = dH * gelu'(pre)
-            pre = tl.load(AUX + rows[:, None] * stride_auxm + cols_safe[None, :], mask=mask, other=0.0).to(tl.float32)
+            pre = tl.load(AUX + rows[:, None] * stride_auxm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             inner = 0.7978845608028654 * (pre + 0.044715 * pre * pre * pre)
             th = _tanh(inner)
             dgelu = 0.5 * (1.0 + th) + 0.5 * pre * (1.0 - th * th) * 0.7978845608028654 * (1.0 + 3 * 0.044715 * pre * pre)
             if WRITE_H:  # h = gelu(pre) for the weight gradient of W2 (no separate pass)
                 h = 0.5 * pre * (1.0 + th)
-                tl.store(H_OUT + rows[:, None] * stride_auxm + cols_safe[None, :], h.to(H_OUT.dtype.element_ty), mask=mask)
+                tl.store(H_OUT + rows[:, None] * stride_auxm + cols[None, :], h.to(H_OUT.dtype.element_ty), mask=mask)
             acc = acc * dgelu
-        tl.store(C + rows[:, None] * stride_cm + cols_safe[None, :], acc.to(C.dtype.element_ty), mask=mask)
+        tl.store(C + rows[:, None] * stride_cm + cols[None, :], acc.to(C.dtype.element_ty), mask=mask)
 
 
 def _gemm_configs():
-    # BLOCK_M is fixed by the tile table (128 on GPU); Hopper-friendly first, Ampere-friendly last.
+    # BLOCK_M is fixed by the tile table (128 on GPU). Hopper-friendly first, Ampere-friendly last.
     return [
         triton.Config({"BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
         triton.Config({"BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=4),  # Ampere-friendly
+        triton.Config({"BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=8, num_stages=3),
     ]
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """The gated-residual and GELU-gradient epilogues hold a second (BLOCK_M, BLOCK_N) fp32 tile:
+    with more than 64 accumulator values per thread they spill (ptxas, sm_90), so keep those out."""
+    heavy = kwargs.get("EPILOGUE", named_args.get("EPILOGUE")) in (EPI_BIAS_GATED, EPI_GELU_GRAD)
+    kept = [c for c in configs
+            if not heavy or _GPU_BLOCK_M * c.kwargs["BLOCK_N"] <= 64 * 32 * c.num_warps]
+    return kept or configs
 
 
 if HAS_TRITON:
     # Keyed on the expert sizes (shape bucket), never on T: a new video length does not re-tune.
     _grouped_gemm_tuned = triton.autotune(
         _gemm_configs(),
-        key=["K_MAX", "N_MAX", "B_TRANS", "EPILOGUE", "IEEE", "HAS_GATE", "HAS_RES", "WRITE_AUX", "WRITE_H"],
+        key=["K_MAX", "N_MAX", "B_TRANS", "EPILOGUE", "IEEE", "HAS_GATE", "HAS_RES", "WRITE_AUX", "WRITE_H", "ALIGNED"],
+        prune_configs_by={"early_config_prune": _prune_configs},
     )(_grouped_gemm_kernel)
 
 _GPU_BLOCK_M = 128
@@ -276,7 +290,7 @@ def _grouped_gemm(plan: _Plan, a: torch.Tensor, mats, biases, transpose: bool, o
     k_max, n_max = max(dims[0::2]), max(dims[1::2])
     meta = dict(B_TRANS=transpose, EPILOGUE=epilogue, HAS_GATE=gate is not None, HAS_RES=residual is not None,
                 WRITE_AUX=write_aux, WRITE_H=h_out is not None, K_MAX=k_max, N_MAX=n_max,
-                IEEE=a.dtype == torch.float32)
+                ALIGNED=all(d % 16 == 0 for d in dims), IEEE=a.dtype == torch.float32)
     if plan.interp:
         grid = (plan.num_tiles * triton.cdiv(n_max, _INTERP_BLOCKS["BLOCK_N"]),)
         _grouped_gemm_kernel[grid](*args, **meta, **_INTERP_BLOCKS)

@@ -109,7 +109,7 @@ if HAS_TRITON:
     def _tanh(x):
         return 2.0 * tl.sigmoid(2.0 * x) - 1.0
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["NUM_M_TILES"])  # tile count follows T: no recompiles per video size
     def _grouped_gemm_kernel(
         A, B0, B1, C, BIAS0, BIAS1, AUX, RES, GATE, H_OUT,
         TILE_SEG, TILE_ROW, SEG_OFF, SEG_EXPERT, NUM_M_TILES,

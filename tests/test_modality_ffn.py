@@ -108,6 +108,12 @@ def test_bad_segment_tables_and_dims():
         modality_ffn(x[:, :15], seg, seg_expert, experts)
     with pytest.raises(ValueError, match="gate must be"):
         modality_ffn(x, seg, seg_expert, experts, gate=gate[:1])
+    with pytest.raises(ValueError, match="residual must be"):
+        modality_ffn(x, seg, seg_expert, experts, residual=residual[:, :8])
+    with pytest.raises(ValueError, match=r"x must be a \(T, dim\)"):
+        modality_ffn(x[:, 0], seg, seg_expert, experts)
+    with pytest.raises(TypeError, match="must match x.dtype"):
+        modality_ffn(x, seg, seg_expert, [[t.half() for t in e] for e in experts])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled-kernel (bf16) check needs a GPU")

@@ -233,6 +233,8 @@ if HAS_TRITON:
     )(_grouped_gemm_kernel)
 
 _GPU_BLOCK_M = 128
+_SMALL_PROBLEM = 1 << 22  # T * N_max below this: the shape bucket "small", fixed config
+_SMALL_CONFIG = dict(BLOCK_N=64, BLOCK_K=32, GROUP_M=8)
 _INTERP_BLOCKS = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2)
 
 
@@ -294,6 +296,10 @@ def _grouped_gemm(plan: _Plan, a: torch.Tensor, mats, biases, transpose: bool, o
     if plan.interp:
         grid = (plan.num_tiles * triton.cdiv(n_max, _INTERP_BLOCKS["BLOCK_N"]),)
         _grouped_gemm_kernel[grid](*args, **meta, **_INTERP_BLOCKS)
+    elif meta["IEEE"] or T * n_max < _SMALL_PROBLEM:
+        # fp32 (CUDA-core dot) and small problems: one fixed config, no tuning (and no compiles) for them
+        grid = (plan.num_tiles * triton.cdiv(n_max, _SMALL_CONFIG["BLOCK_N"]),)
+        _grouped_gemm_kernel[grid](*args, **meta, BLOCK_M=plan.block_m, **_SMALL_CONFIG, num_warps=4, num_stages=3)
     else:
         grid = lambda META: (plan.num_tiles * triton.cdiv(n_max, META["BLOCK_N"]),)  # noqa: E731
         _grouped_gemm_tuned[grid](*args, **meta, BLOCK_M=plan.block_m)

@@ -91,9 +91,11 @@ class FeedForward(torch.nn.Module):
 #   C[rows of segment s, n] = A[rows, :K_e] @ B_e[:K_e, n] (+ epilogue),   e = seg_expert[s]
 # The two experts' weights are separate kernel arguments (aligned, used in place: no stacking, no
 # gather/scatter of rows); each segment's program picks its expert's pointer and sizes.
-# Tile scheduler: a flat table of (segment, first row) M-tiles over every segment of every sample;
-# program (i, j) computes M-tile i x N-tile j, so a 1-token text segment costs one tile row and a
-# 30K-token video segment 256 of them, all in the same launch.
+# Tile scheduler: a flat table of (segment, first row) M-tiles over every segment of every sample
+# (built on the host, cached per segment table); one 1-D launch covers (M-tile, N-tile) pairs with a
+# global index, swizzled in bands of GROUP_M M-tiles for L2 reuse. A 1-token text segment costs one
+# M-tile and a 30K-token video segment 256 of them, all in the same launch; N-tiles past a narrower
+# expert's F_e exit at once.
 
 EPI_NONE, EPI_BIAS_GELU, EPI_BIAS_GATED, EPI_GELU_GRAD = 0, 1, 2, 3
 

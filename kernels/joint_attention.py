@@ -69,10 +69,12 @@ def joint_attention_reference(
         if ke == ks:  # nothing to attend to: defined as zeros (flash-attn convention)
             out[qs:qe] = 0
             continue
+        # 4-D (1, H, L, hd) inputs so PyTorch can pick its flash / cuDNN backends (3-D falls back to math)
         o = F.scaled_dot_product_attention(
-            q[qs:qe].transpose(0, 1), k[ks:ke].transpose(0, 1), v[ks:ke].transpose(0, 1), scale=softmax_scale
+            q[qs:qe].transpose(0, 1)[None], k[ks:ke].transpose(0, 1)[None], v[ks:ke].transpose(0, 1)[None],
+            scale=softmax_scale,
         )
-        out[qs:qe] = o.transpose(0, 1)
+        out[qs:qe] = o[0].transpose(0, 1)
     return out
 
 

@@ -43,3 +43,30 @@ def test_wheel_declares_the_cli_entry_point(wheel):
     z = zipfile.ZipFile(wheel)
     ep = next(n for n in z.namelist() if n.endswith(".dist-info/entry_points.txt"))
     assert "univigu-fast = univigu_fast.cli:app" in z.read(ep).decode()
+
+
+def test_profile_cli_json_on_tiny():
+    """``univigu-fast profile --json`` runs on CPU (tiny config) and reports per-component numbers.
+    (The reference model only: the fast one runs in Triton's slow interpreter on CPU; its numerics
+    are tests/test_fast_model.py's business, its timings the GPU pass's.)"""
+    import json
+
+    from typer.testing import CliRunner
+
+    from univigu_fast.cli import app
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["profile", "--json", "--no-fast", "--mode", "joint"])
+    assert result.exit_code == 0, result.output[-2000:]
+    doc = json.loads(result.output[result.output.index("{"):])
+    assert doc["shape"] == "tiny" and doc["layers"] == 2 and set(doc["results"]) == {"reference"}
+    if doc["device"] == "cpu":
+        assert doc["timings"].startswith("CPU")
+    secs = doc["results"]["reference"]["seconds"]
+    comps = ("attention", "cross_attention", "ffn", "glue", "decode", "other", "total")
+    assert set(comps) <= set(secs) and all(secs[c] >= 0 for c in comps) and secs["total"] > 0
+    assert all(doc["flops"][c] > 0 for c in ("attention", "cross_attention", "ffn", "decode"))
+    assert doc["flops"]["total"] == sum(v for k, v in doc["flops"].items() if k != "total")
+    table = runner.invoke(app, ["profile", "--no-fast", "--mode", "video"])
+    assert table.exit_code == 0 and "attention" in table.output and "decode" not in table.output
+    assert runner.invoke(app, ["profile", "--no-fast", "--no-reference"]).exit_code != 0

@@ -41,7 +41,8 @@ def profile(
     mode: str = typer.Option("joint", help="joint | understanding | generation | video (no text stream)."),
     layers: Optional[int] = typer.Option(None, help="Override the number of layers (FLOPs and times scale linearly)."),
     dtype: str = typer.Option("bf16", help="bf16 | fp16 | fp32 (CPU always runs fp32)."),
-    reference: bool = typer.Option(True, help="Also profile the reference model, side by side."),
+    reference: bool = typer.Option(True, help="Profile the reference model (pure PyTorch), side by side."),
+    fast: bool = typer.Option(True, help="Profile the fast model (Triton kernels; on CPU they run in the slow interpreter)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ):
     """Per-component FLOPs, latency, TFLOP/s, % of peak and peak memory of one denoising step, fast vs reference."""
@@ -63,7 +64,7 @@ def profile(
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype] if on_gpu else torch.float32
     torch.manual_seed(0)
     with torch.device(device):
-        fast = UniViGUModel(cfg).to(torch_dtype).eval()
+        fast_model = UniViGUModel(cfg).to(torch_dtype).eval()
     inputs = P.make_inputs(shape_obj, cfg, mode, device, torch_dtype)
     decode = mode != "video"
     flops = P.component_flops(shape_obj, cfg, mode, decode=decode)
@@ -82,21 +83,24 @@ def profile(
         peak_tflops = 10 * 2 * n**3 / (time.perf_counter() - t0) / 1e12
         del a
 
+    if not (fast or reference):
+        raise typer.BadParameter("nothing to profile: --no-fast and --no-reference together")
     results = {}
-    models = [("triton", fast)]
+    models = [("triton", fast_model)] if fast else []
     if reference:
         ref = ReferenceModel(cfg)
-        ref.load_state_dict(fast.state_dict(), assign=True)  # shares the weights
+        ref.load_state_dict(fast_model.state_dict(), assign=True)  # shares the weights
         models.append(("reference", ref.eval()))
     for name, model in models:
         if on_gpu:
             torch.cuda.reset_peak_memory_stats()
-        comps = P.profile_components(model, inputs, decode)
-        total = P.time_step(model, inputs, decode, reps=3 if on_gpu else 1)
-        comps["total"] = total
+        comps = P.profile_components(model, inputs, decode, reps=5 if on_gpu else 3)
+        instrumented = comps["total"]  # with a sync around every op
+        comps["total"] = P.time_step(model, inputs, decode, reps=5 if on_gpu else 1)  # plain step, median
         results[name] = {
             "seconds": comps,
             "peak_mem_bytes": torch.cuda.max_memory_allocated() if on_gpu else None,
+            "instrumented_total_seconds": instrumented,
             "peak_rss_bytes": _peak_rss_bytes(),  # whole process, so on CPU it bounds both models together
         }
     total_flops = sum(flops.values())
@@ -113,9 +117,11 @@ def profile(
     typer.echo(f"univigu-fast profile: shape={shape_obj.name} mode={mode} layers={cfg.num_layers} "
                f"dtype={doc['dtype']} device={doc['device']}")
     if not on_gpu:
-        typer.echo("NOTE: no GPU found - these are CPU timings of the tiny config (kernels in Triton's interpreter).")
+        typer.echo("NOTE: no GPU found - these are CPU timings" + (" of the tiny config" if shape_obj.name == "tiny" else "")
+                   + (" (kernels in Triton's interpreter)." if fast else "."))
     header = f"{'component':<16}{'GFLOP':>12}" + "".join(f"{n + ' ms':>18}{n + ' TF/s':>18}" for n, _ in models)
-    if peak_tflops:
+    show_peak = bool(peak_tflops) and "triton" in results
+    if show_peak:
         header += f"{'% peak (triton)':>17}"
     typer.echo(header)
     for comp in ("attention", "cross_attention", "ffn", "glue", "decode", "other", "total"):
@@ -127,10 +133,12 @@ def profile(
             s = results[name]["seconds"].get(comp, 0.0)
             tf = fl / s / 1e12 if s > 0 and fl else 0.0
             line += f"{s * 1e3:>18.3f}{tf:>18.3f}"
-        if peak_tflops:
+        if show_peak:
             s = results["triton"]["seconds"].get(comp, 0.0)
             line += f"{(100 * fl / s / 1e12 / peak_tflops if s > 0 and fl else 0.0):>17.1f}"
         typer.echo(line)
+    typer.echo("(components: median of op-by-op synchronised steps, 'other' = the rest of such a step; "
+               "total: median plain step)")
     for name, _ in models:
         pm = results[name]["peak_mem_bytes"]
         if pm is not None:
@@ -139,7 +147,7 @@ def profile(
         typer.echo(f"peak memory (process RSS, CPU): {results[models[-1][0]]['peak_rss_bytes'] / 2**20:.1f} MiB")
     if doc.get("nvml"):
         typer.echo(f"NVML: memory used {doc['nvml']['nvml_memory_used_bytes'] / 2**30:.2f} GiB, power {doc['nvml']['nvml_power_w']:.0f} W")
-    if reference and "reference" in results:
+    if "reference" in results and "triton" in results:
         typer.echo(f"speed-up (reference / triton, total): {results['reference']['seconds']['total'] / results['triton']['seconds']['total']:.2f}x")
 
 

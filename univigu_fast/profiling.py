@@ -137,23 +137,32 @@ def time_step(model, inputs: dict, decode: bool, reps: int = 3) -> float:
     return times[len(times) // 2]
 
 
-def profile_components(model, inputs: dict, decode: bool) -> dict[str, float]:
-    """Seconds per component in one step (ops timed one by one; ``other`` is the untimed rest)."""
+def profile_components(model, inputs: dict, decode: bool, reps: int = 3) -> dict[str, float]:
+    """Seconds per component in one step: ops timed one by one over ``reps`` instrumented steps (after a
+    warm-up), the median per component; ``other`` is the rest of the median instrumented step."""
     timed = TimedOps(type(model).ops)
     model.ops = timed.ops()
+    runs = []
     try:
         step(model, inputs, decode)  # warm-up (compiles / autotunes)
-        timed.seconds.clear()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        step(model, inputs, decode)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        total = time.perf_counter() - t0
+        for _ in range(max(reps, 1)):
+            timed.seconds.clear()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            step(model, inputs, decode)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            runs.append({**timed.seconds, "total": time.perf_counter() - t0})
     finally:
         del model.ops  # back to the class's ops
-    out = dict(timed.seconds)
+
+    def median(xs):
+        xs = sorted(xs)
+        return xs[len(xs) // 2]
+
+    out = {k: median([r.get(k, 0.0) for r in runs]) for k in runs[0]}
+    total = out.pop("total")
     out["other"] = max(total - sum(out.values()), 0.0)
     out["total"] = total
     return out

@@ -189,13 +189,18 @@ class UniViGUModelBase(nn.Module):
                 if discrete:
                     if t.dim() != 1 or t.is_floating_point():
                         raise ValueError(f"text[{i}] must be 1-D integer token ids for text_flow='discrete', got {t.dtype} {tuple(t.shape)}")
-                    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= c.text_vocab_size):
-                        raise ValueError(f"text[{i}] has token ids outside [0, {c.text_vocab_size}): min {int(t.min())}, max {int(t.max())}")
                 else:
                     if t.dim() != 2 or t.shape[-1] != c.dim:
                         raise ValueError(f"text[{i}] must be (N, dim={c.dim}) embeddings for text_flow='embedding', got {tuple(t.shape)}")
                     if t.dtype != dtype:
                         raise TypeError(f"text dtype {t.dtype} does not match video_latents dtype {dtype}")
+            if discrete and any(t.numel() for t in texts):  # one host sync for the whole batch
+                lo, hi = torch.stack(torch.aminmax(torch.cat([t.reshape(-1) for t in texts]))).tolist()
+                if lo < 0 or hi >= c.text_vocab_size:
+                    bad = next(i for i, t in enumerate(texts)
+                               if t.numel() and (int(t.min()) < 0 or int(t.max()) >= c.text_vocab_size))
+                    raise ValueError(f"text[{bad}] has token ids outside [0, text_vocab_size={c.text_vocab_size}): "
+                                     f"min {int(texts[bad].min())}, max {int(texts[bad].max())}")
             tau_text = self._check_tau(tau_text, B, "tau_text")
         return dict(videos=videos, grids=grids, batched_video=batched_video, tau_video=tau_video, prompts=prompts,
                     texts=texts, batched_text=batched_text, has_text=text is not None, tau_text=tau_text,

@@ -184,7 +184,10 @@ def _infer_config(sd: dict, overrides: dict, head_dim: int | None = None) -> Uni
 
 
 def from_uni_vigu(cls, ckpt, config: UniViGUConfig | None = None, **overrides):
-    """Load a public-implementation checkpoint (path or dict) into ``cls``; strict key match."""
+    """Load a public-implementation checkpoint (path or dict) into ``cls``; strict key match.
+
+    Shapes cannot tell the ``mask`` source (``vocab_embed`` has V + 1 rows) from ``uniform`` (V rows):
+    pass ``discrete_source="mask"`` for a checkpoint trained with the mask source."""
     if isinstance(ckpt, (str, Path)):
         ckpt = torch.load(str(ckpt), map_location="cpu", weights_only=True)
     if not isinstance(ckpt, dict):

@@ -1,16 +1,25 @@
 """Gated residual with a per-segment gate (DESIGN §5.4): ``h + gate[s] * y``, fp32 math as Wan.
 
-Triton path: one read of ``h`` and ``y``, one write, the gate row picked per token from its segment.
+Shapes: h, y (T, dim) packed rows; seg_offsets int32 (S+1,) (empty segments allowed); gate (S, dim).
+Paper Eq. 14: ``x <- x + g_s * Attn(...)`` with the gate of the row's modality segment.
+
+Triton path: the chunked segment walk of ``modulated_layer_norm.py`` (segment found in-kernel, the
+gate row loaded once per segment); one read of ``h`` and ``y``, one write. Backward in one pass:
+``dh = dout``, ``dy = gate[s] * dout`` and ``dgate[s] = sum_rows dout * y`` (per-program register
+sums, one fp32 atomic per column and segment).
 """
 from __future__ import annotations
 
 import torch
 
-from ._utils import HAS_TRITON, expand_segments, log_once, segment_sum, token_segments, use_triton
+from ._utils import HAS_TRITON, expand_segments, log_once, use_triton
+from .modulated_layer_norm import geometry
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
+
+    from .modulated_layer_norm import segment_of
 
 
 def gated_residual_reference(h: torch.Tensor, y: torch.Tensor, seg_offsets: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
@@ -21,56 +30,132 @@ def gated_residual_reference(h: torch.Tensor, y: torch.Tensor, seg_offsets: torc
 if HAS_TRITON:
 
     @triton.jit
-    def _gated_residual_kernel(H, Y, OUT, SEG, GATE, D, stride_h, stride_y, stride_o, stride_g,
-                               BLOCK_D: tl.constexpr):
-        row = tl.program_id(0)
+    def _gated_residual_fwd_kernel(H, Y, OUT, OFF, GATE, T, D, S, chunk, stride_h, stride_y, stride_o, stride_g,
+                                   BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+        r0 = tl.program_id(0) * chunk
+        r1 = tl.minimum(r0 + chunk, T)
         cols = tl.arange(0, BLOCK_D)
-        ok = cols < D
-        seg = tl.load(SEG + row)
-        h = tl.load(H + row.to(tl.int64) * stride_h + cols, mask=ok, other=0.0).to(tl.float32)
-        y = tl.load(Y + row.to(tl.int64) * stride_y + cols, mask=ok, other=0.0).to(tl.float32)
-        g = tl.load(GATE + seg * stride_g + cols, mask=ok, other=0.0).to(tl.float32)
-        tl.store(OUT + row.to(tl.int64) * stride_o + cols, (h + g * y).to(OUT.dtype.element_ty), mask=ok)
+        col_ok = cols < D
+        for s in range(segment_of(OFF, S, r0), segment_of(OFF, S, r1 - 1) + 1):
+            lo = tl.maximum(tl.load(OFF + s), r0)
+            hi = tl.minimum(tl.load(OFF + s + 1), r1)
+            g = tl.load(GATE + s * stride_g + cols, mask=col_ok, other=0.0).to(tl.float32)
+            for r in range(lo, hi, BLOCK_T):
+                rows = (r + tl.arange(0, BLOCK_T)).to(tl.int64)
+                m = (rows < hi)[:, None] & col_ok[None, :]
+                h = tl.load(H + rows[:, None] * stride_h + cols[None, :], mask=m, other=0.0).to(tl.float32)
+                y = tl.load(Y + rows[:, None] * stride_y + cols[None, :], mask=m, other=0.0).to(tl.float32)
+                tl.store(OUT + rows[:, None] * stride_o + cols[None, :], (h + g[None, :] * y).to(OUT.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def _gated_residual_bwd_kernel(DOUT, Y, DY, OFF, GATE, DGATE, T, D, S, chunk, stride_do, stride_y, stride_dy, stride_g,
+                                   BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+        r0 = tl.program_id(0) * chunk
+        r1 = tl.minimum(r0 + chunk, T)
+        cols = tl.arange(0, BLOCK_D)
+        col_ok = cols < D
+        for s in range(segment_of(OFF, S, r0), segment_of(OFF, S, r1 - 1) + 1):
+            lo = tl.maximum(tl.load(OFF + s), r0)
+            hi = tl.minimum(tl.load(OFF + s + 1), r1)
+            g = tl.load(GATE + s * stride_g + cols, mask=col_ok, other=0.0).to(tl.float32)
+            acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+            for r in range(lo, hi, BLOCK_T):
+                rows = (r + tl.arange(0, BLOCK_T)).to(tl.int64)
+                m = (rows < hi)[:, None] & col_ok[None, :]
+                dout = tl.load(DOUT + rows[:, None] * stride_do + cols[None, :], mask=m, other=0.0).to(tl.float32)
+                y = tl.load(Y + rows[:, None] * stride_y + cols[None, :], mask=m, other=0.0).to(tl.float32)
+                tl.store(DY + rows[:, None] * stride_dy + cols[None, :], (g[None, :] * dout).to(DY.dtype.element_ty), mask=m)
+                acc += tl.sum(dout * y, 0)
+            tl.atomic_add(DGATE + s * D + cols, acc, mask=col_ok & (hi > lo))
 
 
-def _launch(h, y, seg, gate):
+@torch.library.custom_op("univigu_fast::gated_residual_fwd", mutates_args=())
+def _gated_residual_fwd_op(h: torch.Tensor, y: torch.Tensor, seg_offsets: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     T, D = h.shape
     out = torch.empty_like(h)
     if T:
-        _gated_residual_kernel[(T,)](h, y, out, seg, gate, D, h.stride(0), y.stride(0), out.stride(0), gate.stride(0),
-                                     BLOCK_D=triton.next_power_of_2(D), num_warps=4)
+        block_t, block_d, chunk, programs, num_warps = geometry(T, D, h.device)
+        _gated_residual_fwd_kernel[(programs,)](
+            h, y, out, seg_offsets, gate, T, D, seg_offsets.numel() - 1, chunk,
+            h.stride(0), y.stride(0), out.stride(0), gate.stride(0),
+            BLOCK_T=block_t, BLOCK_D=block_d, num_warps=num_warps)
     return out
 
 
-class _GatedResidual(torch.autograd.Function):
+@_gated_residual_fwd_op.register_fake
+def _(h, y, seg_offsets, gate):
+    return torch.empty_like(h)
+
+
+@torch.library.custom_op("univigu_fast::gated_residual_bwd", mutates_args=())
+def _gated_residual_bwd_op(dout: torch.Tensor, y: torch.Tensor, seg_offsets: torch.Tensor,
+                           gate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    T, D = y.shape
+    S = seg_offsets.numel() - 1
+    dy = torch.empty_like(y)
+    dgate = torch.zeros((S, D), device=y.device, dtype=torch.float32)
+    if T:
+        block_t, block_d, chunk, programs, num_warps = geometry(T, D, y.device, programs_per_sm=4)
+        _gated_residual_bwd_kernel[(programs,)](
+            dout, y, dy, seg_offsets, gate, dgate, T, D, S, chunk,
+            dout.stride(0), y.stride(0), dy.stride(0), gate.stride(0),
+            BLOCK_T=block_t, BLOCK_D=block_d, num_warps=num_warps)
+    return dy, dgate
+
+
+@_gated_residual_bwd_op.register_fake
+def _(dout, y, seg_offsets, gate):
+    return torch.empty_like(y), y.new_empty((seg_offsets.shape[0] - 1, y.shape[1]), dtype=torch.float32)
+
+
+class GatedResidualFunction(torch.autograd.Function):
+    """Autograd wrapper of the fused forward / backward custom ops (inputs validated, unit last stride)."""
+
     @staticmethod
     def forward(ctx, h, y, seg_offsets, gate):
-        seg = token_segments(seg_offsets, h.shape[0])
-        gate_f = gate.float().contiguous()
-        ctx.save_for_backward(y, seg, gate_f)
-        ctx.gate_dtype, ctx.y_dtype = gate.dtype, y.dtype
-        return _launch(h, y, seg, gate_f)
+        ctx.save_for_backward(y, seg_offsets, gate)
+        ctx.h_dtype, ctx.gate_dtype = h.dtype, gate.dtype
+        return _gated_residual_fwd_op(h, y, seg_offsets, gate)
 
     @staticmethod
     def backward(ctx, dout):
-        y, seg, gate_f = ctx.saved_tensors
+        y, seg_offsets, gate = ctx.saved_tensors
         dout = dout.contiguous()
-        zeros = torch.zeros_like(dout, dtype=ctx.y_dtype)
-        dy = _launch(zeros, dout.to(ctx.y_dtype), seg, gate_f)  # gate[seg] * dout, the same kernel
-        dgate = segment_sum(dout.float() * y.float(), seg, gate_f.shape[0]).to(ctx.gate_dtype)
-        return dout, dy, None, dgate
+        dy, dgate = _gated_residual_bwd_op(dout, y, seg_offsets, gate)
+        return dout.to(ctx.h_dtype), dy, None, dgate.to(ctx.gate_dtype)
 
 
 def gated_residual(h: torch.Tensor, y: torch.Tensor, seg_offsets: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-    """``h + gate[seg] * y`` (fp32 math, result in h.dtype); h, y (T, dim), gate (S, dim). Differentiable in h, y, gate."""
-    if h.dim() != 2 or h.shape != y.shape:
+    """``h + gate[seg] * y`` (fp32 math, result in h.dtype); h, y (T, dim), gate (S, dim), seg_offsets int32 (S+1,).
+
+    Differentiable in h, y and gate. ``h`` and ``y`` may differ in dtype (e.g. an fp32 residual
+    stream and a bf16 branch under autocast). Triton on CUDA / under the interpreter, else the reference.
+    """
+    for name, t in (("h", h), ("y", y)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 2 or not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating (T, dim) tensor, got "
+                             f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
+    if h.shape != y.shape:
         raise ValueError(f"h and y must both be (T, dim), got {tuple(h.shape)} and {tuple(y.shape)}")
+    if not isinstance(seg_offsets, torch.Tensor) or seg_offsets.dtype != torch.int32 or seg_offsets.dim() != 1 \
+            or seg_offsets.numel() < 2:
+        raise TypeError(f"seg_offsets must be a 1-D int32 tensor of S+1 >= 2 offsets, got "
+                        f"{getattr(seg_offsets, 'dtype', type(seg_offsets).__name__)} {tuple(getattr(seg_offsets, 'shape', ()))}")
     S = seg_offsets.numel() - 1
-    if gate.shape != (S, h.shape[1]):
-        raise ValueError(f"gate must be (S={S}, dim={h.shape[1]}), got {tuple(gate.shape)}")
-    if seg_offsets.dtype != torch.int32:
-        raise TypeError(f"seg_offsets must be int32, got {seg_offsets.dtype}")
-    if not use_triton(h, y, gate) or h.stride(-1) != 1 or y.stride(-1) != 1:
+    if not isinstance(gate, torch.Tensor) or gate.shape != (S, h.shape[1]) or not gate.is_floating_point():
+        raise ValueError(f"gate must be a floating (S={S}, dim={h.shape[1]}) tensor, got "
+                         f"{getattr(gate, 'dtype', type(gate).__name__)} {tuple(getattr(gate, 'shape', ()))}")
+    if not use_triton(h, y, seg_offsets, gate):
         log_once("gated_residual: Triton unavailable for these tensors; using the PyTorch reference")
         return gated_residual_reference(h, y, seg_offsets, gate)
-    return _GatedResidual.apply(h, y, seg_offsets, gate)
+    h, y, gate = (t if t.stride(-1) == 1 else t.contiguous() for t in (h, y, gate))
+    if torch.is_grad_enabled() and (h.requires_grad or y.requires_grad or gate.requires_grad):
+        return GatedResidualFunction.apply(h, y, seg_offsets, gate)
+    return _gated_residual_fwd_op(h, y, seg_offsets, gate)
+
+
+class GatedResidual(torch.nn.Module):
+    """Thin module: ``forward(h, y, seg_offsets, gate) = h + gate[seg] * y``."""
+
+    def forward(self, h, y, seg_offsets, gate):
+        return gated_residual(h, y, seg_offsets, gate)

@@ -1,22 +1,38 @@
 """LayerNorm (no affine) + per-segment modulation, the adaLN of every Wan block (DESIGN §5.4).
 
-``out = LN(x) * (1 + scale[s]) + shift[s]`` for the rows of segment ``s``; computed in fp32 and
-returned in ``x.dtype``, exactly as Wan (``norm1(x.float()) * (1 + scale) + shift``).
+``out = LN(x) * (1 + scale[s]) + shift[s]`` for the rows of segment ``s`` (paper Eq. 14: the shared
+``scale_shift_table`` plus the segment's own time embedding); computed in fp32 and returned in
+``x.dtype``, exactly as Wan (``norm1(x.float()) * (1 + scale) + shift``).
 
-Triton path: one program per row, a single read of ``x`` and write of ``out`` (Wan's eager form
-makes ~6 passes with fp32 temporaries). Backward: ``dx`` in one kernel; ``dscale``/``dshift`` are
-per-segment sums done with ``index_add_``.
+Shapes: x (T, dim) packed rows; seg_offsets int32 (S+1,) (empty segments allowed); shift, scale (S, dim).
+
+Triton path. The packed rows are cut into ``P`` contiguous chunks, one program each; a program walks
+the segments its chunk overlaps (found in-kernel from ``seg_offsets``: no per-token index tensor, no
+host sync), loads that segment's ``shift``/``scale`` rows once and streams ``BLOCK_T`` rows at a time:
+one read of ``x``, one write of ``out`` (Wan's eager form makes ~6 passes with fp32 temporaries).
+Backward: ``dx`` in the same single pass; ``dshift[s] = sum_rows dout`` and
+``dscale[s] = sum_rows dout * xhat`` are accumulated in registers per (program, segment) and added
+with one fp32 atomic per column, so no (T, dim) temporary is written.
+
+The launchers are ``torch.library`` custom ops (opaque to ``torch.compile``) wrapped in an
+``autograd.Function``.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
 
-from ._utils import HAS_TRITON, expand_segments, log_once, segment_sum, token_segments, use_triton
+from ._utils import HAS_TRITON, expand_segments, interpreting, log_once, use_triton
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
+
+MAX_BLOCK_T = 16  # rows per inner step (fewer for wide rows: BLOCK_T * BLOCK_D <= 8192)
+INTERPRETER_PROGRAMS = 4  # chunks under the interpreter (kept small: every program is emulated on the CPU)
+PROGRAMS_PER_SM = 8
 
 
 def modulated_layer_norm_reference(
@@ -28,75 +44,186 @@ def modulated_layer_norm_reference(
     return out.to(x.dtype)
 
 
+# ----------------------------------------------------------------------------------------------
+# Launch geometry shared by the three glue ops (gated_residual.py and rms_norm.py import it)
+# ----------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def geometry(T: int, D: int, device: torch.device, programs_per_sm: int = PROGRAMS_PER_SM):
+    """``(BLOCK_T, BLOCK_D, chunk, programs, num_warps)`` for ``T`` rows of width ``D``.
+
+    ``chunk`` (a multiple of ``BLOCK_T``) rows per program; ``programs = cdiv(T, chunk)``.
+    """
+    block_d = triton.next_power_of_2(max(D, 1))
+    block_t = max(1, min(MAX_BLOCK_T, 8192 // block_d))
+    n_blocks = triton.cdiv(T, block_t)
+    if device.type == "cuda":
+        cap = programs_per_sm * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    else:
+        cap = INTERPRETER_PROGRAMS
+    programs = max(1, min(cap, n_blocks))
+    chunk = triton.cdiv(n_blocks, programs) * block_t
+    programs = triton.cdiv(T, chunk)
+    elems = block_t * block_d
+    num_warps = 16 if elems >= 16384 else 8 if elems >= 4096 else 4
+    return block_t, block_d, chunk, programs, num_warps
+
+
 if HAS_TRITON:
 
     @triton.jit
-    def _mln_fwd_kernel(X, OUT, SEG, SHIFT, SCALE, MEAN, RSTD, D, stride_x, stride_o, stride_mod, eps,
-                        BLOCK_D: tl.constexpr):
-        row = tl.program_id(0)
-        cols = tl.arange(0, BLOCK_D)
-        ok = cols < D
-        x = tl.load(X + row.to(tl.int64) * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
-        mean = tl.sum(x, 0) / D
-        diff = tl.where(ok, x - mean, 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, 0) / D + eps)
-        seg = tl.load(SEG + row)
-        shift = tl.load(SHIFT + seg * stride_mod + cols, mask=ok, other=0.0).to(tl.float32)
-        scale = tl.load(SCALE + seg * stride_mod + cols, mask=ok, other=0.0).to(tl.float32)
-        out = diff * rstd * (1.0 + scale) + shift
-        tl.store(OUT + row.to(tl.int64) * stride_o + cols, out.to(OUT.dtype.element_ty), mask=ok)
-        tl.store(MEAN + row, mean)
-        tl.store(RSTD + row, rstd)
+    def segment_of(OFF, S, row):
+        """Index of the segment holding ``row`` (int32 scalar): the number of ``OFF[1..S-1]`` that are ``<= row``.
+        Empty segments are skipped naturally (their end equals the next start)."""
+        seg = row - row
+        for s in range(1, S):
+            seg += (tl.load(OFF + s) <= row).to(tl.int32)
+        return seg
 
     @triton.jit
-    def _mln_bwd_kernel(X, DOUT, DX, XHAT, SEG, SCALE, MEAN, RSTD, D, stride_x, stride_do, stride_dx, stride_mod,
-                        BLOCK_D: tl.constexpr):
-        row = tl.program_id(0)
+    def _mln_fwd_kernel(X, OUT, OFF, SHIFT, SCALE, MEAN, RSTD, T, D, S, chunk,
+                        stride_x, stride_o, stride_shift, stride_scale, eps,
+                        SAVE_STATS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+        r0 = tl.program_id(0) * chunk
+        r1 = tl.minimum(r0 + chunk, T)
         cols = tl.arange(0, BLOCK_D)
-        ok = cols < D
-        x = tl.load(X + row.to(tl.int64) * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
-        dout = tl.load(DOUT + row.to(tl.int64) * stride_do + cols, mask=ok, other=0.0).to(tl.float32)
-        seg = tl.load(SEG + row)
-        scale = tl.load(SCALE + seg * stride_mod + cols, mask=ok, other=0.0).to(tl.float32)
-        rstd = tl.load(RSTD + row)
-        xhat = tl.where(ok, (x - tl.load(MEAN + row)) * rstd, 0.0)
-        g = dout * (1.0 + scale)  # gradient wrt LN(x)
-        dx = rstd * (g - tl.sum(g, 0) / D - xhat * (tl.sum(g * xhat, 0) / D))
-        tl.store(DX + row.to(tl.int64) * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=ok)
-        tl.store(XHAT + row.to(tl.int64) * stride_dx + cols, xhat * dout, mask=ok)  # for dscale
+        col_ok = cols < D
+        for s in range(segment_of(OFF, S, r0), segment_of(OFF, S, r1 - 1) + 1):
+            lo = tl.maximum(tl.load(OFF + s), r0)
+            hi = tl.minimum(tl.load(OFF + s + 1), r1)
+            shift = tl.load(SHIFT + s * stride_shift + cols, mask=col_ok, other=0.0).to(tl.float32)
+            scale1 = 1.0 + tl.load(SCALE + s * stride_scale + cols, mask=col_ok, other=0.0).to(tl.float32)
+            for r in range(lo, hi, BLOCK_T):
+                rows = r + tl.arange(0, BLOCK_T)
+                row_ok = rows < hi
+                m = row_ok[:, None] & col_ok[None, :]
+                x = tl.load(X + rows.to(tl.int64)[:, None] * stride_x + cols[None, :], mask=m, other=0.0).to(tl.float32)
+                mean = tl.sum(x, 1) / D
+                diff = tl.where(m, x - mean[:, None], 0.0)
+                rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, 1) / D + eps)
+                out = diff * rstd[:, None] * scale1[None, :] + shift[None, :]
+                tl.store(OUT + rows.to(tl.int64)[:, None] * stride_o + cols[None, :], out.to(OUT.dtype.element_ty), mask=m)
+                if SAVE_STATS:
+                    tl.store(MEAN + rows, mean, mask=row_ok)
+                    tl.store(RSTD + rows, rstd, mask=row_ok)
+
+    @triton.jit
+    def _mln_bwd_kernel(X, DOUT, DX, OFF, SCALE, MEAN, RSTD, DSHIFT, DSCALE, T, D, S, chunk,
+                        stride_x, stride_do, stride_dx, stride_scale,
+                        BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+        r0 = tl.program_id(0) * chunk
+        r1 = tl.minimum(r0 + chunk, T)
+        cols = tl.arange(0, BLOCK_D)
+        col_ok = cols < D
+        for s in range(segment_of(OFF, S, r0), segment_of(OFF, S, r1 - 1) + 1):
+            lo = tl.maximum(tl.load(OFF + s), r0)
+            hi = tl.minimum(tl.load(OFF + s + 1), r1)
+            scale1 = 1.0 + tl.load(SCALE + s * stride_scale + cols, mask=col_ok, other=0.0).to(tl.float32)
+            acc_shift = tl.zeros([BLOCK_D], dtype=tl.float32)
+            acc_scale = tl.zeros([BLOCK_D], dtype=tl.float32)
+            for r in range(lo, hi, BLOCK_T):
+                rows = r + tl.arange(0, BLOCK_T)
+                row_ok = rows < hi
+                m = row_ok[:, None] & col_ok[None, :]
+                x = tl.load(X + rows.to(tl.int64)[:, None] * stride_x + cols[None, :], mask=m, other=0.0).to(tl.float32)
+                dout = tl.load(DOUT + rows.to(tl.int64)[:, None] * stride_do + cols[None, :], mask=m, other=0.0).to(tl.float32)
+                mean = tl.load(MEAN + rows, mask=row_ok, other=0.0)
+                rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
+                xhat = tl.where(m, (x - mean[:, None]) * rstd[:, None], 0.0)
+                g = dout * scale1[None, :]  # gradient wrt LN(x)
+                dx = rstd[:, None] * (g - (tl.sum(g, 1) / D)[:, None] - xhat * (tl.sum(g * xhat, 1) / D)[:, None])
+                tl.store(DX + rows.to(tl.int64)[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=m)
+                acc_shift += tl.sum(dout, 0)
+                acc_scale += tl.sum(dout * xhat, 0)
+            touched = col_ok & (hi > lo)
+            tl.atomic_add(DSHIFT + s * D + cols, acc_shift, mask=touched)
+            tl.atomic_add(DSCALE + s * D + cols, acc_scale, mask=touched)
 
 
-class _ModulatedLayerNorm(torch.autograd.Function):
+# ----------------------------------------------------------------------------------------------
+# Launchers as torch.library ops (torch.compile sees them as opaque calls)
+# ----------------------------------------------------------------------------------------------
+@torch.library.custom_op("univigu_fast::modulated_layer_norm_fwd", mutates_args=())
+def _mln_fwd_op(x: torch.Tensor, seg_offsets: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
+                save_stats: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    T, D = x.shape
+    out = torch.empty_like(x)
+    n_stats = T if save_stats else 0
+    mean = torch.empty(n_stats, device=x.device, dtype=torch.float32)
+    rstd = torch.empty(n_stats, device=x.device, dtype=torch.float32)
+    if T:
+        block_t, block_d, chunk, programs, num_warps = geometry(T, D, x.device)
+        _mln_fwd_kernel[(programs,)](
+            x, out, seg_offsets, shift, scale, mean, rstd, T, D, seg_offsets.numel() - 1, chunk,
+            x.stride(0), out.stride(0), shift.stride(0), scale.stride(0), eps,
+            SAVE_STATS=save_stats, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=num_warps)
+    return out, mean, rstd
+
+
+@_mln_fwd_op.register_fake
+def _(x, seg_offsets, shift, scale, eps, save_stats):
+    n = x.shape[0] if save_stats else 0
+    return torch.empty_like(x), x.new_empty(n, dtype=torch.float32), x.new_empty(n, dtype=torch.float32)
+
+
+@torch.library.custom_op("univigu_fast::modulated_layer_norm_bwd", mutates_args=())
+def _mln_bwd_op(dout: torch.Tensor, x: torch.Tensor, seg_offsets: torch.Tensor, scale: torch.Tensor,
+                mean: torch.Tensor, rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    T, D = x.shape
+    S = seg_offsets.numel() - 1
+    dx = torch.empty_like(x)
+    dshift = torch.zeros((S, D), device=x.device, dtype=torch.float32)
+    dscale = torch.zeros((S, D), device=x.device, dtype=torch.float32)
+    if T:
+        block_t, block_d, chunk, programs, num_warps = geometry(T, D, x.device, programs_per_sm=4)
+        _mln_bwd_kernel[(programs,)](
+            x, dout, dx, seg_offsets, scale, mean, rstd, dshift, dscale, T, D, S, chunk,
+            x.stride(0), dout.stride(0), dx.stride(0), scale.stride(0),
+            BLOCK_T=block_t, BLOCK_D=block_d, num_warps=num_warps)
+    return dx, dshift, dscale
+
+
+@_mln_bwd_op.register_fake
+def _(dout, x, seg_offsets, scale, mean, rstd):
+    S = seg_offsets.shape[0] - 1
+    return torch.empty_like(x), x.new_empty((S, x.shape[1]), dtype=torch.float32), x.new_empty((S, x.shape[1]), dtype=torch.float32)
+
+
+class ModulatedLayerNormFunction(torch.autograd.Function):
+    """Autograd wrapper of the fused forward / backward custom ops (inputs already validated, unit last stride)."""
+
     @staticmethod
     def forward(ctx, x, seg_offsets, shift, scale, eps):
-        T, D = x.shape
-        seg = token_segments(seg_offsets, T)
-        out = torch.empty_like(x)
-        mean = torch.empty(T, device=x.device, dtype=torch.float32)
-        rstd = torch.empty_like(mean)
-        shift_c, scale_c = shift.float().contiguous(), scale.float().contiguous()
-        if T:
-            _mln_fwd_kernel[(T,)](x, out, seg, shift_c, scale_c, mean, rstd, D, x.stride(0), out.stride(0),
-                                  shift_c.stride(0), eps, BLOCK_D=triton.next_power_of_2(D), num_warps=8 if D >= 2048 else 4)
-        ctx.save_for_backward(x, seg, scale_c, mean, rstd)
-        ctx.num_segments = shift.shape[0]
+        out, mean, rstd = _mln_fwd_op(x, seg_offsets, shift, scale, eps, True)
+        ctx.save_for_backward(x, seg_offsets, scale, mean, rstd)
         ctx.mod_dtypes = (shift.dtype, scale.dtype)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        x, seg, scale_c, mean, rstd = ctx.saved_tensors
-        T, D = x.shape
-        dout = dout.contiguous()
-        dx = torch.empty_like(x)
-        xhat_dout = torch.empty((T, D), device=x.device, dtype=torch.float32)
-        if T:
-            _mln_bwd_kernel[(T,)](x, dout, dx, xhat_dout, seg, scale_c, mean, rstd, D, x.stride(0), dout.stride(0),
-                                  dx.stride(0), scale_c.stride(0), BLOCK_D=triton.next_power_of_2(D),
-                                  num_warps=8 if D >= 2048 else 4)
-        dshift = segment_sum(dout.float(), seg, ctx.num_segments).to(ctx.mod_dtypes[0])
-        dscale = segment_sum(xhat_dout, seg, ctx.num_segments).to(ctx.mod_dtypes[1])
-        return dx, None, dshift, dscale, None
+        x, seg_offsets, scale, mean, rstd = ctx.saved_tensors
+        dx, dshift, dscale = _mln_bwd_op(dout.contiguous(), x, seg_offsets, scale, mean, rstd)
+        return dx, None, dshift.to(ctx.mod_dtypes[0]), dscale.to(ctx.mod_dtypes[1]), None
+
+
+def _check(x, seg_offsets, shift, scale):
+    if not isinstance(x, torch.Tensor) or x.dim() != 2:
+        raise ValueError(f"x must be a (T, dim) tensor, got shape {tuple(getattr(x, 'shape', ()))}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be floating point, got {x.dtype}")
+    if not isinstance(seg_offsets, torch.Tensor) or seg_offsets.dtype != torch.int32 or seg_offsets.dim() != 1 \
+            or seg_offsets.numel() < 2:
+        raise TypeError(f"seg_offsets must be a 1-D int32 tensor of S+1 >= 2 offsets, got "
+                        f"{getattr(seg_offsets, 'dtype', type(seg_offsets).__name__)} {tuple(getattr(seg_offsets, 'shape', ()))}")
+    S = seg_offsets.numel() - 1
+    for name, t in (("shift", shift), ("scale", scale)):
+        if t.shape != (S, x.shape[1]):
+            raise ValueError(f"{name} must be (S={S}, dim={x.shape[1]}), got {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be floating point, got {t.dtype}")
 
 
 def modulated_layer_norm(
@@ -104,17 +231,26 @@ def modulated_layer_norm(
 ) -> torch.Tensor:
     """Fused ``LN(x) * (1 + scale[seg]) + shift[seg]``; x (T, dim), shift/scale (S, dim), seg_offsets int32 (S+1,).
 
-    Differentiable in x, shift and scale. Triton on CUDA / under the interpreter, else the reference.
+    fp32 math, result in ``x.dtype``. Differentiable in x, shift and scale. Triton on CUDA / under the
+    interpreter, else the reference (logged once). ``seg_offsets`` must be a valid table (0 first, T
+    last, non-decreasing): it is not re-checked here, the packer builds it.
     """
-    if x.dim() != 2:
-        raise ValueError(f"x must be (T, dim), got shape {tuple(x.shape)}")
-    S = seg_offsets.numel() - 1
-    for name, t in (("shift", shift), ("scale", scale)):
-        if t.shape != (S, x.shape[1]):
-            raise ValueError(f"{name} must be (S={S}, dim={x.shape[1]}), got {tuple(t.shape)}")
-    if seg_offsets.dtype != torch.int32:
-        raise TypeError(f"seg_offsets must be int32, got {seg_offsets.dtype}")
-    if not use_triton(x, shift, scale) or x.stride(-1) != 1:
+    _check(x, seg_offsets, shift, scale)
+    if not use_triton(x, seg_offsets, shift, scale):
         log_once("modulated_layer_norm: Triton unavailable for these tensors; using the PyTorch reference")
         return modulated_layer_norm_reference(x, seg_offsets, shift, scale, eps)
-    return _ModulatedLayerNorm.apply(x, seg_offsets, shift, scale, eps)
+    x, shift, scale = (t if t.stride(-1) == 1 else t.contiguous() for t in (x, shift, scale))
+    if torch.is_grad_enabled() and (x.requires_grad or shift.requires_grad or scale.requires_grad):
+        return ModulatedLayerNormFunction.apply(x, seg_offsets, shift, scale, float(eps))
+    return _mln_fwd_op(x, seg_offsets, shift, scale, float(eps), False)[0]
+
+
+class ModulatedLayerNorm(torch.nn.Module):
+    """Thin module: ``forward(x, seg_offsets, shift, scale)`` with a fixed ``eps``."""
+
+    def __init__(self, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x, seg_offsets, shift, scale):
+        return modulated_layer_norm(x, seg_offsets, shift, scale, self.eps)

@@ -1,8 +1,11 @@
 """Benchmark: fused memory-bound glue vs eager PyTorch (the references) at the DESIGN §6 token counts.
 
-Ops ``modulated_layer_norm``, ``gated_residual``, ``rms_norm``; mode ``fwd``; impls ``triton`` and
-``naive`` (the eager reference, Wan's own form). GB/s use the minimal traffic: each (T, dim)
-input read once and the output written once.
+Ops ``modulated_layer_norm``, ``gated_residual``, ``rms_norm``; modes ``fwd`` (inference path) and
+``fwd_bwd`` (forward + backward of every input, as in training); impls ``triton`` and ``naive`` (the
+eager reference, Wan's own form). GB/s use the minimal traffic: each (T, dim) tensor read once and
+each (T, dim) result written once (fwd_bwd: forward traffic plus, backward, ``dout`` and the saved
+inputs read once and the input gradients written once); ``% of peak`` is of the copy bandwidth
+measured in the same run.
 """
 import itertools
 
@@ -23,30 +26,41 @@ def _case(shape_name):
     return seg, T, dim, len(segs)
 
 
-def _fns(op, impl, seg, T, dim, S):
+def _fns(op, impl, mode, seg, T, dim, S):
     from univigu_fast.kernels import gated_residual as gr, modulated_layer_norm as mln, rms_norm as rn
 
-    x = torch.randn(T, dim, device="cuda", dtype=DTYPE)
-    y = torch.randn_like(x)
-    mod = torch.randn(S, dim, device="cuda", dtype=torch.float32)
-    w = torch.randn(dim, device="cuda", dtype=DTYPE)
+    grad = mode == "fwd_bwd"
+    x = torch.randn(T, dim, device="cuda", dtype=DTYPE, requires_grad=grad)
+    y = torch.randn(T, dim, device="cuda", dtype=DTYPE, requires_grad=grad)
+    mod = torch.randn(S, dim, device="cuda", dtype=torch.float32, requires_grad=grad)
+    w = torch.randn(dim, device="cuda", dtype=DTYPE, requires_grad=grad)
+    dout = torch.randn(T, dim, device="cuda", dtype=DTYPE)
     nbytes = x.numel() * x.element_size()
     if op == "modulated_layer_norm":
         f = mln.modulated_layer_norm if impl == "triton" else mln.modulated_layer_norm_reference
-        return (lambda: f(x, seg, mod, mod)), 2 * nbytes
-    if op == "gated_residual":
+        call, fwd_bytes, bwd_bytes, inputs = (lambda: f(x, seg, mod, mod)), 2, 3, (x, mod)
+    elif op == "gated_residual":
         f = gr.gated_residual if impl == "triton" else gr.gated_residual_reference
-        return (lambda: f(x, y, seg, mod)), 3 * nbytes
-    f = rn.rms_norm if impl == "triton" else rn.rms_norm_reference
-    return (lambda: f(x, w)), 2 * nbytes
+        call, fwd_bytes, bwd_bytes, inputs = (lambda: f(x, y, seg, mod)), 3, 3, (x, y, mod)
+    else:
+        f = rn.rms_norm if impl == "triton" else rn.rms_norm_reference
+        call, fwd_bytes, bwd_bytes, inputs = (lambda: f(x, w)), 2, 3, (x, w)
+    if not grad:
+        return call, fwd_bytes * nbytes
+
+    def fwd_bwd():
+        return torch.autograd.grad(call(), inputs, dout)
+
+    return fwd_bwd, (fwd_bytes + bwd_bytes) * nbytes
 
 
 @requires_cuda
 @pytest.mark.parametrize("impl", ["triton", "naive"])
+@pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
 @pytest.mark.parametrize("op", ["modulated_layer_norm", "gated_residual", "rms_norm"])
 @pytest.mark.parametrize("shape", ["wan1.3b-480p", "wan1.3b-varlen", "wan14b-720p"])
-def test_bench_glue(benchmark, shape, op, impl):
-    fn, nbytes = _fns(op, impl, *_case(shape))
-    with torch.no_grad():
-        measure(benchmark, fn, op=op, shape=shape, mode="fwd", impl=impl, dtype=DTYPE, bytes_moved=nbytes,
+def test_bench_glue(benchmark, shape, op, mode, impl):
+    fn, nbytes = _fns(op, impl, mode, *_case(shape))
+    with torch.set_grad_enabled(mode == "fwd_bwd"):
+        measure(benchmark, fn, op=op, shape=shape, mode=mode, impl=impl, dtype=DTYPE, bytes_moved=nbytes,
                 rounds=10, warmup_rounds=3)

@@ -221,7 +221,8 @@ class UniViGUModelBase(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, video_latents, tau_video, encoder_hidden_states, text=None, tau_text=None, text_lens=None, *,
-                text_output: str = "full", sample_seed: int | None = None, temperature: float = 1.0) -> UniViGUOutput:
+                text_output: str = "full", sample_seed: int | None = None, temperature: float = 1.0,
+                video_cache=None) -> UniViGUOutput:
         if text_output not in ("full", "argmax", "sample"):
             raise ValueError(f"text_output must be 'full', 'argmax' or 'sample', got {text_output!r}")
         if text_output == "sample" and sample_seed is None:
@@ -246,14 +247,20 @@ class UniViGUModelBase(nn.Module):
             text_tokens = [video_tokens[0].new_zeros(0, c.dim)] * B
         x = packed.pack(video_tokens, text_tokens)
         context = self.cond_text_embedder(torch.cat([p.to(dev, dtype) for p in inp["prompts"]]))
+        if video_cache is not None:
+            video_cache.context = context
 
         # Wan's time convention at the boundary (DESIGN §2)
         temb_v, proj_v = self.time_embedding_v((1000.0 * (1.0 - inp["tau_video"])).to(dev))
         temb_t, proj_t = self.time_embedding_t(torch.round(1000.0 * (1.0 - inp["tau_text"])).to(dev))
         seg_temb = torch.stack([proj_v.float(), proj_t.float()], 1).flatten(0, 1)  # (2B, 6, dim): v_0, t_0, ...
 
-        for block in self.blocks:
-            x = block(ops, x, context, seg_temb, packed)
+        if video_cache is not None:  # a full step that (re)fills the video-stream cache
+            video_cache.begin_capture(packed)
+        for i, block in enumerate(self.blocks):
+            x = block(ops, x, context, seg_temb, packed, kv=video_cache.layer(i) if video_cache is not None else None)
+        if video_cache is not None:
+            video_cache.end_capture()
 
         # heads
         video_rows, text_rows = packed.unpack(x)
@@ -268,21 +275,49 @@ class UniViGUModelBase(nn.Module):
 
         text_out = None
         if inp["has_text"]:
-            shift_t, scale_t = (self.scale_shift_table_t.float() + temb_t.float()[:, None]).unbind(1)
-            lens = torch.tensor(text_lens_list, device=dev)
-            rows = torch.cat(text_rows)
-            feats = self.text_head.features(rows, shift_t.repeat_interleave(lens, 0), scale_t.repeat_interleave(lens, 0))
-            lin = self.text_head.linear
-            if text_output == "full" or c.text_flow == "embedding":
-                out = lin(feats)
-                text_out = self._shape_text(list(torch.split(out, text_lens_list)), inp)
-            else:
-                ids, mx, lse = ops.linear_argmax(feats, lin.weight, lin.bias,
-                                                 gumbel_seed=sample_seed if text_output == "sample" else None,
-                                                 temperature=temperature)
-                parts = [list(torch.split(t, text_lens_list)) for t in (ids, mx, lse)]
-                text_out = TextDecoded(*(self._shape_text(p, inp, pad_value=0) for p in parts))
+            text_out = self._text_head(text_rows, temb_t, text_lens_list, inp, text_output, sample_seed, temperature)
         return UniViGUOutput(video_velocity, text_out)
+
+    def _text_head(self, text_rows, temb_t, text_lens_list, inp, text_output, sample_seed, temperature):
+        """Per-sample text rows -> logits / velocity, or ids through the fused decode op."""
+        c, ops, dev = self.config, self.ops, self.device
+        shift_t, scale_t = (self.scale_shift_table_t.float() + temb_t.float()[:, None]).unbind(1)
+        lens = torch.tensor(text_lens_list, device=dev)
+        rows = torch.cat(text_rows)
+        feats = self.text_head.features(rows, shift_t.repeat_interleave(lens, 0), scale_t.repeat_interleave(lens, 0))
+        lin = self.text_head.linear
+        if text_output == "full" or c.text_flow == "embedding":
+            return self._shape_text(list(torch.split(lin(feats), text_lens_list)), inp)
+        ids, mx, lse = ops.linear_argmax(feats, lin.weight, lin.bias,
+                                         gumbel_seed=sample_seed if text_output == "sample" else None,
+                                         temperature=temperature)
+        parts = [list(torch.split(t, text_lens_list)) for t in (ids, mx, lse)]
+        return TextDecoded(*(self._shape_text(p, inp, pad_value=0) for p in parts))
+
+    def text_step(self, video_cache, text, tau_text, *, text_output: str = "full", sample_seed: int | None = None,
+                  temperature: float = 1.0):
+        """A text-only denoising step on a filled video-stream cache (understanding, ``tau_video = 1``).
+
+        Only the text tokens run: per layer their queries attend to the cached video keys/values plus
+        their own fresh ones, then cross-attention and the text expert FFN. ``text``: a list of
+        per-sample ids / embeddings of the lengths the cache was built for. Returns ``text_out`` as
+        ``forward`` does (list form)."""
+        c, ops, dev, dtype = self.config, self.ops, self.device, self.dtype
+        texts = list(text)
+        lens = [t.shape[0] for t in texts]
+        view = video_cache.text_view(lens)
+        tau_text = self._check_tau(tau_text, len(texts), "tau_text")
+        if c.text_flow == "discrete":
+            rows = self.vocab_embed(torch.cat([t.to(dev) for t in texts]).long())
+        else:
+            rows = torch.cat([t.to(dev, dtype) for t in texts])
+        temb_t, proj_t = self.time_embedding_t(torch.round(1000.0 * (1.0 - tau_text)).to(dev))
+        seg_temb = torch.stack([torch.zeros_like(proj_t, dtype=torch.float32), proj_t.float()], 1).flatten(0, 1)
+        x = rows
+        for i, block in enumerate(self.blocks):
+            x = block(ops, x, video_cache.context, seg_temb, view, kv=video_cache.layer(i))
+        inp = {"batched_text": False}
+        return self._text_head(list(torch.split(x, lens)), temb_t, lens, inp, text_output, sample_seed, temperature)
 
     def _patchify(self, videos, dtype, dev) -> list[torch.Tensor]:
         if all(v.shape == videos[0].shape for v in videos):

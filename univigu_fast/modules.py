@@ -95,14 +95,22 @@ class Attention(nn.Module):
         self.norm_q = RMSNormWeight(dim)
         self.norm_k = RMSNormWeight(dim)
 
-    def forward(self, ops: Ops, x, context, cu_q, cu_k, max_q, max_k, eps, rope=None):
-        """x (Tq, dim) queries; context (Tk, dim) keys/values source (x itself for self-attention)."""
+    def qkv(self, ops: Ops, x, context, eps):
+        """Queries from x (Tq, dim), keys/values from context (Tk, dim): (T, H, hd) each, q/k RMS-normed
+        across heads, not yet rotated."""
         H = self.heads
         q = ops.rms_norm(self.to_q(x), self.norm_q.weight, eps).unflatten(-1, (H, -1))
         k = ops.rms_norm(self.to_k(context), self.norm_k.weight, eps).unflatten(-1, (H, -1))
-        v = self.to_v(context).unflatten(-1, (H, -1))
-        out = ops.attention(q, k, v, cu_q, cu_k, max_q, max_k, rope_q=rope, rope_k=rope)
+        return q, k, self.to_v(context).unflatten(-1, (H, -1))
+
+    def attend(self, ops: Ops, q, k, v, cu_q, cu_k, max_q, max_k, rope_q=None, rope_k=None):
+        out = ops.attention(q, k, v, cu_q, cu_k, max_q, max_k, rope_q=rope_q, rope_k=rope_k)
         return self.to_out[0](out.flatten(1))
+
+    def forward(self, ops: Ops, x, context, cu_q, cu_k, max_q, max_k, eps, rope=None):
+        """x (Tq, dim) queries; context (Tk, dim) keys/values source (x itself for self-attention)."""
+        q, k, v = self.qkv(ops, x, context, eps)
+        return self.attend(ops, q, k, v, cu_q, cu_k, max_q, max_k, rope_q=rope, rope_k=rope)
 
 
 class UniViGUBlock(nn.Module):
@@ -119,16 +127,25 @@ class UniViGUBlock(nn.Module):
         self.ffn = FeedForward(dim, ffn_dim)
         self.ffn_t = FeedForward(dim, ffn_dim)
 
-    def forward(self, ops: Ops, x: torch.Tensor, context: torch.Tensor, seg_temb: torch.Tensor, packed: PackedBatch):
+    def forward(self, ops: Ops, x: torch.Tensor, context: torch.Tensor, seg_temb: torch.Tensor, packed: PackedBatch,
+                kv=None):
         """x (T, dim) packed; context (T_prompt, dim); seg_temb (S, 6, dim) fp32: per segment the
-        ``timestep_proj`` of its modality (video: from tau_video, text: from tau_text)."""
+        ``timestep_proj`` of its modality (video: from tau_video, text: from tau_text).
+
+        ``kv``: an optional per-layer video-stream cache (``univigu_fast.video_cache.LayerKV``): it
+        records this layer's self-attention keys/values (full step), or supplies the cached video
+        keys/values when ``x`` holds only the text rows (text-only step)."""
         seg = packed.seg_offsets
         # 1. modulation per modality segment from the SHARED table (DESIGN §3.1)
         shift, scale, gate, c_shift, c_scale, c_gate = (self.scale_shift_table.float() + seg_temb).unbind(1)
         # 2. shared self-attention: Wan 3-axis RoPE on video rows, 1-D RoPE on text rows
         h = ops.modulated_layer_norm(x, seg, shift, scale, self.eps)
-        y = self.attn1(ops, h, h, packed.cu_seqlens, packed.cu_seqlens, packed.max_seqlen, packed.max_seqlen,
-                       self.eps, rope=packed.rope)
+        q, k, v = self.attn1.qkv(ops, h, h, self.eps)
+        cu_k, max_k, rope_k = packed.cu_seqlens, packed.max_seqlen, packed.rope
+        if kv is not None:
+            k, v, cu_k, max_k, rope_k = kv.keys_values(k, v)
+        y = self.attn1.attend(ops, q, k, v, packed.cu_seqlens, cu_k, packed.max_seqlen, max_k,
+                              rope_q=packed.rope, rope_k=rope_k)
         x = ops.gated_residual(x, y, seg, gate)
         # 3. shared cross-attention to the prompt, ungated
         h = self.norm2(x.float()).type_as(x)  # fp32 LayerNorm, as Wan

@@ -22,6 +22,8 @@ def _video_angles(grid: tuple[int, int, int], head_dim: int, theta: float = 1000
     """Wan's 3-axis RoPE angles ``(f*h*w, head_dim/2)``: pairs split t/h/w as diffusers' WanRotaryPosEmbed
     (h = w = 2 * (head_dim // 6) dims, t the rest), positions in (f, h, w) order, float64."""
     f, h, w = grid
+    if f * h * w == 0:  # a text-only view (video-stream cache): no video rows
+        return torch.zeros(0, head_dim // 2, dtype=torch.float64)
     d_hw = 2 * (head_dim // 6)
     d_t = head_dim - 2 * d_hw
     parts = []

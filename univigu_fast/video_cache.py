@@ -1,0 +1,180 @@
+"""Video-stream cache for fast understanding (captioning a clean video).
+
+With ``tau_video = 1`` the video tokens' input is fixed and only the text tokens (a few hundred
+among ~33K keys) move between text denoising steps. The cache keeps, per layer, the video tokens'
+self-attention keys and values (after the q/k RMSNorm, before RoPE) inside a packed joint
+``[video_i; text_i]`` buffer. A *full* step runs the whole model and records them; a *text-only*
+step (``UniViGUModel.text_step``) writes its fresh text keys/values into the text rows of the
+buffer and lets the text queries attend to ``[cached video; fresh text]`` per sample — the varlen
+attention with different query and key lengths — then runs cross-attention and the text FFN.
+
+Policies: ``off`` (exact: every step full), ``every:r`` (full every r-th step, ``every:1`` = exact),
+``once`` (full at the first step only). Memory: ``layers x sum(Lv_i) x 2 x dim`` elements (plus the
+few text rows), reported by :func:`cache_bytes`; a cache that would not fit is refused with a
+``MemoryError`` naming the size and the budget.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .packing import PackedBatch
+
+
+def parse_policy(policy: str) -> tuple[str, int]:
+    """``"off"`` -> ("off", 0); ``"once"`` -> ("once", 0); ``"every:r"`` -> ("every", r)."""
+    if not isinstance(policy, str):
+        raise TypeError(f"video cache policy must be a string ('off', 'once' or 'every:r'), got {type(policy).__name__}")
+    p = policy.strip().lower()
+    if p in ("off", "once"):
+        return p, 0
+    if p.startswith("every:"):
+        try:
+            r = int(p.split(":", 1)[1])
+        except ValueError:
+            r = 0
+        if r >= 1:
+            return "every", r
+    raise ValueError(f"video cache policy {policy!r} is not one of 'off', 'once', 'every:r' (r a positive integer)")
+
+
+def cache_bytes(config, video_lens, text_lens, dtype: torch.dtype) -> int:
+    """Bytes the cache holds: per layer, keys and values for every joint row (video rows dominate)."""
+    rows = sum(video_lens) + sum(text_lens)
+    return config.num_layers * 2 * rows * config.dim * torch.tensor([], dtype=dtype).element_size()
+
+
+def is_full_step(policy: tuple[str, int], step: int) -> bool:
+    kind, r = policy
+    return kind == "off" or step == 0 or (kind == "every" and step % r == 0)
+
+
+@dataclass
+class LayerKV:
+    """One layer's packed joint key/value buffers, and how a block should use them."""
+
+    cache: "VideoCache"
+    index: int
+
+    def keys_values(self, k: torch.Tensor, v: torch.Tensor):
+        c = self.cache
+        joint = c.joint
+        if c.capturing:
+            # a full step: these ARE the joint keys/values; keep them (no copy while capturing)
+            c.keys[self.index], c.values[self.index] = k, v
+            return k, v, joint.cu_seqlens, joint.max_seqlen, joint.rope
+        # text-only step: fresh text keys/values into the text rows, cached video rows untouched
+        kb, vb = c.keys[self.index], c.values[self.index]
+        if c.text_rows.numel():
+            kb = kb.index_copy(0, c.text_rows, k)
+            vb = vb.index_copy(0, c.text_rows, v)
+        return kb, vb, joint.cu_seqlens, joint.max_seqlen, joint.rope
+
+
+class VideoCache:
+    """Per-caption cache of the video stream's per-layer keys/values (see the module docstring)."""
+
+    def __init__(self, model, max_bytes: int | None = None):
+        self.model = model
+        self.max_bytes = max_bytes
+        n = model.config.num_layers
+        self.keys: list[torch.Tensor | None] = [None] * n
+        self.values: list[torch.Tensor | None] = [None] * n
+        self.joint: PackedBatch | None = None
+        self.context: torch.Tensor | None = None
+        self.capturing = False
+        self.text_rows = torch.zeros(0, dtype=torch.long)
+        self._views: dict = {}
+
+    def check_fits(self, video_lens, text_lens) -> int:
+        need = cache_bytes(self.model.config, video_lens, text_lens, self.model.dtype)
+        budget = self.max_bytes
+        if budget is None and self.model.device.type == "cuda":
+            budget = torch.cuda.mem_get_info(self.model.device)[0] // 2  # leave room for the activations
+        if budget is not None and need > budget:
+            raise MemoryError(f"video cache needs {need / 2**30:.2f} GiB ({self.model.config.num_layers} layers x "
+                              f"{sum(video_lens)} video tokens x 2 x dim {self.model.config.dim}) but only "
+                              f"{budget / 2**30:.2f} GiB is available; use video_cache='off'")
+        return need
+
+    def begin_capture(self, packed: PackedBatch) -> None:
+        self.check_fits(packed.video_lens, packed.text_lens)
+        self.joint = packed
+        self.capturing = True
+        self.text_rows = packed.index("text")
+        self._views.clear()
+
+    def end_capture(self) -> None:
+        self.capturing = False
+
+    def layer(self, i: int) -> LayerKV:
+        return LayerKV(self, i)
+
+    def text_view(self, text_lens: list[int]) -> PackedBatch:
+        """The text-only packing of a text step (empty video segments, text RoPE positions 0..L-1)."""
+        if self.joint is None or self.capturing:
+            raise RuntimeError("text_step needs a filled cache: run a full step with video_cache=... first")
+        if list(text_lens) != list(self.joint.text_lens):
+            raise ValueError(f"text lengths {list(text_lens)} differ from the cached step's {self.joint.text_lens}")
+        key = tuple(text_lens)
+        if key not in self._views:
+            j = self.joint
+            self._views[key] = PackedBatch.build([(0, 0, 0)] * j.batch, text_lens, j.prompt_lens, self.model.config.head_dim,
+                                                 self.model.rotary_emb_text.inv_freq, self.model.device)
+        return self._views[key]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values if t is not None)
+
+    def release(self) -> None:
+        """Drop every cached tensor (called at the end of each caption)."""
+        self.keys = [None] * len(self.keys)
+        self.values = [None] * len(self.values)
+        self.context = None
+        self.joint = None
+        self._views.clear()
+
+
+@torch.no_grad()
+def caption_cached(model, videos, prompts, text_lens, *, video_cache: str = "off", steps: int = 50, seed: int = 0,
+                   kappa_power: float = 1.0, temperature: float = 1.0, max_cache_bytes: int | None = None,
+                   stats: dict | None = None) -> list[torch.Tensor]:
+    """``univigu_fast.sampling.caption`` with a video-stream cache policy (``off`` | ``once`` | ``every:r``).
+
+    Same sampler, same random stream: with ``off`` (or ``every:1``) the ids equal the exact
+    caption's. The cache is released before returning; ``stats`` (if given) receives
+    ``cache_bytes``, ``full_steps`` and ``text_steps``.
+    """
+    from .sampling import _TextState, _check_common
+
+    policy = parse_policy(video_cache)
+    _check_common(steps, list(videos), "videos")
+    if len(text_lens) != len(videos) or len(prompts) != len(videos):
+        raise ValueError(f"videos ({len(videos)}), prompts ({len(prompts)}) and text_lens ({len(text_lens)}) must have the same length")
+    g = torch.Generator().manual_seed(seed)
+    B = len(videos)
+    state = _TextState(model, text_lens, g, kappa_power, temperature)
+    ones = torch.ones(B)
+    cache = VideoCache(model, max_bytes=max_cache_bytes) if policy[0] != "off" else None
+    full_steps = text_steps = peak = 0
+    try:
+        for i in range(steps):
+            t, t_next = i / steps, (i + 1) / steps
+            kw = state.forward_kwargs()
+            tau_t = torch.full((B,), t)
+            if cache is None or is_full_step(policy, i):
+                out = model(videos, ones, prompts, tau_text=tau_t, video_cache=cache, **kw).text_out
+                full_steps += 1
+            else:
+                out = model.text_step(cache, kw.pop("text"), tau_t, **kw)
+                text_steps += 1
+            peak = max(peak, cache.nbytes if cache is not None else 0)
+            state.step(out, t, t_next, last=i == steps - 1)
+    finally:
+        if cache is not None:
+            cache.release()
+    if stats is not None:
+        stats.update(cache_bytes=peak, full_steps=full_steps, text_steps=text_steps)
+    return state.ids()

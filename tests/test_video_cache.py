@@ -1,0 +1,144 @@
+"""Video-stream cache for understanding: exactness with every:1, the text-only step by hand, memory."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from _models import tiny_reference
+from univigu_fast.kernels.joint_attention import apply_rope_reference
+from univigu_fast.sampling import caption
+from univigu_fast.video_cache import VideoCache, cache_bytes, caption_cached, parse_policy
+
+
+def _inputs(config, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    videos = [torch.randn(config.in_channels, 3, 6, 10, generator=g), torch.randn(config.in_channels, 1, 4, 4, generator=g)]
+    prompts = [torch.randn(5, config.text_dim, generator=g), torch.randn(3, config.text_dim, generator=g)]
+    return videos, prompts
+
+
+def test_every_1_equals_exact_caption_and_logits():
+    model = tiny_reference(seed=3)
+    videos, prompts = _inputs(model.config)
+    exact = caption(model, videos, prompts, [7, 2], steps=5, seed=4)
+    stats = {}
+    cached = caption_cached(model, videos, prompts, [7, 2], steps=5, seed=4, video_cache="every:1", stats=stats)
+    assert all(torch.equal(a, b) for a, b in zip(exact, cached))
+    assert stats["full_steps"] == 5 and stats["text_steps"] == 0 and stats["cache_bytes"] > 0
+    # a text-only step on the step it was captured from reproduces the full step's logits
+    g = torch.Generator().manual_seed(1)
+    text = [torch.randint(0, model.config.vocab_size, (n,), generator=g) for n in (7, 2)]
+    tau_t = torch.tensor([0.3, 0.7])
+    with torch.no_grad():
+        cache = VideoCache(model)
+        full = model(videos, torch.ones(2), prompts, text=text, tau_text=tau_t, video_cache=cache).text_out
+        step = model.text_step(cache, text, tau_t)
+    for a, b in zip(full, step):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+
+
+def _by_hand(model, cache, text, tau_t):
+    """The text-only step from the equations: per layer the text rows attend to [cached video K/V;
+    their own K/V] per sample, then cross-attention to the prompt and the text expert FFN."""
+    c = model.config
+    eps, H = c.eps, c.num_attention_heads
+    joint = cache.joint
+    offs = joint.cu_seqlens.tolist()
+    x = [model.vocab_embed(t) for t in text]
+    temb_t, proj_t = model.time_embedding_t(torch.round(1000 * (1 - tau_t)))
+    ctx = torch.split(cache.context, joint.prompt_lens)
+
+    def rms(t, w):
+        return t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + eps) * w
+
+    def attention(q, k, v):
+        s = torch.einsum("qhd,khd->hqk", q, k) / math.sqrt(c.head_dim)
+        return torch.einsum("hqk,khd->qhd", s.softmax(-1), v).flatten(1)
+
+    for layer, block in enumerate(model.blocks):
+        out = []
+        for i, xi in enumerate(x):
+            lv, lt = joint.video_lens[i], joint.text_lens[i]
+            shift, scale, gate, c_shift, c_scale, c_gate = (block.scale_shift_table[0] + proj_t[i]).unbind(0)
+            h = F.layer_norm(xi, (c.dim,), eps=eps) * (1 + scale) + shift
+            a1 = block.attn1
+            q = rms(a1.to_q(h), a1.norm_q.weight).view(lt, H, -1)
+            k = rms(a1.to_k(h), a1.norm_k.weight).view(lt, H, -1)
+            v = a1.to_v(h).view(lt, H, -1)
+            kv_rows = slice(offs[i], offs[i] + lv)
+            keys = torch.cat([cache.keys[layer][kv_rows], k])
+            vals = torch.cat([cache.values[layer][kv_rows], v])
+            rope = [t[offs[i]: offs[i + 1]] for t in joint.rope]  # video 3-axis rows, then text rows 0..lt-1
+            q = apply_rope_reference(q, [t[lv:] for t in rope])
+            keys = apply_rope_reference(keys, rope)
+            xi = xi + gate * a1.to_out[0](attention(q, keys, vals))
+            hc = block.norm2(xi)
+            a2 = block.attn2
+            q = rms(a2.to_q(hc), a2.norm_q.weight).view(lt, H, -1)
+            kc = rms(a2.to_k(ctx[i]), a2.norm_k.weight).view(-1, H, c.head_dim)
+            vc = a2.to_v(ctx[i]).view(-1, H, c.head_dim)
+            xi = xi + a2.to_out[0](attention(q, kc, vc))
+            hf = F.layer_norm(xi, (c.dim,), eps=eps) * (1 + c_scale) + c_shift
+            out.append(xi + c_gate * block.ffn_t(hf))
+        x = out
+    logits = []
+    for i, xi in enumerate(x):
+        shift, scale = (model.scale_shift_table_t[0] + temb_t[i]).unbind(0)
+        feats = F.layer_norm(xi, (c.dim,)) * model.text_head.norm_final.weight * (1 + scale) + shift
+        logits.append(model.text_head.linear(feats))
+    return logits
+
+
+def test_once_text_step_matches_hand_computed():
+    model = tiny_reference(seed=5)
+    videos, prompts = _inputs(model.config, seed=2)
+    g = torch.Generator().manual_seed(7)
+    first = [torch.randint(0, model.config.vocab_size, (n,), generator=g) for n in (6, 3)]
+    later = [torch.randint(0, model.config.vocab_size, (n,), generator=g) for n in (6, 3)]
+    with torch.no_grad():
+        cache = VideoCache(model)
+        model(videos, torch.ones(2), prompts, text=first, tau_text=torch.tensor([0.1, 0.2]), video_cache=cache)
+        tau = torch.tensor([0.5, 0.8])
+        got = model.text_step(cache, later, tau)
+        want = _by_hand(model, cache, later, tau)
+        exact = model(videos, torch.ones(2), prompts, text=later, tau_text=tau).text_out
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)
+    # and it is an approximation: the exact step (video re-run with the new text) differs
+    assert max((a - b).abs().max() for a, b in zip(got, exact)) > 1e-4
+
+
+def test_cache_memory_is_accounted_refused_and_released(monkeypatch):
+    model = tiny_reference()
+    videos, prompts = _inputs(model.config)
+    c = model.config
+    expected = cache_bytes(c, [3 * 3 * 5, 1 * 2 * 2], [4, 2], torch.float32)
+    assert expected == c.num_layers * 2 * (45 + 4 + 6) * c.dim * 4
+    released = []
+    orig = VideoCache.release
+
+    def spy(self):
+        orig(self)
+        released.append(self.nbytes)
+
+    monkeypatch.setattr(VideoCache, "release", spy)
+    stats = {}
+    caption_cached(model, videos, prompts, [4, 2], steps=3, video_cache="once", stats=stats)
+    assert stats["cache_bytes"] == expected and stats["full_steps"] == 1 and stats["text_steps"] == 2
+    assert released == [0]  # released once, nothing left behind
+    with pytest.raises(MemoryError, match="video cache needs"):
+        caption_cached(model, videos, prompts, [4, 2], steps=2, video_cache="once", max_cache_bytes=expected - 1)
+    assert len(released) == 2  # released on the error path too
+
+
+@pytest.mark.parametrize("bad", ["sometimes", "every:0", "every:x", "every", "", 3])
+def test_bad_policy_strings(bad):
+    with pytest.raises((ValueError, TypeError), match="policy"):
+        parse_policy(bad)
+
+
+def test_policies_parse():
+    assert parse_policy("off") == ("off", 0)
+    assert parse_policy("ONCE") == ("once", 0)
+    assert parse_policy("every:4") == ("every", 4)

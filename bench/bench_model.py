@@ -5,6 +5,8 @@ fused for ``triton``, logits + argmax for ``reference``), ``train`` (forward + b
 both outputs), ``video`` (no text stream: ``triton`` vs diffusers' ``WanTransformer3DModel`` on the
 same weights, default attention backend); impls ``triton`` (fast model), ``reference``,
 ``diffusers``. Op ``caption``: a 50-step caption of one video at wan1.3b-480p (``triton``).
+Op ``caption`` also with the video-stream cache (impls ``cached-once``, ``cached-every4``) and
+``model_step`` / ``understanding`` / ``cached`` (one text-only step on a filled cache).
 wan14b-720p is not run here (three 14B copies do not fit one 80 GB GPU next to their activations).
 """
 import pytest
@@ -118,15 +120,41 @@ def test_bench_model_step(benchmark, shape, mode, impl):
 
 
 @requires_cuda
-def test_bench_caption_50_steps(benchmark):
-    from univigu_fast.sampling import caption
+@pytest.mark.parametrize("impl", ["triton", "cached-once", "cached-every4"])
+def test_bench_caption_50_steps(benchmark, impl):
+    """A 50-step caption of one wan1.3b-480p video: exact (``triton``) or with the video-stream cache."""
+    from univigu_fast.video_cache import caption_cached
 
     c = _models("wan1.3b-480p")
     inputs = P.make_inputs(c["shape"], c["cfg"], "understanding", "cuda", DTYPE)
     lens = list(c["shape"].text_lens)
+    policy = {"triton": "off", "cached-once": "once", "cached-every4": "every:4"}[impl]
 
     def run():
-        return caption(c["fast"], inputs["video_latents"], inputs["encoder_hidden_states"], lens, steps=50, seed=0)
+        return caption_cached(c["fast"], inputs["video_latents"], inputs["encoder_hidden_states"], lens, steps=50,
+                              seed=0, video_cache=policy)
 
-    measure(benchmark, run, op="caption", shape="wan1.3b-480p", mode="understanding", impl="triton", dtype=DTYPE,
-            flops=50 * _flops(c["shape"], c["cfg"], "understanding"), rounds=1, warmup_rounds=0)
+    measure(benchmark, run, op="caption", shape="wan1.3b-480p", mode="understanding", impl=impl, dtype=DTYPE,
+            flops=None, rounds=1, warmup_rounds=0)
+
+
+@requires_cuda
+def test_bench_cached_text_step(benchmark):
+    """One understanding step on a filled video-stream cache (impl ``cached``): only the text rows run."""
+    from univigu_fast.video_cache import VideoCache
+
+    c = _models("wan1.3b-480p")
+    inputs = P.make_inputs(c["shape"], c["cfg"], "understanding", "cuda", DTYPE)
+    cache = VideoCache(c["fast"])
+    with torch.no_grad():
+        c["fast"](**inputs, video_cache=cache)
+
+    def run():
+        with torch.no_grad():
+            return c["fast"].text_step(cache, inputs["text"], inputs["tau_text"], text_output="argmax")
+
+    try:
+        measure(benchmark, run, op="model_step", shape="wan1.3b-480p", mode="understanding", impl="cached",
+                dtype=DTYPE, flops=None, rounds=5, warmup_rounds=1)
+    finally:
+        cache.release()

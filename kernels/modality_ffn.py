@@ -44,7 +44,7 @@ def modality_ffn_reference(
         if rows.numel() == 0:
             continue
         h = F.gelu(F.linear(x.index_select(0, rows), w1, b1), approximate="tanh")
-        y.index_copy_(0, rows, F.linear(h, w2, b2))
+        y.index_copy_(0, rows, F.linear(h, w2, b2).to(y.dtype))  # F.linear is bf16 under autocast
     if gate is None and residual is None:
         return y
     # gated residual in fp32, as Wan: (h.float() + y.float() * gate).type_as(h)

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
+
 from .kernels import gated_residual as _gr
 from .kernels import joint_attention as _ja
 from .kernels import linear_argmax as _la
@@ -40,10 +42,29 @@ REFERENCE_OPS = Ops(
 )
 
 
-def _fast_modality_ffn(*args, **kwargs):
-    # Resolved at call time: the grouped-GEMM entry point lands in kernels/modality_ffn.py.
-    fn = getattr(_mf, "modality_ffn", None) or _mf.modality_ffn_reference
-    return fn(*args, **kwargs)
+def _fast_modality_ffn(x, seg_offsets, seg_expert, experts, *, residual=None, gate=None):
+    """The grouped-GEMM FFN; under ``torch.autocast`` its GEMMs run in the autocast dtype (as ``F.linear``
+    would in the reference), the gated residual stays in the residual stream's dtype."""
+    if torch.is_autocast_enabled(x.device.type):
+        dt = torch.get_autocast_dtype(x.device.type)
+        x = x.to(dt)
+        experts = [tuple(t.to(dt) for t in e) for e in experts]
+    return _mf.modality_ffn(x, seg_offsets, seg_expert, experts, residual=residual, gate=gate)
+
+
+@torch.compiler.disable
+def _attention_eager(*args, **kwargs):
+    return _ja.joint_attention(*args, **kwargs)
+
+
+def _fast_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, softmax_scale=None,
+                    rope_q=None, rope_k=None):
+    """``joint_attention``, backend ``auto`` (on CUDA half precision: Triton RoPE + PyTorch's flash/cuDNN
+    SDPA per sample, measured fastest). Under ``torch.compile`` that per-sample loop runs eagerly at a
+    graph break, so compiled models keep the fastest attention."""
+    fn = _attention_eager if torch.compiler.is_compiling() else _ja.joint_attention
+    return fn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale=softmax_scale,
+              rope_q=rope_q, rope_k=rope_k)
 
 
 FAST_OPS = Ops(
@@ -51,7 +72,7 @@ FAST_OPS = Ops(
     modulated_layer_norm=_mln.modulated_layer_norm,
     gated_residual=_gr.gated_residual,
     rms_norm=_rn.rms_norm,
-    attention=_ja.joint_attention,
+    attention=_fast_attention,
     modality_ffn=_fast_modality_ffn,
     linear_argmax=_la.linear_argmax,
 )

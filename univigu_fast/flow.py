@@ -162,14 +162,19 @@ class NoisedSample:
 
 
 def draw_sample(video: torch.Tensor, prompt: torch.Tensor, null_prompt: torch.Tensor, text_ids: torch.Tensor,
-                g: torch.Generator, cfg: FlowConfig, model_config, mode: str | None = None) -> NoisedSample:
+                g: torch.Generator, cfg: FlowConfig, model_config, mode: str | None = None,
+                generation_text: torch.Tensor | None = None) -> NoisedSample:
     """Draws mode, times, noise and condition dropout for one sample and builds its noised inputs.
 
     video (C, F, H, W); prompt (L, text_dim); null_prompt (L0, text_dim) the empty-prompt condition;
-    text_ids (N,) the target text. Embedding-flow ``text_in`` is returned as noise + ids: the caller
+    text_ids (N,) the target text; generation_text: the clean text the stream carries in
+    ``generation`` mode (default ``text_ids``; the trainer passes the prompt's ids, what T2V inference
+    feeds, as the public code does). Embedding-flow ``text_in`` is returned as noise + ids: the caller
     builds ``z_t = (1 - tau) z0 + tau E[y]`` with the live ``vocab_embed`` (``text_inputs``).
     """
     mode = mode or cfg.draw_mode(g)
+    if mode == "generation" and generation_text is not None:
+        text_ids = generation_text
     tau_v, tau_t = torch.rand(2, generator=g).tolist()
     if mode == "understanding":
         tau_v = 1.0

@@ -17,7 +17,8 @@ Discrete text flow: the discrete Euler solver of the mixture path ``kappa(t) = t
 ``x1_hat ~ softmax(logits / T)`` (the model's fused ``text_output="sample"`` decode: Gumbel-max, no
 logits materialised), and each token jumps to ``x1_hat`` with probability
 ``min(1, h kappa'(t) / (1 - kappa(t)))`` (the first-order rate of Meta's ``MixtureDiscreteEulerSolver``);
-the last step lands on ``x1_hat``. Embedding text flow: Euler on the embeddings, then
+the last step lands on ``x1_hat``. With the [MASK] source, ``x1_hat`` is drawn from the full logits
+with the [MASK] column dropped (never a target). Embedding text flow: Euler on the embeddings, then
 ``argmax_v z . E_v`` (Eq. 8) with the fused ``linear_argmax`` op against ``vocab_embed``.
 All functions return token ids; detokenise with the tokenizer (``univigu_fast.text``/synthetic).
 """
@@ -75,13 +76,23 @@ class _TextState:
 
     def forward_kwargs(self):
         kw = dict(text=self.x)
-        if self.c.text_flow == "discrete":
+        if self.c.text_flow == "discrete" and self.c.discrete_source != "mask":
             kw.update(text_output="sample", sample_seed=_rng_seed(self.g), temperature=self.temperature)
         return kw
 
+    def _sample_without_mask(self, logits):
+        """Mask source: the [MASK] column is never a target, so x1_hat is drawn over the V real tokens
+        only (Gumbel-max on the full logits with that column dropped)."""
+        out = []
+        for lg in logits:
+            lg = lg[:, : self.c.vocab_size].float() / self.temperature
+            u = torch.rand(lg.shape, generator=self.g).to(lg.device).clamp_(1e-20, 1.0)
+            out.append((lg - torch.log(-torch.log(u))).argmax(-1))
+        return out
+
     def step(self, text_out, t: float, t_next: float, last: bool):
         if self.c.text_flow == "discrete":
-            x1_hat = text_out.ids
+            x1_hat = self._sample_without_mask(text_out) if self.c.discrete_source == "mask" else text_out.ids
             p = 1.0 if last else self.sched.jump_probability(t, t_next - t)
             self.x = [torch.where(torch.rand(xi.shape, generator=self.g).to(xi.device) < p, yi, xi)
                       for xi, yi in zip(self.x, x1_hat)]

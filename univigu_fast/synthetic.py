@@ -36,8 +36,8 @@ COLORS = {"red": (1.0, 0.0, 0.0), "green": (0.0, 1.0, 0.0), "blue": (0.0, 0.0, 1
           "yellow": (1.0, 1.0, 0.0), "cyan": (0.0, 1.0, 1.0), "magenta": (1.0, 0.0, 1.0)}
 SHAPES = ("square", "circle", "triangle")
 DIRECTIONS = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}  # (dy, dx)
-SIZES = {"small": 4.0, "large": 6.0}  # side in pixels
-SPEEDS = {"slowly": 1.0, "quickly": 2.0}  # pixels per frame
+SIZES = {"small": 5.0, "large": 8.0}  # side in pixels
+SPEEDS = {"slowly": 2.0, "quickly": 4.0}  # pixels per frame
 POSITIONS_H = ("top", "middle", "bottom")  # across a horizontal motion
 POSITIONS_V = ("left", "middle", "right")  # across a vertical motion
 BACKGROUNDS = {"black": (0.0, 0.0, 0.0), "white": (1.0, 1.0, 1.0), "gray": (0.5, 0.5, 0.5)}
@@ -80,6 +80,25 @@ class Sample:
                 f"starting near the {self.position} on a {self.background} background")
 
 
+def combo(sample: Sample) -> tuple:
+    """The sample's attribute values (what a caption states), without the jitter."""
+    return tuple(getattr(sample, a) for a in ATTRIBUTES)
+
+
+def split_samples(n_train: int, n_test: int, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """Held-out split: ``n_test`` samples, then ``n_train`` samples none of whose attribute
+    combinations (all seven attributes) occurs in the test set, so evaluation needs composition."""
+    test = random_samples(n_test, seed * 2 + 1)
+    held = {combo(s) for s in test}
+    train, k = [], 0
+    while len(train) < n_train:
+        for s in random_samples(n_train, seed * 2 + 2 + 1_000_003 * k):
+            if combo(s) not in held and len(train) < n_train:
+                train.append(s)
+        k += 1
+    return train, test
+
+
 def random_samples(n: int, seed: int) -> list[Sample]:
     g = torch.Generator().manual_seed(seed)
 
@@ -97,7 +116,7 @@ def random_samples(n: int, seed: int) -> list[Sample]:
 
 
 # ---------------------------------------------------------------------------- rendering
-def render(sample: Sample, frames: int = 4, size: int = 16) -> torch.Tensor:
+def render(sample: Sample, frames: int = 3, size: int = 16) -> torch.Tensor:
     """Pixels in [0, 1], ``(3, frames, size, size)``."""
     dy, dx = DIRECTIONS[sample.direction]
     speed = SPEEDS[sample.speed]
@@ -206,11 +225,13 @@ class SyntheticData:
     null_prompt: torch.Tensor
 
 
-def make_dataset(n: int, seed: int, *, text_dim: int, frames: int = 4, size: int = 16, channels: int = 16) -> SyntheticData:
+def make_dataset(n: int | list, seed: int = 0, *, text_dim: int, frames: int = 3, size: int = 16,
+                 channels: int = 16) -> SyntheticData:
+    """``n`` random samples (seeded) or an explicit list of ``Sample``s -> latents, prompt embeddings and ids."""
     tok = SyntheticTokenizer()
     enc = SyntheticPromptEncoder(tok, text_dim)
     vae = SyntheticVAE(channels)
-    samples = random_samples(n, seed)
+    samples = list(n) if isinstance(n, (list, tuple)) else random_samples(n, seed)
     lat = [vae.encode(render(s, frames, size)) for s in samples]
     return SyntheticData(samples, lat, [enc(s.prompt) for s in samples], [tok.encode(s.prompt) for s in samples],
                          [tok.encode(s.caption) for s in samples], enc.null())

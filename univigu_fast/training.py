@@ -6,6 +6,10 @@
 * **Stage 2, Capability Refinement** (``stage=2``): the target text is the detailed caption, the
   condition is still the brief prompt (dropped with ``cond_dropout``). Paper lr 5e-5.
 
+In ``generation`` mode (``tau_text = 1``) the text stream carries the clean **prompt** ids in both
+stages: that is what text-to-video inference feeds the stream (the public T2V path), so training
+and sampling see the same thing; its text loss is not counted anyway.
+
 Optimiser: AdamW, betas (0.9, 0.95) (the paper's Adam betas; weight decay 0 by default, i.e. Adam),
 linear warm-up then constant or cosine, gradient clipping, bf16 autocast on CUDA only.
 Checkpoints (``OUT/checkpoint.pt``; ``save_every`` steps and at the end) hold model, optimiser,
@@ -151,6 +155,8 @@ class Trainer:
         self.rank, self.world = _dist()
         if cfg.batch_size % self.world:
             raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the world size {self.world}")
+        if model.config.text_flow == "embedding":  # E is the fixed codebook of Eq. 7-8 (see flow.py)
+            model.vocab_embed.weight.requires_grad_(False)
         self.wrapped = wrap_distributed(model)
         params = [p for p in model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
@@ -175,7 +181,8 @@ class Trainer:
         mine = idx[lo:lo + per]
         ys = self.targets(mine)
         samples = [draw_sample(self.data.latents[i], self.data.prompt_embeds[i], self.data.null_prompt, y,
-                               sample_generator(cfg.seed, self.step, lo + k), cfg.flow, model.config)
+                               sample_generator(cfg.seed, self.step, lo + k), cfg.flow, model.config,
+                               generation_text=self.data.prompt_ids[i])
                    for k, (i, y) in enumerate(zip(mine, ys))]
         dev, dtype = model.device, model.dtype
         # global token counts first (they depend only on modes and lengths)

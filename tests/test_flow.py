@@ -1,0 +1,168 @@
+"""Uni-flow math on hand-made tensors: paths, velocity targets, schedulers, loss weighting (paper Eq. 2-3,
+7-8, 11; DESIGN §4)."""
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from univigu_fast.config import UniViGUConfig
+from univigu_fast.flow import (FlowConfig, NoisedSample, PolynomialScheduler, combine, discrete_path, draw_sample,
+                               generation_taus, loss_terms, sample_generator, source_tokens, text_inputs, video_path,
+                               wan_shift)
+from univigu_fast.modeling import UniViGUOutput
+
+
+def test_video_path_and_velocity_hand_values():
+    z1 = torch.tensor([[1.0, 2.0], [0.0, -4.0]])
+    z0 = torch.tensor([[3.0, -1.0], [2.0, 2.0]])
+    zt, u = video_path(z1, z0, torch.tensor(0.25))
+    torch.testing.assert_close(zt, torch.tensor([[2.5, -0.25], [1.5, 0.5]]), rtol=0, atol=0)
+    torch.testing.assert_close(u, torch.tensor([[-2.0, 3.0], [-2.0, -6.0]]), rtol=0, atol=0)
+    # per-sample tau broadcasts over the trailing dims; tau = 0 -> noise, tau = 1 -> data
+    zt, _ = video_path(z1, z0, torch.tensor([0.0, 1.0]))
+    torch.testing.assert_close(zt, torch.stack([z0[0], z1[1]]), rtol=0, atol=0)
+
+
+def test_polynomial_scheduler_and_jump_probability():
+    s2 = PolynomialScheduler(2.0)
+    assert s2.kappa(0.5) == 0.25 and s2.dkappa(0.5) == 1.0
+    assert s2.jump_probability(0.5, 0.1) == pytest.approx(0.1 * 1.0 / 0.75)
+    s1 = PolynomialScheduler(1.0)
+    assert s1.jump_probability(0.5, 0.1) == pytest.approx(0.2)
+    assert s1.jump_probability(0.9, 0.1) == pytest.approx(1.0)  # last step of 10 lands
+    assert s1.jump_probability(1.0, 0.1) == 1.0
+    assert s1.jump_probability(0.0, 0.5) == 0.5
+    torch.testing.assert_close(s2.dkappa(torch.tensor([0.5, 1.0])), torch.tensor([1.0, 2.0]))
+    with pytest.raises(ValueError, match="exponent"):
+        PolynomialScheduler(0.0)
+
+
+def test_discrete_mixture_path_probabilities():
+    g = torch.Generator().manual_seed(0)
+    x1 = torch.full((20000,), 7)
+    x0 = torch.full((20000,), 3)
+    assert torch.equal(discrete_path(x1, x0, 1.0, PolynomialScheduler(1.0), g), x1)
+    assert torch.equal(discrete_path(x1, x0, 0.0, PolynomialScheduler(1.0), g), x0)
+    for n, tau in ((1.0, 0.3), (2.0, 0.6)):
+        frac = (discrete_path(x1, x0, tau, PolynomialScheduler(n), g) == 7).float().mean().item()
+        assert abs(frac - tau**n) < 0.015, (n, tau, frac)
+    u = source_tokens(5000, 11, "uniform", g)
+    assert u.min() >= 0 and u.max() == 10
+    assert torch.equal(source_tokens(4, 11, "mask", mask_token_id=11), torch.full((4,), 11))
+    with pytest.raises(ValueError, match="source"):
+        source_tokens(4, 11, "gauss")
+
+
+def test_wan_flow_shift_grid():
+    assert wan_shift(0.5, 3.0) == pytest.approx(0.75)
+    taus = generation_taus(4, 1.0)
+    assert taus == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0])
+    taus = generation_taus(4, 3.0)
+    assert taus[0] == 0.0 and taus[-1] == 1.0
+    assert taus[2] == pytest.approx(1 - 0.75)  # sigma 0.5 -> 0.75
+    assert all(b > a for a, b in zip(taus, taus[1:]))
+    with pytest.raises(ValueError, match="steps"):
+        generation_taus(0)
+
+
+def _fake_model(text_flow="discrete", vocab=5, dim=4):
+    cfg = UniViGUConfig.tiny(vocab_size=vocab, num_attention_heads=1, attention_head_dim=dim, text_flow=text_flow)
+    emb = nn.Embedding(cfg.text_vocab_size, cfg.dim)
+    return SimpleNamespace(config=cfg, device=torch.device("cpu"), vocab_embed=emb)
+
+
+def _sample(mode, video_target, text_target, tau_t=0.5, noise=None):
+    return NoisedSample(mode, 0.5, tau_t, None, video_target, None, text_target, noise, None, False)
+
+
+def test_loss_weighting_token_count_normalised_discrete():
+    m = _fake_model("discrete", vocab=5)
+    vt = [torch.ones(2, 1, 1, 3), torch.zeros(2, 1, 1, 3), torch.ones(2, 1, 1, 3)]
+    vp = [torch.zeros(2, 1, 1, 3), torch.full((2, 1, 1, 3), 2.0), torch.full((2, 1, 1, 3), 5.0)]
+    y = [torch.tensor([1, 2, 3]), torch.tensor([4]), torch.tensor([0, 0])]
+    logits = [torch.randn(3, 5), torch.randn(1, 5), torch.randn(2, 5)]
+    samples = [_sample("joint", vt[0], y[0]), _sample("understanding", vt[1], y[1]), _sample("generation", vt[2], y[2])]
+    terms = loss_terms(m, samples, UniViGUOutput(vp, logits))
+    # video: joint + generation samples count; understanding (tau_v = 1) does not
+    want_v = ((vp[0] - vt[0]) ** 2).sum() + ((vp[2] - vt[2]) ** 2).sum()
+    assert terms["video_count"].item() == 12
+    torch.testing.assert_close(terms["video_sum"], want_v)
+    # text: joint + understanding count (4 tokens in all), generation (tau_t = 1) does not
+    ce = torch.cat([F.cross_entropy(logits[0], y[0], reduction="none"), F.cross_entropy(logits[1], y[1], reduction="none")])
+    assert terms["text_count"].item() == 4
+    torch.testing.assert_close(terms["text_sum"], ce.sum())
+    loss = combine(terms, FlowConfig())
+    # Eq. 11 with lambda_v = 1, lambda_t = |z_v| / |z_t|, normalised by |z_v|: the per-token means, added
+    torch.testing.assert_close(loss, want_v / 12 + ce.mean())
+    # token-count normalisation is over all tokens of the batch, not a mean of per-sample means
+    assert not math.isclose(loss.item(), (want_v / 12 + (ce[:3].mean() + ce[3:].mean()) / 2).item(), rel_tol=1e-4)
+    # lambda_v and the text weight scale their terms
+    torch.testing.assert_close(combine(terms, FlowConfig(video_weight=0.5, text_weight=2.0)), 0.5 * want_v / 12 + 2 * ce.mean())
+
+
+def test_embedding_flow_inputs_targets_and_loss():
+    m = _fake_model("embedding", vocab=6, dim=4)
+    E = m.vocab_embed.weight.detach()
+    y = torch.tensor([2, 5, 0])
+    z0 = torch.randn(3, 4)
+    s = _sample("understanding", torch.zeros(1), y, tau_t=0.3, noise=z0)
+    (zt,) = text_inputs(m, [s])
+    torch.testing.assert_close(zt, 0.7 * z0 + 0.3 * E[y])  # Eq. 7: z_t = (1 - tau) z0 + tau E[y]
+    v = torch.randn(3, 4)
+    terms = loss_terms(m, [s], UniViGUOutput([torch.zeros(1)], [v]))
+    u = E[y] - z0  # Eq. 7 velocity target
+    torch.testing.assert_close(terms["text_sum"], ((v - u) ** 2).sum())
+    assert terms["text_count"].item() == 12 and terms["text_tokens"].item() == 3 and terms["video_count"].item() == 0
+    # the exact velocity decodes (one Euler jump to tau = 1, then Eq. 8 argmax) to the right ids
+    terms = loss_terms(m, [s], UniViGUOutput([torch.zeros(1)], [u]))
+    assert terms["text_sum"].item() == 0 and terms["text_correct"].item() == 3
+    # E is a fixed codebook: no gradient reaches it through the target
+    assert not text_inputs(m, [s])[0].requires_grad
+
+
+@pytest.mark.parametrize("text_flow", ["discrete", "embedding"])
+def test_draw_sample_modes_pin_tau_and_keep_clean(text_flow):
+    cfg = UniViGUConfig.tiny(text_flow=text_flow)
+    video = torch.randn(4, 2, 4, 4)
+    prompt, null = torch.randn(3, cfg.text_dim), torch.zeros(1, cfg.text_dim)
+    y = torch.tensor([1, 2, 3, 4])
+    fc = FlowConfig(cond_dropout=0.0)
+    u = draw_sample(video, prompt, null, y, sample_generator(0, 0, 0), fc, cfg, mode="understanding")
+    assert u.tau_video == 1.0 and torch.equal(u.video_in, video) and u.prompt is prompt
+    gsm = draw_sample(video, prompt, null, y, sample_generator(0, 0, 1), fc, cfg, mode="generation")
+    assert gsm.tau_text == 1.0
+    if text_flow == "discrete":
+        assert torch.equal(gsm.text_in, y)
+    j = draw_sample(video, prompt, null, y, sample_generator(0, 0, 2), fc, cfg, mode="joint")
+    assert 0 <= j.tau_video < 1 and 0 <= j.tau_text < 1
+    z0 = (j.video_in - j.tau_video * video) / (1 - j.tau_video)
+    torch.testing.assert_close(j.video_target, video - z0, rtol=1e-4, atol=1e-4)
+    # same (seed, step, index) -> same draw (sharding-invariant randomness)
+    j2 = draw_sample(video, prompt, null, y, sample_generator(0, 0, 2), fc, cfg, mode="joint")
+    assert torch.equal(j.video_in, j2.video_in) and j.tau_text == j2.tau_text
+    # the mode mix draws only allowed modes, in proportion
+    g = torch.Generator().manual_seed(0)
+    mix = FlowConfig(mode_mix={"understanding": 3.0, "generation": 1.0})
+    modes = [mix.draw_mode(g) for _ in range(2000)]
+    assert set(modes) == {"understanding", "generation"}
+    assert abs(modes.count("understanding") / 2000 - 0.75) < 0.04
+    with pytest.raises(ValueError, match="mode_mix"):
+        FlowConfig(mode_mix={"video": 1.0})
+    with pytest.raises(ValueError, match="cond_dropout"):
+        FlowConfig(cond_dropout=1.5)
+
+
+def test_matches_flow_matching_library_if_installed():
+    """Optional cross-check against Meta's flow_matching (the public code's dependency)."""
+    fm = pytest.importorskip("flow_matching")
+    from flow_matching.path import MixtureDiscreteProbPath
+    from flow_matching.path.scheduler import PolynomialConvexScheduler
+
+    t = torch.tensor([0.2, 0.7])
+    out = PolynomialConvexScheduler(n=2.0)(t)
+    torch.testing.assert_close(out.alpha_t, PolynomialScheduler(2.0).kappa(t))
+    torch.testing.assert_close(out.d_alpha_t, PolynomialScheduler(2.0).dkappa(t))
+    assert MixtureDiscreteProbPath is not None and fm is not None

@@ -1,0 +1,159 @@
+"""Samplers: tau = 1 keeps a modality clean, Euler on a shifted grid, discrete Euler jumps, CFG, joint coupling,
+embedding decode (Eq. 8); then the real tiny model in all three tasks and both text flows."""
+import pytest
+import torch
+from torch import nn
+
+from univigu_fast.config import UniViGUConfig
+from univigu_fast.flow import generation_taus
+from univigu_fast.modeling import TextDecoded, UniViGUOutput
+from univigu_fast.ops import REFERENCE_OPS
+from univigu_fast.reference import UniViGUModel
+from univigu_fast.sampling import caption, decode_embeddings, generate, joint
+
+C, FR, H, W = 4, 2, 4, 4
+
+
+class Oracle(nn.Module):
+    """A fake model that knows the data (video ``z1``, text ``y``) and returns the exact velocity
+    ``(z1 - x) / (1 - tau)`` (video, embedding text) or samples ``y`` (discrete). It records every call."""
+
+    ops = REFERENCE_OPS
+
+    def __init__(self, text_flow, z1, y, prompt_scale=None):
+        super().__init__()
+        self.config = UniViGUConfig.tiny(in_channels=C, out_channels=C, text_flow=text_flow, vocab_size=12)
+        torch.manual_seed(0)
+        self.vocab_embed = nn.Embedding(self.config.text_vocab_size, self.config.dim)
+        self.z1, self.y, self.calls = z1, y, []
+        self.prompt_scale = prompt_scale
+
+    device = torch.device("cpu")
+    dtype = torch.float32
+
+    def forward(self, videos, tau_v, prompts, text=None, tau_text=None, text_lens=None, *, text_output="full",
+                sample_seed=None, temperature=1.0):
+        self.calls.append(dict(videos=[v.clone() for v in videos], tau_v=tau_v.clone(), prompts=list(prompts),
+                               text=[t.clone() for t in text], tau_t=tau_text.clone(), text_output=text_output))
+        vel = []
+        for i, (v, t) in enumerate(zip(videos, tau_v.tolist())):
+            u = (self.z1[i] - v) / max(1 - t, 1e-6)
+            if self.prompt_scale is not None:  # velocity that depends on the condition: for CFG
+                u = torch.full_like(v, float(prompts[i].sum()))
+            vel.append(u)
+        if self.config.text_flow == "discrete":
+            out = TextDecoded([yi.clone() for yi in self.y], None, None) if text_output == "sample" else None
+        else:
+            E = self.vocab_embed.weight.detach()
+            out = [(E[yi] - zi) / max(1 - t, 1e-6) for yi, zi, t in zip(self.y, text, tau_text.tolist())]
+        return UniViGUOutput(vel, out)
+
+
+def _data(B=3, N=5):
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(C, FR, H, W, generator=g) for _ in range(B)], [torch.randint(0, 12, (N,), generator=g) for _ in range(B)]
+
+
+@pytest.mark.parametrize("text_flow", ["discrete", "embedding"])
+def test_caption_keeps_video_clean_and_reaches_text(text_flow):
+    z1, y = _data()
+    m = Oracle(text_flow, z1, y)
+    prompts = [torch.zeros(1, m.config.text_dim)] * 3
+    ids = caption(m, z1, prompts, [5, 5, 5], steps=6, seed=0)
+    assert len(m.calls) == 6
+    for call in m.calls:  # tau_video = 1: the model sees exactly the clean video at every step
+        assert torch.equal(call["tau_v"], torch.ones(3))
+        for a, b in zip(call["videos"], z1):
+            assert torch.equal(a, b)
+    assert [c["tau_t"][0].item() for c in m.calls] == pytest.approx([i / 6 for i in range(6)])
+    for a, b in zip(ids, y):
+        assert torch.equal(a, b)
+
+
+def test_discrete_euler_jump_rate():
+    """kappa = t: after step i of n, a fraction (i + 1) / n of tokens hold x1_hat (uniform source)."""
+    N, steps = 4000, 4
+    z1, _ = _data(1)
+    y = [torch.full((N,), 11)]
+    m = Oracle("discrete", z1, y)
+    caption(m, z1, [torch.zeros(1, m.config.text_dim)], [N], steps=steps, seed=0)
+    for i, call in enumerate(m.calls[1:], start=1):
+        frac = (call["text"][0] == 11).float().mean().item()
+        base = 1 / 12  # the uniform source already holds 11 for 1/12 of tokens
+        assert abs(frac - (i / steps + (1 - i / steps) * base)) < 0.03, (i, frac)
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+@pytest.mark.parametrize("text_flow", ["discrete", "embedding"])
+def test_generate_keeps_text_clean_and_integrates(text_flow, shift):
+    z1, y = _data()
+    m = Oracle(text_flow, z1, y)
+    prompts = [torch.randn(2, m.config.text_dim) for _ in range(3)]
+    out = generate(m, prompts, y, (C, FR, H, W), steps=5, shift=shift, seed=0)
+    taus = generation_taus(5, shift)
+    assert [c["tau_v"][0].item() for c in m.calls] == pytest.approx(taus[:-1])
+    E = m.vocab_embed.weight
+    for call in m.calls:  # tau_text = 1: the clean prompt text rides along unchanged
+        assert torch.equal(call["tau_t"], torch.ones(3))
+        for a, b in zip(call["text"], y):
+            want = b if text_flow == "discrete" else E[b]
+            assert torch.equal(a, want)
+    for a, b in zip(out, z1):  # exact velocity: Euler lands on the data from any grid
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_generate_classifier_free_guidance():
+    z1, y = _data(2)
+    m = Oracle("discrete", z1, y, prompt_scale=True)
+    prompts = [torch.full((1, m.config.text_dim), 1.0 / m.config.text_dim)] * 2  # cond velocity 1
+    null = torch.zeros(1, m.config.text_dim)  # uncond velocity 0
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    x0 = [torch.randn(C, FR, H, W, generator=g) for _ in range(2)]
+    out = generate(m, prompts, y, (C, FR, H, W), null_prompt=null, steps=1, shift=1.0, guidance=4.0, seed=0)
+    # v = v_u + g (v_c - v_u) = 0 + 4 (1 - 0), one Euler step of size 1
+    for a, b in zip(out, x0):
+        torch.testing.assert_close(a, b + 4.0)
+    assert any(torch.equal(c["prompts"][0], null) for c in m.calls) and len(m.calls) == 2
+    with pytest.raises(ValueError, match="null_prompt"):
+        generate(m, prompts, y, (C, FR, H, W), steps=1, guidance=2.0)
+
+
+@pytest.mark.parametrize("text_flow", ["discrete", "embedding"])
+def test_joint_couples_times_and_reaches_both(text_flow):
+    z1, y = _data()
+    m = Oracle(text_flow, z1, y)
+    lat, ids = joint(m, [torch.zeros(1, m.config.text_dim)] * 3, (C, FR, H, W), [5] * 3, steps=4, shift=3.0)
+    for call in m.calls:
+        assert torch.equal(call["tau_v"], call["tau_t"])
+    for a, b in zip(lat, z1):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    for a, b in zip(ids, y):
+        assert torch.equal(a, b)
+
+
+def test_decode_embeddings_is_argmax_against_vocab_embed():
+    m = Oracle("embedding", [], [])
+    E = m.vocab_embed.weight.detach()
+    z = torch.randn(7, m.config.dim)
+    torch.testing.assert_close(decode_embeddings(m, z), (z @ E[:12].T).argmax(-1))
+
+
+@pytest.mark.parametrize("text_flow", ["discrete", "embedding"])
+def test_real_tiny_model_all_tasks(text_flow):
+    cfg = UniViGUConfig.tiny(text_flow=text_flow, discrete_source="mask" if text_flow == "discrete" else "uniform")
+    torch.manual_seed(0)
+    m = UniViGUModel(cfg).eval()
+    m.init_text_stream()
+    vids = [torch.randn(4, 2, 4, 4), torch.randn(4, 1, 2, 6)]
+    prompts = [torch.randn(3, cfg.text_dim), torch.randn(2, cfg.text_dim)]
+    null = torch.randn(1, cfg.text_dim)
+    ids = caption(m, vids, prompts, [5, 0], steps=3)
+    assert ids[0].shape == (5,) and ids[1].shape == (0,) and int(ids[0].max()) < cfg.vocab_size
+    lat = generate(m, prompts, [torch.tensor([1, 2]), torch.tensor([3])], (4, 2, 4, 4), null_prompt=null, steps=2,
+                   guidance=2.0)
+    assert all(x.shape == (4, 2, 4, 4) and torch.isfinite(x).all() for x in lat)
+    lat, ids = joint(m, prompts, (4, 2, 4, 4), [3, 4], null_prompt=null, steps=2, guidance=2.0)
+    assert [i.shape for i in ids] == [(3,), (4,)] and all(int(i.max()) < cfg.vocab_size for i in ids)
+    # deterministic given the seed
+    assert torch.equal(caption(m, vids, prompts, [5, 2], steps=2, seed=3)[0], caption(m, vids, prompts, [5, 2], steps=2, seed=3)[0])

@@ -1,6 +1,7 @@
 """The fast, drop-in ``UniViGUModel``: the reference model's modules, config, state_dict and forward,
 run on the Triton kernels (packed varlen attention with fused RoPE, grouped modality FFN with the
-gated residual fused, fused adaLN / gated residual / q-k RMSNorm, fused text decoding).
+gated residual fused, fused adaLN / gated residual / q-k RMSNorm / cross-attention LayerNorm, fused
+text decoding).
 
 Each kernel entry point falls back to its PyTorch reference where Triton or a GPU is missing and
 logs that once; ``UniViGUModel.kernel_path()`` says which path runs on the current device.
@@ -9,13 +10,42 @@ from __future__ import annotations
 
 import torch
 
-from .kernels._utils import HAS_TRITON, interpreting, log_once
+from .kernels._utils import HAS_TRITON, interpreting, log_once, use_triton
+from .kernels.modulated_layer_norm import modulated_layer_norm
 from .modeling import TextDecoded, UniViGUModelBase, UniViGUOutput
+from .modules import FP32LayerNorm
 from .ops import FAST_OPS
+
+
+class FusedFP32LayerNorm(FP32LayerNorm):
+    """``FP32LayerNorm`` (the blocks' ``norm2``, affine) on the fused LayerNorm kernel: one segment
+    covering every row, ``LN(x) * (1 + (weight - 1)) + bias``. Same parameters, same result (fp32 math,
+    output in ``x.dtype``) in one read and one write instead of Wan's three fp32 passes."""
+
+    def _whole(self, n: int, device) -> torch.Tensor:
+        key = (n, str(device))
+        cache = self.__dict__.setdefault("_tables", {})
+        if key not in cache:
+            if len(cache) > 16:
+                cache.clear()
+            cache[key] = torch.tensor([0, n], dtype=torch.int32, device=device)
+        return cache[key]
+
+    def forward(self, x):
+        if x.dim() != 2 or self.weight is None or self.bias is None or not use_triton(x, self.weight):
+            return super().forward(x)
+        return modulated_layer_norm(x, self._whole(x.shape[0], x.device), self.bias.float()[None],
+                                    (self.weight.float() - 1.0)[None], self.eps)
 
 
 class UniViGUModel(UniViGUModelBase):
     ops = FAST_OPS
+
+    def __init__(self, config):
+        super().__init__(config)
+        for block in self.blocks:
+            if type(block.norm2) is FP32LayerNorm:  # same parameters and names: only the forward differs
+                block.norm2.__class__ = FusedFP32LayerNorm
 
     def kernel_path(self) -> str:
         if not HAS_TRITON:

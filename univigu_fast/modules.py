@@ -148,7 +148,7 @@ class UniViGUBlock(nn.Module):
                               rope_q=packed.rope, rope_k=rope_k)
         x = ops.gated_residual(x, y, seg, gate)
         # 3. shared cross-attention to the prompt, ungated
-        h = self.norm2(x.float()).type_as(x)  # fp32 LayerNorm, as Wan
+        h = self.norm2(x)  # LayerNorm in fp32, result in x.dtype (FP32LayerNorm), as Wan
         y = self.attn2(ops, h, context, packed.cu_seqlens, packed.cu_seqlens_prompt, packed.max_seqlen,
                        packed.max_prompt_len, self.eps)
         x = x + y

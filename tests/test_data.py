@@ -1,0 +1,94 @@
+"""Dataset format and preprocessing with a tiny random Wan VAE and umT5 from local paths."""
+import json
+
+import pytest
+import torch
+
+from univigu_fast.data import ExampleWriter, LengthConstraints, VideoTextDataset, load_video, preprocess
+from univigu_fast.training import ExampleSet
+
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("tokenizers")
+
+WORDS = ["a", "red", "cat", "runs", "on", "green", "grass", "slowly", "in", "the", "sun", "dog"]
+
+
+def test_writer_reader_round_trip_and_length_constraints(tmp_path):
+    null = torch.randn(1, 6)
+    lat = [torch.randn(4, 2, 3, 3) for _ in range(5)]
+    with ExampleWriter(tmp_path, text_dim=6, null_prompt=null, lengths=LengthConstraints((0, 3), (2, 4)),
+                       shard_size=2) as w:
+        assert w.add(lat[0], torch.randn(2, 6), torch.tensor([1, 2]), torch.tensor([3, 4, 5]))
+        assert not w.add(lat[1], torch.randn(2, 6), torch.tensor([1, 2]), torch.tensor([3]))  # caption too short
+        assert w.add(lat[2], torch.randn(5, 6), torch.arange(5), torch.arange(7))  # both truncated
+        assert w.add(lat[3], torch.randn(0, 6), torch.zeros(0, dtype=torch.long), torch.arange(2))
+        with pytest.raises(ValueError, match="text_dim"):
+            w.add(lat[4], torch.randn(2, 5), torch.tensor([1]), torch.arange(3))
+    ds = VideoTextDataset(tmp_path)
+    assert len(ds) == 3 and ds.meta["skipped"]["caption_too_short"] == 1 and ds.meta["truncated"] == {"prompt": 1, "caption": 1}
+    assert len(ds.meta["shards"]) == 2
+    torch.testing.assert_close(ds.latents[1], lat[2])
+    assert ds.prompt_ids[1].tolist() == [0, 1, 2] and ds.prompt_embeds[1].shape == (3, 6)
+    assert ds.caption_ids[1].tolist() == [0, 1, 2, 3]
+    assert ds.prompt_embeds[2].shape == (0, 6) and ds.caption_ids[-1].tolist() == [0, 1]
+    torch.testing.assert_close(ds.null_prompt, null)
+    assert len(ExampleSet.wrap(ds)) == 3  # the trainer takes it as is
+    with pytest.raises(IndexError):
+        ds.get(3, "latents")
+    with pytest.raises(ValueError, match="min <= max"):
+        LengthConstraints((5, 2))
+
+
+@pytest.fixture(scope="module")
+def wan_dir(tmp_path_factory):
+    """A tiny random Wan diffusers folder: vae/, text_encoder/ (umT5), tokenizer/."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
+
+    root = tmp_path_factory.mktemp("wan-tiny")
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 2], num_res_blocks=1,
+                                     temperal_downsample=[True], attn_scales=[])
+    vae.save_pretrained(root / "vae")
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: 3 + i for i, w in enumerate(WORDS)}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>", unk_token="<unk>").save_pretrained(root / "tokenizer")
+    te = UMT5EncoderModel(UMT5Config(vocab_size=len(vocab), d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2))
+    te.save_pretrained(root / "text_encoder")
+    return root
+
+
+def test_preprocess_with_tiny_wan_vae_and_umt5(wan_dir, tmp_path):
+    g = torch.Generator().manual_seed(0)
+    torch.save((torch.rand(6, 16, 16, 3, generator=g) * 255).to(torch.uint8), tmp_path / "v0.pt")
+    torch.save(torch.rand(5, 16, 24, 3, generator=g), tmp_path / "v1.pt")
+    rows = [dict(video="v0.pt", prompt="a red cat", caption="a red cat runs on green grass slowly"),
+            dict(video="v1.pt", prompt="a dog runs in the sun", caption="a dog"),  # caption too short -> skipped
+            dict(video=str(tmp_path / "v1.pt"), prompt="a dog runs in the sun", caption="a dog runs on the grass in the sun")]
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    meta = preprocess(tmp_path / "m.jsonl", tmp_path / "out", model_path=wan_dir,
+                      lengths=LengthConstraints((0, 4), (5, 8)), progress=False)
+    assert meta["count"] == 2 and meta["skipped"]["caption_too_short"] == 1 and meta["text_dim"] == 16
+    ds = VideoTextDataset(tmp_path / "out")
+    # 6 frames -> 5 (4k + 1) -> 3 latent frames (one temporal /2 level in this tiny VAE); spatial /2; 16 channels
+    assert ds.latents[0].shape == (16, 3, 8, 8) and ds.latents[1].shape == (16, 3, 8, 12)
+    assert ds.prompt_ids[0].tolist() == [3, 4, 5, 1]  # "a red cat </s>"
+    assert ds.prompt_ids[1].numel() == 4 and ds.prompt_embeds[1].shape == (4, 16)  # truncated to 4
+    assert ds.caption_ids[1].numel() == 8
+    # latents are the VAE's mode, normalised by latents_mean / latents_std
+    from diffusers import AutoencoderKLWan
+
+    vae = AutoencoderKLWan.from_pretrained(wan_dir / "vae")
+    x = load_video(tmp_path / "v0.pt")[:, :5]
+    with torch.no_grad():
+        z = vae.encode(x[None]).latent_dist.mode()[0]
+    mean = torch.tensor(vae.config.latents_mean).view(-1, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std).view(-1, 1, 1, 1)
+    torch.testing.assert_close(ds.latents[0], (z - mean) / std, rtol=1e-4, atol=1e-4)
+    # the empty prompt's embedding is umT5 of "" (just </s>)
+    assert ds.null_prompt.shape == (1, 16)
+    with pytest.raises(ValueError, match="model_path"):
+        preprocess(tmp_path / "m.jsonl", tmp_path / "o2")

@@ -1,0 +1,280 @@
+"""Precomputed training examples and the preprocessing that makes them (issue 3, item 3).
+
+**Format** (a directory)::
+
+    meta.json                 {"format": "univigu-fast-examples", "version": 1, "count": N, "text_dim": D,
+                               "latent_channels": 16, "prompt_tokens": [lo, hi], "caption_tokens": [lo, hi],
+                               "shards": [...], "skipped": {...}, "sources": {...}}
+    null_prompt.safetensors   "null_prompt_embeds" (L0, D): the empty prompt's embedding (condition
+                              dropout / classifier-free guidance)
+    shard_00000.safetensors   per example i: "{i}.latents" (C, F, H, W) Wan-VAE latents, normalised
+                              with the VAE's latents_mean / latents_std as the Wan pipeline does;
+                              "{i}.prompt_embeds" (L, D) umT5 last hidden state of the prompt's real
+                              tokens (no padding); "{i}.prompt_ids" (Np,) int64; "{i}.caption_ids" (Nc,) int64
+
+**Token-length constraints** (paper: prompts 0-128 tokens, detailed captions 128-256; both
+configurable): a prompt longer than its maximum is truncated (as the tokenizer would); a caption
+longer than its maximum is truncated; a caption (or prompt) shorter than its minimum is skipped and
+counted in ``meta.json["skipped"]``.
+
+``VideoTextDataset(path)`` reads the format lazily (``safetensors.safe_open``) and exposes the lists
+the trainer takes (``latents``, ``prompt_embeds``, ``prompt_ids``, ``caption_ids``, ``null_prompt``).
+
+**Preprocessing** (``preprocess``; CLI ``univigu-fast preprocess``): a JSONL manifest of
+``{"video": path, "prompt": str, "caption": str}`` -> this format, with ``diffusers.AutoencoderKLWan``
+and ``transformers`` umT5 (``UMT5EncoderModel`` + its tokenizer) loaded from **local** paths (a Wan
+diffusers folder with ``vae/``, ``text_encoder/``, ``tokenizer/`` subfolders, or the folders
+themselves). Videos are tensor files (``.pt``/``.safetensors`` key "video"/``.npy``) of frames
+``(F, H, W, 3)`` uint8 or float in [0, 1]; other files are read with ``imageio`` if installed. The
+frame count is cut to the largest ``4k + 1`` (the Wan VAE's temporal stride).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+FORMAT = "univigu-fast-examples"
+VERSION = 1
+
+
+@dataclass(frozen=True)
+class LengthConstraints:
+    prompt: tuple[int, int] = (0, 128)
+    caption: tuple[int, int] = (128, 256)
+
+    def __post_init__(self):
+        for name in ("prompt", "caption"):
+            lo, hi = getattr(self, name)
+            if not 0 <= lo <= hi:
+                raise ValueError(f"{name} token range must satisfy 0 <= min <= max, got {(lo, hi)}")
+
+
+class ExampleWriter:
+    """Writes examples in shards of ``shard_size``; ``close()`` writes ``meta.json`` (context manager)."""
+
+    def __init__(self, out: str | Path, *, text_dim: int, null_prompt: torch.Tensor,
+                 lengths: LengthConstraints = LengthConstraints(), shard_size: int = 256, sources: dict | None = None):
+        from safetensors.torch import save_file
+
+        self.out = Path(out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        if null_prompt.dim() != 2 or null_prompt.shape[1] != text_dim:
+            raise ValueError(f"null_prompt must be (L0, text_dim={text_dim}), got {tuple(null_prompt.shape)}")
+        save_file({"null_prompt_embeds": null_prompt.detach().float().contiguous().cpu()}, str(self.out / "null_prompt.safetensors"))
+        self.text_dim, self.lengths, self.shard_size = text_dim, lengths, shard_size
+        self.buf: dict[str, torch.Tensor] = {}
+        self.count, self.shards, self.channels = 0, [], None
+        self.skipped = {"caption_too_short": 0, "prompt_too_short": 0}
+        self.truncated = {"prompt": 0, "caption": 0}
+        self.sources = sources or {}
+
+    def add(self, latents: torch.Tensor, prompt_embeds: torch.Tensor, prompt_ids: torch.Tensor,
+            caption_ids: torch.Tensor) -> bool:
+        """Adds one example (applies the length constraints); returns False if it was skipped."""
+        if latents.dim() != 4:
+            raise ValueError(f"latents must be (C, F, H, W), got {tuple(latents.shape)}")
+        if self.channels is None:
+            self.channels = latents.shape[0]
+        elif latents.shape[0] != self.channels:
+            raise ValueError(f"latents have {latents.shape[0]} channels, earlier examples {self.channels}")
+        if prompt_embeds.dim() != 2 or prompt_embeds.shape[1] != self.text_dim:
+            raise ValueError(f"prompt_embeds must be (L, text_dim={self.text_dim}), got {tuple(prompt_embeds.shape)}")
+        for name, ids in (("prompt_ids", prompt_ids), ("caption_ids", caption_ids)):
+            if ids.dim() != 1 or ids.is_floating_point():
+                raise ValueError(f"{name} must be 1-D integer ids, got {ids.dtype} {tuple(ids.shape)}")
+        (plo, phi), (clo, chi) = self.lengths.prompt, self.lengths.caption
+        if prompt_ids.numel() < plo:
+            self.skipped["prompt_too_short"] += 1
+            return False
+        if caption_ids.numel() < clo:
+            self.skipped["caption_too_short"] += 1
+            return False
+        if prompt_ids.numel() > phi:
+            prompt_ids, prompt_embeds = prompt_ids[:phi], prompt_embeds[:phi]
+            self.truncated["prompt"] += 1
+        if caption_ids.numel() > chi:
+            caption_ids = caption_ids[:chi]
+            self.truncated["caption"] += 1
+        i = self.count
+        self.buf.update({f"{i}.latents": latents.detach().float().contiguous().cpu(),
+                         f"{i}.prompt_embeds": prompt_embeds.detach().float().contiguous().cpu(),
+                         f"{i}.prompt_ids": prompt_ids.long().contiguous().cpu(),
+                         f"{i}.caption_ids": caption_ids.long().contiguous().cpu()})
+        self.count += 1
+        if self.count % self.shard_size == 0:
+            self._flush()
+        return True
+
+    def _flush(self):
+        from safetensors.torch import save_file
+
+        if not self.buf:
+            return
+        name = f"shard_{len(self.shards):05d}.safetensors"
+        save_file(self.buf, str(self.out / name))
+        first = min(int(k.split(".")[0]) for k in self.buf)
+        self.shards.append(dict(file=name, first=first, count=len(self.buf) // 4))
+        self.buf = {}
+
+    def close(self) -> dict:
+        self._flush()
+        meta = dict(format=FORMAT, version=VERSION, count=self.count, text_dim=self.text_dim,
+                    latent_channels=self.channels, prompt_tokens=list(self.lengths.prompt),
+                    caption_tokens=list(self.lengths.caption), shards=self.shards, skipped=self.skipped,
+                    truncated=self.truncated, sources=self.sources)
+        tmp = self.out / "meta.json.tmp"
+        tmp.write_text(json.dumps(meta, indent=1) + "\n")
+        tmp.replace(self.out / "meta.json")
+        return meta
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if exc[0] is None:
+            self.close()
+        return False
+
+
+class _Field(Sequence):
+    def __init__(self, ds: "VideoTextDataset", key: str):
+        self.ds, self.key = ds, key
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return self.ds.get(i, self.key)
+
+
+class VideoTextDataset:
+    """Reads a directory written by ``ExampleWriter`` / ``preprocess`` (lazily, shard by shard)."""
+
+    def __init__(self, path: str | Path):
+        from safetensors.torch import load_file
+
+        self.path = Path(path)
+        meta_path = self.path / "meta.json"
+        if not meta_path.exists():
+            raise FileNotFoundError(f"{meta_path} not found: not a univigu-fast examples directory")
+        self.meta = json.loads(meta_path.read_text())
+        if self.meta.get("format") != FORMAT:
+            raise ValueError(f"{meta_path}: format {self.meta.get('format')!r}, expected {FORMAT!r}")
+        self.null_prompt = load_file(str(self.path / "null_prompt.safetensors"))["null_prompt_embeds"]
+        self._where = {}
+        for sh in self.meta["shards"]:
+            for i in range(sh["first"], sh["first"] + sh["count"]):
+                self._where[i] = sh["file"]
+        self._open: dict[str, object] = {}
+        self.latents, self.prompt_embeds = _Field(self, "latents"), _Field(self, "prompt_embeds")
+        self.prompt_ids, self.caption_ids = _Field(self, "prompt_ids"), _Field(self, "caption_ids")
+
+    def __len__(self):
+        return int(self.meta["count"])
+
+    def get(self, i: int, key: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"example {i} out of range for {len(self)} examples")
+        i = i % len(self)
+        f = self._where[i]
+        if f not in self._open:
+            self._open[f] = safe_open(str(self.path / f), framework="pt")
+        return self._open[f].get_tensor(f"{i}.{key}")
+
+    def __getitem__(self, i: int) -> dict:
+        return {k: self.get(i, k) for k in ("latents", "prompt_embeds", "prompt_ids", "caption_ids")}
+
+
+# ---------------------------------------------------------------------------- preprocessing
+def _sub(path: Path, name: str) -> Path:
+    return path / name if (path / name).is_dir() else path
+
+
+def load_video(path: str | Path) -> torch.Tensor:
+    """Frames ``(F, H, W, 3)`` -> float ``(3, F, H, W)`` in [-1, 1]."""
+    path = Path(path)
+    if path.suffix == ".pt":
+        v = torch.load(path, map_location="cpu", weights_only=True)
+    elif path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        v = load_file(str(path))["video"]
+    elif path.suffix == ".npy":
+        import numpy as np
+
+        v = torch.from_numpy(np.load(path))
+    else:
+        try:
+            import imageio.v3 as iio
+        except ImportError as e:
+            raise ValueError(f"cannot read {path}: install imageio[pyav] for {path.suffix} videos, or give a "
+                             ".pt/.safetensors/.npy tensor of frames (F, H, W, 3)") from e
+        v = torch.from_numpy(iio.imread(path))
+    if not isinstance(v, torch.Tensor) or v.dim() != 4 or v.shape[-1] != 3:
+        raise ValueError(f"{path}: expected frames (F, H, W, 3), got {getattr(v, 'shape', type(v).__name__)}")
+    v = v.float() / 255.0 if not v.is_floating_point() else v.float()
+    return (v.permute(3, 0, 1, 2) * 2 - 1).clamp(-1, 1)
+
+
+def preprocess(manifest: str | Path, out: str | Path, *, model_path: str | Path | None = None,
+               vae_path: str | Path | None = None, text_encoder_path: str | Path | None = None,
+               tokenizer_path: str | Path | None = None, lengths: LengthConstraints = LengthConstraints(),
+               device: str = "cpu", dtype: torch.dtype = torch.float32, shard_size: int = 256,
+               progress: bool = True) -> dict:
+    """Manifest (JSONL: video, prompt, caption) -> the examples directory ``out``. Returns meta."""
+    from diffusers import AutoencoderKLWan
+    from transformers import AutoTokenizer, UMT5EncoderModel
+
+    root = Path(model_path) if model_path else None
+    if root is None and not (vae_path and text_encoder_path and tokenizer_path):
+        raise ValueError("give model_path (a Wan diffusers folder) or all of vae_path, text_encoder_path, tokenizer_path")
+    vae_p = Path(vae_path) if vae_path else _sub(root, "vae")
+    te_p = Path(text_encoder_path) if text_encoder_path else _sub(root, "text_encoder")
+    tok_p = Path(tokenizer_path) if tokenizer_path else _sub(root, "tokenizer")
+    vae = AutoencoderKLWan.from_pretrained(vae_p, local_files_only=True).to(device, dtype).eval()
+    te = UMT5EncoderModel.from_pretrained(te_p, local_files_only=True).to(device, dtype).eval()
+    tok = AutoTokenizer.from_pretrained(tok_p, local_files_only=True)
+    mean = torch.tensor(vae.config.latents_mean).view(-1, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std).view(-1, 1, 1, 1)
+
+    @torch.no_grad()
+    def embed(text: str, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        enc = tok(text, return_tensors="pt", truncation=True, max_length=max(max_len, 1))
+        ids = enc.input_ids[0]
+        h = te(enc.input_ids.to(device), attention_mask=enc.attention_mask.to(device)).last_hidden_state[0]
+        return h.float().cpu(), ids
+
+    rows = [json.loads(line) for line in Path(manifest).read_text().splitlines() if line.strip()]
+    for k, r in enumerate(rows):
+        missing = {"video", "prompt", "caption"} - set(r)
+        if missing:
+            raise ValueError(f"{manifest} line {k + 1}: missing {sorted(missing)}")
+    null, _ = embed("", 1)
+    base = Path(manifest).parent
+    writer = ExampleWriter(out, text_dim=null.shape[1], null_prompt=null, lengths=lengths, shard_size=shard_size,
+                           sources=dict(vae=str(vae_p), text_encoder=str(te_p), tokenizer=str(tok_p), manifest=str(manifest)))
+    it = rows
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(rows, desc="preprocess")
+    with torch.no_grad():
+        for r in it:
+            vp = Path(r["video"])
+            x = load_video(vp if vp.is_absolute() else base / vp)
+            f = (x.shape[1] - 1) // 4 * 4 + 1
+            x = x[:, :f]
+            lat = vae.encode(x[None].to(device, dtype)).latent_dist.mode()[0].float().cpu()
+            lat = (lat - mean) / std
+            pe, pids = embed(r["prompt"], lengths.prompt[1] + 1)
+            cids = tok(r["caption"], truncation=True, max_length=lengths.caption[1] + 1).input_ids
+            writer.add(lat, pe, pids, torch.tensor(cids, dtype=torch.long))
+    return writer.close()

@@ -38,6 +38,25 @@ def log_once(message: str) -> None:
     logger.warning(message)
 
 
+def remember_host_values(t: torch.Tensor, values) -> torch.Tensor:
+    """Record on ``t`` the values it was built from, so :func:`host_list` needs no device sync.
+
+    For small metadata tensors (cu_seqlens, segment tables) that the packer builds from Python lists
+    and the kernels' launchers read back on the host every layer. Tied to ``t._version``: an
+    in-place change of ``t`` invalidates the record."""
+    t._univigu_host = (t._version, tuple(int(v) for v in values))
+    return t
+
+
+def host_list(t: torch.Tensor) -> list[int]:
+    """``t.tolist()`` of a small 1-D integer tensor, without a device sync when the values were
+    recorded with :func:`remember_host_values` (and ``t`` is unchanged since)."""
+    rec = getattr(t, "_univigu_host", None)
+    if rec is not None and rec[0] == t._version:
+        return list(rec[1])
+    return t.tolist()
+
+
 def check_segment_table(seg_offsets: torch.Tensor, total: int, name: str = "seg_offsets") -> list[int]:
     """Validate a packed segment table and return it as a Python list.
 
@@ -50,7 +69,7 @@ def check_segment_table(seg_offsets: torch.Tensor, total: int, name: str = "seg_
         raise TypeError(f"{name} must be int32, got {seg_offsets.dtype}")
     if seg_offsets.dim() != 1 or seg_offsets.numel() < 2:
         raise ValueError(f"{name} must be 1-D with at least 2 entries, got shape {tuple(seg_offsets.shape)}")
-    offsets = seg_offsets.tolist()
+    offsets = host_list(seg_offsets)
     if offsets[0] != 0:
         raise ValueError(f"{name}[0] must be 0, got {offsets[0]}")
     if offsets[-1] != total:
@@ -68,7 +87,7 @@ def segment_lengths(seg_offsets: torch.Tensor) -> torch.Tensor:
 def expand_segments(values: torch.Tensor, seg_offsets: torch.Tensor) -> torch.Tensor:
     """Per-segment rows ``values (S, ...)`` -> per-token rows ``(T, ...)`` (segment i repeated len_i times)."""
     return torch.repeat_interleave(values, segment_lengths(seg_offsets).to(values.device), dim=0,
-                                   output_size=int(seg_offsets[-1]))
+                                   output_size=host_list(seg_offsets)[-1])
 
 
 def token_segments(seg_offsets: torch.Tensor, total: int) -> torch.Tensor:

@@ -12,9 +12,13 @@ from dataclasses import dataclass
 
 import torch
 
+from .kernels._utils import remember_host_values
+
 
 def _cu(lengths, device) -> torch.Tensor:
-    return torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
+    values = [0, *itertools.accumulate(lengths)]
+    # the kernels' launchers read these back every layer: keep the host copy (no device sync)
+    return remember_host_values(torch.tensor(values, dtype=torch.int32, device=device), values)
 
 
 @functools.lru_cache(maxsize=64)
@@ -79,7 +83,8 @@ class PackedBatch:
             video_grids=[tuple(g) for g in video_grids], video_lens=video_lens, text_lens=list(text_lens),
             prompt_lens=list(prompt_lens), cu_seqlens=_cu(seq, device), max_seqlen=max(seq, default=0),
             seg_offsets=_cu(seg_lens, device),
-            seg_expert=torch.tensor([0, 1] * B, dtype=torch.int32, device=device), rope=rope,
+            seg_expert=remember_host_values(torch.tensor([0, 1] * B, dtype=torch.int32, device=device), [0, 1] * B),
+            rope=rope,
             cu_seqlens_prompt=_cu(prompt_lens, device), max_prompt_len=max(prompt_lens, default=0),
         )
 

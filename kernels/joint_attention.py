@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._utils import HAS_TRITON, interpreting, log_once, use_triton
+from ._utils import HAS_TRITON, host_list, interpreting, log_once, use_triton
 
 if HAS_TRITON:
     import triton
@@ -61,7 +61,7 @@ def joint_attention_reference(
     if rope_k is not None:
         k = apply_rope_reference(k, rope_k)
     out = torch.empty_like(q)
-    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    cq, ck = host_list(cu_seqlens_q), host_list(cu_seqlens_k)
     for i in range(len(cq) - 1):
         qs, qe, ks, ke = cq[i], cq[i + 1], ck[i], ck[i + 1]
         if qe == qs:
@@ -86,10 +86,16 @@ def joint_attention_reference(
 # sequence tile_seq[i], so a 1-token text sample costs one tile and a 30K-token video many, with
 # no padding and no search over cu_seqlens inside the kernel.
 #
-# RoPE: q is rotated in the forward kernel's prologue (one extra partner load per q tile); k is
-# rotated once by `_rope_kernel` before the main loop, because rotating it in the inner loop
-# would redo the work for every q tile (T / BLOCK_M times). The backward works on the rotated
-# q and k and un-rotates dq, dk with the transposed rotation (the same kernel, angle negated).
+# RoPE: k is rotated once by `_rope_kernel` before the main loop, because rotating it in the inner
+# loop would redo the work for every q tile (T / BLOCK_M times). q can be rotated either in the
+# forward kernel's prologue (ROPE_Q: one partner load per q tile, no extra pass) or by the same
+# standalone kernel (one extra read+write of q, ~0.1 ms at wan1.3b-480p). `ROPE_Q_IN_PROLOGUE`
+# selects; default False because on sm_90 (ptxas -v of the AOT-compiled kernel, triton 3.8) the
+# rotated q tile stays live in registers through the main loop and the BLOCK_N=128 / 8-warp config
+# spills (255 regs + 44-68 B spill with RoPE vs 231 regs, no spill without); the bench records both
+# (impls `triton` and `triton_qprologue`). The backward works on the rotated q and k and un-rotates
+# dq, dk with the transposed rotation (the same kernel, angle negated).
+ROPE_Q_IN_PROLOGUE = False
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 _LOG2E = 1.4426950408889634
@@ -148,14 +154,47 @@ if HAS_TRITON:
         tl.store(optrs, out.to(OUT.dtype.element_ty), mask=mask)
 
     @triton.jit
+    def _dot_acc(a, b, acc, IEEE: tl.constexpr):
+        """acc + a @ b (accumulated inside the MMA)."""
+        if IEEE:
+            return tl.dot(a, b, acc, input_precision="ieee")
+        return tl.dot(a, b, acc)
+
+    @triton.jit
+    def _fwd_step(acc, l_i, m_i, q, k_base, v_base, n0, k_end, stride_kt, stride_vt, cols,
+                  IEEE: tl.constexpr, MASK: tl.constexpr, BLOCK_N: tl.constexpr, qk_scale):
+        """One key block [n0, n0 + BLOCK_N) of the online softmax (FlashAttention-2). MASK only for a
+        sequence's last, partial block: full blocks skip the bounds checks and the score select."""
+        kr = n0 + tl.arange(0, BLOCK_N)
+        k_ptrs = k_base + kr[:, None].to(tl.int64) * stride_kt + cols[None, :]
+        v_ptrs = v_base + kr[:, None].to(tl.int64) * stride_vt + cols[None, :]
+        if MASK:
+            k_ok = kr < k_end
+            k = tl.load(k_ptrs, mask=k_ok[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=k_ok[:, None], other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        s = _dot(q, tl.trans(k), IEEE)  # raw scores; the scale (>0) is folded into max / exp2 below
+        if MASK:
+            s = tl.where(k_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        p = tl.exp2(s * qk_scale - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = _dot_acc(p.to(v.dtype), v, acc * alpha[:, None], IEEE)
+        return acc, l_i, m_new
+
+    @triton.jit
     def _attn_fwd_kernel(
         Q, K, V, O, LSE, CU_Q, CU_K, TILE_SEQ, TILE_START,
         COS, SIN, IL,
-        qk_scale,  # softmax_scale * log2(e)
+        qk_scale,  # softmax_scale * log2(e), > 0
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
         stride_lse_h, stride_rope,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROPE_Q: tl.constexpr, IEEE: tl.constexpr,
     ):
+        """O, LSE for one (query tile, head): q rotated in the prologue, then all keys of its sequence."""
         pid = tl.program_id(0)
         h = tl.program_id(1)
         seq = tl.load(TILE_SEQ + pid)
@@ -179,22 +218,15 @@ if HAS_TRITON:
         m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
         l_i = tl.zeros((BLOCK_M,), tl.float32)
         acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
-        for n0 in range(k_start, k_end, BLOCK_N):
-            kr = n0 + tl.arange(0, BLOCK_N)
-            k_ok = kr < k_end
-            safe_kr = tl.where(k_ok, kr, k_start)
-            k = tl.load(K + safe_kr[:, None].to(tl.int64) * stride_kt + h * stride_kh + cols[None, :],
-                        mask=k_ok[:, None], other=0.0)
-            v = tl.load(V + safe_kr[:, None].to(tl.int64) * stride_vt + h * stride_vh + cols[None, :],
-                        mask=k_ok[:, None], other=0.0)
-            s = _dot(q, tl.trans(k), IEEE) * qk_scale
-            s = tl.where(k_ok[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + _dot(p.to(V.dtype.element_ty), v, IEEE)
-            m_i = m_new
+        k_base = K + h * stride_kh
+        v_base = V + h * stride_vh
+        k_full_end = k_start + ((k_end - k_start) // BLOCK_N) * BLOCK_N
+        for n0 in range(k_start, k_full_end, BLOCK_N):
+            acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_base, v_base, n0, k_end, stride_kt, stride_vt, cols,
+                                      IEEE, False, BLOCK_N, qk_scale)
+        if k_full_end < k_end:
+            acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, k_base, v_base, k_full_end, k_end, stride_kt, stride_vt, cols,
+                                      IEEE, True, BLOCK_N, qk_scale)
         has_keys = l_i > 0
         out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
         tl.store(O + safe_rows[:, None].to(tl.int64) * stride_ot + h * stride_oh + cols[None, :],
@@ -202,6 +234,36 @@ if HAS_TRITON:
         # log2-domain logsumexp of the scaled scores; +inf for rows with no keys (then p = 0 in bwd)
         lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("inf"))
         tl.store(LSE + h * stride_lse_h + safe_rows, lse, mask=row_ok)
+
+    @triton.jit
+    def _dkdv_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, m0, q_end, stride_qt, stride_dot, cols,
+                   IEEE: tl.constexpr, MASK: tl.constexpr, BLOCK_M: tl.constexpr, qk_scale):
+        """Contribution of query block [m0, m0 + BLOCK_M) to dK, dV of a key tile (scores transposed, (N, M))."""
+        qr = m0 + tl.arange(0, BLOCK_M)
+        q_ptrs = q_base + qr[:, None].to(tl.int64) * stride_qt + cols[None, :]
+        do_ptrs = do_base + qr[:, None].to(tl.int64) * stride_dot + cols[None, :]
+        lse_ptrs = lse_base + qr
+        delta_ptrs = delta_base + qr
+        if MASK:
+            q_ok = qr < q_end
+            q = tl.load(q_ptrs, mask=q_ok[:, None], other=0.0)
+            do = tl.load(do_ptrs, mask=q_ok[:, None], other=0.0)
+            # lse = +inf, dO = 0 for rows past the sequence: their p and dS are exactly 0
+            lse = tl.load(lse_ptrs, mask=q_ok, other=float("inf"))
+            delta = tl.load(delta_ptrs, mask=q_ok, other=0.0)
+        else:
+            q = tl.load(q_ptrs)
+            do = tl.load(do_ptrs)
+            lse = tl.load(lse_ptrs)
+            delta = tl.load(delta_ptrs)
+        # Key rows past the sequence (k = v = 0) give finite garbage only in their own dK/dV rows,
+        # which are never stored, so no select is needed here.
+        pt = tl.exp2(_dot(k, tl.trans(q), IEEE) * qk_scale - lse[None, :])
+        dv = _dot_acc(pt.to(do.dtype), do, dv, IEEE)
+        dpt = _dot(v, tl.trans(do), IEEE)
+        dst = pt * (dpt - delta[None, :])
+        dk = _dot_acc(dst.to(q.dtype), q, dk, IEEE)
+        return dk, dv
 
     @triton.jit
     def _attn_bwd_dkdv_kernel(
@@ -227,25 +289,41 @@ if HAS_TRITON:
         v = tl.load(V + safe_kr[:, None].to(tl.int64) * stride_vt + h * stride_vh + cols[None, :], mask=k_ok[:, None], other=0.0)
         dk = tl.zeros((BLOCK_N, HEAD_DIM), tl.float32)
         dv = tl.zeros((BLOCK_N, HEAD_DIM), tl.float32)
-        for m0 in range(q_start, q_end, BLOCK_M):
-            qr = m0 + tl.arange(0, BLOCK_M)
-            q_ok = qr < q_end
-            safe_qr = tl.where(q_ok, qr, m0)
-            q = tl.load(Q + safe_qr[:, None].to(tl.int64) * stride_qt + h * stride_qh + cols[None, :], mask=q_ok[:, None], other=0.0)
-            do = tl.load(DO + safe_qr[:, None].to(tl.int64) * stride_dot + h * stride_doh + cols[None, :], mask=q_ok[:, None], other=0.0)
-            lse = tl.load(LSE + h * stride_lse_h + safe_qr, mask=q_ok, other=float("inf"))
-            delta = tl.load(DELTA + h * stride_lse_h + safe_qr, mask=q_ok, other=0.0)
-            # scores transposed: (BLOCK_N, BLOCK_M)
-            st = _dot(k, tl.trans(q), IEEE) * qk_scale
-            pt = tl.exp2(st - lse[None, :])
-            pt = tl.where(k_ok[:, None] & q_ok[None, :], pt, 0.0)
-            dv += _dot(pt.to(DO.dtype.element_ty), do, IEEE)
-            dpt = _dot(v, tl.trans(do), IEEE)
-            dst = pt * (dpt - delta[None, :])
-            dk += _dot(dst.to(Q.dtype.element_ty), q, IEEE)
+        q_base = Q + h * stride_qh
+        do_base = DO + h * stride_doh
+        lse_base = LSE + h * stride_lse_h
+        delta_base = DELTA + h * stride_lse_h
+        q_full_end = q_start + ((q_end - q_start) // BLOCK_M) * BLOCK_M
+        for m0 in range(q_start, q_full_end, BLOCK_M):
+            dk, dv = _dkdv_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, m0, q_end, stride_qt, stride_dot,
+                                cols, IEEE, False, BLOCK_M, qk_scale)
+        if q_full_end < q_end:
+            dk, dv = _dkdv_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, q_full_end, q_end, stride_qt,
+                                stride_dot, cols, IEEE, True, BLOCK_M, qk_scale)
         dk = dk * sm_scale
         tl.store(DK + safe_kr[:, None].to(tl.int64) * stride_dkt + h * stride_dkh + cols[None, :], dk.to(DK.dtype.element_ty), mask=k_ok[:, None])
         tl.store(DV + safe_kr[:, None].to(tl.int64) * stride_dvt + h * stride_dvh + cols[None, :], dv.to(DV.dtype.element_ty), mask=k_ok[:, None])
+
+    @triton.jit
+    def _dq_step(dq, q, do, lse, delta, k_base, v_base, n0, k_end, stride_kt, stride_vt, cols,
+                 IEEE: tl.constexpr, MASK: tl.constexpr, BLOCK_N: tl.constexpr, qk_scale):
+        """Contribution of key block [n0, n0 + BLOCK_N) to dQ of a query tile."""
+        kr = n0 + tl.arange(0, BLOCK_N)
+        k_ptrs = k_base + kr[:, None].to(tl.int64) * stride_kt + cols[None, :]
+        v_ptrs = v_base + kr[:, None].to(tl.int64) * stride_vt + cols[None, :]
+        if MASK:
+            k_ok = kr < k_end
+            k = tl.load(k_ptrs, mask=k_ok[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=k_ok[:, None], other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        p = tl.exp2(_dot(q, tl.trans(k), IEEE) * qk_scale - lse[:, None])
+        if MASK:  # padded keys are zero rows, but exp2(-lse) may overflow: zero them explicitly
+            p = tl.where(k_ok[None, :], p, 0.0)
+        dp = _dot(do, tl.trans(v), IEEE)
+        ds = p * (dp - delta[:, None])
+        return _dot_acc(ds.to(k.dtype), k, dq, IEEE)
 
     @triton.jit
     def _attn_bwd_dq_kernel(
@@ -272,18 +350,15 @@ if HAS_TRITON:
         lse = tl.load(LSE + h * stride_lse_h + safe_qr, mask=q_ok, other=float("inf"))
         delta = tl.load(DELTA + h * stride_lse_h + safe_qr, mask=q_ok, other=0.0)
         dq = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
-        for n0 in range(k_start, k_end, BLOCK_N):
-            kr = n0 + tl.arange(0, BLOCK_N)
-            k_ok = kr < k_end
-            safe_kr = tl.where(k_ok, kr, k_start)
-            k = tl.load(K + safe_kr[:, None].to(tl.int64) * stride_kt + h * stride_kh + cols[None, :], mask=k_ok[:, None], other=0.0)
-            v = tl.load(V + safe_kr[:, None].to(tl.int64) * stride_vt + h * stride_vh + cols[None, :], mask=k_ok[:, None], other=0.0)
-            s = _dot(q, tl.trans(k), IEEE) * qk_scale
-            p = tl.exp2(s - lse[:, None])
-            p = tl.where(k_ok[None, :], p, 0.0)
-            dp = _dot(do, tl.trans(v), IEEE)
-            ds = p * (dp - delta[:, None])
-            dq += _dot(ds.to(K.dtype.element_ty), k, IEEE)
+        k_base = K + h * stride_kh
+        v_base = V + h * stride_vh
+        k_full_end = k_start + ((k_end - k_start) // BLOCK_N) * BLOCK_N
+        for n0 in range(k_start, k_full_end, BLOCK_N):
+            dq = _dq_step(dq, q, do, lse, delta, k_base, v_base, n0, k_end, stride_kt, stride_vt, cols,
+                          IEEE, False, BLOCK_N, qk_scale)
+        if k_full_end < k_end:
+            dq = _dq_step(dq, q, do, lse, delta, k_base, v_base, k_full_end, k_end, stride_kt, stride_vt, cols,
+                          IEEE, True, BLOCK_N, qk_scale)
         dq = dq * sm_scale
         tl.store(DQ + safe_qr[:, None].to(tl.int64) * stride_dqt + h * stride_dqh + cols[None, :], dq.to(DQ.dtype.element_ty), mask=q_ok[:, None])
 
@@ -355,9 +430,12 @@ def _attention_forward(q, k, v, cu_q, cu_k, scale, rope_q, rope_k):
     block_m, _ = _blocks(interp)
     if rope_k is not None:
         k = _rotate(k, *_rope_tensors(rope_k, k), inverse=False)
+    if rope_q is not None and not ROPE_Q_IN_PROLOGUE:
+        q = _rotate(q, *_rope_tensors(rope_q, q), inverse=False)
+        rope_q = None
     out = torch.empty_like(q)
     lse = torch.empty((H, Tq), device=q.device, dtype=torch.float32)
-    tile_seq, tile_start = _tile_table(cu_q.tolist(), block_m, q.device)
+    tile_seq, tile_start = _tile_table(host_list(cu_q), block_m, q.device)
     if tile_seq.numel() == 0:
         return out, lse
     cos, sin, il = _rope_tensors(rope_q, q)
@@ -387,7 +465,7 @@ def _attention_backward(do, q, k, v, out, lse, cu_q, cu_k, scale, rope_q, rope_k
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     ieee = q.dtype == torch.float32
     common = dict(HEAD_DIM=D, IEEE=ieee)
-    cu_q_list, cu_k_list = cu_q.tolist(), cu_k.tolist()
+    cu_q_list, cu_k_list = host_list(cu_q), host_list(cu_k)
     kv_seq, kv_start = _tile_table(cu_k_list, block_n, q.device)
     if kv_seq.numel():
         args = (q, k, v, do, lse, delta, dk, dv, cu_q, cu_k, kv_seq, kv_start, scale * _LOG2E, scale,
@@ -537,7 +615,7 @@ def _check_cu_seqlens(cu: torch.Tensor, total: int, name: str) -> None:
         raise ValueError(f"{name} must be 1-D with batch+1 >= 2 entries, got shape {tuple(cu.shape)}")
     if torch.compiler.is_compiling():  # value checks would sync and break the graph; eager calls do them
         return
-    vals = cu.tolist()
+    vals = host_list(cu)
     if vals[0] != 0:
         raise ValueError(f"{name}[0] must be 0, got {vals[0]}")
     if any(b < a for a, b in zip(vals[:-1], vals[1:])):
@@ -608,6 +686,8 @@ def joint_attention(
     _check_rope(rope_q, q, "rope_q")
     _check_rope(rope_k, k, "rope_k")
     scale = float(softmax_scale) if softmax_scale is not None else D ** -0.5
+    if not scale > 0 or scale == float("inf"):  # the kernels fold the scale into max / exp2 (needs > 0)
+        raise ValueError(f"softmax_scale must be a finite positive number, got {softmax_scale!r}")
     chosen = _choose_backend(backend, q)
     if not use_triton(q, k, v):
         log_once("joint_attention: Triton unavailable for these tensors; using the per-sample SDPA reference")
@@ -620,7 +700,7 @@ def joint_attention(
             k = apply_rope(k, rope_k)
         if torch.compiler.is_compiling():
             raise RuntimeError("joint_attention(backend='sdpa') is not traceable; use backend='triton' under torch.compile")
-        return _sdpa_varlen(q, k, v, cu_seqlens_q.tolist(), cu_seqlens_k.tolist(), scale)
+        return _sdpa_varlen(q, k, v, host_list(cu_seqlens_q), host_list(cu_seqlens_k), scale)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     rq = tuple(rope_q) if rope_q is not None else (None, None, None)
     rk = tuple(rope_k) if rope_k is not None else (None, None, None)

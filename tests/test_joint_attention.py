@@ -36,13 +36,15 @@ def _inputs(q_lens, k_lens, H, D, dtype, seed=0):
 TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.float16: dict(atol=3e-3, rtol=3e-3)}
 
 
-def _check(q_lens, k_lens, H, D, dtype, rope, seed=0, backend="triton"):
+def _check(q_lens, k_lens, H, D, dtype, rope, seed=0, backend="triton", softmax_scale=None):
     q, k, v, cu_q, cu_k = _inputs(q_lens, k_lens, H, D, dtype, seed)
     rope_q = _rope(q.shape[0], D, seed + 1) if rope else None
     rope_k = _rope(k.shape[0], D, seed + 2) if rope else None
-    out = joint_attention(q, k, v, cu_q, cu_k, max(q_lens), max(k_lens), rope_q=rope_q, rope_k=rope_k, backend=backend)
+    out = joint_attention(q, k, v, cu_q, cu_k, max(q_lens), max(k_lens), rope_q=rope_q, rope_k=rope_k, backend=backend,
+                          softmax_scale=softmax_scale)
     qf, kf, vf = (t.detach().float().requires_grad_() for t in (q, k, v))
-    ref = joint_attention_reference(qf, kf, vf, cu_q, cu_k, max(q_lens), max(k_lens), rope_q=rope_q, rope_k=rope_k)
+    ref = joint_attention_reference(qf, kf, vf, cu_q, cu_k, max(q_lens), max(k_lens), rope_q=rope_q, rope_k=rope_k,
+                                    softmax_scale=softmax_scale)
     assert out.dtype == dtype and out.shape == q.shape
     torch.testing.assert_close(out.float(), ref, **TOL[dtype])
     grad = torch.randn_like(ref)
@@ -59,14 +61,23 @@ def test_self_attention_ragged(dtype, rope):
     _check([1, 17, 200], [1, 17, 200], H=2, D=64, dtype=dtype, rope=rope)
 
 
+def test_q_rope_in_kernel_prologue(monkeypatch):
+    """The alternative q-rotation path (inside the forward kernel's prologue) matches too."""
+    import univigu_fast.kernels.joint_attention as ja
+
+    monkeypatch.setattr(ja, "ROPE_Q_IN_PROLOGUE", True)
+    _check([1, 40], [1, 40], H=1, D=64, dtype=torch.float32, rope=True, seed=11)
+
+
 def test_long_sequence_single_head():
     _check([513], [513], H=1, D=64, dtype=torch.float32, rope=True, seed=3)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_cross_attention_different_lengths(dtype):
-    """Queries = joint sequences, keys = prompts of other lengths (one empty), no RoPE."""
-    _check([17, 40, 1], [5, 0, 33], H=2, D=64, dtype=dtype, rope=False, seed=5)
+    """Queries = joint sequences, keys = prompts of other lengths (one empty), no RoPE; the last sample's
+    lengths are exact multiples of the interpreter block (no partial tail block), with a custom scale."""
+    _check([17, 40, 1, 32], [5, 0, 33, 64], H=2, D=64, dtype=dtype, rope=False, seed=5, softmax_scale=0.3)
 
 
 def test_empty_key_sequence_gives_zeros():
@@ -134,6 +145,8 @@ def test_bad_shapes_and_head_dims():
         joint_attention(q[0], q, q, _cu([9]), _cu([9]), 9, 9)
     with pytest.raises(TypeError, match="share a dtype"):
         joint_attention(q, q.half(), q.half(), _cu([9]), _cu([9]), 9, 9)
+    with pytest.raises(ValueError, match="softmax_scale must be a finite positive number"):
+        joint_attention(q, q, q, _cu([9]), _cu([9]), 9, 9, softmax_scale=-1.0)
     with pytest.raises(ValueError, match="same batch size"):
         joint_attention(q, q, q, _cu([9]), _cu([4, 5]), 9, 5)
     with pytest.raises(ValueError, match=r"rope_q.cos must be float32 of shape \(9, 8\)"):
@@ -141,8 +154,12 @@ def test_bad_shapes_and_head_dims():
 
 
 @cuda_only
-def test_cuda_bf16_wan_shape():
+@pytest.mark.parametrize("q_rope_prologue", [False, True])
+def test_cuda_bf16_wan_shape(q_rope_prologue, monkeypatch):
     """bf16 at one wan1.3b-varlen-like batch: error vs fp32 reference at most ~2x that of torch SDPA in bf16."""
+    import univigu_fast.kernels.joint_attention as ja
+
+    monkeypatch.setattr(ja, "ROPE_Q_IN_PROLOGUE", q_rope_prologue)
     q_lens = [4096 + 200, 1024 + 0, 777]
     q, k, v, cu_q, cu_k = _inputs(q_lens, q_lens, 12, 128, torch.bfloat16, seed=7)
     rope = _rope(q.shape[0], 128, 9)

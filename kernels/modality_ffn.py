@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from ._utils import (HAS_TRITON, check_segment_table, expand_segments, interpreting, log_once, segment_sum,
+from ._utils import (HAS_TRITON, check_segment_table, expand_segments, host_list, interpreting, log_once, segment_sum,
                      token_segments, use_triton)
 
 if HAS_TRITON:
@@ -320,7 +320,7 @@ def _ffn_forward(x, seg_offsets, seg_expert, flat, residual, gate, save: bool, r
     (empty unless ``save`` and not ``recompute``), ``y`` (T, dim) the un-gated FFN output kept for
     the gate's gradient (empty unless ``save`` and a gate is given)."""
     experts = _split(flat)
-    offsets = seg_offsets.tolist()
+    offsets = host_list(seg_offsets)
     plan = _Plan(seg_offsets, seg_expert, offsets)
     T, dim = x.shape
     f_max = max(w1.shape[0] for w1, _, _, _ in experts)
@@ -340,7 +340,7 @@ def _ffn_backward(dout, x, seg_offsets, seg_expert, flat, gate, pre, y_save):
     """dX, per-expert (dW1, db1, dW2, db2) and dgate. With an empty ``pre`` the pre-activation and
     h are recomputed by the first GEMM; otherwise h = gelu(pre) comes out of the dP epilogue."""
     experts = _split(flat)
-    offsets = seg_offsets.tolist()
+    offsets = host_list(seg_offsets)
     plan = _Plan(seg_offsets, seg_expert, offsets)
     T, dim = x.shape
     f_max = max(e[0].shape[0] for e in experts)
@@ -365,7 +365,7 @@ def _ffn_backward(dout, x, seg_offsets, seg_expert, flat, gate, pre, y_save):
     # Weight gradients: per segment one cuBLAS GEMM on the contiguous row slice (tensor cores in the
     # input dtype, fp32 accumulation inside), partial sums over an expert's segments added in fp32.
     grads = [[None] * 4 for _ in experts]
-    expert_of = seg_expert.tolist()
+    expert_of = host_list(seg_expert)
 
     def acc(ge, k, val):
         val = val.float()
@@ -459,8 +459,8 @@ def _validate(x, seg_offsets, seg_expert, experts, residual, gate) -> None:
         raise ValueError(f"seg_expert must have shape ({S},) (one expert per segment), got {tuple(seg_expert.shape)}")
     if not experts:
         raise ValueError("experts must hold at least one (w1, b1, w2, b2) tuple")
-    if offsets is not None and S and (int(seg_expert.min()) < 0 or int(seg_expert.max()) >= len(experts)):
-        raise ValueError(f"seg_expert ids must lie in [0, {len(experts)}), got {seg_expert.tolist()}")
+    if offsets is not None and S and not all(0 <= e < len(experts) for e in host_list(seg_expert)):
+        raise ValueError(f"seg_expert ids must lie in [0, {len(experts)}), got {host_list(seg_expert)}")
     for i, e in enumerate(experts):
         if len(e) != 4:
             raise ValueError(f"experts[{i}] must be (w1, b1, w2, b2), got {len(e)} items")

@@ -159,5 +159,10 @@ def version():
     typer.echo(__version__)
 
 
+from .cli_flow import register as _register_flow  # noqa: E402  train/caption/generate/joint/preprocess/demo
+
+_register_flow(app)
+
+
 if __name__ == "__main__":
     app()

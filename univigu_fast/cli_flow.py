@@ -1,0 +1,330 @@
+"""``univigu-fast`` commands for training and inference: train, caption, generate, joint, preprocess, demo.
+
+Registered into ``univigu_fast.cli.app`` by ``register(app)``.
+
+Text front end: a Hugging Face umT5 (``--text-encoder`` + ``--tokenizer`` local paths, as Wan uses)
+or ``--synthetic`` (the synthetic task's word tokenizer and fixed prompt-embedding table, see
+``univigu_fast.synthetic``). Models: ``--model DIR`` is a ``save_pretrained`` folder
+(``config.json`` + ``model.safetensors``; ``univigu-fast train`` and ``demo`` write one).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+STEPS_HELP = "Euler steps."
+SEED_HELP = "Random seed (noise, sampling)."
+
+
+def _device(device: str | None) -> str:
+    import torch
+
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _load_model(path: Path, device: str):
+    import torch
+
+    from .reference import UniViGUModel
+
+    model = UniViGUModel.from_pretrained(path)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    return model.to(device, dtype).eval()
+
+
+class _TextFrontEnd:
+    """Prompt -> (embeddings, ids); empty-prompt embedding; ids -> text."""
+
+    def __init__(self, model, tokenizer: Path | None, text_encoder: Path | None, synthetic: bool):
+        self.model = model
+        if synthetic:
+            from . import synthetic as S
+
+            self.tok = S.SyntheticTokenizer()
+            self.enc = S.SyntheticPromptEncoder(self.tok, model.config.text_dim)
+            self.synthetic = True
+            return
+        if tokenizer is None or text_encoder is None:
+            raise typer.BadParameter("give --tokenizer and --text-encoder (local umT5 paths), or --synthetic")
+        from transformers import UMT5EncoderModel
+
+        from .text import load_tokenizer
+
+        self.tok = load_tokenizer(tokenizer)
+        self.te = UMT5EncoderModel.from_pretrained(text_encoder, local_files_only=True).eval()
+        self.synthetic = False
+
+    def encode(self, prompt: str):
+        import torch
+
+        dev, dtype = self.model.device, self.model.dtype
+        if self.synthetic:
+            return self.enc(prompt).to(dev, dtype), self.tok.encode(prompt)
+        enc = self.tok(prompt, return_tensors="pt")
+        with torch.no_grad():
+            h = self.te(enc.input_ids, attention_mask=enc.attention_mask).last_hidden_state[0]
+        return h.to(dev, dtype), enc.input_ids[0]
+
+    def null(self):
+        return self.encode("")[0]
+
+    def decode(self, ids) -> str:
+        if self.synthetic:
+            return self.tok.decode(ids.cpu())
+        return self.tok.decode(ids.cpu().tolist(), skip_special_tokens=True)
+
+
+def _save_latents(latents, out: Path, synthetic: bool) -> dict:
+    import torch
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(latents.float().cpu(), out)
+    info = {"latents": str(out), "shape": list(latents.shape)}
+    if synthetic:
+        from . import synthetic as S
+
+        px = S.SyntheticVAE(latents.shape[0]).decode(latents.float().cpu())
+        info["read_video"] = S.read_video(px)
+    return info
+
+
+def train(
+    out: Path = typer.Option(..., help="Output folder: checkpoint.pt (resumable), log.jsonl, model/ (save_pretrained)."),
+    stage: int = typer.Option(1, help="1 = Knowledge Recall (target text = the prompt); 2 = Capability Refinement (target = detailed caption)."),
+    data: Optional[Path] = typer.Option(None, help="Examples folder written by `univigu-fast preprocess`."),
+    synthetic: int = typer.Option(0, help="Instead of --data: generate this many synthetic shape videos (seed --seed)."),
+    model: Optional[Path] = typer.Option(None, help="Start from a save_pretrained folder (e.g. stage 1's OUT/model)."),
+    wan: Optional[Path] = typer.Option(None, help="Start from a diffusers Wan2.1 transformer folder (text stream initialised)."),
+    config: Optional[Path] = typer.Option(None, help="Start from random weights with this UniViGUConfig JSON."),
+    text_flow: str = typer.Option("discrete", help="With --wan: 'discrete' (released checkpoints) or 'embedding' (paper Eq. 7-8)."),
+    steps: int = typer.Option(1000, help="Optimiser steps (total, including resumed ones)."),
+    batch_size: int = typer.Option(8, help="Global batch size (split over torchrun ranks)."),
+    lr: Optional[float] = typer.Option(None, help="Learning rate; default 2e-4 (stage 1) / 5e-5 (stage 2), the paper's."),
+    warmup: int = typer.Option(100, help="Linear warm-up steps."),
+    schedule: str = typer.Option("constant", help="'constant' or 'cosine' after warm-up."),
+    grad_clip: float = typer.Option(1.0, help="Gradient-norm clip (0 = off)."),
+    cond_dropout: float = typer.Option(0.5, help="Probability of replacing the prompt by the empty prompt."),
+    mode_mix: str = typer.Option("joint=1,understanding=1,generation=1", help="Mode weights, e.g. 'joint=1,understanding=2'."),
+    kappa_power: float = typer.Option(1.0, help="Discrete text: scheduler exponent n of kappa(t) = t^n (public code: 1)."),
+    save_every: int = typer.Option(500, help="Checkpoint every N steps (atomic; always at the end)."),
+    resume: bool = typer.Option(True, help="Resume from OUT/checkpoint.pt if present."),
+    seed: int = typer.Option(0, help="Seed (data order, noise, dropout)."),
+    device: Optional[str] = typer.Option(None, help="cuda / cpu (default: cuda if available). torchrun sets the rank's GPU."),
+):
+    """Train one stage of Uni-ViGU. Multi-GPU: `torchrun --nproc-per-node N -m univigu_fast.cli train ...` (FSDP2)."""
+    import torch
+    import torch.distributed as dist
+
+    from .config import UniViGUConfig
+    from .flow import FlowConfig
+    from .reference import UniViGUModel
+    from .training import TrainConfig, Trainer
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    dev = _device(device)
+    if world > 1:
+        if dev == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if dev == "cuda" else "gloo")
+    if sum(x is not None for x in (model, wan, config)) != 1:
+        raise typer.BadParameter("give exactly one of --model, --wan, --config")
+    if (data is None) == (synthetic == 0):
+        raise typer.BadParameter("give exactly one of --data or --synthetic N")
+    if model is not None:
+        m = UniViGUModel.from_pretrained(model)
+    elif wan is not None:
+        m = UniViGUModel.from_wan(wan, text_flow=text_flow)
+    else:
+        torch.manual_seed(seed)
+        m = UniViGUModel(UniViGUConfig.load(config))
+        m.init_text_stream()
+    m = m.to(dev)
+    if data is not None:
+        from .data import VideoTextDataset
+
+        ds = VideoTextDataset(data)
+    else:
+        from . import synthetic as S
+
+        ds = S.make_dataset(synthetic, seed, text_dim=m.config.text_dim)
+    mix = {k.strip(): float(v) for k, v in (kv.split("=") for kv in mode_mix.split(",") if kv.strip())}
+    cfg = TrainConfig(stage=stage, steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup, schedule=schedule,
+                      grad_clip=grad_clip, seed=seed, save_every=save_every, out_dir=str(out),
+                      flow=FlowConfig(mode_mix=mix, cond_dropout=cond_dropout, kappa_power=kappa_power))
+    tr = Trainer(m, ds, cfg)
+    if resume and tr.resume_if_possible():
+        typer.echo(f"resumed at step {tr.step}")
+    recs = tr.train()
+    if tr.rank == 0:
+        m.save_pretrained(out / "model") if world == 1 else _save_full(tr, out / "model")
+        last = recs[-1] if recs else {}
+        typer.echo(json.dumps({"step": tr.step, "loss": last.get("loss"), "text_acc": last.get("text_acc"),
+                               "model": str(out / "model")}))
+    elif world > 1:
+        _save_full(tr, None)
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def _save_full(tr, path):
+    """Full state dict from a sharded/DDP model (collective), written by rank 0."""
+    from safetensors.torch import save_file
+
+    sd = tr.state_dict()["model"]
+    if path is not None:
+        path.mkdir(parents=True, exist_ok=True)
+        tr.model.config.save(path / "config.json")
+        save_file({k: v.contiguous().cpu() for k, v in sd.items()}, str(path / "model.safetensors"))
+
+
+def caption(
+    model: Path = typer.Option(..., help="save_pretrained folder of a trained model."),
+    latents: Optional[Path] = typer.Option(None, help="A .pt tensor (C, F, H, W) of VAE latents to caption."),
+    data: Optional[Path] = typer.Option(None, help="Or: an examples folder; caption example --index."),
+    index: int = typer.Option(0, help="With --data: which example."),
+    length: int = typer.Option(256, help="Caption length in tokens (the model writes exactly this many)."),
+    steps: int = typer.Option(50, help=STEPS_HELP),
+    temperature: float = typer.Option(1.0, help="Discrete text: sampling temperature of x1 from the logits."),
+    kappa_power: float = typer.Option(1.0, help="Discrete text: scheduler exponent (as in training)."),
+    synthetic: bool = typer.Option(False, help="Use the synthetic task's tokenizer/prompt encoder."),
+    tokenizer: Optional[Path] = typer.Option(None, help="Local umT5 tokenizer folder."),
+    text_encoder: Optional[Path] = typer.Option(None, help="Local umT5 encoder folder (for the empty-prompt condition)."),
+    seed: int = typer.Option(0, help=SEED_HELP),
+    device: Optional[str] = typer.Option(None, help="cuda / cpu."),
+):
+    """Understanding: caption a video (clean video, text from noise; conditioned on the empty prompt)."""
+    import torch
+
+    from .sampling import caption as run_caption
+
+    m = _load_model(model, _device(device))
+    fe = _TextFrontEnd(m, tokenizer, text_encoder, synthetic)
+    if (latents is None) == (data is None):
+        raise typer.BadParameter("give exactly one of --latents or --data")
+    if data is not None:
+        from .data import VideoTextDataset
+
+        ds = VideoTextDataset(data)
+        z, null = ds.latents[index], ds.null_prompt
+    else:
+        z, null = torch.load(latents, map_location="cpu", weights_only=True), fe.null()
+    ids = run_caption(m, [z.to(m.device, m.dtype)], [null.to(m.device, m.dtype)], [length], steps=steps, seed=seed,
+                      kappa_power=kappa_power, temperature=temperature)[0]
+    typer.echo(fe.decode(ids))
+
+
+def generate(
+    model: Path = typer.Option(..., help="save_pretrained folder of a trained model."),
+    prompt: str = typer.Option(..., help="The prompt."),
+    out: Path = typer.Option(Path("video_latents.pt"), help="Where to save the generated latents (C, F, H, W)."),
+    frames: int = typer.Option(21, help="Latent frames F (Wan: 21 for 81 video frames)."),
+    height: int = typer.Option(60, help="Latent height H (Wan 480p: 60)."),
+    width: int = typer.Option(104, help="Latent width W (Wan 480p: 104)."),
+    steps: int = typer.Option(50, help=STEPS_HELP),
+    shift: float = typer.Option(3.0, help="Wan flow shift: sigma' = shift sigma / (1 + (shift - 1) sigma)."),
+    guidance: float = typer.Option(5.0, help="Classifier-free guidance scale (1 = off); uncond = the empty prompt."),
+    synthetic: bool = typer.Option(False, help="Synthetic task front end; also decodes and reads the video."),
+    tokenizer: Optional[Path] = typer.Option(None, help="Local umT5 tokenizer folder."),
+    text_encoder: Optional[Path] = typer.Option(None, help="Local umT5 encoder folder."),
+    seed: int = typer.Option(0, help=SEED_HELP),
+    device: Optional[str] = typer.Option(None, help="cuda / cpu."),
+):
+    """Generation: video latents from a prompt (decode them with the Wan VAE)."""
+    from .sampling import generate as run_generate
+
+    m = _load_model(model, _device(device))
+    fe = _TextFrontEnd(m, tokenizer, text_encoder, synthetic)
+    emb, ids = fe.encode(prompt)
+    lat = run_generate(m, [emb], [ids], (m.config.in_channels, frames, height, width), null_prompt=fe.null(),
+                       steps=steps, shift=shift, guidance=guidance, seed=seed)[0]
+    typer.echo(json.dumps(_save_latents(lat, out, synthetic)))
+
+
+def joint(
+    model: Path = typer.Option(..., help="save_pretrained folder of a trained model."),
+    prompt: str = typer.Option(..., help="The prompt."),
+    out: Path = typer.Option(Path("video_latents.pt"), help="Where to save the generated latents."),
+    length: int = typer.Option(256, help="Caption length in tokens."),
+    frames: int = typer.Option(21, help="Latent frames F."),
+    height: int = typer.Option(60, help="Latent height H."),
+    width: int = typer.Option(104, help="Latent width W."),
+    steps: int = typer.Option(50, help=STEPS_HELP),
+    shift: float = typer.Option(3.0, help="Wan flow shift."),
+    guidance: float = typer.Option(5.0, help="CFG scale on the video velocity (1 = off)."),
+    synthetic: bool = typer.Option(False, help="Synthetic task front end; also decodes and reads the video."),
+    tokenizer: Optional[Path] = typer.Option(None, help="Local umT5 tokenizer folder."),
+    text_encoder: Optional[Path] = typer.Option(None, help="Local umT5 encoder folder."),
+    seed: int = typer.Option(0, help=SEED_HELP),
+    device: Optional[str] = typer.Option(None, help="cuda / cpu."),
+):
+    """Joint generation: a video and its caption together from noise, coupled every step."""
+    from .sampling import joint as run_joint
+
+    m = _load_model(model, _device(device))
+    fe = _TextFrontEnd(m, tokenizer, text_encoder, synthetic)
+    emb, _ = fe.encode(prompt)
+    lat, ids = run_joint(m, [emb], (m.config.in_channels, frames, height, width), [length], null_prompt=fe.null(),
+                         steps=steps, shift=shift, guidance=guidance, seed=seed)
+    info = _save_latents(lat[0], out, synthetic)
+    info["caption"] = fe.decode(ids[0])
+    typer.echo(json.dumps(info))
+
+
+def preprocess(
+    manifest: Path = typer.Option(..., help="JSONL: one {\"video\": path, \"prompt\": str, \"caption\": str} per line."),
+    out: Path = typer.Option(..., help="Output examples folder."),
+    wan: Optional[Path] = typer.Option(None, help="Local Wan diffusers folder (vae/, text_encoder/, tokenizer/)."),
+    vae: Optional[Path] = typer.Option(None, help="Or: the AutoencoderKLWan folder."),
+    text_encoder: Optional[Path] = typer.Option(None, help="Or: the umT5 encoder folder."),
+    tokenizer: Optional[Path] = typer.Option(None, help="Or: the umT5 tokenizer folder."),
+    prompt_tokens: str = typer.Option("0,128", help="Prompt token range min,max (longer: truncated)."),
+    caption_tokens: str = typer.Option("128,256", help="Caption token range min,max (shorter: skipped; longer: truncated)."),
+    device: Optional[str] = typer.Option(None, help="cuda / cpu."),
+):
+    """Turn videos + prompts + captions into training examples (Wan VAE latents, umT5 embeddings, token ids)."""
+    import torch
+
+    from .data import LengthConstraints, preprocess as run
+
+    dev = _device(device)
+    lengths = LengthConstraints(tuple(int(x) for x in prompt_tokens.split(",")),
+                                tuple(int(x) for x in caption_tokens.split(",")))
+    meta = run(manifest, out, model_path=wan, vae_path=vae, text_encoder_path=text_encoder, tokenizer_path=tokenizer,
+               lengths=lengths, device=dev, dtype=torch.bfloat16 if dev == "cuda" else torch.float32)
+    typer.echo(json.dumps({k: meta[k] for k in ("count", "skipped", "truncated")}))
+
+
+def demo(
+    seed: int = typer.Option(0, help="Seed of the synthetic data, model and training."),
+    out: Path = typer.Option(..., help="Output folder: metrics.json, stage logs and checkpoints."),
+    text_flow: str = typer.Option("discrete", help="'discrete' (public implementation) or 'embedding' (paper Eq. 7-8)."),
+    threads: int = typer.Option(0, help="torch CPU threads (0 = default)."),
+    steps1: Optional[int] = typer.Option(None, help="Override Stage 1 steps."),
+    steps2: Optional[int] = typer.Option(None, help="Override Stage 2 steps."),
+):
+    """Synthetic task end to end: data, Stage 1, Stage 2, held-out evaluation -> OUT/metrics.json."""
+    from .demo import DemoConfig, run_demo
+
+    if text_flow not in ("discrete", "embedding"):
+        raise typer.BadParameter("--text-flow must be 'discrete' or 'embedding'")
+    cfg = DemoConfig(seed=seed, text_flow=text_flow, threads=threads)
+    if steps1 is not None:
+        cfg.steps1 = steps1
+    if steps2 is not None:
+        cfg.steps2 = steps2
+    m = run_demo(cfg, out, log=typer.echo)
+    keys = ("understanding_attribute_accuracy", "understanding_caption_only_attribute_accuracy",
+            "stage1_caption_only_attribute_accuracy", "generation_accuracy", "joint_agreement", "chance", "seconds")
+    typer.echo(json.dumps({k: m[k] for k in keys}, indent=1))
+
+
+COMMANDS = (train, caption, generate, joint, preprocess, demo)
+
+
+def register(app: typer.Typer) -> None:
+    for fn in COMMANDS:
+        app.command()(fn)

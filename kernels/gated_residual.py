@@ -29,7 +29,7 @@ def gated_residual_reference(h: torch.Tensor, y: torch.Tensor, seg_offsets: torc
 
 if HAS_TRITON:
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["T", "S", "chunk"])  # a new video length must not recompile
     def _gated_residual_fwd_kernel(H, Y, OUT, OFF, GATE, T, D, S, chunk, stride_h, stride_y, stride_o, stride_g,
                                    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
         r0 = tl.program_id(0) * chunk
@@ -47,7 +47,7 @@ if HAS_TRITON:
                 y = tl.load(Y + rows[:, None] * stride_y + cols[None, :], mask=m, other=0.0).to(tl.float32)
                 tl.store(OUT + rows[:, None] * stride_o + cols[None, :], (h + g[None, :] * y).to(OUT.dtype.element_ty), mask=m)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["T", "S", "chunk"])  # a new video length must not recompile
     def _gated_residual_bwd_kernel(DOUT, Y, DY, OFF, GATE, DGATE, T, D, S, chunk, stride_do, stride_y, stride_dy, stride_g,
                                    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
         r0 = tl.program_id(0) * chunk

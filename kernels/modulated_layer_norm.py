@@ -83,7 +83,7 @@ if HAS_TRITON:
             seg += (tl.load(OFF + s) <= row).to(tl.int32)
         return seg
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["T", "S", "chunk"])  # a new video length must not recompile
     def _mln_fwd_kernel(X, OUT, OFF, SHIFT, SCALE, MEAN, RSTD, T, D, S, chunk,
                         stride_x, stride_o, stride_shift, stride_scale, eps,
                         SAVE_STATS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -110,7 +110,7 @@ if HAS_TRITON:
                     tl.store(MEAN + rows, mean, mask=row_ok)
                     tl.store(RSTD + rows, rstd, mask=row_ok)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["T", "S", "chunk"])  # a new video length must not recompile
     def _mln_bwd_kernel(X, DOUT, DX, OFF, SCALE, MEAN, RSTD, DSHIFT, DSCALE, T, D, S, chunk,
                         stride_x, stride_do, stride_dx, stride_scale,
                         BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):

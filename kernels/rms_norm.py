@@ -33,7 +33,7 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6)
 
 if HAS_TRITON:
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["T", "chunk"])  # a new video length must not recompile
     def _rms_fwd_kernel(X, W, OUT, RSTD, T, D, chunk, stride_x, stride_o, eps,
                         SAVE_STATS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
         r0 = tl.program_id(0) * chunk
@@ -52,7 +52,7 @@ if HAS_TRITON:
             if SAVE_STATS:
                 tl.store(RSTD + rows, rstd, mask=row_ok)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["T", "chunk"])  # a new video length must not recompile
     def _rms_bwd_kernel(X, W, DOUT, DX, RSTD, DW_PART, T, D, chunk, stride_x, stride_do, stride_dx,
                         BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
         pid = tl.program_id(0)

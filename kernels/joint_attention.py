@@ -374,12 +374,12 @@ _INTERP_BLOCK = 32  # the interpreter's single config (small, ragged tests)
 _ROPE_BLOCK_T = 32
 
 
-def _gpu_configs(inner: str, sizes: tuple[int, ...]):
-    return [
-        triton.Config({inner: b}, num_warps=w, num_stages=s)
-        for b in sizes
-        for (w, s) in ((8, 3), (4, 3), (8, 2))
-    ]
+def _gpu_configs(inner: str, sizes: tuple[int, int]):
+    """5 configs: both inner blocks at 8 warps x 2-3 stages, plus 4 warps for the smaller block only
+    (at head dim 128 the 4-warp variant of the larger block spills heavily on sm_90: ptxas -v)."""
+    small, large = sizes
+    return [triton.Config({inner: b}, num_warps=8, num_stages=s) for b in (small, large) for s in (3, 2)] + [
+        triton.Config({inner: small}, num_warps=4, num_stages=3)]
 
 
 if HAS_TRITON:
@@ -388,8 +388,22 @@ if HAS_TRITON:
     _attn_dq_tuned = triton.autotune(_gpu_configs("BLOCK_N", (32, 64)), key=["HEAD_DIM", "IEEE"])(_attn_bwd_dq_kernel)
 
 
+_TILE_TABLES: dict = {}  # (cu_seqlens, block, device) -> tables: every layer of a step reuses them
+
+
 def _tile_table(cu_seqlens: list[int], block: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flat (sequence id, first row) of every ``block``-row tile of every sequence."""
+    """Flat (sequence id, first row) of every ``block``-row tile of every sequence (cached)."""
+    key = (tuple(cu_seqlens), block, str(device))
+    hit = _TILE_TABLES.get(key)
+    if hit is not None:
+        return hit
+    if len(_TILE_TABLES) >= 64:
+        _TILE_TABLES.clear()
+    _TILE_TABLES[key] = _build_tile_table(cu_seqlens, block, device)
+    return _TILE_TABLES[key]
+
+
+def _build_tile_table(cu_seqlens: list[int], block: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     seq, start = [], []
     for i in range(len(cu_seqlens) - 1):
         for s in range(cu_seqlens[i], cu_seqlens[i + 1], block):

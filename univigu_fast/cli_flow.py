@@ -195,11 +195,18 @@ def caption(
     text_encoder: Optional[Path] = typer.Option(None, help="Local umT5 encoder folder (for the empty-prompt condition)."),
     seed: int = typer.Option(0, help=SEED_HELP),
     device: Optional[str] = typer.Option(None, help="cuda / cpu."),
+    video_cache: str = typer.Option("off", help="Video-stream cache: off (exact) | once | every:R (re-run the video "
+                                                "every R steps; every:1 = exact). See README, 'video-stream cache'."),
 ):
     """Understanding: caption a video (clean video, text from noise; conditioned on the empty prompt)."""
     import torch
 
-    from .sampling import caption as run_caption
+    from .video_cache import caption_cached, parse_policy
+
+    try:
+        parse_policy(video_cache)
+    except (TypeError, ValueError) as e:
+        raise typer.BadParameter(str(e), param_hint="--video-cache")
 
     m = _load_model(model, _device(device))
     fe = _TextFrontEnd(m, tokenizer, text_encoder, synthetic)
@@ -212,8 +219,8 @@ def caption(
         z, null = ds.latents[index], ds.null_prompt
     else:
         z, null = torch.load(latents, map_location="cpu", weights_only=True), fe.null()
-    ids = run_caption(m, [z.to(m.device, m.dtype)], [null.to(m.device, m.dtype)], [length], steps=steps, seed=seed,
-                      kappa_power=kappa_power, temperature=temperature)[0]
+    ids = caption_cached(m, [z.to(m.device, m.dtype)], [null.to(m.device, m.dtype)], [length], steps=steps, seed=seed,
+                         kappa_power=kappa_power, temperature=temperature, video_cache=video_cache)[0]
     typer.echo(fe.decode(ids))
 
 

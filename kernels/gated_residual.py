@@ -114,7 +114,6 @@ class GatedResidualFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, y, seg_offsets, gate):
         ctx.save_for_backward(y, seg_offsets, gate)
-        ctx.h_dtype, ctx.gate_dtype = h.dtype, gate.dtype
         return _gated_residual_fwd_op(h, y, seg_offsets, gate)
 
     @staticmethod
@@ -122,7 +121,7 @@ class GatedResidualFunction(torch.autograd.Function):
         y, seg_offsets, gate = ctx.saved_tensors
         dout = dout.contiguous()
         dy, dgate = _gated_residual_bwd_op(dout, y, seg_offsets, gate)
-        return dout.to(ctx.h_dtype), dy, None, dgate.to(ctx.gate_dtype)
+        return dout, dy, None, dgate  # dout is in h's dtype; fp32 dgate is cast to gate's dtype by autograd
 
 
 def gated_residual(h: torch.Tensor, y: torch.Tensor, seg_offsets: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:

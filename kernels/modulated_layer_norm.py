@@ -199,14 +199,13 @@ class ModulatedLayerNormFunction(torch.autograd.Function):
     def forward(ctx, x, seg_offsets, shift, scale, eps):
         out, mean, rstd = _mln_fwd_op(x, seg_offsets, shift, scale, eps, True)
         ctx.save_for_backward(x, seg_offsets, scale, mean, rstd)
-        ctx.mod_dtypes = (shift.dtype, scale.dtype)
         return out
 
     @staticmethod
     def backward(ctx, dout):
         x, seg_offsets, scale, mean, rstd = ctx.saved_tensors
         dx, dshift, dscale = _mln_bwd_op(dout.contiguous(), x, seg_offsets, scale, mean, rstd)
-        return dx, None, dshift.to(ctx.mod_dtypes[0]), dscale.to(ctx.mod_dtypes[1]), None
+        return dx, None, dshift, dscale, None  # fp32 sums; autograd casts them to shift/scale's dtype
 
 
 def _check(x, seg_offsets, shift, scale):

@@ -72,3 +72,13 @@ def test_cuda_bf16_wan_width_and_compile():
                   grad_tol=dict(atol=0.5, rtol=2e-2))
     compiled = torch.compile(lambda a, b, c: gr.gated_residual(a, b, seg, c) + 1, fullgraph=True)
     torch.testing.assert_close(compiled(h, y, gate).float(), ref.float() + 1, **TOL[torch.bfloat16])
+
+
+def test_half_gate_gets_half_grad():
+    lens = [3, 2]
+    h = torch.randn(5, 8, device=DEVICE).half().requires_grad_()
+    gate = torch.randn(2, 8, device=DEVICE).half().requires_grad_()
+    gr.gated_residual(h, h.detach(), seg_table(lens), gate).float().sum().backward()
+    assert gate.grad.dtype == torch.float16 and h.grad.dtype == torch.float16
+    want = torch.stack([h.detach()[:3].float().sum(0), h.detach()[3:].float().sum(0)])
+    torch.testing.assert_close(gate.grad.float(), want, **TOL[torch.float16])

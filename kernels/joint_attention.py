@@ -134,7 +134,21 @@ if HAS_TRITON:
         HALF: tl.constexpr = HEAD_DIM // 2
         return tl.where(il[:, None], (cols ^ 1)[None, :], ((cols + HALF) % HEAD_DIM)[None, :])
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["T"])  # new lengths reuse the compiled kernel
+    def _bwd_delta_kernel(O, DO, DELTA, T, stride_ot, stride_oh, stride_dot, stride_doh, stride_delta_h,
+                          HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr):
+        """DELTA[h, t] = sum_d dO[t, h, d] * O[t, h, d] in fp32 (FlashAttention-2 backward preprocessing)."""
+        pid_t = tl.program_id(0)
+        h = tl.program_id(1)
+        rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+        cols = tl.arange(0, HEAD_DIM)
+        ok = rows < T
+        r64 = rows[:, None].to(tl.int64)
+        o = tl.load(O + r64 * stride_ot + h * stride_oh + cols[None, :], mask=ok[:, None], other=0.0)
+        do = tl.load(DO + r64 * stride_dot + h * stride_doh + cols[None, :], mask=ok[:, None], other=0.0)
+        tl.store(DELTA + h * stride_delta_h + rows, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=ok)
+
+    @triton.jit(do_not_specialize=["T"])  # new lengths reuse the compiled kernel
     def _rope_kernel(X, OUT, COS, SIN, IL, T, stride_xt, stride_xh, stride_ot, stride_oh, stride_rope,
                      HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, INVERSE: tl.constexpr):
         """OUT[t, h] = R(t) X[t, h] (or R(t)^T with INVERSE) for a block of tokens of one head."""
@@ -475,7 +489,11 @@ def _attention_backward(do, q, k, v, out, lse, cu_q, cu_k, scale, rope_q, rope_k
     if rope_k is not None:
         k = _rotate(k, *_rope_tensors(rope_k, k), inverse=False)
     do = do.contiguous()
-    delta = (do.float() * out.float()).sum(-1).t().contiguous()  # (H, Tq) = rowsum(dO * O)
+    delta = torch.empty((H, Tq), device=q.device, dtype=torch.float32)  # rowsum(dO * O), no fp32 copies
+    if Tq:
+        _bwd_delta_kernel[(triton.cdiv(Tq, _ROPE_BLOCK_T), H)](
+            out, do, delta, Tq, out.stride(0), out.stride(1), do.stride(0), do.stride(1), delta.stride(0),
+            HEAD_DIM=D, BLOCK_T=_ROPE_BLOCK_T)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     ieee = q.dtype == torch.float32
     common = dict(HEAD_DIM=D, IEEE=ieee)

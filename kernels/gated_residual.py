@@ -95,7 +95,7 @@ def _gated_residual_bwd_op(dout: torch.Tensor, y: torch.Tensor, seg_offsets: tor
     dy = torch.empty_like(y)
     dgate = torch.zeros((S, D), device=y.device, dtype=torch.float32)
     if T:
-        block_t, block_d, chunk, programs, num_warps = geometry(T, D, y.device, programs_per_sm=4)
+        block_t, block_d, chunk, programs, num_warps = geometry(T, D, y.device, reduce=True)
         _gated_residual_bwd_kernel[(programs,)](
             dout, y, dy, seg_offsets, gate, dgate, T, D, S, chunk,
             dout.stride(0), y.stride(0), dy.stride(0), gate.stride(0),

@@ -6,12 +6,13 @@
 
 Shapes: x (T, dim) packed rows; seg_offsets int32 (S+1,) (empty segments allowed); shift, scale (S, dim).
 
-Triton path. The packed rows are cut into ``P`` contiguous chunks, one program each; a program walks
-the segments its chunk overlaps (found in-kernel from ``seg_offsets``: no per-token index tensor, no
-host sync), loads that segment's ``shift``/``scale`` rows once and streams ``BLOCK_T`` rows at a time:
-one read of ``x``, one write of ``out`` (Wan's eager form makes ~6 passes with fp32 temporaries).
-Backward: ``dx`` in the same single pass; ``dshift[s] = sum_rows dout`` and
-``dscale[s] = sum_rows dout * xhat`` are accumulated in registers per (program, segment) and added
+Triton path. The packed rows are cut into contiguous chunks, one program each; a program walks the
+segments its chunk overlaps (found in-kernel from ``seg_offsets``: no per-token index tensor, no host
+sync), loads that segment's ``shift``/``scale`` rows once and streams ``BLOCK_T`` rows at a time: one
+read of ``x``, one write of ``out`` (Wan's eager form makes ~6 passes with fp32 temporaries).
+Forward chunks are a single ``BLOCK_T``-row block (many small programs); backward chunks are long
+(a few per SM): ``dx`` in the same single pass, and ``dshift[s] = sum_rows dout`` and
+``dscale[s] = sum_rows dout * xhat`` accumulated in registers per (program, segment), then added
 with one fp32 atomic per column, so no (T, dim) temporary is written.
 
 The launchers are ``torch.library`` custom ops (opaque to ``torch.compile``) wrapped in an
@@ -30,9 +31,9 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-MAX_BLOCK_T = 16  # rows per inner step (fewer for wide rows: BLOCK_T * BLOCK_D <= 8192)
-INTERPRETER_PROGRAMS = 4  # chunks under the interpreter (kept small: every program is emulated on the CPU)
-PROGRAMS_PER_SM = 8
+MAX_BLOCK_T = 16  # rows per inner step (fewer for wide rows, see ``geometry``)
+INTERPRETER_PROGRAMS = 4  # backward chunks under the interpreter (kept small: every program is emulated)
+PROGRAMS_PER_SM = 4  # backward chunks per SM on a GPU (each adds one atomic per column and segment)
 
 
 def modulated_layer_norm_reference(
@@ -52,16 +53,22 @@ def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def geometry(T: int, D: int, device: torch.device, programs_per_sm: int = PROGRAMS_PER_SM):
+def geometry(T: int, D: int, device: torch.device, reduce: bool = False):
     """``(BLOCK_T, BLOCK_D, chunk, programs, num_warps)`` for ``T`` rows of width ``D``.
 
-    ``chunk`` (a multiple of ``BLOCK_T``) rows per program; ``programs = cdiv(T, chunk)``.
+    ``chunk`` (a multiple of ``BLOCK_T``) rows per program; ``programs = cdiv(T, chunk)``. Forward
+    (``reduce=False``): one ``BLOCK_T x BLOCK_D`` (~4K elements) block per program, many small
+    programs the hardware overlaps (the usual row-kernel form, best memory parallelism). Backward
+    (``reduce=True``, per-segment / per-column sums): ``PROGRAMS_PER_SM`` long chunks per SM
+    (~8K-element steps), so the partial sums are few.
     """
     block_d = triton.next_power_of_2(max(D, 1))
-    block_t = max(1, min(MAX_BLOCK_T, 8192 // block_d))
+    block_t = max(1, min(MAX_BLOCK_T, (8192 if reduce else 4096) // block_d))
     n_blocks = triton.cdiv(T, block_t)
-    if device.type == "cuda":
-        cap = programs_per_sm * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    if not reduce:
+        cap = n_blocks
+    elif device.type == "cuda":
+        cap = PROGRAMS_PER_SM * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
     else:
         cap = INTERPRETER_PROGRAMS
     programs = max(1, min(cap, n_blocks))
@@ -178,7 +185,7 @@ def _mln_bwd_op(dout: torch.Tensor, x: torch.Tensor, seg_offsets: torch.Tensor, 
     dshift = torch.zeros((S, D), device=x.device, dtype=torch.float32)
     dscale = torch.zeros((S, D), device=x.device, dtype=torch.float32)
     if T:
-        block_t, block_d, chunk, programs, num_warps = geometry(T, D, x.device, programs_per_sm=4)
+        block_t, block_d, chunk, programs, num_warps = geometry(T, D, x.device, reduce=True)
         _mln_bwd_kernel[(programs,)](
             x, dout, dx, seg_offsets, scale, mean, rstd, dshift, dscale, T, D, S, chunk,
             x.stride(0), dout.stride(0), dx.stride(0), scale.stride(0),

@@ -3,9 +3,9 @@
 ``out = x / sqrt(mean(x^2) + eps) * weight``; shapes x (T, dim), weight (dim,); fp32 statistics,
 result in ``x.dtype`` (as ``torch.nn.RMSNorm`` in diffusers' Wan).
 
-Triton path: rows cut into ``P`` contiguous chunks (one program each, ``BLOCK_T`` rows per step),
-one read of ``x`` and one write. Backward: ``dx`` in the same single pass; ``dweight`` as per-program
-fp32 partial sums ``(P, dim)`` reduced by one ``sum(0)`` (deterministic, no (T, dim) temporary).
+Triton path: one ``BLOCK_T``-row block per program forward (one read of ``x``, one write). Backward:
+a few long chunks per SM, ``dx`` in the same single pass and ``dweight`` as per-program fp32 partial
+sums ``(P, dim)`` reduced by one ``sum(0)`` (deterministic, no (T, dim) temporary).
 
 A fused RMSNorm + RoPE was considered: RoPE is applied inside the attention op (``joint_attention``'s
 Triton kernels rotate q/k in their prologue, its SDPA backend with one rotation kernel), so a fused
@@ -100,7 +100,7 @@ def _rms_bwd_op(dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd:
     dx = torch.empty_like(x)
     if not T:
         return dx, torch.zeros_like(weight)
-    block_t, block_d, chunk, programs, num_warps = geometry(T, D, x.device, programs_per_sm=2)
+    block_t, block_d, chunk, programs, num_warps = geometry(T, D, x.device, reduce=True)
     dw_part = torch.empty((programs, D), device=x.device, dtype=torch.float32)
     _rms_bwd_kernel[(programs,)](x, weight, dout, dx, rstd, dw_part, T, D, chunk, x.stride(0), dout.stride(0), dx.stride(0),
                                  BLOCK_T=block_t, BLOCK_D=block_d, num_warps=num_warps)

@@ -51,8 +51,8 @@ class DemoConfig:
     pixels: int = 16  # latents (16, frames, pixels/2, pixels/2)
     # training
     batch_size: int = 16
-    steps1: int = 1500
-    steps2: int = 2000
+    steps1: int = 1200
+    steps2: int = 1600
     lr1: float = 2e-3
     lr2: float = 1e-3
     warmup: int = 50

@@ -41,6 +41,8 @@ SPEEDS = {"slowly": 2.0, "quickly": 4.0}  # pixels per frame
 POSITIONS_H = ("top", "middle", "bottom")  # across a horizontal motion
 POSITIONS_V = ("left", "middle", "right")  # across a vertical motion
 BACKGROUNDS = {"black": (0.0, 0.0, 0.0), "white": (1.0, 1.0, 1.0), "gray": (0.5, 0.5, 0.5)}
+RAMP = 0.1  # background brightness ramp (absolute-position cue)
+TRAIL = 0.3  # motion-trail blend towards the shape's colour
 
 PROMPT_ATTRIBUTES = ("color", "shape", "direction")
 CAPTION_ONLY_ATTRIBUTES = ("size", "speed", "position", "background")
@@ -117,7 +119,14 @@ def random_samples(n: int, seed: int) -> list[Sample]:
 
 # ---------------------------------------------------------------------------- rendering
 def render(sample: Sample, frames: int = 3, size: int = 16) -> torch.Tensor:
-    """Pixels in [0, 1], ``(3, frames, size, size)``."""
+    """Pixels in [0, 1], ``(3, frames, size, size)``.
+
+    Two cues make position and motion visible to a *tiny* model trained from scratch (a pretrained
+    Wan has these priors; RoPE alone gives a small network only relative positions): the background
+    carries a fixed brightness ramp (+-``RAMP`` along each axis, the same in every video: absolute
+    position), and each frame shows a faint motion trail where the shape was one frame earlier
+    (direction and speed readable within a frame). Both stay far below the foreground threshold of
+    ``read_video``."""
     dy, dx = DIRECTIONS[sample.direction]
     speed = SPEEDS[sample.speed]
     r = SIZES[sample.size] / 2
@@ -126,18 +135,24 @@ def render(sample: Sample, frames: int = 3, size: int = 16) -> torch.Tensor:
     yy, xx = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij")
     bg = torch.tensor(BACKGROUNDS[sample.background])
     fg = torch.tensor(COLORS[sample.color])
-    video = bg.view(3, 1, 1, 1).repeat(1, frames, size, size)
-    for f in range(frames):
+    ramp = RAMP * ((yy / size - 0.5) + (xx / size - 0.5))  # (S, S) in [-RAMP, RAMP]
+    base = (bg.view(3, 1, 1) + ramp * (1 if sample.background != "white" else -1)).clamp(0, 1)
+    video = base[:, None].repeat(1, frames, 1, 1)
+
+    def mask(f):
         along = size / 2 + (dy or dx) * speed * (f - (frames - 1) / 2)  # centred on the canvas
         cy, cx = (along, across) if dy else (across, along)
         ry, rx = yy - cy, xx - cx
         if sample.shape == "square":
-            m = (ry.abs() <= r) & (rx.abs() <= r)
-        elif sample.shape == "circle":
-            m = ry**2 + rx**2 <= (r + 0.25) ** 2
-        else:  # triangle pointing up
-            m = (ry.abs() <= r) & (rx.abs() <= (ry + r) / 2 + 0.25)
-        video[:, f][:, m] = fg[:, None]
+            return (ry.abs() <= r) & (rx.abs() <= r)
+        if sample.shape == "circle":
+            return ry**2 + rx**2 <= (r + 0.25) ** 2
+        return (ry.abs() <= r) & (rx.abs() <= (ry + r) / 2 + 0.25)  # triangle pointing up
+
+    for f in range(frames):
+        trail = mask(f - 1)
+        video[:, f][:, trail] = (1 - TRAIL) * base[:, trail] + TRAIL * fg[:, None]
+        video[:, f][:, mask(f)] = fg[:, None]
     return video
 
 

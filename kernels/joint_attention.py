@@ -385,6 +385,10 @@ if HAS_TRITON:
 _FWD_BLOCK_M = 128  # query rows per forward / dQ program
 _KV_BLOCK_N = 128  # key rows per dK/dV program
 _INTERP_BLOCK = 32  # the interpreter's single config (small, ragged tests)
+# fp32 inputs (exact IEEE products, for checks, not speed) get one fixed config and no autotuning:
+# ptxas takes 10-20 s per fp32 config, which a 5-config sweep per head dim would multiply.
+_FP32_INNER_BLOCK = 64  # forward key block; the backward inner blocks use half of it
+_FP32_LAUNCH = dict(num_warps=8, num_stages=2)
 _ROPE_BLOCK_T = 32
 
 
@@ -474,6 +478,8 @@ def _attention_forward(q, k, v, cu_q, cu_k, scale, rope_q, rope_k):
     grid = (tile_seq.numel(), H)
     if interp:
         _attn_fwd_kernel[grid](*args, BLOCK_N=_INTERP_BLOCK, **meta)
+    elif meta["IEEE"]:
+        _attn_fwd_kernel[grid](*args, BLOCK_N=_FP32_INNER_BLOCK, **meta, **_FP32_LAUNCH)
     else:
         _attn_fwd_tuned[grid](*args, **meta)
     return out, lse
@@ -506,6 +512,8 @@ def _attention_backward(do, q, k, v, out, lse, cu_q, cu_k, scale, rope_q, rope_k
         grid = (kv_seq.numel(), H)
         if interp:
             _attn_bwd_dkdv_kernel[grid](*args, BLOCK_M=_INTERP_BLOCK, BLOCK_N=block_n, **common)
+        elif ieee:
+            _attn_bwd_dkdv_kernel[grid](*args, BLOCK_M=_FP32_INNER_BLOCK // 2, BLOCK_N=block_n, **common, **_FP32_LAUNCH)
         else:
             _attn_dkdv_tuned[grid](*args, BLOCK_N=block_n, **common)
     q_seq, q_start = _tile_table(cu_q_list, block_m, q.device)
@@ -516,6 +524,8 @@ def _attention_backward(do, q, k, v, out, lse, cu_q, cu_k, scale, rope_q, rope_k
         grid = (q_seq.numel(), H)
         if interp:
             _attn_bwd_dq_kernel[grid](*args, BLOCK_M=block_m, BLOCK_N=_INTERP_BLOCK, **common)
+        elif ieee:
+            _attn_bwd_dq_kernel[grid](*args, BLOCK_M=block_m, BLOCK_N=_FP32_INNER_BLOCK // 2, **common, **_FP32_LAUNCH)
         else:
             _attn_dq_tuned[grid](*args, BLOCK_M=block_m, **common)
     if rope_q is not None:

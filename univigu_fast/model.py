@@ -57,7 +57,8 @@ class UniViGUModel(UniViGUModelBase):
         return "reference (no GPU; set TRITON_INTERPRET=1 to run the kernels on CPU)"
 
     def forward(self, *args, **kwargs) -> UniViGUOutput:
-        log_once(f"univigu_fast.UniViGUModel: kernels run as {self.kernel_path()}")
+        if not torch.compiler.is_compiling():
+            log_once(f"univigu_fast.UniViGUModel: kernels run as {self.kernel_path()}")
         return super().forward(*args, **kwargs)
 
 

@@ -82,15 +82,27 @@ def test_condition_dropout_drops_what_the_model_sees(data, p):
 
 @pytest.mark.parametrize("stage", [1, 2])
 def test_stage_targets(data, stage):
-    """Stage 1 recalls the prompt; stage 2 refines to the detailed caption (seen as clean text in generation)."""
+    """Stage 1 recalls the prompt, stage 2 targets the detailed caption; in generation mode (tau_t = 1)
+    the stream carries the clean prompt in both stages (what text-to-video inference feeds it)."""
     m = _model()
     spy = Spy(m)
-    Trainer(m, data, TrainConfig(stage=stage, steps=1, batch_size=4, progress=False,
-                                 flow=FlowConfig(mode_mix={"generation": 1.0}))).train()
-    want = {tuple(x.tolist()) for x in (data.prompt_ids if stage == 1 else data.caption_ids)}
-    for t in spy.seen[0]["text"]:
-        assert tuple(t.tolist()) in want
+    tr = Trainer(m, data, TrainConfig(stage=stage, steps=1, batch_size=4, progress=False,
+                                      flow=FlowConfig(mode_mix={"generation": 1.0})))
+    want = data.prompt_ids if stage == 1 else data.caption_ids
+    assert all(torch.equal(a, b) for a, b in zip(tr.targets([0, 3, 5]), [want[0], want[3], want[5]]))
+    tr.train()
+    prompts = {tuple(x.tolist()) for x in data.prompt_ids}
+    assert all(tuple(t.tolist()) in prompts for t in spy.seen[0]["text"])
     assert torch.equal(spy.seen[0]["tau_t"], torch.ones(4))
+    # understanding mode: the noised text is drawn around the stage's target (same lengths)
+    m2 = _model()
+    spy2 = Spy(m2)
+    tr2 = Trainer(m2, data, TrainConfig(stage=stage, steps=1, batch_size=4, progress=False,
+                                        flow=FlowConfig(mode_mix={"understanding": 1.0})))
+    tr2.train()
+    idx = batch_indices(len(data.prompt_ids), 4, 0, 0)
+    assert [t.numel() for t in spy2.seen[0]["text"]] == [want[i].numel() for i in idx]
+    assert torch.equal(spy2.seen[0]["tau_v"], torch.ones(4))
 
 
 @pytest.mark.parametrize("text_flow", ["discrete", "embedding"])
@@ -165,3 +177,23 @@ def test_learns_understanding_fast():
     assert last < 0.5 * first
     # chance: 1/V = 0.03 per token; the two template words alone give 0.4; colour (1 of 6) is read from the video
     assert token_acc > 0.55 and color_acc > 0.8
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FSDP2 (fully_shard) needs CUDA + NCCL")
+@pytest.mark.parametrize("text_flow", ["discrete", "embedding"])
+def test_fsdp2_cuda_matches_unsharded_and_resumes(data, tmp_path, text_flow):
+    import torch.distributed as dist
+
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        cfg = dict(stage=2, steps=3, batch_size=4, lr=1e-3, warmup_steps=0, progress=False)
+        plain = Trainer(_model(text_flow).cuda(), data, TrainConfig(**cfg)).train()
+        a = Trainer(_model(text_flow).cuda(), data, TrainConfig(**cfg, shard="fsdp", out_dir=str(tmp_path / "ck")))
+        sharded = a.train(steps=2)
+        b = Trainer(_model(text_flow, seed=5).cuda(), data, TrainConfig(**cfg, shard="fsdp", out_dir=str(tmp_path / "ck")))
+        assert b.resume_if_possible() and b.step == 2
+        sharded += b.train()
+        torch.testing.assert_close(torch.tensor([r["loss"] for r in sharded]), torch.tensor([r["loss"] for r in plain]),
+                                   rtol=2e-3, atol=2e-3)
+    finally:
+        dist.destroy_process_group()

@@ -195,11 +195,17 @@ def draw_sample(video: torch.Tensor, prompt: torch.Tensor, null_prompt: torch.Te
                         null_prompt if dropped else prompt, dropped)
 
 
+def codebook(model) -> torch.Tensor:
+    """``vocab_embed.weight`` detached, gathered in full when FSDP2 shards it (a DTensor)."""
+    E = model.vocab_embed.weight.detach()
+    return E.full_tensor() if hasattr(E, "full_tensor") else E
+
+
 def text_inputs(model, samples: Sequence[NoisedSample]) -> list[torch.Tensor]:
     """Text stream inputs: ids (discrete) or ``z_t = (1 - tau) z0 + tau E[y]`` (embedding, E detached)."""
     if model.config.text_flow == "discrete":
         return [s.text_in for s in samples]
-    E = model.vocab_embed.weight.detach()
+    E = codebook(model)
     out = []
     for s in samples:
         z1 = E[s.text_target.to(E.device)]
@@ -219,7 +225,7 @@ def loss_terms(model, samples: Sequence[NoisedSample], out) -> dict[str, torch.T
     v_pred, t_pred = out.video_velocity, out.text_out
     zero = torch.zeros((), device=dev, dtype=torch.float32)
     vs, vc, ts, tc, corr = zero, 0, zero, 0, zero
-    E = model.vocab_embed.weight
+    E = codebook(model) if c.text_flow == "embedding" else None
     for i, s in enumerate(samples):
         if s.mode != "understanding":
             d = v_pred[i].float() - s.video_target.to(dev).float()
@@ -233,14 +239,14 @@ def loss_terms(model, samples: Sequence[NoisedSample], out) -> dict[str, torch.T
                 tc += y.numel()
                 corr = corr + (logits.argmax(-1) == y).sum().float()
             else:
-                u = E.detach()[y].float() - s.text_noise.to(dev).float()
+                u = E[y].float() - s.text_noise.to(dev).float()
                 d = t_pred[i].float() - u
                 ts = ts + d.pow(2).sum()
                 tc += d.numel()
                 with torch.no_grad():  # one-step estimate of z1 from z_tau and v (Eq. 16 to tau = 1)
-                    z_t = (1 - s.tau_text) * s.text_noise.to(dev).float() + s.tau_text * E.detach()[y].float()
+                    z_t = (1 - s.tau_text) * s.text_noise.to(dev).float() + s.tau_text * E[y].float()
                     z1_hat = z_t + (1 - s.tau_text) * t_pred[i].float()
-                    ids = (z1_hat @ E.detach()[: c.vocab_size].float().T).argmax(-1)
+                    ids = (z1_hat @ E[: c.vocab_size].float().T).argmax(-1)
                     corr = corr + (ids == y).sum().float()
     tc_tok = tc if c.text_flow == "discrete" else tc // max(c.dim, 1)
     return dict(video_sum=vs, video_count=torch.tensor(float(vc), device=dev), text_sum=ts,

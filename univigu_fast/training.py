@@ -60,6 +60,7 @@ class TrainConfig:
     save_every: int = 0  # 0: only at the end
     out_dir: str | None = None
     progress: bool = True
+    shard: str = "auto"  # "auto": FSDP2 on CUDA / DDP on CPU when world > 1; "fsdp": FSDP2 even on 1 GPU
     flow: FlowConfig = field(default_factory=FlowConfig)
 
     def __post_init__(self):
@@ -69,6 +70,8 @@ class TrainConfig:
             raise ValueError(f"steps must be >= 0 and batch_size >= 1, got {self.steps}, {self.batch_size}")
         if self.schedule not in ("constant", "cosine"):
             raise ValueError(f"schedule must be 'constant' or 'cosine', got {self.schedule!r}")
+        if self.shard not in ("auto", "fsdp"):
+            raise ValueError(f"shard must be 'auto' or 'fsdp', got {self.shard!r}")
         if isinstance(self.flow, dict):
             self.flow = FlowConfig(**self.flow)
         if self.lr is None:
@@ -128,10 +131,14 @@ def _lr_lambda(cfg: TrainConfig):
     return f
 
 
-def wrap_distributed(model):
-    """FSDP2 on CUDA, DDP on CPU/gloo; the unwrapped module is returned unchanged without a process group."""
+def wrap_distributed(model, shard: str = "auto"):
+    """FSDP2 on CUDA, DDP on CPU/gloo; the module is returned unchanged without a process group
+    (or with one process, unless ``shard="fsdp"``, which shards even over one GPU)."""
     rank, world = _dist()
-    if world == 1:
+    if shard == "fsdp":
+        if not (dist.is_available() and dist.is_initialized()) or model.device.type != "cuda":
+            raise ValueError("shard='fsdp' needs an initialised process group and a CUDA model")
+    elif world == 1:
         return model
     if model.device.type == "cuda":
         from torch.distributed.fsdp import fully_shard
@@ -157,7 +164,7 @@ class Trainer:
             raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the world size {self.world}")
         if model.config.text_flow == "embedding":  # E is the fixed codebook of Eq. 7-8 (see flow.py)
             model.vocab_embed.weight.requires_grad_(False)
-        self.wrapped = wrap_distributed(model)
+        self.wrapped = wrap_distributed(model, cfg.shard)
         params = [p for p in model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
                                      foreach=False)

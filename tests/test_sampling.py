@@ -157,3 +157,22 @@ def test_real_tiny_model_all_tasks(text_flow):
     assert [i.shape for i in ids] == [(3,), (4,)] and all(int(i.max()) < cfg.vocab_size for i in ids)
     # deterministic given the seed
     assert torch.equal(caption(m, vids, prompts, [5, 2], steps=2, seed=3)[0], caption(m, vids, prompts, [5, 2], steps=2, seed=3)[0])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 model on CUDA")
+@pytest.mark.parametrize("text_flow", ["discrete", "embedding"])
+def test_cuda_bf16_samplers_keep_fp32_state(text_flow):
+    from univigu_fast.model import UniViGUModel as FastModel
+
+    cfg = UniViGUConfig.tiny(text_flow=text_flow)
+    torch.manual_seed(0)
+    m = FastModel(cfg).cuda().to(torch.bfloat16).eval()
+    m.init_text_stream()
+    prompts = [torch.randn(3, cfg.text_dim, device="cuda", dtype=torch.bfloat16)] * 2
+    null = torch.zeros(1, cfg.text_dim, device="cuda", dtype=torch.bfloat16)
+    lat = generate(m, prompts, [torch.tensor([1, 2])] * 2, (4, 2, 4, 4), null_prompt=null, steps=3, guidance=3.0)
+    assert all(x.dtype == torch.float32 and torch.isfinite(x).all() for x in lat)
+    lat, ids = joint(m, prompts, (4, 2, 4, 4), [4, 2], null_prompt=null, steps=3, guidance=3.0)
+    assert [i.shape for i in ids] == [(4,), (2,)] and all(int(i.max()) < cfg.vocab_size for i in ids)
+    ids = caption(m, [x.to(torch.bfloat16) for x in lat], prompts, [5, 3], steps=3)
+    assert [i.shape for i in ids] == [(5,), (3,)]

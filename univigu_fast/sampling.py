@@ -72,10 +72,11 @@ class _TextState:
         if c.text_flow == "discrete":
             self.x = [_source_tokens(c, int(n), g, dev) for n in text_lens]
         else:
-            self.x = [torch.randn(int(n), c.dim, generator=g).to(dev, model.dtype) for n in text_lens]
+            self.x = [torch.randn(int(n), c.dim, generator=g).to(dev) for n in text_lens]  # fp32 state
 
     def forward_kwargs(self):
-        kw = dict(text=self.x)
+        dtype = self.model.dtype
+        kw = dict(text=self.x if self.c.text_flow == "discrete" else [zi.to(dtype) for zi in self.x])
         if self.c.text_flow == "discrete" and self.c.discrete_source != "mask":
             kw.update(text_output="sample", sample_seed=_rng_seed(self.g), temperature=self.temperature)
         return kw
@@ -97,12 +98,12 @@ class _TextState:
             self.x = [torch.where(torch.rand(xi.shape, generator=self.g).to(xi.device) < p, yi, xi)
                       for xi, yi in zip(self.x, x1_hat)]
         else:  # Euler, Eq. 16
-            self.x = [zi + (t_next - t) * vi.to(zi.dtype) for zi, vi in zip(self.x, text_out)]
+            self.x = [zi + (t_next - t) * vi.float() for zi, vi in zip(self.x, text_out)]
 
     def ids(self) -> list[torch.Tensor]:
         if self.c.text_flow == "discrete":
             return self.x
-        return [decode_embeddings(self.model, zi) for zi in self.x]
+        return [decode_embeddings(self.model, zi.to(self.model.dtype)) for zi in self.x]
 
 
 @torch.no_grad()
@@ -139,15 +140,17 @@ def _clean_text(model, text_ids):
 
 
 def _guided(model, x, tau_v, prompts, null_prompts, guidance, **kw):
+    """Velocity with CFG; the Euler state ``x`` is fp32, the model sees its dtype; returns fp32."""
+    x = [xi.to(model.dtype) for xi in x]
     out = model(x, tau_v, prompts, **kw)
     if guidance == 1.0:
-        return out.video_velocity, out
+        return [v.float() for v in out.video_velocity], out
     kw_u = dict(kw)
     kw_u.pop("text_output", None)
     kw_u.pop("sample_seed", None)
     kw_u.pop("temperature", None)
     vu = model(x, tau_v, null_prompts, **kw_u).video_velocity
-    return [u + guidance * (c - u) for c, u in zip(out.video_velocity, vu)], out
+    return [u.float() + guidance * (c.float() - u.float()) for c, u in zip(out.video_velocity, vu)], out
 
 
 @torch.no_grad()
@@ -159,7 +162,7 @@ def generate(model, prompts, prompt_ids, video_shape: Sequence[int], *, null_pro
     (the clean text stream; a length-0 tensor gives an empty text segment);
     video_shape: (C, F, H, W); null_prompt: (L0, text_dim) empty-prompt condition, needed when
     ``guidance != 1``; shift: Wan's flow shift; guidance: classifier-free guidance scale.
-    Returns a list of (C, F, H, W) latents.
+    Returns a list of fp32 (C, F, H, W) latents (the Euler state is kept in fp32 whatever the model dtype).
     """
     _check_common(steps, list(prompts), "prompts")
     if guidance != 1.0 and null_prompt is None:
@@ -167,8 +170,8 @@ def generate(model, prompts, prompt_ids, video_shape: Sequence[int], *, null_pro
     if len(prompt_ids) != len(prompts):
         raise ValueError(f"prompts ({len(prompts)}) and prompt_ids ({len(prompt_ids)}) must have the same length")
     g = torch.Generator().manual_seed(seed)
-    B, dev, dtype = len(prompts), model.device, model.dtype
-    x = [torch.randn(tuple(video_shape), generator=g).to(dev, dtype) for _ in range(B)]
+    B, dev = len(prompts), model.device
+    x = [torch.randn(tuple(video_shape), generator=g).to(dev) for _ in range(B)]  # fp32 Euler state
     taus = generation_taus(steps, shift)
     text = _clean_text(model, prompt_ids)
     nulls = None if null_prompt is None else [null_prompt] * B
@@ -193,8 +196,8 @@ def joint(model, prompts, video_shape: Sequence[int], text_lens, *, null_prompt:
     if guidance != 1.0 and null_prompt is None:
         raise ValueError("guidance != 1 needs null_prompt (the empty-prompt condition)")
     g = torch.Generator().manual_seed(seed)
-    B, dev, dtype = len(prompts), model.device, model.dtype
-    x = [torch.randn(tuple(video_shape), generator=g).to(dev, dtype) for _ in range(B)]
+    B, dev = len(prompts), model.device
+    x = [torch.randn(tuple(video_shape), generator=g).to(dev) for _ in range(B)]  # fp32 Euler state
     state = _TextState(model, text_lens, g, kappa_power, temperature)
     taus = generation_taus(steps, shift)
     nulls = None if null_prompt is None else [null_prompt] * B

@@ -12,6 +12,15 @@ from univigu_fast.demo import DemoConfig, evaluate_understanding, run_demo
 REQUIRED = ("understanding_attribute_accuracy", "understanding_caption_only_attribute_accuracy",
             "stage1_caption_only_attribute_accuracy", "generation_accuracy", "joint_agreement", "chance", "seconds")
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one torch thread per test process (xdist workers x cores oversubscribe otherwise)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 
 def test_synthetic_task_is_consistent():
     data = S.make_dataset(40, 3, text_dim=8)

@@ -70,7 +70,8 @@ def test_wan_flow_shift_grid():
 
 def _fake_model(text_flow="discrete", vocab=5, dim=4):
     cfg = UniViGUConfig.tiny(vocab_size=vocab, num_attention_heads=1, attention_head_dim=dim, text_flow=text_flow)
-    emb = nn.Embedding(cfg.text_vocab_size, cfg.dim)
+    torch.manual_seed(0)
+    emb = nn.Embedding(cfg.text_vocab_size, cfg.dim)  # N(0, 1) rows: nearly orthogonal at dim 64
     return SimpleNamespace(config=cfg, device=torch.device("cpu"), vocab_embed=emb)
 
 
@@ -104,18 +105,18 @@ def test_loss_weighting_token_count_normalised_discrete():
 
 
 def test_embedding_flow_inputs_targets_and_loss():
-    m = _fake_model("embedding", vocab=6, dim=4)
+    m = _fake_model("embedding", vocab=6, dim=64)
     E = m.vocab_embed.weight.detach()
     y = torch.tensor([2, 5, 0])
-    z0 = torch.randn(3, 4)
+    z0 = torch.randn(3, 64)
     s = _sample("understanding", torch.zeros(1), y, tau_t=0.3, noise=z0)
     (zt,) = text_inputs(m, [s])
     torch.testing.assert_close(zt, 0.7 * z0 + 0.3 * E[y])  # Eq. 7: z_t = (1 - tau) z0 + tau E[y]
-    v = torch.randn(3, 4)
+    v = torch.randn(3, 64)
     terms = loss_terms(m, [s], UniViGUOutput([torch.zeros(1)], [v]))
     u = E[y] - z0  # Eq. 7 velocity target
     torch.testing.assert_close(terms["text_sum"], ((v - u) ** 2).sum())
-    assert terms["text_count"].item() == 12 and terms["text_tokens"].item() == 3 and terms["video_count"].item() == 0
+    assert terms["text_count"].item() == 3 * 64 and terms["text_tokens"].item() == 3 and terms["video_count"].item() == 0
     # the exact velocity decodes (one Euler jump to tau = 1, then Eq. 8 argmax) to the right ids
     terms = loss_terms(m, [s], UniViGUOutput([torch.zeros(1)], [u]))
     assert terms["text_sum"].item() == 0 and terms["text_correct"].item() == 3

@@ -14,6 +14,15 @@ from univigu_fast.sampling import caption, decode_embeddings, generate, joint
 C, FR, H, W = 4, 2, 4, 4
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one torch thread per test process (xdist workers x cores oversubscribe otherwise)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 class Oracle(nn.Module):
     """A fake model that knows the data (video ``z1``, text ``y``) and returns the exact velocity
     ``(z1 - x) / (1 - tau)`` (video, embedding text) or samples ``y`` (discrete). It records every call."""

@@ -16,6 +16,15 @@ from univigu_fast.training import STAGE_LR, TrainConfig, Trainer, batch_indices
 TEXT_DIM = 24
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one torch thread per test process (xdist workers x cores oversubscribe otherwise)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _cfg(text_flow="discrete", **kw):
     return UniViGUConfig.tiny(in_channels=16, out_channels=16, text_dim=TEXT_DIM, vocab_size=len(SyntheticTokenizer()),
                               text_flow=text_flow, **kw)
@@ -152,6 +161,15 @@ def test_two_process_gloo_matches_single_process(data, tmp_path):
 def test_learns_understanding_fast():
     """A few hundred steps on the synthetic task: the understanding loss falls and the held-out token
     accuracy (caption read from the video alone: condition always dropped) rises far above chance."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny ops: oversubscribed threads (xdist workers x cores) cost 10x
+    try:
+        _learns_understanding_fast()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _learns_understanding_fast():
     torch.manual_seed(0)
     train = make_dataset(128, 1, text_dim=TEXT_DIM, frames=2)
     held = make_dataset(32, 2, text_dim=TEXT_DIM, frames=2)

@@ -134,8 +134,12 @@ def test_resume_gives_the_same_next_loss(data, tmp_path, text_flow):
 def _worker(rank, world, init, data, out):
     import torch.distributed as dist
 
+    import datetime
+
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    # a bounded rendezvous: a peer that never arrives fails the test instead of hanging the suite
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
     try:
         tr = Trainer(_model(), data, TrainConfig(stage=2, steps=3, batch_size=4, lr=1e-3, warmup_steps=0,
                                                   progress=False))

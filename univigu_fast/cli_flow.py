@@ -167,6 +167,7 @@ def train(
     elif world > 1:
         _save_full(tr, None)
     if world > 1:
+        tr.close()  # the DDP reducer must go before the process group (see Trainer.close)
         dist.destroy_process_group()
 
 

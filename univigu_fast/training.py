@@ -170,6 +170,7 @@ class Trainer:
                                      foreach=False)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _lr_lambda(cfg))
         self.step = 0
+        self.closed = False
         self.history: list[dict] = []
         self.out = Path(cfg.out_dir) if cfg.out_dir else None
         if self.out and self.rank == 0:
@@ -182,6 +183,8 @@ class Trainer:
 
     def train_step(self) -> dict:
         cfg, model = self.cfg, self.model
+        if self.closed and self.world > 1:
+            raise RuntimeError("Trainer.close() released the distributed wrapper: this trainer cannot train further")
         idx = batch_indices(len(self.data), cfg.batch_size, self.step, cfg.seed)
         per = cfg.batch_size // self.world
         lo = self.rank * per
@@ -266,6 +269,23 @@ class Trainer:
         if self.out:
             self.save()
         return recs
+
+    def close(self) -> None:
+        """Release the distributed wrapper (DDP's reducer holds a reference to the process group).
+
+        Call it before ``dist.destroy_process_group()``: if the reducer instead outlives the group
+        handle, its destruction drops the group's last reference from C++ with the GIL held, and
+        gloo's worker threads, still freeing finished work (tensors whose release needs the GIL),
+        deadlock with it (pytorch/pytorch#56297). Idempotent; a closed multi-process trainer refuses
+        to train further (its gradients would no longer be averaged)."""
+        self.closed = True
+        if self.wrapped is not self.model:
+            if self.world > 1:
+                dist.barrier()  # every rank's last collective has completed
+            self.wrapped = self.model
+            import gc
+
+            gc.collect()
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict:

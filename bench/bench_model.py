@@ -133,7 +133,7 @@ def test_bench_model_step(benchmark, shape, mode, impl):
 @pytest.mark.parametrize("impl", ["triton", "cached-once", "cached-every4"])
 def test_bench_caption_50_steps(benchmark, impl):
     """A 50-step caption of one wan1.3b-480p video: exact (``triton``) or with the video-stream cache."""
-    from univigu_fast.video_cache import caption_cached
+    from univigu_fast.sampling import caption
 
     c = _models("wan1.3b-480p")
     inputs = P.make_inputs(c["shape"], c["cfg"], "understanding", "cuda", DTYPE)
@@ -141,8 +141,8 @@ def test_bench_caption_50_steps(benchmark, impl):
     policy = {"triton": "off", "cached-once": "once", "cached-every4": "every:4"}[impl]
 
     def run():
-        return caption_cached(c["fast"], inputs["video_latents"], inputs["encoder_hidden_states"], lens, steps=50,
-                              seed=0, video_cache=policy)
+        return caption(c["fast"], inputs["video_latents"], inputs["encoder_hidden_states"], lens, steps=50, seed=0,
+                       video_cache=policy)
 
     measure(benchmark, run, op="caption", shape="wan1.3b-480p", mode="understanding", impl=impl, dtype=DTYPE,
             flops=None, rounds=1, warmup_rounds=0)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from _models import tiny_reference
 from univigu_fast.kernels.joint_attention import apply_rope_reference
-from univigu_fast.sampling import caption
+from univigu_fast.sampling import _TextState, caption
 from univigu_fast.video_cache import VideoCache, cache_bytes, caption_cached, parse_policy
 
 
@@ -23,7 +23,7 @@ def test_every_1_equals_exact_caption_and_logits():
     videos, prompts = _inputs(model.config)
     exact = caption(model, videos, prompts, [7, 2], steps=5, seed=4)
     stats = {}
-    cached = caption_cached(model, videos, prompts, [7, 2], steps=5, seed=4, video_cache="every:1", stats=stats)
+    cached = caption(model, videos, prompts, [7, 2], steps=5, seed=4, video_cache="every:1", stats=stats)
     assert all(torch.equal(a, b) for a, b in zip(exact, cached))
     assert stats["full_steps"] == 5 and stats["text_steps"] == 0 and stats["cache_bytes"] > 0
     # a text-only step on the step it was captured from reproduces the full step's logits
@@ -36,6 +36,33 @@ def test_every_1_equals_exact_caption_and_logits():
         step = model.text_step(cache, text, tau_t)
     for a, b in zip(full, step):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("source", ["uniform", "mask"])
+def test_default_off_is_the_exact_loop(source):
+    """The default policy is the plain Euler loop, bit for bit: a hand-written loop of full forwards
+    (no cache argument) with the same random stream gives the same ids; the alias and every:1 agree."""
+    model = tiny_reference(seed=6, discrete_source=source)
+    videos, prompts = _inputs(model.config, seed=3)
+    lens, steps, seed = [6, 3], 4, 11
+    g = torch.Generator().manual_seed(seed)
+    state = _TextState(model, lens, g, 1.0, 1.0)
+    with torch.no_grad():
+        for i in range(steps):
+            out = model(videos, torch.ones(2), prompts, tau_text=torch.full((2,), i / steps), **state.forward_kwargs())
+            state.step(out.text_out, i / steps, (i + 1) / steps, last=i == steps - 1)
+    want = state.ids()
+    stats = {}
+    got = caption(model, videos, prompts, lens, steps=steps, seed=seed, stats=stats)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert stats == dict(cache_bytes=0, full_steps=steps, text_steps=0)
+    for kw in (dict(video_cache="off"), dict(video_cache="every:1")):
+        assert all(torch.equal(a, b) for a, b in zip(caption_cached(model, videos, prompts, lens, steps=steps, seed=seed, **kw), want))
+    # and the approximate policies run the announced mix of full and text-only steps
+    for policy, full in (("once", 1), ("every:3", 2)):
+        stats = {}
+        ids = caption(model, videos, prompts, lens, steps=steps, seed=seed, video_cache=policy, stats=stats)
+        assert [i.shape[0] for i in ids] == lens and stats["full_steps"] == full and stats["text_steps"] == steps - full
 
 
 def _by_hand(model, cache, text, tau_t):
@@ -124,11 +151,11 @@ def test_cache_memory_is_accounted_refused_and_released(monkeypatch):
 
     monkeypatch.setattr(VideoCache, "release", spy)
     stats = {}
-    caption_cached(model, videos, prompts, [4, 2], steps=3, video_cache="once", stats=stats)
+    caption(model, videos, prompts, [4, 2], steps=3, video_cache="once", stats=stats)
     assert stats["cache_bytes"] == expected and stats["full_steps"] == 1 and stats["text_steps"] == 2
     assert released == [0]  # released once, nothing left behind
     with pytest.raises(MemoryError, match="video cache needs"):
-        caption_cached(model, videos, prompts, [4, 2], steps=2, video_cache="once", max_cache_bytes=expected - 1)
+        caption(model, videos, prompts, [4, 2], steps=2, video_cache="once", max_cache_bytes=expected - 1)
     assert len(released) == 2  # released on the error path too
 
 
@@ -142,3 +169,28 @@ def test_policies_parse():
     assert parse_policy("off") == ("off", 0)
     assert parse_policy("ONCE") == ("once", 0)
     assert parse_policy("every:4") == ("every", 4)
+
+
+def test_cli_caption_video_cache(tmp_path):
+    """``univigu-fast caption --video-cache``: off and every:1 print the same caption, once runs,
+    a bad policy is a usage error naming the option."""
+    from typer.testing import CliRunner
+
+    from univigu_fast import synthetic as S
+    from univigu_fast.cli import app
+
+    model = tiny_reference(seed=2, in_channels=16, out_channels=16, text_dim=8, vocab_size=len(S.SyntheticTokenizer()))
+    model.save_pretrained(tmp_path / "m")
+    lat = tmp_path / "z.pt"
+    torch.save(S.make_dataset(1, 0, text_dim=8).latents[0], lat)
+    base = ["caption", "--model", str(tmp_path / "m"), "--latents", str(lat), "--synthetic", "--length", "6",
+            "--steps", "3", "--seed", "5"]
+    runner = CliRunner()
+    outs = {}
+    for policy in ("off", "every:1", "once"):
+        r = runner.invoke(app, base + ["--video-cache", policy])
+        assert r.exit_code == 0, r.output
+        outs[policy] = r.output
+    assert outs["off"] == outs["every:1"] and len(outs["once"].split()) <= 6
+    r = runner.invoke(app, base + ["--video-cache", "sometimes"])
+    assert r.exit_code != 0 and "--video-cache" in r.output

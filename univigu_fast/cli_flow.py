@@ -202,7 +202,8 @@ def caption(
     """Understanding: caption a video (clean video, text from noise; conditioned on the empty prompt)."""
     import torch
 
-    from .video_cache import caption_cached, parse_policy
+    from .sampling import caption as caption_sampler
+    from .video_cache import parse_policy
 
     try:
         parse_policy(video_cache)
@@ -220,8 +221,8 @@ def caption(
         z, null = ds.latents[index], ds.null_prompt
     else:
         z, null = torch.load(latents, map_location="cpu", weights_only=True), fe.null()
-    ids = caption_cached(m, [z.to(m.device, m.dtype)], [null.to(m.device, m.dtype)], [length], steps=steps, seed=seed,
-                         kappa_power=kappa_power, temperature=temperature, video_cache=video_cache)[0]
+    ids = caption_sampler(m, [z.to(m.device, m.dtype)], [null.to(m.device, m.dtype)], [length], steps=steps, seed=seed,
+                          kappa_power=kappa_power, temperature=temperature, video_cache=video_cache)[0]
     typer.echo(fe.decode(ids))
 
 

@@ -29,6 +29,7 @@ from typing import Sequence
 import torch
 
 from .flow import PolynomialScheduler, generation_taus
+from .video_cache import VideoCache, is_full_step, parse_policy
 
 
 def _rng_seed(g: torch.Generator) -> int:
@@ -108,13 +109,24 @@ class _TextState:
 
 @torch.no_grad()
 def caption(model, videos, prompts, text_lens, *, steps: int = 50, seed: int = 0, kappa_power: float = 1.0,
-            temperature: float = 1.0) -> list[torch.Tensor]:
+            temperature: float = 1.0, video_cache: str = "off", max_cache_bytes: int | None = None,
+            stats: dict | None = None) -> list[torch.Tensor]:
     """Understanding (``tau_video = 1``): integrate the text flow from its source to ids, per sample.
 
     videos: list of clean latents (C, F, H, W); prompts: list of (L, text_dim) conditions (the
     empty-prompt embedding for plain captioning); text_lens: tokens per caption. Returns a list of
     int64 id tensors ``(text_lens[i],)``. ``model`` is a reference or fast ``UniViGUModel``.
+
+    ``video_cache`` (``univigu_fast.video_cache``): ``"off"`` (exact, the default: every step is a
+    full forward), ``"every:r"`` (a full forward that refills the video-stream cache every r-th step,
+    text-only ``model.text_step`` in between; ``every:1`` = exact) or ``"once"`` (full at the first
+    step only). The policy only chooses the model call of each step: the Euler loop and the random
+    stream are the same, so ``off`` and ``every:1`` give the same ids. ``max_cache_bytes``: the cache
+    budget (default on CUDA: half the free memory; a cache that does not fit raises ``MemoryError``).
+    The cache is released before returning (also on error). ``stats`` (a dict, if given) receives
+    ``cache_bytes`` (peak), ``full_steps`` and ``text_steps``.
     """
+    policy = parse_policy(video_cache)
     _check_common(steps, list(videos), "videos")
     if len(text_lens) != len(videos) or len(prompts) != len(videos):
         raise ValueError(f"videos ({len(videos)}), prompts ({len(prompts)}) and text_lens ({len(text_lens)}) must have the same length")
@@ -122,10 +134,29 @@ def caption(model, videos, prompts, text_lens, *, steps: int = 50, seed: int = 0
     B = len(videos)
     state = _TextState(model, text_lens, g, kappa_power, temperature)
     ones = torch.ones(B)
-    for i in range(steps):
-        t, t_next = i / steps, (i + 1) / steps
-        out = model(list(videos), ones, list(prompts), tau_text=torch.full((B,), t), **state.forward_kwargs())
-        state.step(out.text_out, t, t_next, last=i == steps - 1)
+    cache = None if policy[0] == "off" else VideoCache(model, max_bytes=max_cache_bytes)
+    full_steps = text_steps = peak = 0
+    try:
+        for i in range(steps):
+            t, t_next = i / steps, (i + 1) / steps
+            kw = state.forward_kwargs()
+            tau_t = torch.full((B,), t)
+            if cache is None:  # exact: no cache argument at all (any model with the forward signature)
+                out = model(list(videos), ones, list(prompts), tau_text=tau_t, **kw).text_out
+                full_steps += 1
+            elif is_full_step(policy, i):  # full forward that (re)captures the video stream
+                out = model(list(videos), ones, list(prompts), tau_text=tau_t, video_cache=cache, **kw).text_out
+                full_steps += 1
+                peak = max(peak, cache.nbytes)
+            else:  # text rows only, against the cached video keys/values
+                out = model.text_step(cache, kw.pop("text"), tau_t, **kw)
+                text_steps += 1
+            state.step(out, t, t_next, last=i == steps - 1)
+    finally:
+        if cache is not None:
+            cache.release()
+    if stats is not None:
+        stats.update(cache_bytes=peak, full_steps=full_steps, text_steps=text_steps)
     return state.ids()
 
 

@@ -137,44 +137,9 @@ class VideoCache:
         self._views.clear()
 
 
-@torch.no_grad()
-def caption_cached(model, videos, prompts, text_lens, *, video_cache: str = "off", steps: int = 50, seed: int = 0,
-                   kappa_power: float = 1.0, temperature: float = 1.0, max_cache_bytes: int | None = None,
-                   stats: dict | None = None) -> list[torch.Tensor]:
-    """``univigu_fast.sampling.caption`` with a video-stream cache policy (``off`` | ``once`` | ``every:r``).
+def caption_cached(model, videos, prompts, text_lens, **kwargs) -> list[torch.Tensor]:
+    """Alias of ``univigu_fast.sampling.caption`` (which takes ``video_cache=``, ``max_cache_bytes=``,
+    ``stats=``): one Euler loop for every policy."""
+    from .sampling import caption
 
-    Same sampler, same random stream: with ``off`` (or ``every:1``) the ids equal the exact
-    caption's. The cache is released before returning; ``stats`` (if given) receives
-    ``cache_bytes``, ``full_steps`` and ``text_steps``.
-    """
-    from .sampling import _TextState, _check_common
-
-    policy = parse_policy(video_cache)
-    _check_common(steps, list(videos), "videos")
-    if len(text_lens) != len(videos) or len(prompts) != len(videos):
-        raise ValueError(f"videos ({len(videos)}), prompts ({len(prompts)}) and text_lens ({len(text_lens)}) must have the same length")
-    g = torch.Generator().manual_seed(seed)
-    B = len(videos)
-    state = _TextState(model, text_lens, g, kappa_power, temperature)
-    ones = torch.ones(B)
-    cache = VideoCache(model, max_bytes=max_cache_bytes) if policy[0] != "off" else None
-    full_steps = text_steps = peak = 0
-    try:
-        for i in range(steps):
-            t, t_next = i / steps, (i + 1) / steps
-            kw = state.forward_kwargs()
-            tau_t = torch.full((B,), t)
-            if cache is None or is_full_step(policy, i):
-                out = model(videos, ones, prompts, tau_text=tau_t, video_cache=cache, **kw).text_out
-                full_steps += 1
-            else:
-                out = model.text_step(cache, kw.pop("text"), tau_t, **kw)
-                text_steps += 1
-            peak = max(peak, cache.nbytes if cache is not None else 0)
-            state.step(out, t, t_next, last=i == steps - 1)
-    finally:
-        if cache is not None:
-            cache.release()
-    if stats is not None:
-        stats.update(cache_bytes=peak, full_steps=full_steps, text_steps=text_steps)
-    return state.ids()
+    return caption(model, videos, prompts, text_lens, **kwargs)

@@ -11,6 +11,15 @@ from univigu_fast.sampling import _TextState, caption
 from univigu_fast.video_cache import VideoCache, cache_bytes, caption_cached, parse_policy
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one torch thread per test process (xdist workers x cores oversubscribe otherwise)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _inputs(config, seed=0):
     g = torch.Generator().manual_seed(seed)
     videos = [torch.randn(config.in_channels, 3, 6, 10, generator=g), torch.randn(config.in_channels, 1, 4, 4, generator=g)]
@@ -194,3 +203,35 @@ def test_cli_caption_video_cache(tmp_path):
     assert outs["off"] == outs["every:1"] and len(outs["once"].split()) <= 6
     r = runner.invoke(app, base + ["--video-cache", "sometimes"])
     assert r.exit_code != 0 and "--video-cache" in r.output
+
+
+def test_demo_evaluates_the_cached_policies(tmp_path):
+    """metrics.json of ``univigu-fast demo`` carries accuracy / caption-only accuracy / token agreement
+    per cached policy; evaluate_understanding's token agreement is 1 for every:1 (exact) and the
+    fraction of equal tokens otherwise."""
+    import json
+
+    from univigu_fast import synthetic as S
+    from univigu_fast.demo import DemoConfig, evaluate_understanding, run_demo, token_agreement
+
+    cfg = DemoConfig(seed=2, n_train=16, n_test=3, steps1=2, steps2=2, batch_size=4, layers=1, caption_steps=3,
+                     gen_steps=1)
+    run_demo(cfg, tmp_path, progress=False, log=lambda *a: None)
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    for name in ("once", "every4"):
+        for key in ("understanding_attribute_accuracy", "understanding_caption_only_attribute_accuracy",
+                    "understanding_token_agreement"):
+            v = m[f"{key}_cached_{name}"]
+            assert isinstance(v, float) and 0.0 <= v <= 1.0, (key, name, v)
+    model = tiny_reference(seed=4, in_channels=16, out_channels=16, text_dim=8, vocab_size=len(S.SyntheticTokenizer()))
+    data = S.make_dataset(3, 0, text_dim=8, frames=2, size=8)
+    exact = evaluate_understanding(model, data, steps=3, seed=1, batch=2, keep_ids=True)
+    same = evaluate_understanding(model, data, steps=3, seed=1, batch=2, video_cache="every:1", reference_ids=exact["ids"])
+    assert same["token_agreement"] == 1.0 and same["attribute_accuracy"] == exact["attribute_accuracy"]
+    once = evaluate_understanding(model, data, steps=3, seed=1, batch=2, video_cache="once", reference_ids=exact["ids"],
+                                  keep_ids=True)
+    n_eq = sum(a == b for x, y in zip(once["ids"], exact["ids"]) for a, b in zip(x, y))
+    assert once["token_agreement"] == n_eq / sum(len(x) for x in exact["ids"])
+    assert token_agreement([[1, 2], [3]], [[1, 0], [3]]) == 2 / 3
+    with pytest.raises(ValueError, match="lengths"):
+        token_agreement([[1, 2]], [[1]])

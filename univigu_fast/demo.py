@@ -77,38 +77,67 @@ def _chunks(n: int, size: int):
 
 
 # ---------------------------------------------------------------------------- evaluators
+# video-stream cache policies the demo evaluates next to the exact caption (metrics.json key suffix, policy)
+CACHED_POLICIES = (("once", "once"), ("every4", "every:4"))
+
 def evaluate_understanding(model, data: S.SyntheticData, *, text_len: int | None = None, steps: int = 16,
                            seed: int = 0, batch: int = 64, condition: str = "null", tokenizer=None,
-                           caption_fn=None, **sampler_kwargs) -> dict:
+                           caption_fn=None, reference_ids=None, keep_ids: bool = False, **sampler_kwargs) -> dict:
     """Caption the clean videos of ``data`` and score the attributes stated in the decoded text.
 
     ``text_len``: tokens to generate (default: the detailed caption's length); ``condition``:
     ``"null"`` (empty prompt, captions from the video alone) or ``"prompt"`` (the brief prompt);
     ``caption_fn``: the sampler (default ``sampling.caption``), called as
     ``caption_fn(model, videos, prompts, lens, steps=, seed=, **sampler_kwargs)`` so a caller can
-    evaluate other sampler options (e.g. a cached sampler). Returns ``attribute_accuracy``,
-    ``caption_only_attribute_accuracy``, ``prompt_attribute_accuracy``, ``per_attribute`` and a few
-    ``examples``.
+    evaluate other sampler options (e.g. ``video_cache="once"``). Returns ``attribute_accuracy``,
+    ``caption_only_attribute_accuracy``, ``prompt_attribute_accuracy``, ``per_attribute``, a few
+    ``examples`` and ``seconds`` (sampling wall time); with ``keep_ids`` also ``ids`` (the decoded
+    token ids, one list per sample); with ``reference_ids`` (such a list, e.g. the exact sampler's
+    with the same seed) also ``token_agreement``: the fraction of decoded tokens equal to it.
     """
     tok = tokenizer or S.SyntheticTokenizer()
     fn = caption_fn or sampling.caption
     n = len(data.samples)
     L = text_len if text_len is not None else len(data.caption_ids[0])
     dev, dtype = model.device, model.dtype
-    texts = []
+    texts, all_ids = [], []
     model.eval()
+    t0 = time.time()
     for sl in _chunks(n, batch):
         vids = [v.to(dev, dtype) for v in data.latents[sl]]
         prompts = ([data.null_prompt.to(dev, dtype)] * len(vids) if condition == "null"
                    else [p.to(dev, dtype) for p in data.prompt_embeds[sl]])
         ids = fn(model, vids, prompts, [L] * len(vids), steps=steps, seed=seed + sl.start, **sampler_kwargs)
+        all_ids += [torch.as_tensor(i).cpu().tolist() for i in ids]
         texts += [tok.decode(i.cpu()) for i in ids]
+    seconds = time.time() - t0
     scores = [S.attribute_scores(t, s) for t, s in zip(texts, data.samples)]
     per = {a: S.mean(sc[a] for sc in scores) for a in S.ATTRIBUTES}
-    return dict(attribute_accuracy=S.mean(per.values()),
-                caption_only_attribute_accuracy=S.mean(per[a] for a in S.CAPTION_ONLY_ATTRIBUTES),
-                prompt_attribute_accuracy=S.mean(per[a] for a in S.PROMPT_ATTRIBUTES),
-                per_attribute=per, examples=[dict(truth=s.caption, decoded=t) for s, t in zip(data.samples[:4], texts[:4])])
+    res = dict(attribute_accuracy=S.mean(per.values()),
+               caption_only_attribute_accuracy=S.mean(per[a] for a in S.CAPTION_ONLY_ATTRIBUTES),
+               prompt_attribute_accuracy=S.mean(per[a] for a in S.PROMPT_ATTRIBUTES),
+               per_attribute=per, examples=[dict(truth=s.caption, decoded=t) for s, t in zip(data.samples[:4], texts[:4])],
+               seconds=seconds)
+    if reference_ids is not None:
+        res["token_agreement"] = token_agreement(all_ids, reference_ids)
+    if keep_ids:
+        res["ids"] = all_ids
+    return res
+
+
+def token_agreement(ids, reference_ids) -> float:
+    """Fraction of token positions where ``ids`` equals ``reference_ids`` (lists of per-sample id lists
+    or tensors of the same lengths), pooled over all samples."""
+    if len(ids) != len(reference_ids):
+        raise ValueError(f"ids has {len(ids)} samples but reference_ids has {len(reference_ids)}")
+    same = total = 0
+    for a, b in zip(ids, reference_ids):
+        a, b = torch.as_tensor(a).cpu().view(-1), torch.as_tensor(b).cpu().view(-1)
+        if a.shape != b.shape:
+            raise ValueError(f"decoded lengths differ: {tuple(a.shape)} vs reference {tuple(b.shape)}")
+        same += int((a == b).sum())
+        total += a.numel()
+    return same / total if total else 1.0
 
 
 def evaluate_generation(model, data: S.SyntheticData, *, steps: int = 20, shift: float = 1.0, guidance: float = 3.0,
@@ -199,7 +228,12 @@ def run_demo(cfg: DemoConfig, out: str | Path, *, progress: bool = True, log=pri
             log(f"stage 1: {stage_seconds[1]:.0f}s, understanding {u1['attribute_accuracy']:.3f} "
                 f"(prompt attrs {u1['prompt_attribute_accuracy']:.3f}, caption-only {u1['caption_only_attribute_accuracy']:.3f})")
     t_eval = time.time()
-    u = evaluate_understanding(model, test, steps=cfg.caption_steps, seed=cfg.seed)
+    u = evaluate_understanding(model, test, steps=cfg.caption_steps, seed=cfg.seed, keep_ids=True)
+    exact_ids = u.pop("ids")
+    # issue 8: the same captions with the video-stream cache (same seed), scored and compared token by token
+    cached = {name: evaluate_understanding(model, test, steps=cfg.caption_steps, seed=cfg.seed, video_cache=policy,
+                                           reference_ids=exact_ids)
+              for name, policy in CACHED_POLICIES}
     g = evaluate_generation(model, test, steps=cfg.gen_steps, shift=cfg.shift, guidance=cfg.guidance, seed=cfg.seed)
     j = evaluate_joint(model, test, steps=cfg.gen_steps, shift=cfg.shift, guidance=cfg.guidance, seed=cfg.seed)
     metrics.update(
@@ -215,12 +249,21 @@ def run_demo(cfg: DemoConfig, out: str | Path, *, progress: bool = True, log=pri
         stage1_seconds=stage_seconds[1], stage2_seconds=stage_seconds[2], eval_seconds=time.time() - t_eval,
         torch_threads=torch.get_num_threads(),
     )
+    metrics["understanding_seconds"] = u["seconds"]
+    for name, r in cached.items():
+        metrics[f"understanding_attribute_accuracy_cached_{name}"] = r["attribute_accuracy"]
+        metrics[f"understanding_caption_only_attribute_accuracy_cached_{name}"] = r["caption_only_attribute_accuracy"]
+        metrics[f"understanding_token_agreement_cached_{name}"] = r["token_agreement"]
+        metrics[f"understanding_seconds_cached_{name}"] = r["seconds"]
+    metrics["understanding_cached"] = cached
     metrics.update(understanding=u, generation=g, joint=j,
                    stage1={k[7:]: v for k, v in metrics.items() if k.startswith("stage1_")},
                    stage2={k[7:]: v for k, v in metrics.items() if k.startswith("stage2_")})
     metrics["seconds"] = time.time() - t_start
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
-    log(f"understanding {u['attribute_accuracy']:.3f} (caption-only {u['caption_only_attribute_accuracy']:.3f}), "
-        f"generation {g['generation_accuracy']:.3f}, joint agreement {j['joint_agreement']:.3f}, "
+    log(f"understanding {u['attribute_accuracy']:.3f} (caption-only {u['caption_only_attribute_accuracy']:.3f})"
+        + "".join(f"; cached {n}: {r['attribute_accuracy']:.3f} (tokens = exact {r['token_agreement']:.3f})"
+                  for n, r in cached.items())
+        + f", generation {g['generation_accuracy']:.3f}, joint agreement {j['joint_agreement']:.3f}, "
         f"chance {metrics['chance']:.3f}, {metrics['seconds']:.0f}s")
     return metrics

@@ -144,14 +144,16 @@ def test_bench_caption_50_steps(benchmark, impl):
         return caption(c["fast"], inputs["video_latents"], inputs["encoder_hidden_states"], lens, steps=50, seed=0,
                        video_cache=policy)
 
+    from univigu_fast.video_cache import caption_cost
+
     measure(benchmark, run, op="caption", shape="wan1.3b-480p", mode="understanding", impl=impl, dtype=DTYPE,
-            flops=None, rounds=1, warmup_rounds=0)
+            flops=caption_cost(c["shape"], c["cfg"], 50, policy)["flops"], rounds=1, warmup_rounds=0)
 
 
 @requires_cuda
 def test_bench_cached_text_step(benchmark):
     """One understanding step on a filled video-stream cache (impl ``cached``): only the text rows run."""
-    from univigu_fast.video_cache import VideoCache
+    from univigu_fast.video_cache import VideoCache, text_step_bytes, text_step_flops
 
     c = _models("wan1.3b-480p")
     inputs = P.make_inputs(c["shape"], c["cfg"], "understanding", "cuda", DTYPE)
@@ -165,6 +167,7 @@ def test_bench_cached_text_step(benchmark):
 
     try:
         measure(benchmark, run, op="model_step", shape="wan1.3b-480p", mode="understanding", impl="cached",
-                dtype=DTYPE, flops=None, rounds=5, warmup_rounds=1)
+                dtype=DTYPE, flops=sum(text_step_flops(c["shape"], c["cfg"]).values()),
+                bytes_moved=text_step_bytes(c["shape"], c["cfg"]), rounds=5, warmup_rounds=1)
     finally:
         cache.release()

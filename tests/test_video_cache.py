@@ -235,3 +235,50 @@ def test_demo_evaluates_the_cached_policies(tmp_path):
     assert token_agreement([[1, 2], [3]], [[1, 0], [3]]) == 2 / 3
     with pytest.raises(ValueError, match="lengths"):
         token_agreement([[1, 2]], [[1]])
+
+
+@pytest.mark.parametrize("device", ["cuda" if torch.cuda.is_available() else "cpu"])
+def test_fast_model_text_step_matches_reference(device):
+    """The fast model (Triton kernels; the interpreter on CPU) on a ``once`` cache: its text-only step
+    (varlen attention with text queries over [cached video; text] keys) equals the reference's."""
+    from univigu_fast.model import UniViGUModel as FastModel
+
+    ref = tiny_reference(seed=8).to(device)
+    fast = FastModel(ref.config).to(device).eval()
+    fast.load_state_dict(ref.state_dict())
+    videos, prompts = _inputs(ref.config, seed=4)
+    videos, prompts = [v.to(device) for v in videos], [p.to(device) for p in prompts]
+    g = torch.Generator().manual_seed(2)
+    first = [torch.randint(0, ref.config.vocab_size, (n,), generator=g).to(device) for n in (5, 3)]
+    later = [torch.randint(0, ref.config.vocab_size, (n,), generator=g).to(device) for n in (5, 3)]
+    got = []
+    with torch.no_grad():
+        for m in (ref, fast):
+            cache = VideoCache(m)
+            m(videos, torch.ones(2), prompts, text=first, tau_text=torch.tensor([0.0, 0.1]), video_cache=cache)
+            got.append(m.text_step(cache, later, torch.tensor([0.4, 0.6])))
+            cache.release()
+    for a, b in zip(*got):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+
+
+def test_cost_model_counts():
+    """The FLOP estimate: with no video rows a text-only step is the exact step (same rows, same
+    GEMMs); step counts per policy; every:1 costs exactly the exact caption."""
+    from univigu_fast.profiling import component_flops, config_for
+    from univigu_fast.shapes import SHAPES, BenchShape
+    from univigu_fast.video_cache import caption_cost, text_step_bytes, text_step_flops
+
+    s = SHAPES["wan1.3b-varlen"]
+    c = config_for(s)
+    textonly = BenchShape("t", (0,) * s.batch, s.text_lens, s.prompt_len, s.dim, s.ffn_dim, s.num_heads, s.head_dim,
+                          s.num_layers)
+    assert text_step_flops(textonly, c) == pytest.approx(component_flops(textonly, c, "understanding", decode=True))
+    s = SHAPES["wan1.3b-480p"]
+    off, once, every4 = (caption_cost(s, c, 50, p) for p in ("off", "once", "every:4"))
+    assert (once["full_steps"], once["text_steps"], every4["full_steps"], every4["text_steps"]) == (1, 49, 13, 37)
+    assert caption_cost(s, c, 50, "every:1")["flops"] == off["flops"] == 50 * off["full_step_flops"]
+    assert 250e12 < off["full_step_flops"] < 320e12  # issue 8: "about 280 TFLOP per step"
+    assert off["full_step_flops"] / once["text_step_flops"] > 100
+    # the text step reads every cached key/value row once per layer (bf16)
+    assert text_step_bytes(s, c) > c.num_layers * 2 * (32760 + 256) * c.dim * 2

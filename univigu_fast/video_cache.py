@@ -64,11 +64,12 @@ class LayerKV:
             # a full step: these ARE the joint keys/values; keep them (no copy while capturing)
             c.keys[self.index], c.values[self.index] = k, v
             return k, v, joint.cu_seqlens, joint.max_seqlen, joint.rope
-        # text-only step: fresh text keys/values into the text rows, cached video rows untouched
+        # text-only step: fresh text keys/values written in place into the text rows (the buffers
+        # belong to the cache; the video rows are never written), so a step moves only the text rows
         kb, vb = c.keys[self.index], c.values[self.index]
         if c.text_rows.numel():
-            kb = kb.index_copy(0, c.text_rows, k)
-            vb = vb.index_copy(0, c.text_rows, v)
+            kb.index_copy_(0, c.text_rows, k.to(kb.dtype))
+            vb.index_copy_(0, c.text_rows, v.to(vb.dtype))
         return kb, vb, joint.cu_seqlens, joint.max_seqlen, joint.rope
 
 
@@ -135,6 +136,54 @@ class VideoCache:
         self.context = None
         self.joint = None
         self._views.clear()
+
+
+# ---------------------------------------------------------------------------- cost model (estimates)
+def text_step_flops(shape, config, decode: bool = True) -> dict[str, float]:
+    """Forward FLOPs of one text-only step on a filled cache, per component (multiply-add = 2 FLOPs),
+    in the terms of ``profiling.component_flops`` (whose understanding-mode count is the exact step).
+
+    Only the ``Lt`` text rows of each sample run: q/k/v/o projections, attention of ``Lt`` queries
+    over ``Lv + Lt`` keys, cross-attention (its prompt keys/values are recomputed every step, as
+    implemented), the text FFN and the decode. An estimate from the shapes, not a measurement."""
+    d, L, P = config.dim, config.num_layers, shape.prompt_len
+    text = list(shape.text_lens)
+    Lt = sum(text)
+    flops = {
+        "attention": L * 4 * sum(t * (v + t) for v, t in zip(shape.video_lens, text)) * d,
+        "cross_attention": L * 4 * Lt * P * d,
+        "ffn": L * 4 * Lt * d * config.ffn_dim,
+        "glue": 0.0,
+        "other": L * (2 * Lt * d * d * 4 + 2 * Lt * d * d * 2 + 2 * P * shape.batch * d * d * 2),
+    }
+    if decode:
+        flops["decode"] = 2 * Lt * config.text_out_dim * d
+    return flops
+
+
+def text_step_bytes(shape, config, element_size: int = 2) -> float:
+    """Bytes one text-only step moves at least: per layer the attention reads the cached keys/values
+    of every joint row (the text rows are written in place) and the layer's attention and text-FFN
+    weights are read once. Activations of the few text rows are ignored. An estimate, not a
+    measurement."""
+    d, L = config.dim, config.num_layers
+    rows = sum(shape.video_lens) + sum(shape.text_lens)
+    kv = 2 * rows * d * element_size  # keys + values of one layer
+    weights = (8 * d * d + 2 * d * config.ffn_dim) * element_size
+    return L * (kv + weights)
+
+
+def caption_cost(shape, config, steps: int, policy: str) -> dict:
+    """Full and text-only step counts of a ``steps``-step caption under ``policy`` and the FLOP total
+    (exact step = ``profiling.component_flops(..., "understanding", decode=True)``)."""
+    from .profiling import component_flops
+
+    pol = parse_policy(policy)
+    full = sum(is_full_step(pol, i) for i in range(steps))
+    f_full = sum(component_flops(shape, config, "understanding", decode=True).values())
+    f_text = sum(text_step_flops(shape, config).values())
+    return dict(policy=policy, steps=steps, full_steps=full, text_steps=steps - full, full_step_flops=f_full,
+                text_step_flops=f_text, flops=full * f_full + (steps - full) * f_text)
 
 
 def caption_cached(model, videos, prompts, text_lens, **kwargs) -> list[torch.Tensor]:

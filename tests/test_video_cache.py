@@ -103,11 +103,11 @@ def _by_hand(model, cache, text, tau_t):
             k = rms(a1.to_k(h), a1.norm_k.weight).view(lt, H, -1)
             v = a1.to_v(h).view(lt, H, -1)
             kv_rows = slice(offs[i], offs[i] + lv)
-            keys = torch.cat([cache.keys[layer][kv_rows], k])
+            text_rope = [t[offs[i] + lv: offs[i + 1]] for t in joint.rope]  # text rows: 1-D RoPE, positions 0..lt-1
+            q = apply_rope_reference(q, text_rope)
+            # the cached video keys are stored rotated (Wan's 3-axis RoPE); the fresh text keys are rotated here
+            keys = torch.cat([cache.keys[layer][kv_rows], apply_rope_reference(k, text_rope)])
             vals = torch.cat([cache.values[layer][kv_rows], v])
-            rope = [t[offs[i]: offs[i + 1]] for t in joint.rope]  # video 3-axis rows, then text rows 0..lt-1
-            q = apply_rope_reference(q, [t[lv:] for t in rope])
-            keys = apply_rope_reference(keys, rope)
             xi = xi + gate * a1.to_out[0](attention(q, keys, vals))
             hc = block.norm2(xi)
             a2 = block.attn2

@@ -2,11 +2,14 @@
 
 With ``tau_video = 1`` the video tokens' input is fixed and only the text tokens (a few hundred
 among ~33K keys) move between text denoising steps. The cache keeps, per layer, the video tokens'
-self-attention keys and values (after the q/k RMSNorm, before RoPE) inside a packed joint
-``[video_i; text_i]`` buffer. A *full* step runs the whole model and records them; a *text-only*
-step (``UniViGUModel.text_step``) writes its fresh text keys/values into the text rows of the
-buffer and lets the text queries attend to ``[cached video; fresh text]`` per sample — the varlen
-attention with different query and key lengths — then runs cross-attention and the text FFN.
+self-attention keys (after the q/k RMSNorm and RoPE: rotated once, when captured) and values
+inside a packed joint ``[video_i; text_i]`` buffer. A *full* step runs the whole model and
+records them; a *text-only* step (``UniViGUModel.text_step``) rotates its fresh text keys, writes
+them and the text values in place into the text rows of the buffer and lets the text queries
+attend to ``[cached video; fresh text]`` per sample — the varlen attention with different query
+and key lengths, no key rotation — then runs cross-attention and the text FFN. (Rotating the
+keys inside the attention, as an uncached step does, would re-read and re-write every cached
+video key at every text step.)
 
 Policies: ``off`` (exact: every step full), ``every:r`` (full every r-th step, ``every:1`` = exact),
 ``once`` (full at the first step only). Memory: ``layers x sum(Lv_i) x 2 x dim`` elements (plus the
@@ -61,16 +64,18 @@ class LayerKV:
         c = self.cache
         joint = c.joint
         if c.capturing:
-            # a full step: these ARE the joint keys/values; keep them (no copy while capturing)
+            # a full step: these ARE the joint keys/values. Keep the keys rotated (the same rotation,
+            # same dtype, the attention would apply) and let the attention skip its key rotation.
+            k = c.rotate(k, joint.rope)
             c.keys[self.index], c.values[self.index] = k, v
-            return k, v, joint.cu_seqlens, joint.max_seqlen, joint.rope
-        # text-only step: fresh text keys/values written in place into the text rows (the buffers
-        # belong to the cache; the video rows are never written), so a step moves only the text rows
+            return k, v, joint.cu_seqlens, joint.max_seqlen, None
+        # text-only step: fresh text keys (rotated with the text rows' tables) and values written in
+        # place into the text rows (the buffers belong to the cache; the video rows are never written)
         kb, vb = c.keys[self.index], c.values[self.index]
         if c.text_rows.numel():
-            kb.index_copy_(0, c.text_rows, k.to(kb.dtype))
+            kb.index_copy_(0, c.text_rows, c.rotate(k, c.text_rope).to(kb.dtype))
             vb.index_copy_(0, c.text_rows, v.to(vb.dtype))
-        return kb, vb, joint.cu_seqlens, joint.max_seqlen, joint.rope
+        return kb, vb, joint.cu_seqlens, joint.max_seqlen, None
 
 
 class VideoCache:
@@ -86,7 +91,13 @@ class VideoCache:
         self.context: torch.Tensor | None = None
         self.capturing = False
         self.text_rows = torch.zeros(0, dtype=torch.long)
+        self.text_rope = None
         self._views: dict = {}
+        # the key rotation of the model's own attention op (bit-identical keys): the reference's for
+        # the reference ops, else the kernel entry point (which falls back to the reference itself)
+        from .kernels.joint_attention import apply_rope, apply_rope_reference, joint_attention_reference
+
+        self.rotate = apply_rope_reference if model.ops.attention is joint_attention_reference else apply_rope
 
     def check_fits(self, video_lens, text_lens) -> int:
         need = cache_bytes(self.model.config, video_lens, text_lens, self.model.dtype)
@@ -104,6 +115,7 @@ class VideoCache:
         self.joint = packed
         self.capturing = True
         self.text_rows = packed.index("text")
+        self.text_rope = tuple(t.index_select(0, self.text_rows).contiguous() for t in packed.rope)
         self._views.clear()
 
     def end_capture(self) -> None:
@@ -135,6 +147,7 @@ class VideoCache:
         self.values = [None] * len(self.values)
         self.context = None
         self.joint = None
+        self.text_rope = None
         self._views.clear()
 
 

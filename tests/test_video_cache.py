@@ -163,9 +163,20 @@ def test_cache_memory_is_accounted_refused_and_released(monkeypatch):
     caption(model, videos, prompts, [4, 2], steps=3, video_cache="once", stats=stats)
     assert stats["cache_bytes"] == expected and stats["full_steps"] == 1 and stats["text_steps"] == 2
     assert released == [0]  # released once, nothing left behind
+    peaks = []
+    orig_begin = VideoCache.begin_capture
+
+    def begin(self, packed):
+        orig_begin(self, packed)
+        peaks.append(self.nbytes)  # a refresh starts from an empty cache (old buffers dropped first)
+
+    monkeypatch.setattr(VideoCache, "begin_capture", begin)
+    caption(model, videos, prompts, [4, 2], steps=4, video_cache="every:2", stats=stats)
+    assert peaks == [0, 0] and stats["cache_bytes"] == expected and stats["full_steps"] == 2
+    released.clear()
     with pytest.raises(MemoryError, match="video cache needs"):
         caption(model, videos, prompts, [4, 2], steps=2, video_cache="once", max_cache_bytes=expected - 1)
-    assert len(released) == 2  # released on the error path too
+    assert len(released) == 1  # released on the error path too
 
 
 @pytest.mark.parametrize("bad", ["sometimes", "every:0", "every:x", "every", "", 3])

@@ -111,6 +111,10 @@ class VideoCache:
         return need
 
     def begin_capture(self, packed: PackedBatch) -> None:
+        # a refresh (every:r) recomputes every layer: drop the old buffers first, so the free memory
+        # the budget is read from includes them and old and new never coexist
+        self.keys = [None] * len(self.keys)
+        self.values = [None] * len(self.values)
         self.check_fits(packed.video_lens, packed.text_lens)
         self.joint = packed
         self.capturing = True

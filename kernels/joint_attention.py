@@ -393,11 +393,10 @@ _ROPE_BLOCK_T = 32
 
 
 def _gpu_configs(inner: str, sizes: tuple[int, int]):
-    """5 configs: both inner blocks at 8 warps x 2-3 stages, plus 4 warps for the smaller block only
-    (at head dim 128 the 4-warp variant of the larger block spills heavily on sm_90: ptxas -v)."""
+    """4 configs: both inner blocks at 8 warps x 2-3 stages. No 4-warp configs: at head dim 128 even
+    the smaller block's spills on sm_90 (fwd 164 B, dK/dV 2028 B, dQ 116 B: bench/compile_audit.py)."""
     small, large = sizes
-    return [triton.Config({inner: b}, num_warps=8, num_stages=s) for b in (small, large) for s in (3, 2)] + [
-        triton.Config({inner: small}, num_warps=4, num_stages=3)]
+    return [triton.Config({inner: b}, num_warps=8, num_stages=s) for b in (small, large) for s in (3, 2)]
 
 
 if HAS_TRITON:

@@ -110,8 +110,9 @@ class Case:
     configs: list  # [(dict, num_warps, num_stages)]
     kept: list  # indices of configs the autotuner's early prune keeps for this variant
     #: tensor-core instruction expected on sm_90 for GEMM kernels ("wgmma"; "mma.sync" where a tile
-    #: has fewer than 64 rows per warpgroup, which wgmma cannot take)
-    sm90_mma: str = "wgmma"
+    #: has fewer than 64 rows per warpgroup, which wgmma cannot take; None for the IEEE-fp32 launches,
+    #: whose exact fp32 products run on FMA units by design)
+    sm90_mma: str | None = "wgmma"
 
     @property
     def id(self) -> str:
@@ -301,6 +302,9 @@ def build_cases(dtypes=DTYPES) -> list[Case]:
                     stride_do=dim, stride_dx=dim)
         cfgs, kept = _fixed(dict(BLOCK_T=rbt, BLOCK_D=rbd), rnw)
         cases.append(Case("rms_norm._rms_bwd_kernel", "bwd", dt, args, {}, cfgs, kept))
+    for c in cases:
+        if c.dtype == "fp32":
+            c.sm90_mma = None
     return cases
 
 
@@ -387,13 +391,6 @@ def compile_case(case: Case, arch: int, config_index: int | None = None, usage: 
     if usage:
         res.update(ptxas_usage(ptx, arch))
     return res
-
-
-def _find(case_id: str, dtypes=DTYPES) -> Case:
-    for c in build_cases(dtypes):
-        if c.id == case_id:
-            return c
-    raise KeyError(case_id)
 
 
 def serve() -> None:

@@ -96,3 +96,22 @@ def test_cli_train_caption_generate_joint(tmp_path):
     assert "caption" in json.loads(r.output)
     r = runner.invoke(app, ["caption", "--model", model, "--latents", str(lat)])
     assert r.exit_code != 0 and "--synthetic" in r.output
+
+
+def test_demo_model_config_patch_and_heads():
+    """DemoConfig's patch / heads reach the model: a (3, 2, 2) patch gives one token per 2 x 2 latent
+    area over all frames, and the video velocity comes back at the latent shape."""
+    from univigu_fast.reference import UniViGUModel
+
+    tok = S.SyntheticTokenizer()
+    cfg = DemoConfig(layers=1)
+    data = S.make_dataset(2, 0, text_dim=cfg.text_dim, frames=cfg.frames, size=cfg.pixels)
+    for patch in ((3, 2, 2), (1, 2, 2)):
+        mc = DemoConfig(layers=1, patch=patch).model_config(len(tok))
+        assert tuple(mc.patch_size) == patch and mc.num_attention_heads * mc.attention_head_dim == cfg.heads * cfg.head_dim
+        torch.manual_seed(0)
+        model = UniViGUModel(mc)
+        out = model(data.latents, torch.ones(2), data.prompt_embeds, text=data.caption_ids, tau_text=torch.zeros(2))
+        assert [tuple(v.shape) for v in out.video_velocity] == [tuple(z.shape) for z in data.latents]
+        (C, F_, H, W), (pt, ph, pw) = data.latents[0].shape, patch
+        assert model.patch_embedding(data.latents[0][None]).flatten(2).shape[-1] == (F_ // pt) * (H // ph) * (W // pw)

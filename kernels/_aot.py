@@ -113,6 +113,9 @@ class Case:
     #: has fewer than 64 rows per warpgroup, which wgmma cannot take; None for the IEEE-fp32 launches,
     #: whose exact fp32 products run on FMA units by design)
     sm90_mma: str | None = "wgmma"
+    #: compiled by tests/test_compile_targets.py too (False: audit only, where a compiled launch
+    #: of the same kernel differs only by a lighter epilogue)
+    in_test: bool = True
 
     @property
     def id(self) -> str:
@@ -167,6 +170,8 @@ def build_cases(dtypes=DTYPES) -> list[Case]:
             # name: (K_e, N_e, B_TRANS, EPILOGUE, gate/res, WRITE_AUX, WRITE_H, stride_am, stride_cm, stride_auxm)
             "fwd1": (dim, ffn, True, mf.EPI_BIAS_GELU, False, True, False, dim, ffn, ffn),
             "fwd2": (ffn, dim, True, mf.EPI_BIAS_GATED, True, True, False, ffn, dim, dim),
+            "fwd1_infer": (dim, ffn, True, mf.EPI_BIAS_GELU, False, False, False, dim, ffn, 0),  # nothing saved
+            "fwd2_infer": (ffn, dim, True, mf.EPI_BIAS_GATED, True, False, False, ffn, dim, 0),
             "bwd_dp": (dim, ffn, False, mf.EPI_GELU_GRAD, False, False, True, dim, ffn, ffn),
             "bwd_dx": (ffn, dim, False, mf.EPI_NONE, False, False, False, ffn, dim, 0),
         }
@@ -179,7 +184,8 @@ def build_cases(dtypes=DTYPES) -> list[Case]:
                 cfgs, kept = _fixed(mf._SMALL_CONFIG, 4, 3)
             else:
                 cfgs, kept = _configs_of(tuners["modality_ffn._grouped_gemm_kernel"], variant, args)
-            cases.append(Case("modality_ffn._grouped_gemm_kernel", name, dt, args, variant, cfgs, kept))
+            cases.append(Case("modality_ffn._grouped_gemm_kernel", name, dt, args, variant, cfgs, kept,
+                              in_test=not name.endswith("_infer")))
             if name == "fwd1" and not ieee:  # a text-only step (T = 256): T * F < _SMALL_PROBLEM, fixed config
                 assert 256 * ffn < mf._SMALL_PROBLEM
                 cfgs, kept = _fixed(mf._SMALL_CONFIG, 4, 3)

@@ -12,14 +12,7 @@ from univigu_fast.demo import DemoConfig, evaluate_understanding, run_demo
 REQUIRED = ("understanding_attribute_accuracy", "understanding_caption_only_attribute_accuracy",
             "stage1_caption_only_attribute_accuracy", "generation_accuracy", "joint_agreement", "chance", "seconds")
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one torch thread per test process (xdist workers x cores oversubscribe otherwise)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: tiny models, one torch thread
 
 
 def test_synthetic_task_is_consistent():

@@ -14,13 +14,7 @@ from univigu_fast.sampling import caption, decode_embeddings, generate, joint
 C, FR, H, W = 4, 2, 4, 4
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one torch thread per test process (xdist workers x cores oversubscribe otherwise)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: tiny models, one torch thread
 
 
 class Oracle(nn.Module):

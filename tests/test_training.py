@@ -16,13 +16,7 @@ from univigu_fast.training import STAGE_LR, TrainConfig, Trainer, batch_indices
 TEXT_DIM = 24
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one torch thread per test process (xdist workers x cores oversubscribe otherwise)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: tiny models, one torch thread
 
 
 def _cfg(text_flow="discrete", **kw):

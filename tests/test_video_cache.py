@@ -11,13 +11,7 @@ from univigu_fast.sampling import _TextState, caption
 from univigu_fast.video_cache import VideoCache, cache_bytes, caption_cached, parse_policy
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one torch thread per test process (xdist workers x cores oversubscribe otherwise)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: tiny models, one torch thread
 
 
 def _inputs(config, seed=0):

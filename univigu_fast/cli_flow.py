@@ -19,6 +19,16 @@ import typer
 STEPS_HELP = "Euler steps."
 SEED_HELP = "Random seed (noise, sampling)."
 
+# Options with the same default and help in several inference commands (typer copies an OptionInfo at each use).
+_MODEL_OPTION = typer.Option(..., help="save_pretrained folder of a trained model.")
+_PROMPT_OPTION = typer.Option(..., help="The prompt.")
+_STEPS_OPTION = typer.Option(50, help=STEPS_HELP)
+_SYNTHETIC_VIDEO_OPTION = typer.Option(False, help="Synthetic task front end; also decodes and reads the video.")
+_TOKENIZER_OPTION = typer.Option(None, help="Local umT5 tokenizer folder.")
+_TEXT_ENCODER_OPTION = typer.Option(None, help="Local umT5 encoder folder.")
+_SEED_OPTION = typer.Option(0, help=SEED_HELP)
+_DEVICE_OPTION = typer.Option(None, help="cuda / cpu.")
+
 
 def _device(device: str | None) -> str:
     import torch
@@ -76,6 +86,15 @@ class _TextFrontEnd:
         if self.synthetic:
             return self.tok.decode(ids.cpu())
         return self.tok.decode(ids.cpu().tolist(), skip_special_tokens=True)
+
+
+def _prompted_model(model: Path, device: str | None, tokenizer: Path | None, text_encoder: Path | None,
+                    synthetic: bool, prompt: str):
+    """Load the model and its text front end, encode the prompt: (model, front end, embeddings (L, D), ids (L,))."""
+    m = _load_model(model, _device(device))
+    fe = _TextFrontEnd(m, tokenizer, text_encoder, synthetic)
+    emb, ids = fe.encode(prompt)
+    return m, fe, emb, ids
 
 
 def _save_latents(latents, out: Path, synthetic: bool) -> dict:
@@ -183,19 +202,19 @@ def _save_full(tr, path):
 
 
 def caption(
-    model: Path = typer.Option(..., help="save_pretrained folder of a trained model."),
+    model: Path = _MODEL_OPTION,
     latents: Optional[Path] = typer.Option(None, help="A .pt tensor (C, F, H, W) of VAE latents to caption."),
     data: Optional[Path] = typer.Option(None, help="Or: an examples folder; caption example --index."),
     index: int = typer.Option(0, help="With --data: which example."),
     length: int = typer.Option(256, help="Caption length in tokens (the model writes exactly this many)."),
-    steps: int = typer.Option(50, help=STEPS_HELP),
+    steps: int = _STEPS_OPTION,
     temperature: float = typer.Option(1.0, help="Discrete text: sampling temperature of x1 from the logits."),
     kappa_power: float = typer.Option(1.0, help="Discrete text: scheduler exponent (as in training)."),
     synthetic: bool = typer.Option(False, help="Use the synthetic task's tokenizer/prompt encoder."),
-    tokenizer: Optional[Path] = typer.Option(None, help="Local umT5 tokenizer folder."),
+    tokenizer: Optional[Path] = _TOKENIZER_OPTION,
     text_encoder: Optional[Path] = typer.Option(None, help="Local umT5 encoder folder (for the empty-prompt condition)."),
-    seed: int = typer.Option(0, help=SEED_HELP),
-    device: Optional[str] = typer.Option(None, help="cuda / cpu."),
+    seed: int = _SEED_OPTION,
+    device: Optional[str] = _DEVICE_OPTION,
     video_cache: str = typer.Option("off", help="Video-stream cache: off (exact) | once | every:R (re-run the video "
                                                 "every R steps; every:1 = exact). See README, 'video-stream cache'."),
 ):
@@ -227,55 +246,51 @@ def caption(
 
 
 def generate(
-    model: Path = typer.Option(..., help="save_pretrained folder of a trained model."),
-    prompt: str = typer.Option(..., help="The prompt."),
+    model: Path = _MODEL_OPTION,
+    prompt: str = _PROMPT_OPTION,
     out: Path = typer.Option(Path("video_latents.pt"), help="Where to save the generated latents (C, F, H, W)."),
     frames: int = typer.Option(21, help="Latent frames F (Wan: 21 for 81 video frames)."),
     height: int = typer.Option(60, help="Latent height H (Wan 480p: 60)."),
     width: int = typer.Option(104, help="Latent width W (Wan 480p: 104)."),
-    steps: int = typer.Option(50, help=STEPS_HELP),
+    steps: int = _STEPS_OPTION,
     shift: float = typer.Option(3.0, help="Wan flow shift: sigma' = shift sigma / (1 + (shift - 1) sigma)."),
     guidance: float = typer.Option(5.0, help="Classifier-free guidance scale (1 = off); uncond = the empty prompt."),
-    synthetic: bool = typer.Option(False, help="Synthetic task front end; also decodes and reads the video."),
-    tokenizer: Optional[Path] = typer.Option(None, help="Local umT5 tokenizer folder."),
-    text_encoder: Optional[Path] = typer.Option(None, help="Local umT5 encoder folder."),
-    seed: int = typer.Option(0, help=SEED_HELP),
-    device: Optional[str] = typer.Option(None, help="cuda / cpu."),
+    synthetic: bool = _SYNTHETIC_VIDEO_OPTION,
+    tokenizer: Optional[Path] = _TOKENIZER_OPTION,
+    text_encoder: Optional[Path] = _TEXT_ENCODER_OPTION,
+    seed: int = _SEED_OPTION,
+    device: Optional[str] = _DEVICE_OPTION,
 ):
     """Generation: video latents from a prompt (decode them with the Wan VAE)."""
     from .sampling import generate as run_generate
 
-    m = _load_model(model, _device(device))
-    fe = _TextFrontEnd(m, tokenizer, text_encoder, synthetic)
-    emb, ids = fe.encode(prompt)
+    m, fe, emb, ids = _prompted_model(model, device, tokenizer, text_encoder, synthetic, prompt)
     lat = run_generate(m, [emb], [ids], (m.config.in_channels, frames, height, width), null_prompt=fe.null(),
                        steps=steps, shift=shift, guidance=guidance, seed=seed)[0]
     typer.echo(json.dumps(_save_latents(lat, out, synthetic)))
 
 
 def joint(
-    model: Path = typer.Option(..., help="save_pretrained folder of a trained model."),
-    prompt: str = typer.Option(..., help="The prompt."),
+    model: Path = _MODEL_OPTION,
+    prompt: str = _PROMPT_OPTION,
     out: Path = typer.Option(Path("video_latents.pt"), help="Where to save the generated latents."),
     length: int = typer.Option(256, help="Caption length in tokens."),
     frames: int = typer.Option(21, help="Latent frames F."),
     height: int = typer.Option(60, help="Latent height H."),
     width: int = typer.Option(104, help="Latent width W."),
-    steps: int = typer.Option(50, help=STEPS_HELP),
+    steps: int = _STEPS_OPTION,
     shift: float = typer.Option(3.0, help="Wan flow shift."),
     guidance: float = typer.Option(5.0, help="CFG scale on the video velocity (1 = off)."),
-    synthetic: bool = typer.Option(False, help="Synthetic task front end; also decodes and reads the video."),
-    tokenizer: Optional[Path] = typer.Option(None, help="Local umT5 tokenizer folder."),
-    text_encoder: Optional[Path] = typer.Option(None, help="Local umT5 encoder folder."),
-    seed: int = typer.Option(0, help=SEED_HELP),
-    device: Optional[str] = typer.Option(None, help="cuda / cpu."),
+    synthetic: bool = _SYNTHETIC_VIDEO_OPTION,
+    tokenizer: Optional[Path] = _TOKENIZER_OPTION,
+    text_encoder: Optional[Path] = _TEXT_ENCODER_OPTION,
+    seed: int = _SEED_OPTION,
+    device: Optional[str] = _DEVICE_OPTION,
 ):
     """Joint generation: a video and its caption together from noise, coupled every step."""
     from .sampling import joint as run_joint
 
-    m = _load_model(model, _device(device))
-    fe = _TextFrontEnd(m, tokenizer, text_encoder, synthetic)
-    emb, _ = fe.encode(prompt)
+    m, fe, emb, _ = _prompted_model(model, device, tokenizer, text_encoder, synthetic, prompt)
     lat, ids = run_joint(m, [emb], (m.config.in_channels, frames, height, width), [length], null_prompt=fe.null(),
                          steps=steps, shift=shift, guidance=guidance, seed=seed)
     info = _save_latents(lat[0], out, synthetic)
@@ -292,7 +307,7 @@ def preprocess(
     tokenizer: Optional[Path] = typer.Option(None, help="Or: the umT5 tokenizer folder."),
     prompt_tokens: str = typer.Option("0,128", help="Prompt token range min,max (longer: truncated)."),
     caption_tokens: str = typer.Option("128,256", help="Caption token range min,max (shorter: skipped; longer: truncated)."),
-    device: Optional[str] = typer.Option(None, help="cuda / cpu."),
+    device: Optional[str] = _DEVICE_OPTION,
 ):
     """Turn videos + prompts + captions into training examples (Wan VAE latents, umT5 embeddings, token ids)."""
     import torch

@@ -57,6 +57,21 @@ def host_list(t: torch.Tensor) -> list[int]:
     return t.tolist()
 
 
+def describe(t) -> str:
+    """``"<dtype> <shape>"`` of a tensor (or the type name of anything else) for error messages."""
+    return f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}"
+
+
+def check_offsets_tensor(seg_offsets) -> int:
+    """Cheap check (dtype and shape only, no host sync) of a ``seg_offsets`` argument: a 1-D int32
+    tensor of ``S+1 >= 2`` offsets, else ``TypeError``. Returns ``S``. The values are not checked
+    (see :func:`check_segment_table` for that)."""
+    if not isinstance(seg_offsets, torch.Tensor) or seg_offsets.dtype != torch.int32 or seg_offsets.dim() != 1 \
+            or seg_offsets.numel() < 2:
+        raise TypeError(f"seg_offsets must be a 1-D int32 tensor of S+1 >= 2 offsets, got {describe(seg_offsets)}")
+    return seg_offsets.numel() - 1
+
+
 def check_segment_table(seg_offsets: torch.Tensor, total: int, name: str = "seg_offsets") -> list[int]:
     """Validate a packed segment table and return it as a Python list.
 

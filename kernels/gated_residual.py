@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import torch
 
-from ._utils import HAS_TRITON, expand_segments, log_once, use_triton
+from ._utils import HAS_TRITON, check_offsets_tensor, describe, expand_segments, log_once, use_triton
 from .modulated_layer_norm import geometry
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from .modulated_layer_norm import segment_of
+    from .modulated_layer_norm import chunk_rows, segment_of, segment_rows
 
 
 def gated_residual_reference(h: torch.Tensor, y: torch.Tensor, seg_offsets: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
@@ -32,13 +32,11 @@ if HAS_TRITON:
     @triton.jit(do_not_specialize=["T", "S", "chunk"])  # a new video length must not recompile
     def _gated_residual_fwd_kernel(H, Y, OUT, OFF, GATE, T, D, S, chunk, stride_h, stride_y, stride_o, stride_g,
                                    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-        r0 = tl.program_id(0) * chunk
-        r1 = tl.minimum(r0 + chunk, T)
+        r0, r1 = chunk_rows(T, chunk)
         cols = tl.arange(0, BLOCK_D)
         col_ok = cols < D
         for s in range(segment_of(OFF, S, r0), segment_of(OFF, S, r1 - 1) + 1):
-            lo = tl.maximum(tl.load(OFF + s), r0)
-            hi = tl.minimum(tl.load(OFF + s + 1), r1)
+            lo, hi = segment_rows(OFF, s, r0, r1)
             g = tl.load(GATE + s * stride_g + cols, mask=col_ok, other=0.0).to(tl.float32)
             for r in range(lo, hi, BLOCK_T):
                 rows = (r + tl.arange(0, BLOCK_T)).to(tl.int64)
@@ -50,13 +48,11 @@ if HAS_TRITON:
     @triton.jit(do_not_specialize=["T", "S", "chunk"])  # a new video length must not recompile
     def _gated_residual_bwd_kernel(DOUT, Y, DY, OFF, GATE, DGATE, T, D, S, chunk, stride_do, stride_y, stride_dy, stride_g,
                                    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-        r0 = tl.program_id(0) * chunk
-        r1 = tl.minimum(r0 + chunk, T)
+        r0, r1 = chunk_rows(T, chunk)
         cols = tl.arange(0, BLOCK_D)
         col_ok = cols < D
         for s in range(segment_of(OFF, S, r0), segment_of(OFF, S, r1 - 1) + 1):
-            lo = tl.maximum(tl.load(OFF + s), r0)
-            hi = tl.minimum(tl.load(OFF + s + 1), r1)
+            lo, hi = segment_rows(OFF, s, r0, r1)
             g = tl.load(GATE + s * stride_g + cols, mask=col_ok, other=0.0).to(tl.float32)
             acc = tl.zeros([BLOCK_D], dtype=tl.float32)
             for r in range(lo, hi, BLOCK_T):
@@ -132,18 +128,12 @@ def gated_residual(h: torch.Tensor, y: torch.Tensor, seg_offsets: torch.Tensor, 
     """
     for name, t in (("h", h), ("y", y)):
         if not isinstance(t, torch.Tensor) or t.dim() != 2 or not t.is_floating_point():
-            raise ValueError(f"{name} must be a floating (T, dim) tensor, got "
-                             f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
+            raise ValueError(f"{name} must be a floating (T, dim) tensor, got {describe(t)}")
     if h.shape != y.shape:
         raise ValueError(f"h and y must both be (T, dim), got {tuple(h.shape)} and {tuple(y.shape)}")
-    if not isinstance(seg_offsets, torch.Tensor) or seg_offsets.dtype != torch.int32 or seg_offsets.dim() != 1 \
-            or seg_offsets.numel() < 2:
-        raise TypeError(f"seg_offsets must be a 1-D int32 tensor of S+1 >= 2 offsets, got "
-                        f"{getattr(seg_offsets, 'dtype', type(seg_offsets).__name__)} {tuple(getattr(seg_offsets, 'shape', ()))}")
-    S = seg_offsets.numel() - 1
+    S = check_offsets_tensor(seg_offsets)
     if not isinstance(gate, torch.Tensor) or gate.shape != (S, h.shape[1]) or not gate.is_floating_point():
-        raise ValueError(f"gate must be a floating (S={S}, dim={h.shape[1]}) tensor, got "
-                         f"{getattr(gate, 'dtype', type(gate).__name__)} {tuple(getattr(gate, 'shape', ()))}")
+        raise ValueError(f"gate must be a floating (S={S}, dim={h.shape[1]}) tensor, got {describe(gate)}")
     if not use_triton(h, y, seg_offsets, gate):
         log_once("gated_residual: Triton unavailable for these tensors; using the PyTorch reference")
         return gated_residual_reference(h, y, seg_offsets, gate)

@@ -25,7 +25,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from ._utils import HAS_TRITON, expand_segments, interpreting, log_once, use_triton
+from ._utils import HAS_TRITON, check_offsets_tensor, expand_segments, interpreting, log_once, use_triton
 
 if HAS_TRITON:
     import triton
@@ -90,17 +90,26 @@ if HAS_TRITON:
             seg += (tl.load(OFF + s) <= row).to(tl.int32)
         return seg
 
+    @triton.jit
+    def chunk_rows(T, chunk):
+        """Rows ``[r0, r1)`` of this program's chunk (program ``i`` takes rows ``i * chunk`` on, ``T`` in all)."""
+        r0 = tl.program_id(0) * chunk
+        return r0, tl.minimum(r0 + chunk, T)
+
+    @triton.jit
+    def segment_rows(OFF, s, r0, r1):
+        """Rows ``[lo, hi)`` of segment ``s`` inside the chunk ``[r0, r1)`` (empty when ``hi <= lo``)."""
+        return tl.maximum(tl.load(OFF + s), r0), tl.minimum(tl.load(OFF + s + 1), r1)
+
     @triton.jit(do_not_specialize=["T", "S", "chunk"])  # a new video length must not recompile
     def _mln_fwd_kernel(X, OUT, OFF, SHIFT, SCALE, MEAN, RSTD, T, D, S, chunk,
                         stride_x, stride_o, stride_shift, stride_scale, eps,
                         SAVE_STATS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-        r0 = tl.program_id(0) * chunk
-        r1 = tl.minimum(r0 + chunk, T)
+        r0, r1 = chunk_rows(T, chunk)
         cols = tl.arange(0, BLOCK_D)
         col_ok = cols < D
         for s in range(segment_of(OFF, S, r0), segment_of(OFF, S, r1 - 1) + 1):
-            lo = tl.maximum(tl.load(OFF + s), r0)
-            hi = tl.minimum(tl.load(OFF + s + 1), r1)
+            lo, hi = segment_rows(OFF, s, r0, r1)
             shift = tl.load(SHIFT + s * stride_shift + cols, mask=col_ok, other=0.0).to(tl.float32)
             scale1 = 1.0 + tl.load(SCALE + s * stride_scale + cols, mask=col_ok, other=0.0).to(tl.float32)
             for r in range(lo, hi, BLOCK_T):
@@ -121,13 +130,11 @@ if HAS_TRITON:
     def _mln_bwd_kernel(X, DOUT, DX, OFF, SCALE, MEAN, RSTD, DSHIFT, DSCALE, T, D, S, chunk,
                         stride_x, stride_do, stride_dx, stride_scale,
                         BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-        r0 = tl.program_id(0) * chunk
-        r1 = tl.minimum(r0 + chunk, T)
+        r0, r1 = chunk_rows(T, chunk)
         cols = tl.arange(0, BLOCK_D)
         col_ok = cols < D
         for s in range(segment_of(OFF, S, r0), segment_of(OFF, S, r1 - 1) + 1):
-            lo = tl.maximum(tl.load(OFF + s), r0)
-            hi = tl.minimum(tl.load(OFF + s + 1), r1)
+            lo, hi = segment_rows(OFF, s, r0, r1)
             scale1 = 1.0 + tl.load(SCALE + s * stride_scale + cols, mask=col_ok, other=0.0).to(tl.float32)
             acc_shift = tl.zeros([BLOCK_D], dtype=tl.float32)
             acc_scale = tl.zeros([BLOCK_D], dtype=tl.float32)
@@ -220,11 +227,7 @@ def _check(x, seg_offsets, shift, scale):
         raise ValueError(f"x must be a (T, dim) tensor, got shape {tuple(getattr(x, 'shape', ()))}")
     if not x.is_floating_point():
         raise TypeError(f"x must be floating point, got {x.dtype}")
-    if not isinstance(seg_offsets, torch.Tensor) or seg_offsets.dtype != torch.int32 or seg_offsets.dim() != 1 \
-            or seg_offsets.numel() < 2:
-        raise TypeError(f"seg_offsets must be a 1-D int32 tensor of S+1 >= 2 offsets, got "
-                        f"{getattr(seg_offsets, 'dtype', type(seg_offsets).__name__)} {tuple(getattr(seg_offsets, 'shape', ()))}")
-    S = seg_offsets.numel() - 1
+    S = check_offsets_tensor(seg_offsets)
     for name, t in (("shift", shift), ("scale", scale)):
         if t.shape != (S, x.shape[1]):
             raise ValueError(f"{name} must be (S={S}, dim={x.shape[1]}), got {tuple(t.shape)}")

@@ -175,20 +175,49 @@ if HAS_TRITON:
         return tl.dot(a, b, acc)
 
     @triton.jit
-    def _fwd_step(acc, l_i, m_i, q, k_base, v_base, n0, k_end, stride_kt, stride_vt, cols,
-                  IEEE: tl.constexpr, MASK: tl.constexpr, BLOCK_N: tl.constexpr, qk_scale):
-        """One key block [n0, n0 + BLOCK_N) of the online softmax (FlashAttention-2). MASK only for a
-        sequence's last, partial block: full blocks skip the bounds checks and the score select."""
+    def _tile_bounds(TILE_SEQ, TILE_START, CU_ROWS, CU_OTHER):
+        """The tile of this program (``program_id(0)`` indexes a ``_tile_table``): its first row, the end
+        of its sequence in its own operand (``CU_ROWS``), and that sequence's [start, end) in the other
+        operand (``CU_OTHER``: keys for a query tile, queries for a key tile)."""
+        pid = tl.program_id(0)
+        seq = tl.load(TILE_SEQ + pid)
+        return tl.load(TILE_START + pid), tl.load(CU_ROWS + seq + 1), tl.load(CU_OTHER + seq), tl.load(CU_OTHER + seq + 1)
+
+    @triton.jit
+    def _tile_rows(first, end, BLOCK: tl.constexpr):
+        """Rows [first, first + BLOCK) of a tile: (in-sequence mask, the rows with those at or past
+        ``end`` replaced by ``first``, so every address stays inside the tensor)."""
+        rows = first + tl.arange(0, BLOCK)
+        ok = rows < end
+        return ok, tl.where(ok, rows, first)
+
+    @triton.jit
+    def _row_ptrs(X, rows, stride_t, head_off, cols):
+        """Pointers to the (R, D) tile ``X[rows, h, cols]`` of a (T, H, D) tensor, ``head_off = h * stride_h``."""
+        return X + rows[:, None].to(tl.int64) * stride_t + head_off + cols[None, :]
+
+    @triton.jit
+    def _load_kv_block(k_base, v_base, n0, k_end, stride_kt, stride_vt, cols, MASK: tl.constexpr, BLOCK_N: tl.constexpr):
+        """K, V rows [n0, n0 + BLOCK_N) of one head and their in-sequence mask. Only a sequence's last,
+        partial block needs MASK (bounds-checked loads); full blocks load unmasked."""
         kr = n0 + tl.arange(0, BLOCK_N)
+        k_ok = kr < k_end
         k_ptrs = k_base + kr[:, None].to(tl.int64) * stride_kt + cols[None, :]
         v_ptrs = v_base + kr[:, None].to(tl.int64) * stride_vt + cols[None, :]
         if MASK:
-            k_ok = kr < k_end
             k = tl.load(k_ptrs, mask=k_ok[:, None], other=0.0)
             v = tl.load(v_ptrs, mask=k_ok[:, None], other=0.0)
         else:
             k = tl.load(k_ptrs)
             v = tl.load(v_ptrs)
+        return k, v, k_ok
+
+    @triton.jit
+    def _fwd_step(acc, l_i, m_i, q, k_base, v_base, n0, k_end, stride_kt, stride_vt, cols,
+                  IEEE: tl.constexpr, MASK: tl.constexpr, BLOCK_N: tl.constexpr, qk_scale):
+        """One key block [n0, n0 + BLOCK_N) of the online softmax (FlashAttention-2). MASK only for a
+        sequence's last, partial block: full blocks skip the bounds checks and the score select."""
+        k, v, k_ok = _load_kv_block(k_base, v_base, n0, k_end, stride_kt, stride_vt, cols, MASK, BLOCK_N)
         s = _dot(q, tl.trans(k), IEEE)  # raw scores; the scale (>0) is folded into max / exp2 below
         if MASK:
             s = tl.where(k_ok[None, :], s, float("-inf"))
@@ -209,18 +238,11 @@ if HAS_TRITON:
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROPE_Q: tl.constexpr, IEEE: tl.constexpr,
     ):
         """O, LSE for one (query tile, head): q rotated in the prologue, then all keys of its sequence."""
-        pid = tl.program_id(0)
         h = tl.program_id(1)
-        seq = tl.load(TILE_SEQ + pid)
-        m0 = tl.load(TILE_START + pid)
-        q_end = tl.load(CU_Q + seq + 1)
-        k_start = tl.load(CU_K + seq)
-        k_end = tl.load(CU_K + seq + 1)
+        m0, q_end, k_start, k_end = _tile_bounds(TILE_SEQ, TILE_START, CU_Q, CU_K)
 
-        rows = m0 + tl.arange(0, BLOCK_M)
         cols = tl.arange(0, HEAD_DIM)
-        row_ok = rows < q_end
-        safe_rows = tl.where(row_ok, rows, m0)
+        row_ok, safe_rows = _tile_rows(m0, q_end, BLOCK_M)
         q_base = Q + safe_rows[:, None].to(tl.int64) * stride_qt + h * stride_qh
         q = tl.load(q_base + cols[None, :], mask=row_ok[:, None], other=0.0)
         if ROPE_Q:
@@ -243,8 +265,7 @@ if HAS_TRITON:
                                       IEEE, True, BLOCK_N, qk_scale)
         has_keys = l_i > 0
         out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
-        tl.store(O + safe_rows[:, None].to(tl.int64) * stride_ot + h * stride_oh + cols[None, :],
-                 out.to(O.dtype.element_ty), mask=row_ok[:, None])
+        tl.store(_row_ptrs(O, safe_rows, stride_ot, h * stride_oh, cols), out.to(O.dtype.element_ty), mask=row_ok[:, None])
         # log2-domain logsumexp of the scaled scores; +inf for rows with no keys (then p = 0 in bwd)
         lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("inf"))
         tl.store(LSE + h * stride_lse_h + safe_rows, lse, mask=row_ok)
@@ -288,19 +309,12 @@ if HAS_TRITON:
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
     ):
         """dK, dV for one key tile: loop over the query rows of its sequence (FlashAttention-2)."""
-        pid = tl.program_id(0)
         h = tl.program_id(1)
-        seq = tl.load(TILE_SEQ + pid)
-        n0 = tl.load(TILE_START + pid)
-        k_end = tl.load(CU_K + seq + 1)
-        q_start = tl.load(CU_Q + seq)
-        q_end = tl.load(CU_Q + seq + 1)
+        n0, k_end, q_start, q_end = _tile_bounds(TILE_SEQ, TILE_START, CU_K, CU_Q)
         cols = tl.arange(0, HEAD_DIM)
-        kr = n0 + tl.arange(0, BLOCK_N)
-        k_ok = kr < k_end
-        safe_kr = tl.where(k_ok, kr, n0)
-        k = tl.load(K + safe_kr[:, None].to(tl.int64) * stride_kt + h * stride_kh + cols[None, :], mask=k_ok[:, None], other=0.0)
-        v = tl.load(V + safe_kr[:, None].to(tl.int64) * stride_vt + h * stride_vh + cols[None, :], mask=k_ok[:, None], other=0.0)
+        k_ok, safe_kr = _tile_rows(n0, k_end, BLOCK_N)
+        k = tl.load(_row_ptrs(K, safe_kr, stride_kt, h * stride_kh, cols), mask=k_ok[:, None], other=0.0)
+        v = tl.load(_row_ptrs(V, safe_kr, stride_vt, h * stride_vh, cols), mask=k_ok[:, None], other=0.0)
         dk = tl.zeros((BLOCK_N, HEAD_DIM), tl.float32)
         dv = tl.zeros((BLOCK_N, HEAD_DIM), tl.float32)
         q_base = Q + h * stride_qh
@@ -315,23 +329,14 @@ if HAS_TRITON:
             dk, dv = _dkdv_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, q_full_end, q_end, stride_qt,
                                 stride_dot, cols, IEEE, True, BLOCK_M, qk_scale)
         dk = dk * sm_scale
-        tl.store(DK + safe_kr[:, None].to(tl.int64) * stride_dkt + h * stride_dkh + cols[None, :], dk.to(DK.dtype.element_ty), mask=k_ok[:, None])
-        tl.store(DV + safe_kr[:, None].to(tl.int64) * stride_dvt + h * stride_dvh + cols[None, :], dv.to(DV.dtype.element_ty), mask=k_ok[:, None])
+        tl.store(_row_ptrs(DK, safe_kr, stride_dkt, h * stride_dkh, cols), dk.to(DK.dtype.element_ty), mask=k_ok[:, None])
+        tl.store(_row_ptrs(DV, safe_kr, stride_dvt, h * stride_dvh, cols), dv.to(DV.dtype.element_ty), mask=k_ok[:, None])
 
     @triton.jit
     def _dq_step(dq, q, do, lse, delta, k_base, v_base, n0, k_end, stride_kt, stride_vt, cols,
                  IEEE: tl.constexpr, MASK: tl.constexpr, BLOCK_N: tl.constexpr, qk_scale):
         """Contribution of key block [n0, n0 + BLOCK_N) to dQ of a query tile."""
-        kr = n0 + tl.arange(0, BLOCK_N)
-        k_ptrs = k_base + kr[:, None].to(tl.int64) * stride_kt + cols[None, :]
-        v_ptrs = v_base + kr[:, None].to(tl.int64) * stride_vt + cols[None, :]
-        if MASK:
-            k_ok = kr < k_end
-            k = tl.load(k_ptrs, mask=k_ok[:, None], other=0.0)
-            v = tl.load(v_ptrs, mask=k_ok[:, None], other=0.0)
-        else:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
+        k, v, k_ok = _load_kv_block(k_base, v_base, n0, k_end, stride_kt, stride_vt, cols, MASK, BLOCK_N)
         p = tl.exp2(_dot(q, tl.trans(k), IEEE) * qk_scale - lse[:, None])
         if MASK:  # padded keys are zero rows, but exp2(-lse) may overflow: zero them explicitly
             p = tl.where(k_ok[None, :], p, 0.0)
@@ -348,19 +353,12 @@ if HAS_TRITON:
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
     ):
         """dQ for one query tile: loop over the keys of its sequence."""
-        pid = tl.program_id(0)
         h = tl.program_id(1)
-        seq = tl.load(TILE_SEQ + pid)
-        m0 = tl.load(TILE_START + pid)
-        q_end = tl.load(CU_Q + seq + 1)
-        k_start = tl.load(CU_K + seq)
-        k_end = tl.load(CU_K + seq + 1)
+        m0, q_end, k_start, k_end = _tile_bounds(TILE_SEQ, TILE_START, CU_Q, CU_K)
         cols = tl.arange(0, HEAD_DIM)
-        qr = m0 + tl.arange(0, BLOCK_M)
-        q_ok = qr < q_end
-        safe_qr = tl.where(q_ok, qr, m0)
-        q = tl.load(Q + safe_qr[:, None].to(tl.int64) * stride_qt + h * stride_qh + cols[None, :], mask=q_ok[:, None], other=0.0)
-        do = tl.load(DO + safe_qr[:, None].to(tl.int64) * stride_dot + h * stride_doh + cols[None, :], mask=q_ok[:, None], other=0.0)
+        q_ok, safe_qr = _tile_rows(m0, q_end, BLOCK_M)
+        q = tl.load(_row_ptrs(Q, safe_qr, stride_qt, h * stride_qh, cols), mask=q_ok[:, None], other=0.0)
+        do = tl.load(_row_ptrs(DO, safe_qr, stride_dot, h * stride_doh, cols), mask=q_ok[:, None], other=0.0)
         lse = tl.load(LSE + h * stride_lse_h + safe_qr, mask=q_ok, other=float("inf"))
         delta = tl.load(DELTA + h * stride_lse_h + safe_qr, mask=q_ok, other=0.0)
         dq = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
@@ -374,7 +372,7 @@ if HAS_TRITON:
             dq = _dq_step(dq, q, do, lse, delta, k_base, v_base, k_full_end, k_end, stride_kt, stride_vt, cols,
                           IEEE, True, BLOCK_N, qk_scale)
         dq = dq * sm_scale
-        tl.store(DQ + safe_qr[:, None].to(tl.int64) * stride_dqt + h * stride_dqh + cols[None, :], dq.to(DQ.dtype.element_ty), mask=q_ok[:, None])
+        tl.store(_row_ptrs(DQ, safe_qr, stride_dqt, h * stride_dqh, cols), dq.to(DQ.dtype.element_ty), mask=q_ok[:, None])
 
 
 # ----------------------------------------------------------------------------------------------

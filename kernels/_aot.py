@@ -197,35 +197,33 @@ def build_cases(dtypes=DTYPES) -> list[Case]:
         strides = dict(stride_qt=H * hd, stride_qh=hd, stride_kt=H * hd, stride_kh=hd, stride_vt=H * hd,
                        stride_vh=hd)
         tiles = dict(CU_Q="*i32", CU_K="*i32", TILE_SEQ="*i32", TILE_START="*i32")
+
+        def attention_case(kernel: str, name: str, args: dict, variant: dict, fp32_inner: dict) -> None:
+            # IEEE fp32: the launcher's fixed inner block and launch; else the autotuner's configs
+            kernel = "joint_attention." + kernel
+            if ieee:
+                cfgs, kept = _fixed(fp32_inner, **ja._FP32_LAUNCH)
+            else:
+                cfgs, kept = _configs_of(tuners[kernel], variant, args)
+            cases.append(Case(kernel, name, dt, args, variant, cfgs, kept))
+
         for rope in sorted({ja.ROPE_Q_IN_PROLOGUE, True}):
             args = dict(Q=p, K=p, V=p, O=p, LSE="*fp32", **tiles,
                         COS="*fp32" if rope else p, SIN="*fp32" if rope else p, IL="*u8" if rope else p,
                         qk_scale=0.1275, **strides, stride_ot=H * hd, stride_oh=hd, stride_lse_h=lse_stride,
                         stride_rope=hd // 2 if rope else 0)
             variant = dict(HEAD_DIM=hd, BLOCK_M=ja._FWD_BLOCK_M, ROPE_Q=rope, IEEE=ieee)
-            if ieee:
-                cfgs, kept = _fixed(dict(BLOCK_N=ja._FP32_INNER_BLOCK), **ja._FP32_LAUNCH)
-            else:
-                cfgs, kept = _configs_of(tuners["joint_attention._attn_fwd_kernel"], variant, args)
-            cases.append(Case("joint_attention._attn_fwd_kernel", "rope_q" if rope else "plain", dt, args,
-                              variant, cfgs, kept))
+            attention_case("_attn_fwd_kernel", "rope_q" if rope else "plain", args, variant,
+                           dict(BLOCK_N=ja._FP32_INNER_BLOCK))
         bwd = dict(Q=p, K=p, V=p, DO=p, LSE="*fp32", DELTA="*fp32", **strides, stride_dot=H * hd, stride_doh=hd,
                    qk_scale=0.1275, sm_scale=0.0884)
         args = dict(bwd, DK=p, DV=p, **tiles, stride_dkt=H * hd, stride_dkh=hd, stride_dvt=H * hd, stride_dvh=hd,
                     stride_lse_h=lse_stride)
-        variant = dict(HEAD_DIM=hd, BLOCK_N=ja._KV_BLOCK_N, IEEE=ieee)
-        if ieee:
-            cfgs, kept = _fixed(dict(BLOCK_M=ja._FP32_INNER_BLOCK // 2), **ja._FP32_LAUNCH)
-        else:
-            cfgs, kept = _configs_of(tuners["joint_attention._attn_bwd_dkdv_kernel"], variant, args)
-        cases.append(Case("joint_attention._attn_bwd_dkdv_kernel", "bwd", dt, args, variant, cfgs, kept))
+        attention_case("_attn_bwd_dkdv_kernel", "bwd", args, dict(HEAD_DIM=hd, BLOCK_N=ja._KV_BLOCK_N, IEEE=ieee),
+                       dict(BLOCK_M=ja._FP32_INNER_BLOCK // 2))
         args = dict(bwd, DQ=p, **tiles, stride_dqt=H * hd, stride_dqh=hd, stride_lse_h=lse_stride)
-        variant = dict(HEAD_DIM=hd, BLOCK_M=ja._FWD_BLOCK_M, IEEE=ieee)
-        if ieee:
-            cfgs, kept = _fixed(dict(BLOCK_N=ja._FP32_INNER_BLOCK // 2), **ja._FP32_LAUNCH)
-        else:
-            cfgs, kept = _configs_of(tuners["joint_attention._attn_bwd_dq_kernel"], variant, args)
-        cases.append(Case("joint_attention._attn_bwd_dq_kernel", "bwd", dt, args, variant, cfgs, kept))
+        attention_case("_attn_bwd_dq_kernel", "bwd", args, dict(HEAD_DIM=hd, BLOCK_M=ja._FWD_BLOCK_M, IEEE=ieee),
+                       dict(BLOCK_N=ja._FP32_INNER_BLOCK // 2))
         args = dict(O=p, DO=p, DELTA="*fp32", T=T, stride_ot=H * hd, stride_oh=hd, stride_dot=H * hd, stride_doh=hd,
                     stride_delta_h=lse_stride)
         cfgs, kept = _fixed(dict(HEAD_DIM=hd, BLOCK_T=ja._ROPE_BLOCK_T))

@@ -10,15 +10,13 @@ videos are read by the rule-based evaluator. ``tau0 = 0`` is plain generation fr
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 
 from univigu_fast import sampling
 from univigu_fast import synthetic as S
-from univigu_fast.demo import DemoConfig
-from univigu_fast.reference import UniViGUModel
+from univigu_fast.demo import load_run
 
 
 def foreground_pixels(pixels: torch.Tensor) -> int:
@@ -52,14 +50,7 @@ def main():
     ap.add_argument("--tau0", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75])
     ap.add_argument("--steps", type=int, default=20)
     a = ap.parse_args()
-    saved = json.loads((a.run / "metrics.json").read_text())
-    cfg = DemoConfig(**{k: v for k, v in saved["config"].items() if k in DemoConfig.__dataclass_fields__})
-    ck = torch.load(a.run / "stage2" / "checkpoint.pt", map_location="cpu", weights_only=False)
-    model = UniViGUModel(cfg.model_config(len(S.SyntheticTokenizer())))
-    model.load_state_dict(ck["model"])
-    model.eval()
-    _, test_samples = S.split_samples(cfg.n_train, cfg.n_test, cfg.seed)
-    data = S.make_dataset(test_samples, text_dim=cfg.text_dim, frames=cfg.frames, size=cfg.pixels)
+    cfg, _, model, data = load_run(a.run)
     for tau0 in a.tau0:
         r = probe(model, data, tau0, a.steps, cfg.seed)
         print(f"from tau {tau0:.2f}: colour {r['color_accuracy']:.3f}  direction {r['direction_accuracy']:.3f}  "

@@ -1,8 +1,8 @@
 """Video-stream cache quality on CPU (issue 8): attribute accuracy and token agreement per policy.
 
 Loads a trained demo model (a ``stage2/checkpoint.pt`` of ``univigu-fast demo`` or a ``save_pretrained``
-folder), rebuilds the demo's held-out split exactly as ``run_demo`` does (``synthetic.split_samples``
-then ``make_dataset`` with the run's ``DemoConfig``, read from the run's ``metrics.json``) and captions
+folder) and the demo's held-out split as ``run_demo`` built it (``demo.load_run``; the ``DemoConfig``
+comes from the run's ``metrics.json``) and captions
 it with ``video_cache`` = off / every:4 / once at each requested step count, same seed per policy.
 Token agreement = fraction of decoded tokens equal to the exact (``off``) decode with the same seed.
 Seconds are CPU wall times of the sampling only (not a GPU figure).
@@ -17,22 +17,7 @@ from pathlib import Path
 
 import torch
 
-from univigu_fast import synthetic as S
-from univigu_fast.config import UniViGUConfig
-from univigu_fast.demo import DemoConfig, evaluate_understanding
-from univigu_fast.reference import UniViGUModel
-
-
-def load_model(run: Path, checkpoint: Path | None) -> UniViGUModel:
-    path = checkpoint or run / "stage2" / "checkpoint.pt"
-    if path.is_dir():
-        return UniViGUModel.from_pretrained(path).eval()
-    ck = torch.load(path, map_location="cpu", weights_only=False)
-    mc = dict(ck["model_config"])
-    mc["patch_size"] = tuple(mc["patch_size"])
-    model = UniViGUModel(UniViGUConfig(**mc))
-    model.load_state_dict(ck["model"])
-    return model.eval()
+from univigu_fast.demo import evaluate_understanding, load_run
 
 
 @torch.no_grad()
@@ -79,12 +64,8 @@ def main():
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    saved = json.loads((a.run / "metrics.json").read_text())
-    cfg = DemoConfig(**{k: v for k, v in saved["config"].items() if k in DemoConfig.__dataclass_fields__})
-    model = load_model(a.run, a.checkpoint)
-    _, test_s = S.split_samples(cfg.n_train, cfg.n_test, cfg.seed)
-    test = S.make_dataset(test_s, text_dim=cfg.text_dim, frames=cfg.frames, size=cfg.pixels)
-    results = dict(run=str(a.run), config=saved["config"], n_test=len(test_s),
+    cfg, saved, model, test = load_run(a.run, a.checkpoint)
+    results = dict(run=str(a.run), config=saved["config"], n_test=len(test.samples),
                    saved_understanding_attribute_accuracy=saved.get("understanding_attribute_accuracy"), rows=[])
     for steps in a.steps:
         exact = evaluate_understanding(model, test, steps=steps, seed=cfg.seed, keep_ids=True,

@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 
 from univigu_fast import synthetic as S
 from univigu_fast.cli import app
-from univigu_fast.demo import DemoConfig, evaluate_understanding, run_demo
+from univigu_fast.demo import DemoConfig, evaluate_understanding, load_run, run_demo
 
 REQUIRED = ("understanding_attribute_accuracy", "understanding_caption_only_attribute_accuracy",
             "stage1_caption_only_attribute_accuracy", "generation_accuracy", "joint_agreement", "chance", "seconds")
@@ -40,6 +40,12 @@ def test_run_demo_tiny_writes_metrics(tmp_path):
         assert k in on_disk and isinstance(on_disk[k], float), k
         assert 0.0 <= on_disk[k] <= 1.0 or k == "seconds"
     assert m["chance"] == pytest.approx(S.chance())
+    # load_run gives back the run's config, trained model and held-out split: the caption metric reproduces
+    cfg2, saved, model, test = load_run(tmp_path)
+    assert saved == on_disk and (cfg2.seed, cfg2.n_test, cfg2.steps2) == (cfg.seed, cfg.n_test, cfg.steps2)
+    assert [s.caption for s in test.samples] == [s.caption for s in S.split_samples(cfg.n_train, cfg.n_test, cfg.seed)[1]]
+    u = evaluate_understanding(model, test, steps=cfg.caption_steps, seed=cfg.seed, temperature=cfg.caption_temperature)
+    assert u["attribute_accuracy"] == on_disk["understanding_attribute_accuracy"]
 
 
 def test_evaluate_understanding_accepts_another_sampler():

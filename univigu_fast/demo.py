@@ -196,6 +196,32 @@ def evaluate_joint(model, data: S.SyntheticData, *, steps: int = 20, shift: floa
 
 
 # ---------------------------------------------------------------------------- the demo
+def _dataset(cfg: DemoConfig, samples: list) -> S.SyntheticData:
+    """``samples`` (from ``S.split_samples``) rendered and encoded at ``cfg``'s sizes."""
+    return S.make_dataset(samples, text_dim=cfg.text_dim, frames=cfg.frames, size=cfg.pixels)
+
+
+def load_run(run: str | Path, checkpoint: str | Path | None = None):
+    """A finished ``run_demo`` output folder: ``(DemoConfig, saved metrics, model in eval mode, held-out
+    data)``. The config comes from ``run/metrics.json``; the model from ``checkpoint`` (a trainer
+    ``checkpoint.pt`` or a ``save_pretrained`` folder; default ``run/stage2/checkpoint.pt``); the
+    held-out split is rebuilt exactly as ``run_demo`` built it."""
+    from .reference import UniViGUModel
+
+    run = Path(run)
+    saved = json.loads((run / "metrics.json").read_text())
+    cfg = DemoConfig(**{k: v for k, v in saved["config"].items() if k in DemoConfig.__dataclass_fields__})
+    path = Path(checkpoint) if checkpoint is not None else run / "stage2" / "checkpoint.pt"
+    if path.is_dir():
+        model = UniViGUModel.from_pretrained(path)
+    else:
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+        model = UniViGUModel(UniViGUConfig.from_dict(ck["model_config"]))
+        model.load_state_dict(ck["model"])
+    _, test_samples = S.split_samples(cfg.n_train, cfg.n_test, cfg.seed)
+    return cfg, saved, model.eval(), _dataset(cfg, test_samples)
+
+
 def run_demo(cfg: DemoConfig, out: str | Path, *, progress: bool = True, log=print) -> dict:
     """Data, Stage 1, Stage 2, evaluation; writes ``out/metrics.json`` and returns the metrics."""
     t_start = time.time()
@@ -205,8 +231,7 @@ def run_demo(cfg: DemoConfig, out: str | Path, *, progress: bool = True, log=pri
         torch.set_num_threads(cfg.threads)
     tok = S.SyntheticTokenizer()
     train_s, test_s = S.split_samples(cfg.n_train, cfg.n_test, cfg.seed)
-    kw = dict(text_dim=cfg.text_dim, frames=cfg.frames, size=cfg.pixels)
-    train, test = S.make_dataset(train_s, **kw), S.make_dataset(test_s, **kw)
+    train, test = _dataset(cfg, train_s), _dataset(cfg, test_s)
     from .reference import UniViGUModel
 
     torch.manual_seed(cfg.seed)

@@ -268,6 +268,10 @@ def build_cases(dtypes=DTYPES) -> list[Case]:
         cfgs, kept = _fixed(dict(HAS_TARGET=True, SUM_Z=True, BLOCK_N=max(1, min(64, 4096 // block_s)),
                                  BLOCK_S=block_s))
         cases.append(Case("linear_argmax._linear_argmax_reduce_kernel", "ce", dt, args, {}, cfgs, kept))
+        args = dict(x_ptr=p, w_ptr=p, b_ptr=p, ids_ptr="*i64", sel_ptr="*fp32", N=n, V=V, D=d, stride_xn=d,
+                    stride_wv=d, seed=2**40 + 7, inv_temp=1.0)
+        cfgs, kept = _fixed(dict(HAS_BIAS=True, N_ROUNDS=la.PHILOX_ROUNDS, GROUP=la.SAMPLE_GROUP, BLOCK_D=64))
+        cases.append(Case("linear_argmax._sample_in_group_kernel", "sample", dt, args, {}, cfgs, kept))
         vc = 4096  # a backward chunk of columns (multiple of 256)
         args = dict(z_ptr=p, lse_ptr="*fp32", tgt_ptr="*i32", scale_ptr="*fp32", N=n, VC=vc, v0=vc,
                     one_minus_eps=0.9, eps_over_v=0.1 / V)

@@ -18,11 +18,17 @@ reduced to one id per token. The Triton path:
 Ties resolve to the lowest id, like ``torch.argmax``: inside a tile the max reduction returns the
 leftmost maximal column, tiles and splits are merged with a strict ``>`` in increasing id order.
 
-Sampling (``gumbel_seed`` given): the Gumbel-max trick. With ``g_v = -log(-log(u_v))``,
-``u_v ~ U(0, 1)`` i.i.d., ``argmax_v (z_v / T + g_v)`` is an exact sample from
-``softmax(z / T)``. ``u`` comes from Philox-4x32-10 keyed on ``(seed, row, vocab id)`` only
-(counter ``(id // 4, row, 0, 0)``, output word ``id % 4``), so the same seed gives the same ids
-whatever the tiling, the number of splits or the launch configuration.
+Sampling (``gumbel_seed`` given): a two-level Gumbel-max draw, exact for ``softmax(z / T)``. The
+vocabulary is cut into fixed groups of ``SAMPLE_GROUP`` ids (the sampling tile). Level 1, in the
+partial kernel: each group competes with ``lse_g + G_g`` (its log-sum-exp plus one Gumbel variate),
+so group ``g`` wins with probability ``exp(lse_g) / sum_h exp(lse_h)``. Level 2,
+``_sample_in_group_kernel``: for each row, the ``SAMPLE_GROUP`` logits of its winning group are
+recomputed (a tiny gathered GEMV) and an id is drawn from ``softmax`` over the group by inverse CDF.
+The product is ``P(id) = softmax(z / T)[id]``. Noise costs two uniforms per (row, group) instead of
+one per logit, so the sampling epilogue is as light as the argmax's. Both come from Philox-4x32-10
+keyed on ``(seed, group, row)`` (counter ``(group, row, 0, 0)``; word 0 for level 1, word 1 for
+level 2), so the same seed gives the same ids whatever the row tiling, dim blocking, number of splits
+or launch configuration (:func:`linear_sample_reference` reproduces them).
 
 Outputs in both modes: ``ids`` int64 ``(N,)``; ``max_logit`` fp32 ``(N,)`` = the *un-noised*
 tempered logit of the returned id, ``z[id] / T`` (without a seed and with ``T = 1`` that is the
@@ -48,6 +54,8 @@ PHILOX_ROUNDS = 10
 GROUP_ROWS = 8
 # Every GPU config's BLOCK_V divides this, so a split's vocabulary chunk is a whole number of tiles.
 _GPU_V_GRANULE = 256
+# Vocabulary ids per sampling group (module docstring); sampling launches use BLOCK_V = SAMPLE_GROUP.
+SAMPLE_GROUP = 128
 
 
 _M32 = 0xFFFFFFFF
@@ -75,18 +83,54 @@ def philox4x32_reference(seed: int, c0, c1, c2, c3, n_rounds: int = PHILOX_ROUND
     return c0, c1, c2, c3
 
 
-def gumbel_noise_reference(seed: int, n: int, v: int, device=None) -> torch.Tensor:
-    """The kernel's Gumbel noise ``g[row, id] = -log(-log(u))`` (n, v) fp32: ``u`` from Philox keyed
-    on ``seed`` with counter ``(id // 4, row, 0, 0)``, output word ``id % 4``, 31 bits -> [0, 1)."""
-    quads = -(-v // 4)
-    c0 = torch.arange(quads, device=device, dtype=torch.int64)[None, :].expand(n, quads)
-    c1 = torch.arange(n, device=device, dtype=torch.int64)[:, None].expand(n, quads)
-    zero = torch.zeros_like(c0)
-    words = torch.stack(philox4x32_reference(seed, c0, c1, zero, zero), dim=-1).reshape(n, 4 * quads)[:, :v]
+def _unit_reference(words: torch.Tensor) -> torch.Tensor:
+    """uint32 words (int64 tensor) -> fp32 in [0, 1), 31 bits, exactly as the kernels' ``_uint_to_unit``."""
     signed = torch.where(words >= 2**31, words - 2**32, words)     # bitcast to int32
     signed = torch.where(signed < 0, -signed - 1, signed)          # ~x on negatives, as tl.rand
-    u = signed.to(torch.float32) * 4.6566127342e-10
-    return -torch.log(-torch.log(u))
+    return signed.to(torch.float32) * 4.6566127342e-10
+
+
+def sample_uniforms_reference(seed: int, n: int, groups: int, device=None):
+    """The kernels' two uniforms per (row, vocabulary group), each (n, groups) fp32: word 0 (level-1
+    Gumbel) and word 1 (level-2 inverse CDF) of Philox keyed on ``seed`` at counter ``(group, row, 0, 0)``."""
+    c0 = torch.arange(groups, device=device, dtype=torch.int64)[None, :].expand(n, groups)
+    c1 = torch.arange(n, device=device, dtype=torch.int64)[:, None].expand(n, groups)
+    zero = torch.zeros_like(c0)
+    w0, w1, _, _ = philox4x32_reference(seed, c0, c1, zero, zero)
+    return _unit_reference(w0), _unit_reference(w1)
+
+
+def linear_sample_reference(logits: torch.Tensor, seed: int):
+    """The kernels' two-level Gumbel-max draw from ``softmax(logits)`` (module docstring), in PyTorch.
+
+    logits (N, V) fp32 (already divided by the temperature) -> ``(ids, group_margin, pick_margin)``:
+    ids int64 (N,); the margins (N,) fp32 say how far each row is from a decision boundary — the gap
+    between the two best level-1 group scores (inf with one group) and the distance of the level-2
+    threshold to the nearest CDF step, as a fraction of the group's mass — so tests can set aside
+    rows where floating-point summation order could flip the draw.
+    """
+    n, v = logits.shape
+    group = SAMPLE_GROUP
+    groups = -(-v // group)
+    padded = torch.nn.functional.pad(logits, (0, groups * group - v), value=float("-inf")).view(n, groups, group)
+    g_max = padded.amax(-1)
+    g_sum = torch.exp(padded - g_max[..., None]).sum(-1)
+    u_grp, u_pick = sample_uniforms_reference(seed, n, groups, logits.device)
+    score = g_max + torch.log(g_sum) - torch.log(-torch.log(u_grp))
+    win = score.argmax(-1)
+    top2 = score.topk(2, dim=-1).values if groups > 1 else None
+    group_margin = top2[:, 0] - top2[:, 1] if top2 is not None else torch.full((n,), float("inf"), device=logits.device)
+    rows = torch.arange(n, device=logits.device)
+    z = padded[rows, win]                                              # (N, group)
+    e = torch.exp(z - z.amax(-1, keepdim=True))
+    cdf = e.cumsum(-1)
+    total = e.sum(-1)
+    thr = u_pick[rows, win] * total
+    last = (v - win * group).clamp(max=group) - 1
+    j = torch.minimum((cdf <= thr[:, None]).sum(-1), last)
+    prev = torch.where(j > 0, cdf.gather(1, (j - 1).clamp(min=0)[:, None]).squeeze(1), torch.zeros_like(thr))
+    pick_margin = torch.minimum(cdf.gather(1, j[:, None]).squeeze(1) - thr, thr - prev) / total
+    return win * group + j, group_margin, pick_margin
 
 
 def linear_argmax_reference(
@@ -101,10 +145,9 @@ def linear_argmax_reference(
 
     x (N, dim), weight (V, dim), bias (V,) -> ids int64 (N,), max_logit fp32 (N,), logsumexp fp32 (N,).
 
-    With ``gumbel_seed`` the ids are a sample from ``softmax(logits / temperature)`` by the
-    Gumbel-max trick, ``argmax(logits / T + g)``, with the kernel's own noise
-    (:func:`gumbel_noise_reference`: the same Philox stream), so the reference draws the same ids
-    as the kernel up to floating-point near-ties of the noised scores. ``max_logit`` is then
+    With ``gumbel_seed`` the ids are a sample from ``softmax(logits / temperature)``, drawn as the
+    kernels draw it (:func:`linear_sample_reference`: two-level Gumbel-max, the same Philox stream),
+    so the reference draws the same ids as the kernel up to floating-point near-ties. ``max_logit`` is then
     ``logits[id] / temperature`` (the un-noised logit of the sampled id) and ``logsumexp`` that of
     ``logits / temperature``.
     """
@@ -116,8 +159,7 @@ def linear_argmax_reference(
     if gumbel_seed is None:
         ids = logits.argmax(dim=-1)  # first maximal index, like torch.argmax
     else:
-        gumbel = gumbel_noise_reference(int(gumbel_seed), logits.shape[0], logits.shape[1], logits.device)
-        ids = (logits + gumbel).argmax(dim=-1)
+        ids = linear_sample_reference(logits, int(gumbel_seed))[0]
     max_logit = logits.gather(-1, ids[:, None]).squeeze(-1)
     return ids, max_logit, torch.logsumexp(logits, dim=-1)
 
@@ -207,30 +249,26 @@ if HAS_TRITON:
                 z = tl.where(col_mask[None, :], acc * inv_temp, float("-inf"))
 
                 if SAMPLE:
-                    z_max = tl.max(z, axis=1)
+                    tile_max = tl.max(z, axis=1)
                 else:  # the argmax's max is also the softmax max: one reduction for both
-                    tile_best, tile_arg = tl.max(z, axis=1, return_indices=True, return_indices_tie_break_left=True)
-                    z_max = tile_best
-                    tile_sel = tile_best
+                    tile_max, tile_arg = tl.max(z, axis=1, return_indices=True, return_indices_tie_break_left=True)
+                tile_sum = tl.sum(tl.exp(z - tile_max[:, None]), axis=1)  # masked columns: exp(-inf) = 0
                 # online softmax statistics of z / T
-                m_new = tl.maximum(m_run, z_max)
-                s_run = s_run * tl.exp(m_run - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
+                m_new = tl.maximum(m_run, tile_max)
+                s_run = s_run * tl.exp(m_run - m_new) + tile_sum * tl.exp(tile_max - m_new)
                 m_run = m_new
-
                 if SAMPLE:
-                    # Gumbel-max: u from Philox keyed on (row, vocab id) only -> tiling independent.
-                    quad = v0 // 4 + tl.arange(0, BLOCK_V // 4)                 # counter word 0: id // 4
-                    c0 = tl.broadcast_to(quad[None, :], (BLOCK_N, BLOCK_V // 4)).to(tl.uint32)
-                    c1 = tl.broadcast_to(rows[:, None], (BLOCK_N, BLOCK_V // 4)).to(tl.uint32)
-                    zero = tl.zeros((BLOCK_N, BLOCK_V // 4), tl.uint32)
-                    r0, r1, r2, r3 = tl.philox(seed, c0, c1, zero, zero, N_ROUNDS)
-                    # interleave so that column 4 q + k takes output word k
-                    bits = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), (BLOCK_N, BLOCK_V))
-                    u = _uint_to_unit(bits)
-                    score = z - tl.log(-tl.log(u))
-                    score = tl.where(col_mask[None, :], score, float("-inf"))
-                    tile_best, tile_arg = tl.max(score, axis=1, return_indices=True, return_indices_tie_break_left=True)
-                    tile_sel = tl.sum(tl.where(offs_v[None, :] == tile_arg[:, None], z, 0.0), axis=1)
+                    # level 1 of the two-level Gumbel-max (module docstring): this tile is one vocabulary
+                    # group; it competes with its log-sum-exp plus Gumbel noise, Philox keyed on
+                    # (seed, group, row) only. The id inside the winning group: _sample_in_group_kernel.
+                    grp = tl.zeros((BLOCK_N,), tl.uint32) + (v0 // BLOCK_V).to(tl.uint32)
+                    zero = tl.zeros((BLOCK_N,), tl.uint32)
+                    u_grp, _u_pick, _w2, _w3 = tl.philox(seed, grp, rows.to(tl.uint32), zero, zero, N_ROUNDS)
+                    tile_best = tile_max + tl.log(tile_sum) - tl.log(-tl.log(_uint_to_unit(u_grp)))
+                    tile_arg = tl.zeros((BLOCK_N,), tl.int32)  # the group's first id
+                    tile_sel = tile_max
+                else:
+                    tile_best, tile_sel = tile_max, tile_max
                 upd = tile_best > best  # strict: an earlier (lower) id wins ties
                 best = tl.where(upd, tile_best, best)
                 best_id = tl.where(upd, v0 + tile_arg.to(tl.int32), best_id)
@@ -288,6 +326,43 @@ if HAS_TRITON:
             zs = tl.sum(tl.load(zsum_ptr + offs, mask=mask, other=0.0), axis=1)
             tl.store(zsum_out + rows, zs, mask=row_mask)
 
+    @triton.jit(do_not_specialize=["N", "V", "seed"])
+    def _sample_in_group_kernel(
+        x_ptr, w_ptr, b_ptr, ids_ptr, sel_ptr,    # x (N, D), w (V, D), bias (V,); ids int64 / sel fp32 (N,)
+        N, V, D, stride_xn, stride_wv, seed, inv_temp,
+        HAS_BIAS: tl.constexpr, N_ROUNDS: tl.constexpr, GROUP: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """Level 2 of the two-level draw: one program per row. ``ids`` holds the first id of the
+        row's winning group (level 1); recompute that group's logits, draw an id from their softmax by
+        inverse CDF, and overwrite ``ids`` / ``sel`` with it and its un-noised logit ``z[id] / T``."""
+        row = tl.program_id(0)
+        g_start = tl.load(ids_ptr + row).to(tl.int32)
+        offs = tl.arange(0, GROUP)
+        cols = g_start + offs
+        col_mask = cols < V
+        acc = tl.zeros((GROUP,), tl.float32)
+        x_row = x_ptr + row.to(tl.int64) * stride_xn
+        w_rows = w_ptr + cols[:, None].to(tl.int64) * stride_wv
+        for d0 in range(0, D, BLOCK_D):
+            dd = d0 + tl.arange(0, BLOCK_D)
+            xv = tl.load(x_row + dd, mask=dd < D, other=0.0).to(tl.float32)
+            wv = tl.load(w_rows + dd[None, :], mask=col_mask[:, None] & (dd[None, :] < D), other=0.0)
+            acc += tl.sum(wv.to(tl.float32) * xv[None, :], axis=1)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+        z = tl.where(col_mask, acc * inv_temp, float("-inf"))
+        e = tl.exp(z - tl.max(z, axis=0))
+        # the same Philox call as level 1 (counter (group, row, 0, 0)); word 1, one copy per column
+        grp = tl.zeros((GROUP,), tl.uint32) + (g_start // GROUP).to(tl.uint32)
+        zero = tl.zeros((GROUP,), tl.uint32)
+        _u_grp, u_pick, _w2, _w3 = tl.philox(seed, grp, zero + row.to(tl.uint32), zero, zero, N_ROUNDS)
+        # first column whose running mass exceeds u * total (zero-probability columns never win)
+        below = tl.cumsum(e, axis=0) <= _uint_to_unit(u_pick) * tl.sum(e, axis=0)
+        last = tl.minimum(V - g_start, GROUP) - 1
+        j = tl.minimum(tl.sum(below.to(tl.int32), axis=0), last)
+        tl.store(ids_ptr + row, (g_start + j).to(tl.int64))
+        tl.store(sel_ptr + row, tl.sum(tl.where(offs == j, z, 0.0), axis=0))
+
     def _gpu_configs():
         cfg = triton.Config
         return [
@@ -302,22 +377,20 @@ if HAS_TRITON:
         ]
 
     def _prune(configs, named_args, **kwargs):
-        """N <= 16 (a few tokens, memory-bound): only the narrow-row config. Sampling and the
-        cross-entropy statistics keep more tiles live in the epilogue: there only the configs that
-        neither spill much nor overflow shared memory (checked with ptxas for sm_90)."""
+        """N <= 16 (a few tokens, memory-bound): only the narrow-row configs. Sampling: tiles of one
+        vocabulary group (BLOCK_V = SAMPLE_GROUP). The cross-entropy statistics keep more tiles live
+        in the epilogue: there only the configs that neither spill much nor overflow shared memory
+        (checked with ptxas for sm_90, bench/compile_audit.py)."""
         def flag(name):
             return bool(kwargs.get(name, named_args.get(name)))
 
         narrow = named_args["n_bucket"] <= 16
         keep = [c for c in configs if (c.kwargs["BLOCK_N"] == 16) == narrow]
+        if flag("SAMPLE"):
+            keep = [c for c in keep if c.kwargs["BLOCK_V"] == SAMPLE_GROUP]
         if flag("IEEE_FP32"):  # fp32 operands take twice the shared memory: the small tiles only
             return [c for c in keep if c.kwargs["BLOCK_N"] <= 64 and c.kwargs["BLOCK_V"] <= 128]
-        if narrow:
-            return keep
-        if flag("SAMPLE"):  # <= 32 tile values per thread: the larger tiles spill 600-1550 B (bench/compile_audit.py)
-            keep = [c for c in keep if c.kwargs["BLOCK_V"] * c.kwargs["BLOCK_N"] <= 1024 * c.num_warps
-                    and c.kwargs["BLOCK_D"] == 64]
-        elif flag("HAS_TARGET"):
+        if flag("HAS_TARGET") and not narrow:
             keep = [c for c in keep if c.kwargs["BLOCK_V"] <= 128 and c.kwargs["BLOCK_N"] <= 128]
         return keep
 
@@ -410,8 +483,12 @@ def _linear_argmax_launch(
     if bias is not None:
         bias = bias.contiguous()
     interp = dev.type == "cpu"
+    sample = gumbel_seed is not None
     if blocks is None and interp:
-        blocks = INTERPRETER_BLOCKS
+        blocks = dict(INTERPRETER_BLOCKS, BLOCK_V=SAMPLE_GROUP) if sample else INTERPRETER_BLOCKS
+    if sample and blocks is not None and blocks["BLOCK_V"] != SAMPLE_GROUP:
+        raise ValueError(f"sampling tiles the vocabulary in groups of SAMPLE_GROUP={SAMPLE_GROUP}: "
+                         f"blocks['BLOCK_V'] must be {SAMPLE_GROUP}, got {blocks['BLOCK_V']}")
     granule = blocks["BLOCK_V"] if blocks is not None else _GPU_V_GRANULE
     splits = num_splits if num_splits is not None else _default_splits(n, v, granule, dev)
     tiles = -(-v // granule)
@@ -455,6 +532,13 @@ def _linear_argmax_launch(
         ids, out[0], out[1], out[2], out[3], n, splits,
         HAS_TARGET=target is not None, SUM_Z=sum_logits, BLOCK_N=block_r, BLOCK_S=block_s,
     )
+    if sample:  # level 2: the id inside each row's winning group, and its logit
+        _sample_in_group_kernel[(n,)](
+            x, weight, bias if bias is not None else dummy, ids, out[0],
+            n, v, d, x.stride(0), weight.stride(0), seed, 1.0 / float(temperature),
+            HAS_BIAS=bias is not None, N_ROUNDS=PHILOX_ROUNDS, GROUP=SAMPLE_GROUP,
+            BLOCK_D=16 if interp else 64, num_warps=4,
+        )
     return ids, out[0], out[1], out[2] if target is not None else None, out[3] if sum_logits else None
 
 

@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from univigu_fast.kernels.linear_argmax import (
+    SAMPLE_GROUP,
     _linear_argmax_launch,
-    gumbel_noise_reference,
     linear_argmax,
     linear_argmax_reference,
+    linear_sample_reference,
     philox4x32_reference,
 )
 
@@ -18,7 +19,9 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: dict(atol=1e-4, rtol=1e-5), torch.float16: dict(atol=2e-3, rtol=1e-4),
        torch.bfloat16: dict(atol=2e-2, rtol=1e-3)}
 # df = V - 1 chi-square critical values at p = 1e-4 (fixed threshold; seeds are fixed, so deterministic)
-CHI2_CRIT = {12: 39.13, 36: 76.36}
+CHI2_CRIT = {11: 37.37, 12: 39.13, 36: 76.36}
+# sampling launches tile the vocabulary in groups of SAMPLE_GROUP ids; rows and dim stay small
+SAMPLE_BLOCKS = {"BLOCK_N": 128, "BLOCK_V": SAMPLE_GROUP, "BLOCK_D": 16}
 
 
 def _planted(n, v, d, dtype, seed=0, bias=True, margin=3.0):
@@ -89,13 +92,14 @@ def test_exact_ties_resolve_to_lowest_id(dtype):
 
 
 def test_sample_deterministic_and_tiling_independent():
-    x, w, b = _planted(21, 45, 20, torch.float32)
+    x, w, b = _planted(21, 300, 20, torch.float32, margin=6.0)  # three vocabulary groups
     ids1, mx1, lse1 = linear_argmax(x, w, b, gumbel_seed=1234, temperature=3.0)
     ids1b, _, _ = linear_argmax(x, w, b, gumbel_seed=1234, temperature=3.0)
     torch.testing.assert_close(ids1, ids1b, atol=0, rtol=0)
-    # other tilings / split counts draw the same noise: Philox keyed on (seed, row, vocab id) only
-    for blocks, splits in (({"BLOCK_N": 32, "BLOCK_V": 16, "BLOCK_D": 32}, 1),
-                           ({"BLOCK_N": 16, "BLOCK_V": 64, "BLOCK_D": 16}, 5)):
+    # other row tilings / dim blockings / split counts draw the same noise: Philox keyed on
+    # (seed, group, row) only
+    for blocks, splits in (({"BLOCK_N": 32, "BLOCK_V": SAMPLE_GROUP, "BLOCK_D": 32}, 1),
+                           ({"BLOCK_N": 16, "BLOCK_V": SAMPLE_GROUP, "BLOCK_D": 16}, 3)):
         ids2 = _linear_argmax_launch(x, w, b, gumbel_seed=1234, temperature=3.0, num_splits=splits, blocks=blocks)[0]
         torch.testing.assert_close(ids1, ids2, atol=0, rtol=0)
     ids3, _, _ = linear_argmax(x, w, b, gumbel_seed=99, temperature=3.0)
@@ -104,6 +108,9 @@ def test_sample_deterministic_and_tiling_independent():
     logits = (x.float() @ w.float().t() + b.float()) / 3.0
     torch.testing.assert_close(mx1, logits.gather(1, ids1[:, None]).squeeze(1), atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(lse1, torch.logsumexp(logits, 1), atol=1e-4, rtol=1e-5)
+    # a tile that is not one sampling group is refused, not sampled differently
+    with pytest.raises(ValueError, match="BLOCK_V"):
+        _linear_argmax_launch(x, w, b, gumbel_seed=1, blocks={"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_D": 16})
 
 
 def test_philox_reference_known_answer():
@@ -116,15 +123,15 @@ def test_philox_reference_known_answer():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_sample_equals_reference_stream(dtype):
-    """The kernel's samples are the reference's: same Philox stream, same Gumbel-max argmax
-    (rows whose two best noised scores are within floating-point noise are not compared)."""
+    """The kernel's samples are the reference's: same Philox stream, same two-level draw (rows
+    within floating-point noise of a decision boundary are not compared)."""
     x, w, b = _planted(37, 301, 40, dtype, margin=0.5)
     for seed, temp in ((7, 1.0), (2**33 + 5, 2.5)):
         ids, mx, lse = linear_argmax(x, w, b, gumbel_seed=seed, temperature=temp)
         rids, rmx, rlse = linear_argmax_reference(x, w, b, gumbel_seed=seed, temperature=temp)
         logits = (x.float() @ w.float().t() + b.float()) / temp
-        top2 = (logits + gumbel_noise_reference(seed, 37, 301, logits.device)).topk(2, dim=1).values
-        clear = (top2[:, 0] - top2[:, 1]) > 1e-3
+        _, group_margin, pick_margin = linear_sample_reference(logits, seed)
+        clear = (group_margin > 1e-3) & (pick_margin > 1e-4)
         assert clear.sum() >= 30
         torch.testing.assert_close(ids[clear], rids[clear], atol=0, rtol=0)
         assert (ids != logits.argmax(1)).any()  # the noise does change some ids
@@ -143,8 +150,7 @@ def test_sample_distribution_chi_square(v, temperature):
     x, w, b = x.to(DEV), w.to(DEV), b.to(DEV)
     counts = torch.zeros(v, dtype=torch.float64)
     for seed in (0, 1, 2**40 + 7):
-        ids = _linear_argmax_launch(x, w, b, gumbel_seed=seed, temperature=temperature,
-                                    blocks={"BLOCK_N": 128, "BLOCK_V": 16, "BLOCK_D": 16})[0]
+        ids = _linear_argmax_launch(x, w, b, gumbel_seed=seed, temperature=temperature, blocks=SAMPLE_BLOCKS)[0]
         counts += torch.bincount(ids.cpu(), minlength=v).double()
     p = torch.softmax((x[0].float() @ w.float().t() + b.float()).cpu().double() / temperature, 0)
     expected = counts.sum() * p
@@ -157,6 +163,33 @@ def test_sample_distribution_chi_square(v, temperature):
                              minlength=v).double()
     assert ((rc - expected) ** 2 / expected).sum().item() < CHI2_CRIT[v - 1]
 
+
+
+def test_sample_distribution_across_groups_chi_square():
+    """Both levels of the draw together: 12 ids spread over three vocabulary groups (two of them in
+    different splits) carry all the mass (the other 288 sit 40 nats lower); the empirical counts over
+    rows x seeds match softmax over the 12 (chi-square, p = 1e-4), and no other id is ever drawn."""
+    v, d, rows = 3 * SAMPLE_GROUP - 84, 8, 1024
+    live = torch.tensor([0, 5, 77, 127, 128, 130, 200, 255, 256, 270, 290, v - 1])
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(v, d, generator=g)
+    b = torch.full((v,), -40.0)
+    b[live] = torch.randn(len(live), generator=g)
+    x = torch.randn(1, d, generator=g).expand(rows, d).contiguous()
+    x, w, b = x.to(DEV), w.to(DEV), b.to(DEV)
+    counts = torch.zeros(v, dtype=torch.float64)
+    for seed, splits in ((0, 1), (1, 2), (2**40 + 7, 3)):
+        ids = _linear_argmax_launch(x, w, b, gumbel_seed=seed, temperature=1.0, num_splits=splits,
+                                    blocks=SAMPLE_BLOCKS)[0]
+        counts += torch.bincount(ids.cpu(), minlength=v).double()
+    dead = torch.ones(v, dtype=torch.bool)
+    dead[live] = False
+    assert counts[dead].sum() == 0
+    p = torch.softmax((x[0].float() @ w.float().t() + b.float()).cpu().double()[live], 0)
+    expected = counts.sum() * p
+    stat = ((counts[live] - expected) ** 2 / expected).sum().item()
+    assert stat < CHI2_CRIT[11], f"chi-square {stat:.1f} >= {CHI2_CRIT[11]} (df 11)"
+    assert (counts[live[:4]].sum() > 0) and (counts[live[4:8]].sum() > 0) and (counts[live[8:]].sum() > 0)
 
 def test_empty_rows():
     w = torch.randn(50, 16, device=DEV)
@@ -192,16 +225,15 @@ def test_argmax_bf16_gpu(n, v, d):
     torch.testing.assert_close(ids, rids, atol=0, rtol=0)
     torch.testing.assert_close(mx, rmx, **TOL[torch.bfloat16])
     torch.testing.assert_close(lse, rlse, **TOL[torch.bfloat16])
-    # sampling on GPU: deterministic, the reference's Philox stream, and at a very low temperature
+    # sampling on GPU: deterministic, the reference's draw, and at a very low temperature
     # it is the argmax
     s1 = linear_argmax(x, w, b, gumbel_seed=3, temperature=40.0)[0]
     torch.testing.assert_close(s1, linear_argmax(x, w, b, gumbel_seed=3, temperature=40.0)[0], atol=0, rtol=0)
     logits = (x.float() @ w.float().t()) / 40.0
-    top2 = (logits + gumbel_noise_reference(3, n, v, logits.device)).topk(2, dim=1).values
-    clear = (top2[:, 0] - top2[:, 1]) > 1e-2
-    rs = linear_argmax_reference(x, w, b, gumbel_seed=3, temperature=40.0)[0]
+    rs, group_margin, pick_margin = linear_sample_reference(logits, 3)
+    clear = (group_margin > 1e-2) & (pick_margin > 1e-3)
     torch.testing.assert_close(s1[clear], rs[clear], atol=0, rtol=0)
-    del logits, top2
+    del logits
     torch.testing.assert_close(linear_argmax(x, w, b, gumbel_seed=3, temperature=1e-3)[0], rids, atol=0, rtol=0)
 
 

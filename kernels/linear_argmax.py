@@ -23,12 +23,14 @@ vocabulary is cut into fixed groups of ``SAMPLE_GROUP`` ids (the sampling tile).
 partial kernel: each group competes with ``lse_g + G_g`` (its log-sum-exp plus one Gumbel variate),
 so group ``g`` wins with probability ``exp(lse_g) / sum_h exp(lse_h)``. Level 2,
 ``_sample_in_group_kernel``: for each row, the ``SAMPLE_GROUP`` logits of its winning group are
-recomputed (a tiny gathered GEMV) and an id is drawn from ``softmax`` over the group by inverse CDF.
-The product is ``P(id) = softmax(z / T)[id]``. Noise costs two uniforms per (row, group) instead of
-one per logit, so the sampling epilogue is as light as the argmax's. Both come from Philox-4x32-10
-keyed on ``(seed, group, row)`` (counter ``(group, row, 0, 0)``; word 0 for level 1, word 1 for
-level 2), so the same seed gives the same ids whatever the row tiling, dim blocking, number of splits
-or launch configuration (:func:`linear_sample_reference` reproduces them).
+recomputed (a tiny gathered GEMV) and the id is ``argmax_j (z_j + G_j)`` over the group with fresh
+Gumbel variates, a draw from ``softmax`` over the group. The product is ``P(id) = softmax(z / T)[id]``.
+The big kernel draws one variate per (row, group) instead of one per logit, so its sampling
+epilogue is as light as the argmax's; like plain Gumbel-max, a small change of the logits rarely
+changes the draw of a given seed. Noise comes from Philox-4x32-10 keyed on ``(seed, group, row)``:
+counter ``(group, row, 0, 0)`` word 0 for level 1, counter ``(group, row, 1 + j // 4, 0)`` word
+``j % 4`` for column ``j`` of level 2, so the same seed gives the same ids whatever the row tiling,
+dim blocking, number of splits or launch configuration (:func:`linear_sample_reference` reproduces them).
 
 Outputs in both modes: ``ids`` int64 ``(N,)``; ``max_logit`` fp32 ``(N,)`` = the *un-noised*
 tempered logit of the returned id, ``z[id] / T`` (without a seed and with ``T = 1`` that is the
@@ -90,23 +92,31 @@ def _unit_reference(words: torch.Tensor) -> torch.Tensor:
     return signed.to(torch.float32) * 4.6566127342e-10
 
 
-def sample_uniforms_reference(seed: int, n: int, groups: int, device=None):
-    """The kernels' two uniforms per (row, vocabulary group), each (n, groups) fp32: word 0 (level-1
-    Gumbel) and word 1 (level-2 inverse CDF) of Philox keyed on ``seed`` at counter ``(group, row, 0, 0)``."""
+def group_uniforms_reference(seed: int, n: int, groups: int, device=None) -> torch.Tensor:
+    """Level-1 uniforms (n, groups) fp32: word 0 of Philox keyed on ``seed`` at counter ``(group, row, 0, 0)``."""
     c0 = torch.arange(groups, device=device, dtype=torch.int64)[None, :].expand(n, groups)
     c1 = torch.arange(n, device=device, dtype=torch.int64)[:, None].expand(n, groups)
     zero = torch.zeros_like(c0)
-    w0, w1, _, _ = philox4x32_reference(seed, c0, c1, zero, zero)
-    return _unit_reference(w0), _unit_reference(w1)
+    return _unit_reference(philox4x32_reference(seed, c0, c1, zero, zero)[0])
+
+
+def in_group_uniforms_reference(seed: int, group: torch.Tensor) -> torch.Tensor:
+    """Level-2 uniforms (n, SAMPLE_GROUP) fp32 for each row's group ``group`` (n,) int64: column ``j``
+    takes word ``j % 4`` of Philox keyed on ``seed`` at counter ``(group, row, 1 + j // 4, 0)``."""
+    n, quads = group.shape[0], SAMPLE_GROUP // 4
+    c0 = group[:, None].expand(n, quads)
+    c1 = torch.arange(n, device=group.device, dtype=torch.int64)[:, None].expand(n, quads)
+    c2 = 1 + torch.arange(quads, device=group.device, dtype=torch.int64)[None, :].expand(n, quads)
+    words = torch.stack(philox4x32_reference(seed, c0, c1, c2, torch.zeros_like(c0)), dim=-1)
+    return _unit_reference(words.reshape(n, SAMPLE_GROUP))
 
 
 def linear_sample_reference(logits: torch.Tensor, seed: int):
     """The kernels' two-level Gumbel-max draw from ``softmax(logits)`` (module docstring), in PyTorch.
 
     logits (N, V) fp32 (already divided by the temperature) -> ``(ids, group_margin, pick_margin)``:
-    ids int64 (N,); the margins (N,) fp32 say how far each row is from a decision boundary — the gap
-    between the two best level-1 group scores (inf with one group) and the distance of the level-2
-    threshold to the nearest CDF step, as a fraction of the group's mass — so tests can set aside
+    ids int64 (N,); the margins (N,) fp32 are the gaps between the two best noised scores of level 1
+    (groups; inf with one group) and of level 2 (ids in the winning group), so tests can set aside
     rows where floating-point summation order could flip the draw.
     """
     n, v = logits.shape
@@ -114,23 +124,19 @@ def linear_sample_reference(logits: torch.Tensor, seed: int):
     groups = -(-v // group)
     padded = torch.nn.functional.pad(logits, (0, groups * group - v), value=float("-inf")).view(n, groups, group)
     g_max = padded.amax(-1)
-    g_sum = torch.exp(padded - g_max[..., None]).sum(-1)
-    u_grp, u_pick = sample_uniforms_reference(seed, n, groups, logits.device)
-    score = g_max + torch.log(g_sum) - torch.log(-torch.log(u_grp))
+    lse = g_max + torch.log(torch.exp(padded - g_max[..., None]).sum(-1))
+    score = lse - torch.log(-torch.log(group_uniforms_reference(seed, n, groups, logits.device)))
     win = score.argmax(-1)
-    top2 = score.topk(2, dim=-1).values if groups > 1 else None
-    group_margin = top2[:, 0] - top2[:, 1] if top2 is not None else torch.full((n,), float("inf"), device=logits.device)
-    rows = torch.arange(n, device=logits.device)
-    z = padded[rows, win]                                              # (N, group)
-    e = torch.exp(z - z.amax(-1, keepdim=True))
-    cdf = e.cumsum(-1)
-    total = e.sum(-1)
-    thr = u_pick[rows, win] * total
-    last = (v - win * group).clamp(max=group) - 1
-    j = torch.minimum((cdf <= thr[:, None]).sum(-1), last)
-    prev = torch.where(j > 0, cdf.gather(1, (j - 1).clamp(min=0)[:, None]).squeeze(1), torch.zeros_like(thr))
-    pick_margin = torch.minimum(cdf.gather(1, j[:, None]).squeeze(1) - thr, thr - prev) / total
-    return win * group + j, group_margin, pick_margin
+    z = padded[torch.arange(n, device=logits.device), win]                     # (N, group)
+    pick = z - torch.log(-torch.log(in_group_uniforms_reference(seed, win)))   # -inf on padding
+    j = pick.argmax(-1)
+
+    def gap(s):
+        top2 = s.topk(2, dim=-1).values
+        return top2[:, 0] - top2[:, 1]
+
+    group_margin = gap(score) if groups > 1 else torch.full((n,), float("inf"), device=logits.device)
+    return win * group + j, group_margin, gap(pick)
 
 
 def linear_argmax_reference(
@@ -263,7 +269,7 @@ if HAS_TRITON:
                     # (seed, group, row) only. The id inside the winning group: _sample_in_group_kernel.
                     grp = tl.zeros((BLOCK_N,), tl.uint32) + (v0 // BLOCK_V).to(tl.uint32)
                     zero = tl.zeros((BLOCK_N,), tl.uint32)
-                    u_grp, _u_pick, _w2, _w3 = tl.philox(seed, grp, rows.to(tl.uint32), zero, zero, N_ROUNDS)
+                    u_grp, _w1, _w2, _w3 = tl.philox(seed, grp, rows.to(tl.uint32), zero, zero, N_ROUNDS)
                     tile_best = tile_max + tl.log(tile_sum) - tl.log(-tl.log(_uint_to_unit(u_grp)))
                     tile_arg = tl.zeros((BLOCK_N,), tl.int32)  # the group's first id
                     tile_sel = tile_max
@@ -334,7 +340,7 @@ if HAS_TRITON:
     ):
         """Level 2 of the two-level draw: one program per row. ``ids`` holds the first id of the
         row's winning group (level 1); recompute that group's logits, draw an id from their softmax by
-        inverse CDF, and overwrite ``ids`` / ``sel`` with it and its un-noised logit ``z[id] / T``."""
+        Gumbel-max, and overwrite ``ids`` / ``sel`` with it and its un-noised logit ``z[id] / T``."""
         row = tl.program_id(0)
         g_start = tl.load(ids_ptr + row).to(tl.int32)
         offs = tl.arange(0, GROUP)
@@ -351,15 +357,16 @@ if HAS_TRITON:
         if HAS_BIAS:
             acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
         z = tl.where(col_mask, acc * inv_temp, float("-inf"))
-        e = tl.exp(z - tl.max(z, axis=0))
-        # the same Philox call as level 1 (counter (group, row, 0, 0)); word 1, one copy per column
+        # Gumbel-max inside the group: column j takes word j % 4 at counter (group, row, 1 + j // 4, 0)
+        # (level 1 used (group, row, 0, 0)); the 4 words are computed per column, GROUP is small
         grp = tl.zeros((GROUP,), tl.uint32) + (g_start // GROUP).to(tl.uint32)
         zero = tl.zeros((GROUP,), tl.uint32)
-        _u_grp, u_pick, _w2, _w3 = tl.philox(seed, grp, zero + row.to(tl.uint32), zero, zero, N_ROUNDS)
-        # first column whose running mass exceeds u * total (zero-probability columns never win)
-        below = tl.cumsum(e, axis=0) <= _uint_to_unit(u_pick) * tl.sum(e, axis=0)
-        last = tl.minimum(V - g_start, GROUP) - 1
-        j = tl.minimum(tl.sum(below.to(tl.int32), axis=0), last)
+        r0, r1, r2, r3 = tl.philox(seed, grp, zero + row.to(tl.uint32), 1 + (offs // 4).to(tl.uint32), zero,
+                                   N_ROUNDS)
+        word = offs % 4
+        bits = tl.where(word == 0, r0, tl.where(word == 1, r1, tl.where(word == 2, r2, r3)))
+        score = tl.where(col_mask, z - tl.log(-tl.log(_uint_to_unit(bits))), float("-inf"))
+        _, j = tl.max(score, axis=0, return_indices=True, return_indices_tie_break_left=True)
         tl.store(ids_ptr + row, (g_start + j).to(tl.int64))
         tl.store(sel_ptr + row, tl.sum(tl.where(offs == j, z, 0.0), axis=0))
 

@@ -131,7 +131,7 @@ def test_sample_equals_reference_stream(dtype):
         rids, rmx, rlse = linear_argmax_reference(x, w, b, gumbel_seed=seed, temperature=temp)
         logits = (x.float() @ w.float().t() + b.float()) / temp
         _, group_margin, pick_margin = linear_sample_reference(logits, seed)
-        clear = (group_margin > 1e-3) & (pick_margin > 1e-4)
+        clear = (group_margin > 1e-3) & (pick_margin > 1e-3)
         assert clear.sum() >= 30
         torch.testing.assert_close(ids[clear], rids[clear], atol=0, rtol=0)
         assert (ids != logits.argmax(1)).any()  # the noise does change some ids
@@ -231,7 +231,7 @@ def test_argmax_bf16_gpu(n, v, d):
     torch.testing.assert_close(s1, linear_argmax(x, w, b, gumbel_seed=3, temperature=40.0)[0], atol=0, rtol=0)
     logits = (x.float() @ w.float().t()) / 40.0
     rs, group_margin, pick_margin = linear_sample_reference(logits, 3)
-    clear = (group_margin > 1e-2) & (pick_margin > 1e-3)
+    clear = (group_margin > 1e-2) & (pick_margin > 1e-2)
     torch.testing.assert_close(s1[clear], rs[clear], atol=0, rtol=0)
     del logits
     torch.testing.assert_close(linear_argmax(x, w, b, gumbel_seed=3, temperature=1e-3)[0], rids, atol=0, rtol=0)

@@ -378,7 +378,7 @@ if HAS_TRITON:
             cfg({"BLOCK_N": 128, "BLOCK_V": 256, "BLOCK_D": 64}, num_warps=8, num_stages=3),
             # dropped: (256, 128, 64) w8 s3 and (64, 256, 64) w4 s4, 76-396 B of spills on sm_90 (bench/compile_audit.py)
             cfg({"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_D": 64}, num_warps=4, num_stages=3),  # 2 CTAs / SM
-            cfg({"BLOCK_N": 128, "BLOCK_V": 64, "BLOCK_D": 64}, num_warps=8, num_stages=3),  # sampling: no spills
+            cfg({"BLOCK_N": 128, "BLOCK_V": 64, "BLOCK_D": 64}, num_warps=8, num_stages=3),  # light: 169 regs
             cfg({"BLOCK_N": 16, "BLOCK_V": 256, "BLOCK_D": 128}, num_warps=4, num_stages=3),  # N <= 16
             cfg({"BLOCK_N": 16, "BLOCK_V": 128, "BLOCK_D": 64}, num_warps=4, num_stages=3),   # N <= 16
         ]

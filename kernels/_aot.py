@@ -268,7 +268,7 @@ def build_cases(dtypes=DTYPES) -> list[Case]:
         cfgs, kept = _fixed(dict(HAS_TARGET=True, SUM_Z=True, BLOCK_N=max(1, min(64, 4096 // block_s)),
                                  BLOCK_S=block_s))
         cases.append(Case("linear_argmax._linear_argmax_reduce_kernel", "ce", dt, args, {}, cfgs, kept))
-        args = dict(x_ptr=p, w_ptr=p, b_ptr=p, ids_ptr="*i64", sel_ptr="*fp32", N=n, V=V, D=d, stride_xn=d,
+        args = dict(x_ptr=p, w_ptr=p, b_ptr=p, ids_ptr="*i64", sel_ptr="*fp32", V=V, D=d, stride_xn=d,
                     stride_wv=d, seed=2**40 + 7, inv_temp=1.0)
         cfgs, kept = _fixed(dict(HAS_BIAS=True, N_ROUNDS=la.PHILOX_ROUNDS, GROUP=la.SAMPLE_GROUP, BLOCK_D=64))
         cases.append(Case("linear_argmax._sample_in_group_kernel", "sample", dt, args, {}, cfgs, kept))

@@ -270,7 +270,7 @@ if HAS_TRITON:
                     grp = tl.zeros((BLOCK_N,), tl.uint32) + (v0 // BLOCK_V).to(tl.uint32)
                     zero = tl.zeros((BLOCK_N,), tl.uint32)
                     u_grp, _w1, _w2, _w3 = tl.philox(seed, grp, rows.to(tl.uint32), zero, zero, N_ROUNDS)
-                    tile_best = tile_max + tl.log(tile_sum) - tl.log(-tl.log(_uint_to_unit(u_grp)))
+                    tile_best = tile_max + tl.log(tile_sum) + _gumbel(u_grp)
                     tile_arg = tl.zeros((BLOCK_N,), tl.int32)  # the group's first id
                     tile_sel = tile_max
                 else:
@@ -298,6 +298,11 @@ if HAS_TRITON:
         xi = bits.to(tl.int32, bitcast=True)
         xi = tl.where(xi < 0, ~xi, xi)
         return xi.to(tl.float32) * 4.6566127342e-10
+
+    @triton.jit
+    def _gumbel(bits):
+        """uint32 -> a standard Gumbel variate ``-log(-log(u))``, ``u = _uint_to_unit(bits)``."""
+        return -tl.log(-tl.log(_uint_to_unit(bits)))
 
     @triton.jit
     def _linear_argmax_reduce_kernel(
@@ -332,10 +337,10 @@ if HAS_TRITON:
             zs = tl.sum(tl.load(zsum_ptr + offs, mask=mask, other=0.0), axis=1)
             tl.store(zsum_out + rows, zs, mask=row_mask)
 
-    @triton.jit(do_not_specialize=["N", "V", "seed"])
+    @triton.jit(do_not_specialize=["V", "seed"])
     def _sample_in_group_kernel(
         x_ptr, w_ptr, b_ptr, ids_ptr, sel_ptr,    # x (N, D), w (V, D), bias (V,); ids int64 / sel fp32 (N,)
-        N, V, D, stride_xn, stride_wv, seed, inv_temp,
+        V, D, stride_xn, stride_wv, seed, inv_temp,
         HAS_BIAS: tl.constexpr, N_ROUNDS: tl.constexpr, GROUP: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         """Level 2 of the two-level draw: one program per row. ``ids`` holds the first id of the
@@ -365,7 +370,7 @@ if HAS_TRITON:
                                    N_ROUNDS)
         word = offs % 4
         bits = tl.where(word == 0, r0, tl.where(word == 1, r1, tl.where(word == 2, r2, r3)))
-        score = tl.where(col_mask, z - tl.log(-tl.log(_uint_to_unit(bits))), float("-inf"))
+        score = tl.where(col_mask, z + _gumbel(bits), float("-inf"))
         _, j = tl.max(score, axis=0, return_indices=True, return_indices_tie_break_left=True)
         tl.store(ids_ptr + row, (g_start + j).to(tl.int64))
         tl.store(sel_ptr + row, tl.sum(tl.where(offs == j, z, 0.0), axis=0))
@@ -542,7 +547,7 @@ def _linear_argmax_launch(
     if sample:  # level 2: the id inside each row's winning group, and its logit
         _sample_in_group_kernel[(n,)](
             x, weight, bias if bias is not None else dummy, ids, out[0],
-            n, v, d, x.stride(0), weight.stride(0), seed, 1.0 / float(temperature),
+            v, d, x.stride(0), weight.stride(0), seed, 1.0 / float(temperature),
             HAS_BIAS=bias is not None, N_ROUNDS=PHILOX_ROUNDS, GROUP=SAMPLE_GROUP,
             BLOCK_D=16 if interp else 64, num_warps=4,
         )

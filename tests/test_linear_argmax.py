@@ -164,7 +164,6 @@ def test_sample_distribution_chi_square(v, temperature):
     assert ((rc - expected) ** 2 / expected).sum().item() < CHI2_CRIT[v - 1]
 
 
-
 def test_sample_distribution_across_groups_chi_square():
     """Both levels of the draw together: 12 ids spread over three vocabulary groups (two of them in
     different splits) carry all the mass (the other 288 sit 40 nats lower); the empirical counts over

@@ -9,8 +9,12 @@ registers and spill bytes (``ptxas -v``), and whether the PTX uses ``wgmma``.
     python bench/compile_audit.py                    # bf16, sm_90
     python bench/compile_audit.py --dtypes bf16 fp32 --arch 80 --json out.json --filter attn
 
-The installed Triton compiles here; the GPU machine may run an older one, so this is a proxy for
-compile errors, shared-memory overflow, spills and lost tensor-core lowering, not a timing.
+The installed Triton compiles here; the GPU machine may run an older one (3.6 in 2026-11), whose
+register allocation differs (the same config can spill under one and not the other). To audit with
+the GPU's version, install its wheel aside and put it first on the path, e.g.
+``pip download --no-deps triton==3.6.0 -d /tmp/w && pip install --no-deps --target /tmp/t36 /tmp/w/*.whl``
+then ``PYTHONPATH=/tmp/t36 python bench/compile_audit.py``. This is a proxy for compile errors,
+shared-memory overflow, spills and lost tensor-core lowering, not a timing.
 """
 from __future__ import annotations
 
@@ -46,7 +50,9 @@ def main(argv=None) -> int:
     limit = _aot.SHARED_LIMIT[args.arch]
     rows, problems = [], []
     header = f"{'kernel':<44} {'launch':<20} {'config':<34} {'kept':>4} {'shared':>7} {'regs':>4} {'spill':>6} {'wgmma':>5} {'s':>5}"
-    print(f"# sm_{args.arch}, shared limit {limit} B; spill = bytes of spill stores; kept = the autotuner's prune keeps it")
+    import triton
+
+    print(f"# triton {triton.__version__}, sm_{args.arch}, shared limit {limit} B; spill = bytes of spill stores; kept = the autotuner's prune keeps it")
     print(header)
     print("-" * len(header))
     for case in _aot.build_cases(tuple(args.dtypes)):

@@ -215,37 +215,37 @@ if HAS_TRITON:
         if SUM_Z:
             zs_acc = tl.zeros((BLOCK_N,), tl.float32)
 
-        x_rows = x_ptr + rows[:, None].to(tl.int64) * stride_xn
+        # Loads are unmasked along rows: row / vocabulary indices past the end are clamped to the last
+        # valid one (a real row of memory), and those rows / columns are masked out in the epilogue.
+        # Only scalars carry the tile position through the loop: per-column index / mask vectors
+        # carried in the accumulator's layout cost ~32 registers each (x2 with pipelining).
+        x_rows = x_ptr + tl.minimum(rows, N - 1)[:, None].to(tl.int64) * stride_xn
         # One flat loop over (vocab tile, dim block) so the software pipeline keeps loading across
         # tile boundaries; the tile epilogue runs on the last dim block of each tile.
         k_tiles = tl.cdiv(D, BLOCK_D)
         n_iters = tl.cdiv(v_end - v_start, BLOCK_V) * k_tiles
         ki = k_tiles - 1
         v0 = v_start - BLOCK_V
-        cols = v0 + offs_v
-        col_mask = cols < v_end
-        w_rows = w_ptr + cols[:, None].to(tl.int64) * stride_wv
         acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
         for _ in range(0, n_iters):
             ki = tl.where(ki == k_tiles - 1, 0, ki + 1)
-            if ki == 0:  # next vocabulary tile
-                v0 += BLOCK_V
-                cols = v0 + offs_v
-                col_mask = cols < v_end
-                w_rows = w_ptr + cols[:, None].to(tl.int64) * stride_wv
+            v0 = tl.where(ki == 0, v0 + BLOCK_V, v0)  # next vocabulary tile
+            w_rows = w_ptr + tl.minimum(v0 + offs_v, V - 1)[:, None].to(tl.int64) * stride_wv
             # logits tile z = x[rows] @ w[cols].T, fp32 accumulation over dim
             dd = ki * BLOCK_D + offs_d
             if EVEN_D:
-                a = tl.load(x_rows + dd[None, :], mask=row_mask[:, None], other=0.0)
-                b = tl.load(w_rows + dd[None, :], mask=col_mask[:, None], other=0.0)
+                a = tl.load(x_rows + dd[None, :])
+                b = tl.load(w_rows + dd[None, :])
             else:
-                a = tl.load(x_rows + dd[None, :], mask=row_mask[:, None] & (dd[None, :] < D), other=0.0)
-                b = tl.load(w_rows + dd[None, :], mask=col_mask[:, None] & (dd[None, :] < D), other=0.0)
+                a = tl.load(x_rows + dd[None, :], mask=dd[None, :] < D, other=0.0)
+                b = tl.load(w_rows + dd[None, :], mask=dd[None, :] < D, other=0.0)
             if IEEE_FP32:  # fp32 inputs: exact fp32 products, not TF32
                 acc = tl.dot(a, tl.trans(b), acc, input_precision="ieee")
             else:
                 acc = tl.dot(a, tl.trans(b), acc)
             if ki == k_tiles - 1:  # tile epilogue
+                cols = v0 + offs_v
+                col_mask = cols < v_end
                 if HAS_BIAS:
                     acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
                 if HAS_TARGET:
@@ -376,21 +376,24 @@ if HAS_TRITON:
         tl.store(sel_ptr + row, tl.sum(tl.where(offs == j, z, 0.0), axis=0))
 
     def _gpu_configs():
+        # registers / spills from ptxas for sm_90 with the GPU machine's Triton 3.6 (bench/compile_audit.py),
+        # argmax mode: (128,128,64) s4 184 regs, (128,256,64) 248, (256,128,64) 240, (64,128,64) 160
+        # (3 CTAs / SM), (128,64,64) 109 (2 CTAs / SM); none spills.
         cfg = triton.Config
         return [
             cfg({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_D": 64}, num_warps=8, num_stages=4),
             cfg({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_D": 128}, num_warps=8, num_stages=3),
             cfg({"BLOCK_N": 128, "BLOCK_V": 256, "BLOCK_D": 64}, num_warps=8, num_stages=3),
-            # dropped: (256, 128, 64) w8 s3 and (64, 256, 64) w4 s4, 76-396 B of spills on sm_90 (bench/compile_audit.py)
-            cfg({"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_D": 64}, num_warps=4, num_stages=3),  # 2 CTAs / SM
-            cfg({"BLOCK_N": 128, "BLOCK_V": 64, "BLOCK_D": 64}, num_warps=8, num_stages=3),  # light: 169 regs
+            cfg({"BLOCK_N": 256, "BLOCK_V": 128, "BLOCK_D": 64}, num_warps=8, num_stages=3),  # large N
+            cfg({"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_D": 64}, num_warps=4, num_stages=3),
+            cfg({"BLOCK_N": 128, "BLOCK_V": 64, "BLOCK_D": 64}, num_warps=8, num_stages=3),
             cfg({"BLOCK_N": 16, "BLOCK_V": 256, "BLOCK_D": 128}, num_warps=4, num_stages=3),  # N <= 16
             cfg({"BLOCK_N": 16, "BLOCK_V": 128, "BLOCK_D": 64}, num_warps=4, num_stages=3),   # N <= 16
         ]
 
     def _prune(configs, named_args, **kwargs):
-        """N <= 16 (a few tokens, memory-bound): only the narrow-row configs. Sampling: tiles of one
-        vocabulary group (BLOCK_V = SAMPLE_GROUP). The cross-entropy statistics keep more tiles live
+        """N <= 16 (a few tokens, memory-bound): only the narrow-row configs; 256-row blocks only for
+        N >= 1024. Sampling: tiles of one vocabulary group (BLOCK_V = SAMPLE_GROUP). The cross-entropy statistics keep more tiles live
         in the epilogue: there only the configs that neither spill much nor overflow shared memory
         (checked with ptxas for sm_90, bench/compile_audit.py)."""
         def flag(name):
@@ -398,6 +401,8 @@ if HAS_TRITON:
 
         narrow = named_args["n_bucket"] <= 16
         keep = [c for c in configs if (c.kwargs["BLOCK_N"] == 16) == narrow]
+        if named_args["n_bucket"] < 1024:  # 256-row blocks: too few programs for the SMs below ~1K rows
+            keep = [c for c in keep if c.kwargs["BLOCK_N"] < 256]
         if flag("SAMPLE"):
             keep = [c for c in keep if c.kwargs["BLOCK_V"] == SAMPLE_GROUP]
         if flag("IEEE_FP32"):  # fp32 operands take twice the shared memory: the small tiles only

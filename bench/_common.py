@@ -5,11 +5,17 @@ record; at session end ``bench/conftest.py`` writes ``bench/results/<device>-<da
 device's measured bf16 matmul peak and copy bandwidth from the same run.
 
 ``peak_mem_bytes`` is the memory an impl allocates on top of what was resident before the call
-(inputs and weights excluded), read with ``torch.cuda.max_memory_allocated``.
+(inputs and weights excluded), read with ``torch.cuda.max_memory_allocated`` after a garbage
+collection (so no earlier call's unreachable tensors sit in the baseline and are freed during the
+measured one). ``configs`` names the autotuned config each of our Triton kernels ran with in the
+measured call (``{"<module>.<kernel>": {"BLOCK_N": 128, ..., "num_warps": 8, "num_stages": 4}}``;
+a kernel launched several times per call, e.g. the grouped GEMM, shows its last launch), and the
+file's ``autotune`` section every (kernel, autotune key) -> config chosen in the run.
 """
 from __future__ import annotations
 
 import datetime
+import gc
 import json
 import os
 import re
@@ -94,11 +100,17 @@ def measure(
 
     benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=warmup_rounds)
     ms = benchmark.stats.stats.median * 1e3
+    tuners = _autotuners()
+    for tuner in tuners.values():  # set again by every launch: afterwards, the configs of this call
+        tuner.best_config = None
+    gc.collect()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     timed()
     peak = torch.cuda.max_memory_allocated() - base
+    configs = {name: _config_dict(t.best_config) for name, t in tuners.items()
+               if getattr(t, "best_config", None) is not None}
     record = {
         "op": op,
         "shape": shape,
@@ -109,6 +121,7 @@ def measure(
         "tflops": flops / ms / 1e9 if flops else None,
         "gbps": bytes_moved / ms / 1e6 if bytes_moved else None,
         "peak_mem_bytes": int(peak),
+        "configs": configs or None,
     }
     peaks = device_peaks()
     if record["tflops"] is not None:
@@ -119,6 +132,20 @@ def measure(
     RECORDS.append(record)
     write_results()  # after every record, so a run cut short still leaves its figures
     return record
+
+
+def _autotuners() -> dict:
+    """Our ``triton.autotune`` wrappers by ``"<module>.<kernel>"`` (empty without Triton)."""
+    try:
+        from univigu_fast.kernels import _aot
+
+        return _aot.discover_autotuners()
+    except Exception:  # noqa: BLE001 - diagnostics only
+        return {}
+
+
+def _config_dict(cfg) -> dict:
+    return {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
 
 
 def _git_commit() -> str | None:
@@ -146,6 +173,11 @@ def write_results() -> Path | None:
     old = json.loads(path.read_text()) if path.exists() else {"records": []}
     fresh = {(r["op"], r["shape"]) for r in RECORDS}
     kept = [r for r in old.get("records", []) if (r["op"], r["shape"]) not in fresh and old.get("run_id") != _RUN_ID]
+    autotune = dict(old.get("autotune") or {})
+    for name, tuner in _autotuners().items():  # every key tuned in this process, merged over older runs
+        chosen = {" ".join(map(str, key)): _config_dict(cfg) for key, cfg in getattr(tuner, "cache", {}).items()}
+        if chosen:
+            autotune[name] = {**autotune.get(name, {}), **chosen}
     doc = {
         "device": torch.cuda.get_device_name(),
         "commit": _git_commit(),
@@ -155,6 +187,7 @@ def write_results() -> Path | None:
         **device_peaks(),
         "run_id": _RUN_ID,
         "records": kept + RECORDS,
+        "autotune": autotune,
     }
     path.write_text(json.dumps(doc, indent=1) + "\n")
     return path

@@ -229,7 +229,7 @@ def build_cases(dtypes=DTYPES) -> list[Case]:
         cfgs, kept = _fixed(dict(HEAD_DIM=hd, BLOCK_T=ja._ROPE_BLOCK_T))
         cases.append(Case("joint_attention._bwd_delta_kernel", "bwd", dt, args, {}, cfgs, kept))
         for inverse in (False, True):
-            args = dict(X=p, OUT=p, COS="*fp32", SIN="*fp32", IL="*u8", T=T, stride_xt=H * hd, stride_xh=hd,
+            args = dict(X=p, OUT=p, COS="*fp32", SIN="*fp32", IL="*u8", T=T, H=H, stride_xt=H * hd, stride_xh=hd,
                         stride_ot=H * hd, stride_oh=hd, stride_rope=hd // 2)
             cfgs, kept = _fixed(dict(HEAD_DIM=hd, BLOCK_T=ja._ROPE_BLOCK_T, INVERSE=inverse))
             cases.append(Case("joint_attention._rope_kernel", "inverse" if inverse else "forward", dt, args, {},

@@ -10,8 +10,9 @@ Triton path. The packed rows are cut into contiguous chunks, one program each; a
 segments its chunk overlaps (found in-kernel from ``seg_offsets``: no per-token index tensor, no host
 sync), loads that segment's ``shift``/``scale`` rows once and streams ``BLOCK_T`` rows at a time: one
 read of ``x``, one write of ``out`` (Wan's eager form makes ~6 passes with fp32 temporaries).
-Forward chunks are a single ``BLOCK_T``-row block (many small programs); backward chunks are long
-(a few per SM): ``dx`` in the same single pass, and ``dshift[s] = sum_rows dout`` and
+Forward chunks are a few ``BLOCK_T``-row blocks (so the segment lookup and the parameter rows are
+paid once per few blocks, not per 2-row block at dim 1536); backward chunks are long (a few per SM):
+``dx`` in the same single pass, and ``dshift[s] = sum_rows dout`` and
 ``dscale[s] = sum_rows dout * xhat`` accumulated in registers per (program, segment), then added
 with one fp32 atomic per column, so no (T, dim) temporary is written.
 
@@ -34,6 +35,8 @@ if HAS_TRITON:
 MAX_BLOCK_T = 16  # rows per inner step (fewer for wide rows, see ``geometry``)
 INTERPRETER_PROGRAMS = 4  # backward chunks under the interpreter (kept small: every program is emulated)
 PROGRAMS_PER_SM = 4  # backward chunks per SM on a GPU (each adds one atomic per column and segment)
+FWD_PROGRAMS_PER_SM = 16  # forward: at least this many programs per SM (two waves of resident blocks) ...
+FWD_MAX_BLOCKS = 8  # ... and at most this many row blocks per program
 
 
 def modulated_layer_norm_reference(
@@ -57,18 +60,19 @@ def geometry(T: int, D: int, device: torch.device, reduce: bool = False):
     """``(BLOCK_T, BLOCK_D, chunk, programs, num_warps)`` for ``T`` rows of width ``D``.
 
     ``chunk`` (a multiple of ``BLOCK_T``) rows per program; ``programs = cdiv(T, chunk)``. Forward
-    (``reduce=False``): one ``BLOCK_T x BLOCK_D`` (~4K elements) block per program, many small
-    programs the hardware overlaps (the usual row-kernel form, best memory parallelism). Backward
-    (``reduce=True``, per-segment / per-column sums): ``PROGRAMS_PER_SM`` long chunks per SM
-    (~8K-element steps), so the partial sums are few.
+    (``reduce=False``): ``BLOCK_T x BLOCK_D`` (~4K-element) blocks, up to ``FWD_MAX_BLOCKS`` per
+    program while at least ``FWD_PROGRAMS_PER_SM`` programs per SM remain (a program's fixed cost,
+    the in-kernel segment lookup and the parameter rows, is a few dependent memory round trips).
+    Backward (``reduce=True``, per-segment / per-column sums): ``PROGRAMS_PER_SM`` long chunks per
+    SM (~8K-element steps), so the partial sums are few. Under the interpreter
+    ``INTERPRETER_PROGRAMS`` programs in both directions (multi-block chunks exercised by CPU tests).
     """
     block_d = triton.next_power_of_2(max(D, 1))
     block_t = max(1, min(MAX_BLOCK_T, (8192 if reduce else 4096) // block_d))
     n_blocks = triton.cdiv(T, block_t)
-    if not reduce:
-        cap = n_blocks
-    elif device.type == "cuda":
-        cap = PROGRAMS_PER_SM * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    if device.type == "cuda":
+        sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+        cap = PROGRAMS_PER_SM * sms if reduce else max(triton.cdiv(n_blocks, FWD_MAX_BLOCKS), FWD_PROGRAMS_PER_SM * sms)
     else:
         cap = INTERPRETER_PROGRAMS
     programs = max(1, min(cap, n_blocks))

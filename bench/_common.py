@@ -17,9 +17,11 @@ from __future__ import annotations
 import datetime
 import gc
 import json
+import math
 import os
 import re
 import subprocess
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -30,6 +32,9 @@ RESULTS_DIR = Path(__file__).parent / "results"
 RECORDS: list[dict] = []
 _RUN_ID = datetime.datetime.now().isoformat()
 _PEAKS: dict[str, float] = {}
+WARMUP_S = 0.3  # minimum warm-up per measurement (when it has one), seconds
+TIMED_S = 0.5  # target length of the timed rounds of a fast op, seconds
+MAX_ROUNDS = 200
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="benchmarks time CUDA kernels")
 
@@ -90,6 +95,9 @@ def measure(
     """Time ``fn`` (synchronised) with pytest-benchmark, measure its extra peak memory, record it.
 
     ``flops`` counts only real (unpadded) work; ``bytes_moved`` the minimal device-memory traffic.
+    ``rounds`` / ``warmup_rounds`` are minimums: with ``warmup_rounds >= 1`` the warm-up goes on for
+    at least ``WARMUP_S`` (GPU clocks ramp up from idle), and a fast op gets more rounds, up to
+    ``MAX_ROUNDS``, so its timed part lasts about ``TIMED_S`` (10 rounds of a 0.2 ms op are noise).
     Returns the record (also appended to :data:`RECORDS`).
     """
 
@@ -98,7 +106,15 @@ def measure(
         torch.cuda.synchronize()
         return out
 
-    benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=warmup_rounds)
+    last_s = None
+    start, calls = time.perf_counter(), 0
+    while calls < warmup_rounds or (warmup_rounds and time.perf_counter() - start < WARMUP_S):
+        t0 = time.perf_counter()
+        timed()
+        last_s, calls = time.perf_counter() - t0, calls + 1
+    if last_s:
+        rounds = max(rounds, min(MAX_ROUNDS, math.ceil(TIMED_S / last_s)))
+    benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=0)
     ms = benchmark.stats.stats.median * 1e3
     tuners = _autotuners()
     for tuner in tuners.values():  # set again by every launch: afterwards, the configs of this call

@@ -377,14 +377,16 @@ if HAS_TRITON:
 
     def _gpu_configs():
         # registers / spills from ptxas for sm_90 with the GPU machine's Triton 3.6 (bench/compile_audit.py),
-        # argmax mode: (128,128,64) s4 184 regs, (128,256,64) 248, (256,128,64) 240, (64,128,64) 160
-        # (3 CTAs / SM), (128,64,64) 109 (2 CTAs / SM); none spills.
+        # argmax mode: (128,128,64) w8 s4 184 regs, (128,256,64) 248, (256,128,64) 240, (64,128,64) 160
+        # (3 CTAs / SM), (128,128,64) w4 255 (2 CTAs / SM: one's epilogue overlaps the other's MMAs),
+        # (128,64,64) 109 (2 CTAs / SM); none spills.
         cfg = triton.Config
         return [
             cfg({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_D": 64}, num_warps=8, num_stages=4),
             cfg({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_D": 128}, num_warps=8, num_stages=3),
             cfg({"BLOCK_N": 128, "BLOCK_V": 256, "BLOCK_D": 64}, num_warps=8, num_stages=3),
             cfg({"BLOCK_N": 256, "BLOCK_V": 128, "BLOCK_D": 64}, num_warps=8, num_stages=3),  # large N
+            cfg({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_D": 64}, num_warps=4, num_stages=3),
             cfg({"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_D": 64}, num_warps=4, num_stages=3),
             cfg({"BLOCK_N": 128, "BLOCK_V": 64, "BLOCK_D": 64}, num_warps=8, num_stages=3),
             cfg({"BLOCK_N": 16, "BLOCK_V": 256, "BLOCK_D": 128}, num_warps=4, num_stages=3),  # N <= 16
@@ -429,10 +431,11 @@ def _num_sms(device: torch.device) -> int:
 
 
 def _default_splits(n: int, v: int, granule: int, device: torch.device) -> int:
-    """Vocabulary splits: one group of ``min(row blocks, GROUP_ROWS)`` row blocks x splits fills the
-    SMs about once (row blocks estimated at 128 rows): small N -> many splits, large N -> 16."""
+    """Vocabulary splits: one group of ``min(row blocks, GROUP_ROWS)`` row blocks x splits gives
+    about two programs per SM (row blocks estimated at 128 rows), so configs that fit two per SM
+    have them: small N -> many splits, large N -> 33 on an H100."""
     group = min(-(-n // 128), GROUP_ROWS)
-    return max(1, min(-(-v // granule), _num_sms(device) // group))
+    return max(1, min(-(-v // granule), 2 * _num_sms(device) // group))
 
 
 def _check_inputs(x, weight, bias, temperature=1.0, gumbel_seed=None):

@@ -33,7 +33,7 @@ if HAS_TRITON:
     import triton.language as tl
 
 MAX_BLOCK_T = 16  # rows per inner step (fewer for wide rows, see ``geometry``)
-INTERPRETER_PROGRAMS = 4  # backward chunks under the interpreter (kept small: every program is emulated)
+INTERPRETER_PROGRAMS = 4  # programs under the interpreter, both directions (few: every program is emulated)
 PROGRAMS_PER_SM = 4  # backward chunks per SM on a GPU (each adds one atomic per column and segment)
 FWD_PROGRAMS_PER_SM = 16  # forward: at least this many programs per SM (two waves of resident blocks) ...
 FWD_MAX_BLOCKS = 8  # ... and at most this many row blocks per program

@@ -270,7 +270,8 @@ def build_cases(dtypes=DTYPES) -> list[Case]:
         cases.append(Case("linear_argmax._linear_argmax_reduce_kernel", "ce", dt, args, {}, cfgs, kept))
         args = dict(x_ptr=p, w_ptr=p, b_ptr=p, ids_ptr="*i64", sel_ptr="*fp32", V=V, D=d, stride_xn=d,
                     stride_wv=d, seed=2**40 + 7, inv_temp=1.0)
-        cfgs, kept = _fixed(dict(HAS_BIAS=True, N_ROUNDS=la.PHILOX_ROUNDS, GROUP=la.SAMPLE_GROUP, BLOCK_D=64))
+        cfgs, kept = _fixed(dict(HAS_BIAS=True, N_ROUNDS=la.PHILOX_ROUNDS, GROUP=la.SAMPLE_GROUP,
+                                 BLOCK_D=la.SAMPLE_BLOCK_D), num_warps=la.SAMPLE_WARPS)
         cases.append(Case("linear_argmax._sample_in_group_kernel", "sample", dt, args, {}, cfgs, kept))
         vc = 4096  # a backward chunk of columns (multiple of 256)
         args = dict(z_ptr=p, lse_ptr="*fp32", tgt_ptr="*i32", scale_ptr="*fp32", N=n, VC=vc, v0=vc,

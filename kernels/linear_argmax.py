@@ -58,6 +58,8 @@ GROUP_ROWS = 8
 _GPU_V_GRANULE = 256
 # Vocabulary ids per sampling group (module docstring); sampling launches use BLOCK_V = SAMPLE_GROUP.
 SAMPLE_GROUP = 128
+# Level-2 launch on a GPU (one program per row, a (SAMPLE_GROUP, dim) slice of W in BLOCK_D steps).
+SAMPLE_BLOCK_D, SAMPLE_WARPS = 128, 8
 
 
 _M32 = 0xFFFFFFFF
@@ -557,7 +559,7 @@ def _linear_argmax_launch(
             x, weight, bias if bias is not None else dummy, ids, out[0],
             v, d, x.stride(0), weight.stride(0), seed, 1.0 / float(temperature),
             HAS_BIAS=bias is not None, N_ROUNDS=PHILOX_ROUNDS, GROUP=SAMPLE_GROUP,
-            BLOCK_D=16 if interp else 64, num_warps=4,
+            BLOCK_D=16 if interp else SAMPLE_BLOCK_D, num_warps=4 if interp else SAMPLE_WARPS,
         )
     return ids, out[0], out[1], out[2] if target is not None else None, out[3] if sum_logits else None
 

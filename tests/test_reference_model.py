@@ -46,6 +46,29 @@ def test_packing_is_exact():
             assert packed.text_out[i].shape == (texts[i].numel(), c.text_vocab_size)
 
 
+def test_packed_rope_tables():
+    """PackedBatch's per-token RoPE tables: the video rows Wan's 3-axis angles (cached per grid), the
+    text rows positions 0.. times inv_freq; a caller writing into one batch's tables cannot change
+    the next batch's (the per-grid cache never escapes)."""
+    head_dim, grids, text_lens = 24, [(2, 3, 4), (1, 2, 2)], [5, 0]
+    inv = 1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    first = PackedBatch.build(grids, text_lens, [3, 3], head_dim, inv, "cpu")
+    want = []
+    for (f, h, w), lt in zip(grids, text_lens):
+        d_hw = 2 * (head_dim // 6)
+        pos = torch.stack(torch.meshgrid(torch.arange(f), torch.arange(h), torch.arange(w), indexing="ij"), -1)
+        parts = [pos.reshape(-1, 3)[:, a, None].double() / 10000 ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+                 for a, d in enumerate((head_dim - 2 * d_hw, d_hw, d_hw))]
+        want += [torch.cat(parts, -1), (torch.arange(lt, dtype=torch.float32)[:, None] * inv).double()]
+    angles = torch.cat(want)
+    torch.testing.assert_close(first.rope[0], angles.cos().float(), rtol=0, atol=0)
+    torch.testing.assert_close(first.rope[1], angles.sin().float(), rtol=0, atol=0)
+    assert first.rope[2].tolist() == [True] * 24 + [False] * 5 + [True] * 4
+    first.rope[0].zero_()
+    again = PackedBatch.build(grids, text_lens, [3, 3], head_dim, inv, "cpu")
+    torch.testing.assert_close(again.rope[0], angles.cos().float(), rtol=0, atol=0)
+
+
 def test_streams_interact_and_ffn_t_is_text_only():
     model = tiny_reference()
     c = model.config

@@ -241,14 +241,17 @@ _INTERP_BLOCKS = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2)
 
 
 @functools.lru_cache(maxsize=64)
-def _tiles_host(offsets: tuple[int, ...], block_m: int) -> tuple[list[int], list[int]]:
-    """Flat M-tile table over all segments: (segment id, first row) per tile; empty segments get none."""
+def _tile_table(offsets: tuple[int, ...], block_m: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat M-tile table over all segments, int32 on ``device``: (segment id, first row) per tile;
+    empty segments get none. Cached per segment table: a copy from host memory every call would
+    make each FFN call wait for the GPU. Read-only."""
     seg, row = [], []
     for s in range(len(offsets) - 1):
         for r in range(offsets[s], offsets[s + 1], block_m):
             seg.append(s)
             row.append(r)
-    return seg, row
+    tiles = torch.tensor([seg, row], dtype=torch.int32).to(device)
+    return tiles[0], tiles[1]
 
 
 class _Plan:
@@ -257,10 +260,8 @@ class _Plan:
     def __init__(self, seg_offsets: torch.Tensor, seg_expert: torch.Tensor, offsets: list[int]):
         self.interp = interpreting()
         self.block_m = _INTERP_BLOCKS["BLOCK_M"] if self.interp else _GPU_BLOCK_M
-        seg, row = _tiles_host(tuple(offsets), self.block_m)
-        tiles = torch.tensor([seg, row], dtype=torch.int32).to(seg_offsets.device, non_blocking=True)
-        self.tile_seg, self.tile_row = tiles[0], tiles[1]
-        self.num_tiles = len(seg)
+        self.tile_seg, self.tile_row = _tile_table(tuple(offsets), self.block_m, seg_offsets.device)
+        self.num_tiles = self.tile_seg.numel()
         self.seg_off = seg_offsets
         self.seg_expert = seg_expert
 

@@ -103,13 +103,17 @@ EPI_NONE, EPI_BIAS_GELU, EPI_BIAS_GATED, EPI_GELU_GRAD = 0, 1, 2, 3
 #: h = gelu(pre) from its dP epilogue. True: nothing (T, F)-sized is saved; the backward recomputes
 #: pre and h with one extra grouped GEMM (x W1ᵀ). bench/bench_modality_ffn.py times both.
 RECOMPUTE_PREACTIVATION = False
-# GELU(tanh) constant sqrt(2 / pi) = 0.7978845608028654 appears literally in the kernels.
+# GELU(tanh) constants appear literally in the kernels: sqrt(2 / pi) = 0.7978845608028654 and, in
+# _gelu_sigmoid, -2 sqrt(2 / pi) log2(e) = -2.302208198144325 (times 0.044715: -0.1029432395800235).
 
 if HAS_TRITON:
 
     @triton.jit
-    def _tanh(x):
-        return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+    def _gelu_sigmoid(x):
+        """``s = sigmoid(2u)``, ``u = sqrt(2/pi) (x + 0.044715 x^3)``: GELU(tanh)(x) = x (1 + tanh u) / 2
+        = x s, and its derivative s + 2 sqrt(2/pi) x s (1 - s) (1 + 3 * 0.044715 x^2). One exp2 and one
+        division, no tanh and no 1 + tanh cancellation for negative x; exp(-2u) = exp2(x (A + B x^2))."""
+        return 1.0 / (1.0 + tl.exp2(x * (-2.302208198144325 + -0.1029432395800235 * x * x)))
 
     @triton.jit(do_not_specialize=["NUM_M_TILES"])  # tile count follows T: no recompiles per video size
     def _grouped_gemm_kernel(
@@ -185,7 +189,7 @@ if HAS_TRITON:
             acc += tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
             if WRITE_AUX:
                 tl.store(AUX + rows[:, None] * stride_auxm + cols[None, :], acc.to(AUX.dtype.element_ty), mask=mask)
-            acc = 0.5 * acc * (1.0 + _tanh(0.7978845608028654 * (acc + 0.044715 * acc * acc * acc)))
+            acc = acc * _gelu_sigmoid(acc)
         elif EPILOGUE == 2:  # + b2, then residual + gate[seg] * y in fp32
             acc += tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
             if WRITE_AUX:  # y itself, for the gate's gradient
@@ -196,11 +200,10 @@ if HAS_TRITON:
                 acc += tl.load(RES + rows[:, None] * stride_cm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         elif EPILOGUE == 3:  # dP = dH * gelu'(pre)
             pre = tl.load(AUX + rows[:, None] * stride_auxm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            inner = 0.7978845608028654 * (pre + 0.044715 * pre * pre * pre)
-            th = _tanh(inner)
-            dgelu = 0.5 * (1.0 + th) + 0.5 * pre * (1.0 - th * th) * 0.7978845608028654 * (1.0 + 3 * 0.044715 * pre * pre)
+            sg = _gelu_sigmoid(pre)
+            dgelu = sg + (2 * 0.7978845608028654) * pre * sg * (1.0 - sg) * (1.0 + 3 * 0.044715 * pre * pre)
             if WRITE_H:  # h = gelu(pre) for the weight gradient of W2 (no separate pass)
-                h = 0.5 * pre * (1.0 + th)
+                h = pre * sg
                 tl.store(H_OUT + rows[:, None] * stride_auxm + cols[None, :], h.to(H_OUT.dtype.element_ty), mask=mask)
             acc = acc * dgelu
         tl.store(C + rows[:, None] * stride_cm + cols[None, :], acc.to(C.dtype.element_ty), mask=mask)

@@ -11,6 +11,9 @@ measured one). ``configs`` names the autotuned config each of our Triton kernels
 measured call (``{"<module>.<kernel>": {"BLOCK_N": 128, ..., "num_warps": 8, "num_stages": 4}}``;
 a kernel launched several times per call, e.g. the grouped GEMM, shows its last launch), and the
 file's ``autotune`` section every (kernel, autotune key) -> config chosen in the run.
+``gpu_state`` (NVML, where ``nvidia-ml-py`` is installed) is the SM clock, board power and
+temperature read right after the timed rounds: a long measurement (a 50-step caption) that ran
+throttled shows a lower clock than the short ones.
 """
 from __future__ import annotations
 
@@ -116,6 +119,7 @@ def measure(
         rounds = max(rounds, min(MAX_ROUNDS, math.ceil(TIMED_S / last_s)))
     benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=0)
     ms = benchmark.stats.stats.median * 1e3
+    gpu_state = _gpu_state()
     tuners = _autotuners()
     for tuner in tuners.values():  # set again by every launch: afterwards, the configs of this call
         tuner.best_config = None
@@ -138,6 +142,7 @@ def measure(
         "gbps": bytes_moved / ms / 1e6 if bytes_moved else None,
         "peak_mem_bytes": int(peak),
         "configs": configs or None,
+        "gpu_state": gpu_state,
     }
     peaks = device_peaks()
     if record["tflops"] is not None:
@@ -148,6 +153,20 @@ def measure(
     RECORDS.append(record)
     write_results()  # after every record, so a run cut short still leaves its figures
     return record
+
+
+def _gpu_state() -> dict | None:
+    """``{"sm_clock_mhz", "power_w", "temp_c"}`` of the current device from NVML, or None."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        h = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+        return {"sm_clock_mhz": pynvml.nvmlDeviceGetClockInfo(h, pynvml.NVML_CLOCK_SM),
+                "power_w": round(pynvml.nvmlDeviceGetPowerUsage(h) / 1000, 1),
+                "temp_c": pynvml.nvmlDeviceGetTemperature(h, pynvml.NVML_TEMPERATURE_GPU)}
+    except Exception:  # noqa: BLE001 - diagnostics only
+        return None
 
 
 def _autotuners() -> dict:

@@ -2,6 +2,14 @@
 # Run the GPU checks and benchmarks in one go on a CUDA machine (how the committed results were made).
 #   bash bench/run_gpu.sh [tests|bench|all] [pytest -k expression]
 # Wheels for packages the machine lacks (diffusers, liger-kernel) may be put in .whl/ beforehand.
+# One device command may run 10 minutes: split a full run by -k, e.g. (the owed figures of issues 4-8)
+#   bash bench/run_gpu.sh tests                                  # bf16 correctness of every kernel
+#   bash bench/run_gpu.sh bench "linear_argmax or glue"          # argmax / two-level sampler, glue GB/s
+#   bash bench/run_gpu.sh bench "linear_cross_entropy"           # vs Liger: time and peak memory
+#   bash bench/run_gpu.sh bench "modality_ffn"                   # fwd, fwd_bwd, varlen
+#   bash bench/run_gpu.sh bench "joint_attention and not wan14b"
+#   bash bench/run_gpu.sh bench "model_step and 480p"            # then "caption or cached_text_step"
+# Records of an (op, shape) measured again replace the older ones in the day's results file.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 what=${1:-all}

@@ -94,6 +94,11 @@ def _unit_reference(words: torch.Tensor) -> torch.Tensor:
     return signed.to(torch.float32) * 4.6566127342e-10
 
 
+def _gumbel_reference(u: torch.Tensor) -> torch.Tensor:
+    """Standard Gumbel variates ``-log(-log(u))``, as the kernels' ``_gumbel``."""
+    return -torch.log(-torch.log(u))
+
+
 def group_uniforms_reference(seed: int, n: int, groups: int, device=None) -> torch.Tensor:
     """Level-1 uniforms (n, groups) fp32: word 0 of Philox keyed on ``seed`` at counter ``(group, row, 0, 0)``."""
     c0 = torch.arange(groups, device=device, dtype=torch.int64)[None, :].expand(n, groups)
@@ -127,10 +132,10 @@ def linear_sample_reference(logits: torch.Tensor, seed: int):
     padded = torch.nn.functional.pad(logits, (0, groups * group - v), value=float("-inf")).view(n, groups, group)
     g_max = padded.amax(-1)
     lse = g_max + torch.log(torch.exp(padded - g_max[..., None]).sum(-1))
-    score = lse - torch.log(-torch.log(group_uniforms_reference(seed, n, groups, logits.device)))
+    score = lse + _gumbel_reference(group_uniforms_reference(seed, n, groups, logits.device))
     win = score.argmax(-1)
     z = padded[torch.arange(n, device=logits.device), win]                     # (N, group)
-    pick = z - torch.log(-torch.log(in_group_uniforms_reference(seed, win)))   # -inf on padding
+    pick = z + _gumbel_reference(in_group_uniforms_reference(seed, win))       # -inf on padding
     j = pick.argmax(-1)
 
     def gap(s):

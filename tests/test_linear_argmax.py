@@ -190,6 +190,7 @@ def test_sample_distribution_across_groups_chi_square():
     assert stat < CHI2_CRIT[11], f"chi-square {stat:.1f} >= {CHI2_CRIT[11]} (df 11)"
     assert (counts[live[:4]].sum() > 0) and (counts[live[4:8]].sum() > 0) and (counts[live[8:]].sum() > 0)
 
+
 def test_empty_rows():
     w = torch.randn(50, 16, device=DEV)
     ids, mx, lse = linear_argmax(torch.randn(0, 16, device=DEV), w)

@@ -180,7 +180,10 @@ def _autotuners() -> dict:
 
 
 def _config_dict(cfg) -> dict:
-    return {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    d = {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    if getattr(cfg, "maxnreg", None):
+        d["maxnreg"] = cfg.maxnreg
+    return d
 
 
 def _git_commit() -> str | None:

@@ -31,9 +31,12 @@ from univigu_fast.kernels import _aot  # noqa: E402
 SPILL_WARN = 64  # bytes of spill stores above which a config is flagged
 
 
-def _cfg_str(cfg: dict, nw: int, ns: int, variant_keys) -> str:
-    parts = [f"{k[6:] if k.startswith('BLOCK_') else k}={v}" for k, v in cfg.items() if k not in variant_keys]
-    return " ".join(parts) + f" w{nw} s{ns}"
+def _cfg_str(cfg: dict, nw: int, ns: int, maxnreg, variant_keys) -> str:
+    parts = [f"{k[6:] if k.startswith('BLOCK_') else k}={v}" for k, v in cfg.items()
+             if k not in variant_keys and k != "USE_TMA"]
+    if cfg.get("USE_TMA"):
+        parts.append("tma")
+    return " ".join(parts) + f" w{nw} s{ns}" + (f" r{maxnreg}" if maxnreg else "")
 
 
 def main(argv=None) -> int:
@@ -58,14 +61,17 @@ def main(argv=None) -> int:
     for case in _aot.build_cases(tuple(args.dtypes)):
         if args.filter not in case.id:
             continue
-        for i, (cfg, nw, ns) in enumerate(case.configs):
+        case = _aot.for_arch(case, args.arch)
+        for i, (cfg, nw, ns, maxnreg) in enumerate(case.configs):
+            if cfg.get("USE_TMA") and not case.variant.get("TMA_OK"):
+                continue  # never launched here: the launcher builds no TMA descriptors (fp32, before sm_90)
             t0 = time.time()
             r = _aot.compile_case(case, args.arch, i, usage=True)
             dt = time.time() - t0
             kept = i in case.kept
             name = case.kernel.split(".", 1)[1]
             launch = f"{case.variant_name}-{case.dtype}"
-            cfg_s = _cfg_str(cfg, nw, ns, case.variant)
+            cfg_s = _cfg_str(cfg, nw, ns, maxnreg, case.variant)
             r.update(case=case.id, kept=kept, seconds=round(dt, 1))
             rows.append(r)
             if "error" in r:

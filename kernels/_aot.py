@@ -96,6 +96,16 @@ def discover_autotuners() -> dict[str, object]:
 # ----------------------------------------------------------------------------------------------
 # Cases: one kernel launch as the launcher makes it at a DESIGN §6 shape
 # ----------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class DescArg:
+    """A host-side TMA descriptor argument: ``dtype`` of its tensor and the constexpr names of its box
+    (``("BLOCK_N", "BLOCK_D")``), or None where the launch passes no descriptor (``present`` False)."""
+
+    dtype: str
+    box: tuple
+    present: bool = True
+
+
 @dataclasses.dataclass
 class Case:
     """``args``: name -> pointer type (``"*bf16"``), int value or float value at the shape;
@@ -107,7 +117,7 @@ class Case:
     dtype: str
     args: dict
     variant: dict
-    configs: list  # [(dict, num_warps, num_stages)]
+    configs: list  # [(dict, num_warps, num_stages, maxnreg or None)]
     kept: list  # indices of configs the autotuner's early prune keeps for this variant
     #: tensor-core instruction expected on sm_90 for GEMM kernels ("wgmma"; "mma.sync" where a tile
     #: has fewer than 64 rows per warpgroup, which wgmma cannot take; None for the IEEE-fp32 launches,
@@ -123,7 +133,7 @@ class Case:
 
 
 def _configs_of(tuner, variant: dict, named_args: dict):
-    cfgs = [(dict(c.kwargs), c.num_warps, c.num_stages) for c in tuner.configs]
+    cfgs = [(dict(c.kwargs), c.num_warps, c.num_stages, c.maxnreg) for c in tuner.configs]
     prune = (tuner.early_config_prune if hasattr(tuner, "early_config_prune") else None)
     kept = list(range(len(cfgs)))
     if prune is not None:
@@ -133,7 +143,7 @@ def _configs_of(tuner, variant: dict, named_args: dict):
 
 
 def _fixed(constexprs: dict, num_warps: int = 4, num_stages: int = 3):
-    return [(dict(constexprs), num_warps, num_stages)], [0]
+    return [(dict(constexprs), num_warps, num_stages, None)], [0]
 
 
 def build_cases(dtypes=DTYPES) -> list[Case]:
@@ -245,7 +255,10 @@ def build_cases(dtypes=DTYPES) -> list[Case]:
         tiles_v = triton.cdiv(V, la._GPU_V_GRANULE)  # as _linear_argmax_launch
         chunk = triton.cdiv(tiles_v, max(1, min(splits, tiles_v))) * la._GPU_V_GRANULE
         splits = triton.cdiv(V, chunk)
+        # 16-bit operands on Hopper: the launcher builds TMA descriptors (kernels._utils.tma_compatible)
+        tma_ok = not ieee
         base = dict(x_ptr=p, w_ptr=p, b_ptr=p, tgt_ptr="*i32", best_ptr="*fp32", id_ptr="*i32", sel_ptr="*fp32",
+                    x_desc=DescArg(dt, ("BLOCK_N", "BLOCK_D"), tma_ok), w_desc=DescArg(dt, ("BLOCK_V", "BLOCK_D"), tma_ok),
                     max_ptr="*fp32", sumexp_ptr="*fp32", tlogit_ptr="*fp32", zsum_ptr="*fp32",
                     N=n, V=V, D=d, chunk=chunk, S=splits, stride_xn=d, stride_wv=d, seed=0, inv_temp=1.0,
                     n_bucket=min(triton.next_power_of_2(n), 8192))
@@ -256,7 +269,7 @@ def build_cases(dtypes=DTYPES) -> list[Case]:
         }.items():
             args = dict(base, seed=seed, N=rows, n_bucket=min(triton.next_power_of_2(rows), 8192))
             variant = dict(HAS_BIAS=True, SAMPLE=sample, HAS_TARGET=target, SUM_Z=sum_z, EVEN_D=d % 128 == 0,
-                           IEEE_FP32=ieee, N_ROUNDS=la.PHILOX_ROUNDS, GROUP_R=la.GROUP_ROWS)
+                           IEEE_FP32=ieee, N_ROUNDS=la.PHILOX_ROUNDS, GROUP_R=la.GROUP_ROWS, TMA_OK=tma_ok)
             cfgs, kept = _configs_of(tuners["linear_argmax._linear_argmax_partial_kernel"], variant, args)
             # N <= 16 rows (decoding a few tokens): 16-row tiles, below wgmma's 64 rows per warpgroup
             cases.append(Case("linear_argmax._linear_argmax_partial_kernel", name, dt, args, variant, cfgs, kept,
@@ -334,6 +347,12 @@ def _signature(kernel, args: dict, constexprs: dict):
             sig[n] = "constexpr"
             continue
         v = args[n]
+        if isinstance(v, DescArg):
+            if v.present:
+                sig[n] = f"tensordesc<{v.dtype}[{', '.join(str(constexprs[b]) for b in v.box)}]>"
+            else:
+                sig[n], consts[n] = "constexpr", None
+            continue
         if isinstance(v, str):
             sig[n] = v
             attrs[(i,)] = [["tt.divisibility", 16]]  # torch allocations are 16-byte aligned
@@ -376,6 +395,16 @@ def ptxas_usage(ptx: str, arch: int) -> dict:
     return out
 
 
+def for_arch(case: Case, arch: int) -> Case:
+    """``case`` as launched on ``sm_<arch>``: before Hopper the launchers build no TMA descriptors
+    (``TMA_OK`` False: descriptor arguments None, the autotuner's prune drops the ``USE_TMA`` configs)."""
+    if arch >= 90 or not case.variant.get("TMA_OK"):
+        return case
+    args = {k: dataclasses.replace(v, present=False) if isinstance(v, DescArg) else v for k, v in case.args.items()}
+    kept = [i for i in case.kept if not case.configs[i][0].get("USE_TMA")]
+    return dataclasses.replace(case, args=args, variant=dict(case.variant, TMA_OK=False), kept=kept)
+
+
 def compile_case(case: Case, arch: int, config_index: int | None = None, usage: bool = False) -> dict:
     """Compile one config of ``case`` for ``sm_<arch>``. Returns a JSON-able dict: ``shared``
     (bytes), ``wgmma`` / ``mma_sync`` (the PTX uses them), ``regs`` / spills (``usage``) or ``error``."""
@@ -385,13 +414,16 @@ def compile_case(case: Case, arch: int, config_index: int | None = None, usage: 
 
     kernels = discover_kernels()
     kernel = kernels[case.kernel]
+    case = for_arch(case, arch)
     idx = case.kept[0] if config_index is None else config_index
-    cfg, nw, ns = case.configs[idx]
+    cfg, nw, ns, maxnreg = case.configs[idx]
     sig, consts, attrs = _signature(kernel, case.args, {**case.variant, **cfg})
     res = dict(kernel=case.kernel, case=case.id, arch=arch, config=idx, num_warps=nw, num_stages=ns, cfg=cfg)
+    options = dict(num_warps=nw, num_stages=ns)
+    if maxnreg:
+        options["maxnreg"] = res["maxnreg"] = maxnreg
     try:
-        k = triton.compile(ASTSource(kernel, sig, consts, attrs), target=GPUTarget("cuda", arch, 32),
-                           options=dict(num_warps=nw, num_stages=ns))
+        k = triton.compile(ASTSource(kernel, sig, consts, attrs), target=GPUTarget("cuda", arch, 32), options=options)
     except Exception as e:  # noqa: BLE001 - reported, the caller decides
         res["error"] = f"{type(e).__name__}: {str(e)[-2000:]}"
         return res

@@ -14,6 +14,13 @@ try:  # triton is a hard dependency on Linux; elsewhere every op falls back to i
 except ImportError:  # pragma: no cover - exercised only where triton is missing
     HAS_TRITON = False
 
+TensorDescriptor = None  # host-side TMA descriptors (Triton >= 3.4); None: the kernels' pointer loads only
+if HAS_TRITON:
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except ImportError:  # pragma: no cover - older Triton
+        pass
+
 logger = logging.getLogger("univigu_fast")
 
 
@@ -30,6 +37,22 @@ def use_triton(*tensors: torch.Tensor | None) -> bool:
     if devices == {"cuda"}:
         return True
     return devices == {"cpu"} and interpreting()
+
+
+def tma_compatible(*tensors: torch.Tensor) -> bool:
+    """Whether every (2-D) tensor can be read through a TMA descriptor: 16-bit (the fp32 paths keep
+    their exact pointer kernels), rows contiguous, 16-byte aligned base and row stride (the copy
+    engine's requirements), on a Hopper or newer GPU (or under the interpreter, which emulates it)."""
+    if TensorDescriptor is None:
+        return False
+    for t in tensors:
+        if t.dim() != 2 or t.dtype not in (torch.float16, torch.bfloat16) or t.stride(1) != 1:
+            return False
+        if t.data_ptr() % 16 or t.stride(0) * t.element_size() % 16:
+            return False
+        if t.device.type == "cuda" and torch.cuda.get_device_capability(t.device)[0] < 9:
+            return False
+    return True
 
 
 @functools.lru_cache(maxsize=None)

@@ -12,6 +12,9 @@ reduced to one id per token. The Triton path:
    ``(BLOCK_N, BLOCK_V)`` logits tile with ``tl.dot`` over ``dim`` in ``BLOCK_D`` blocks, and keeps
    per row a running (best score, its id, its logit) and an online-softmax (max, sum-exp) pair.
    It writes these partials, ``(N, splits)`` each; the logits tile never leaves registers.
+   On Hopper the autotuner also tries configs that read x / W through TMA descriptors
+   (``USE_TMA``): no address registers, so a 128 x 128 tile fits 128 registers and two programs
+   share an SM (one's epilogue runs while the other's MMAs do).
 2. ``_linear_argmax_reduce_kernel``: one tiny pass merging the partials of a row in increasing
    vocabulary order.
 
@@ -43,7 +46,7 @@ import math
 
 import torch
 
-from ._utils import HAS_TRITON, interpreting, log_once, use_triton
+from ._utils import HAS_TRITON, TensorDescriptor, interpreting, log_once, tma_compatible, use_triton
 
 if HAS_TRITON:
     import triton
@@ -187,14 +190,18 @@ if HAS_TRITON:
     @triton.jit(do_not_specialize=["N", "V", "S", "seed", "n_bucket"])
     def _linear_argmax_partial_kernel(
         x_ptr, w_ptr, b_ptr, tgt_ptr,                      # x (N, D), w (V, D), bias (V,), target (N,)
+        x_desc, w_desc,                                    # TMA descriptors of x / w (USE_TMA), else None
         best_ptr, id_ptr, sel_ptr, max_ptr, sumexp_ptr,    # partials (N, S): fp32, int32, fp32 x3
         tlogit_ptr, zsum_ptr,                              # partials (N, S) fp32 (cross-entropy only)
         N, V, D, chunk, S, stride_xn, stride_wv,
         seed, inv_temp, n_bucket,
         HAS_BIAS: tl.constexpr, SAMPLE: tl.constexpr, HAS_TARGET: tl.constexpr, SUM_Z: tl.constexpr,
         EVEN_D: tl.constexpr, IEEE_FP32: tl.constexpr, N_ROUNDS: tl.constexpr, GROUP_R: tl.constexpr,
+        TMA_OK: tl.constexpr, USE_TMA: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
+        # TMA_OK: the launcher built descriptors (part of the autotune key; without it the prune
+        # drops the USE_TMA configs). USE_TMA: this config loads through them.
         # 1-D grid, grouped: consecutive programs take GROUP_R row blocks x all S splits, so the
         # programs resident together share their x blocks (L2) and stream each W tile once per group.
         pid = tl.program_id(0)
@@ -237,15 +244,19 @@ if HAS_TRITON:
         for _ in range(0, n_iters):
             ki = tl.where(ki == k_tiles - 1, 0, ki + 1)
             v0 = tl.where(ki == 0, v0 + BLOCK_V, v0)  # next vocabulary tile
-            w_rows = w_ptr + tl.minimum(v0 + offs_v, V - 1)[:, None].to(tl.int64) * stride_wv
             # logits tile z = x[rows] @ w[cols].T, fp32 accumulation over dim
-            dd = ki * BLOCK_D + offs_d
-            if EVEN_D:
-                a = tl.load(x_rows + dd[None, :])
-                b = tl.load(w_rows + dd[None, :])
+            if USE_TMA:  # the copy engine zero-fills rows / columns past the tensors' ends
+                a = x_desc.load([pid_n * BLOCK_N, ki * BLOCK_D])
+                b = w_desc.load([v0, ki * BLOCK_D])
             else:
-                a = tl.load(x_rows + dd[None, :], mask=dd[None, :] < D, other=0.0)
-                b = tl.load(w_rows + dd[None, :], mask=dd[None, :] < D, other=0.0)
+                w_rows = w_ptr + tl.minimum(v0 + offs_v, V - 1)[:, None].to(tl.int64) * stride_wv
+                dd = ki * BLOCK_D + offs_d
+                if EVEN_D:
+                    a = tl.load(x_rows + dd[None, :])
+                    b = tl.load(w_rows + dd[None, :])
+                else:
+                    a = tl.load(x_rows + dd[None, :], mask=dd[None, :] < D, other=0.0)
+                    b = tl.load(w_rows + dd[None, :], mask=dd[None, :] < D, other=0.0)
             if IEEE_FP32:  # fp32 inputs: exact fp32 products, not TF32
                 acc = tl.dot(a, tl.trans(b), acc, input_precision="ieee")
             else:
@@ -382,27 +393,50 @@ if HAS_TRITON:
         tl.store(ids_ptr + row, (g_start + j).to(tl.int64))
         tl.store(sel_ptr + row, tl.sum(tl.where(offs == j, z, 0.0), axis=0))
 
+    def _tma_block_shapes(nargs):
+        """Autotune pre-hook: the descriptors' boxes are the config's tiles (also for the pointer
+        configs, which ignore them, so their compiled signature does not depend on the config tried last)."""
+        if nargs["x_desc"] is not None:
+            nargs["x_desc"].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_D"]]
+            nargs["w_desc"].block_shape = [nargs["BLOCK_V"], nargs["BLOCK_D"]]
+
     def _gpu_configs():
         # registers / spills from ptxas for sm_90 with the GPU machine's Triton 3.6 (bench/compile_audit.py),
         # argmax mode: (128,128,64) w8 s4 184 regs, (128,256,64) 248, (256,128,64) 240, (64,128,64) 160
         # (3 CTAs / SM), (128,128,64) w4 255 (2 CTAs / SM: one's epilogue overlaps the other's MMAs),
         # (128,64,64) 109 (2 CTAs / SM); none spills.
+        # TMA (Hopper, 16-bit operands): (128,128,64) w8 s3 128 regs (sampling capped from 202 by
+        # maxnreg, no spill; cross-entropy statistics 4 B) and 98 KB, so two 8-warp CTAs per SM;
+        # s4 142 regs, (128,256,64) s3 241, (128,128,128) s3 141.
         cfg = triton.Config
+
+        def ptr(n, v, d, num_warps, num_stages):
+            return cfg({"USE_TMA": False, "BLOCK_N": n, "BLOCK_V": v, "BLOCK_D": d}, num_warps=num_warps,
+                       num_stages=num_stages, pre_hook=_tma_block_shapes)
+
+        def tma(n, v, d, num_warps, num_stages, maxnreg=None):
+            return cfg({"USE_TMA": True, "BLOCK_N": n, "BLOCK_V": v, "BLOCK_D": d}, num_warps=num_warps,
+                       num_stages=num_stages, maxnreg=maxnreg, pre_hook=_tma_block_shapes)
+
         return [
-            cfg({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_D": 64}, num_warps=8, num_stages=4),
-            cfg({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_D": 128}, num_warps=8, num_stages=3),
-            cfg({"BLOCK_N": 128, "BLOCK_V": 256, "BLOCK_D": 64}, num_warps=8, num_stages=3),
-            cfg({"BLOCK_N": 256, "BLOCK_V": 128, "BLOCK_D": 64}, num_warps=8, num_stages=3),  # large N
-            cfg({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_D": 64}, num_warps=4, num_stages=3),
-            cfg({"BLOCK_N": 64, "BLOCK_V": 128, "BLOCK_D": 64}, num_warps=4, num_stages=3),
-            cfg({"BLOCK_N": 128, "BLOCK_V": 64, "BLOCK_D": 64}, num_warps=8, num_stages=3),
-            cfg({"BLOCK_N": 16, "BLOCK_V": 256, "BLOCK_D": 128}, num_warps=4, num_stages=3),  # N <= 16
-            cfg({"BLOCK_N": 16, "BLOCK_V": 128, "BLOCK_D": 64}, num_warps=4, num_stages=3),   # N <= 16
+            tma(128, 128, 64, 8, 3, maxnreg=128),
+            tma(128, 128, 64, 8, 4),
+            tma(128, 256, 64, 8, 3),
+            tma(128, 128, 128, 8, 3),
+            ptr(128, 128, 64, 8, 4),
+            ptr(128, 128, 128, 8, 3),
+            ptr(128, 256, 64, 8, 3),
+            ptr(256, 128, 64, 8, 3),  # large N
+            ptr(128, 128, 64, 4, 3),
+            ptr(64, 128, 64, 4, 3),
+            ptr(128, 64, 64, 8, 3),
+            ptr(16, 256, 128, 4, 3),  # N <= 16
+            ptr(16, 128, 64, 4, 3),  # N <= 16
         ]
 
     def _prune(configs, named_args, **kwargs):
         """N <= 16 (a few tokens, memory-bound): only the narrow-row configs; 256-row blocks only for
-        N >= 1024. Sampling: tiles of one vocabulary group (BLOCK_V = SAMPLE_GROUP). The cross-entropy
+        N >= 1024; TMA configs only where the launcher built descriptors (``TMA_OK``). Sampling: tiles of one vocabulary group (BLOCK_V = SAMPLE_GROUP). The cross-entropy
         statistics keep more tiles live in the epilogue: there only the configs that neither spill much
         nor overflow shared memory (checked with ptxas for sm_90, bench/compile_audit.py)."""
         def flag(name):
@@ -410,6 +444,8 @@ if HAS_TRITON:
 
         narrow = named_args["n_bucket"] <= 16
         keep = [c for c in configs if (c.kwargs["BLOCK_N"] == 16) == narrow]
+        if not flag("TMA_OK"):
+            keep = [c for c in keep if not c.kwargs["USE_TMA"]]
         if named_args["n_bucket"] < 1024:  # 256-row blocks: too few programs for the SMs below ~1K rows
             keep = [c for c in keep if c.kwargs["BLOCK_N"] < 256]
         if flag("SAMPLE"):
@@ -422,7 +458,7 @@ if HAS_TRITON:
 
     _linear_argmax_partial_tuned = triton.autotune(
         configs=_gpu_configs(),
-        key=["n_bucket", "D", "SAMPLE", "HAS_TARGET"],
+        key=["n_bucket", "D", "SAMPLE", "HAS_TARGET", "TMA_OK"],
         prune_configs_by={"early_config_prune": _prune},
     )(_linear_argmax_partial_kernel)
 
@@ -493,12 +529,15 @@ def _linear_argmax_launch(
     sum_logits: bool = False,
     num_splits: int | None = None,
     blocks: dict | None = None,
+    config=None,
 ):
     """Run the two Triton passes. Returns ``(ids, sel_logit, lse, target_logit, logit_sum)``.
 
     ``target`` (N,) int: also return ``logits[row, target[row]]`` (un-tempered; 0 where the target
     is outside ``[0, V)``); ``sum_logits``: also return ``logits[row].sum()``. Both for the
-    cross-entropy forward. ``num_splits`` / ``blocks`` override the launch configuration (tests).
+    cross-entropy forward. ``num_splits`` / ``blocks`` (constexprs, 4 warps) / ``config`` (one
+    ``triton.Config`` of the autotune list) override the launch configuration (tests;
+    ``USE_TMA`` loads through TMA descriptors, which x / weight must allow: ``tma_compatible``).
     """
     n, d = x.shape
     v = weight.shape[0]
@@ -511,8 +550,19 @@ def _linear_argmax_launch(
         bias = bias.contiguous()
     interp = dev.type == "cpu"
     sample = gumbel_seed is not None
+    launch = dict(num_warps=4)
+    if config is not None:
+        blocks = dict(config.kwargs)
+        launch = dict(num_warps=config.num_warps, num_stages=config.num_stages)
+        if config.maxnreg:
+            launch["maxnreg"] = config.maxnreg
     if blocks is None and interp:
         blocks = dict(INTERPRETER_BLOCKS, BLOCK_V=SAMPLE_GROUP) if sample else INTERPRETER_BLOCKS
+    use_tma = bool(blocks.get("USE_TMA", False)) if blocks is not None else None  # None: the autotuner's choice
+    tma_ok = tma_compatible(x, weight) and use_tma is not False
+    if use_tma and not tma_ok:
+        raise ValueError(f"blocks['USE_TMA'] needs 16-bit x / weight with 16-byte aligned rows on Hopper, got "
+                         f"x {x.dtype} strides {x.stride()}, weight strides {weight.stride()}")
     if sample and blocks is not None and blocks["BLOCK_V"] != SAMPLE_GROUP:
         raise ValueError(f"sampling tiles the vocabulary in groups of SAMPLE_GROUP={SAMPLE_GROUP}: "
                          f"blocks['BLOCK_V'] must be {SAMPLE_GROUP}, got {blocks['BLOCK_V']}")
@@ -531,8 +581,13 @@ def _linear_argmax_launch(
     zs_p = torch.empty((n, splits), **f32) if sum_logits else best
     dummy = best
     seed = 0 if gumbel_seed is None else int(gumbel_seed)
+    x_desc = w_desc = None
+    if tma_ok:  # boxes: the given tiles, else set per config by the autotuner's pre-hook
+        bn, bv, bd = (blocks["BLOCK_N"], blocks["BLOCK_V"], blocks["BLOCK_D"]) if blocks is not None else (16, 16, 16)
+        x_desc = TensorDescriptor.from_tensor(x, [bn, bd])
+        w_desc = TensorDescriptor.from_tensor(weight, [bv, bd])
     args = (
-        x, weight, bias if bias is not None else dummy, target if target is not None else id_p,
+        x, weight, bias if bias is not None else dummy, target if target is not None else id_p, x_desc, w_desc,
         best, id_p, sel_p, max_p, sum_p, tl_p, zs_p,
         n, v, d, chunk, splits, x.stride(0), weight.stride(0),
         seed, 1.0 / float(temperature), min(triton.next_power_of_2(n), 8192),
@@ -540,11 +595,12 @@ def _linear_argmax_launch(
     consts = dict(
         HAS_BIAS=bias is not None, SAMPLE=gumbel_seed is not None, HAS_TARGET=target is not None,
         SUM_Z=sum_logits, IEEE_FP32=x.dtype == torch.float32, N_ROUNDS=PHILOX_ROUNDS, GROUP_R=GROUP_ROWS,
+        TMA_OK=tma_ok,
     )
     if blocks is not None:
         consts["EVEN_D"] = d % blocks["BLOCK_D"] == 0
         grid = (triton.cdiv(n, blocks["BLOCK_N"]) * splits,)
-        _linear_argmax_partial_kernel[grid](*args, **consts, **blocks, num_warps=4)
+        _linear_argmax_partial_kernel[grid](*args, **consts, **dict(blocks, USE_TMA=bool(use_tma)), **launch)
     else:
         consts["EVEN_D"] = d % 128 == 0
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * splits,)  # noqa: E731

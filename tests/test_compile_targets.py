@@ -112,7 +112,7 @@ def test_cases_follow_the_launchers():
     by_id = {c.id: c for c in _CASES}
     ffn = by_id["modality_ffn._grouped_gemm_kernel[fwd2-bf16]"]
     assert ffn.variant["BLOCK_M"] == mf._GPU_BLOCK_M and ffn.variant["EPILOGUE"] == mf.EPI_BIAS_GATED
-    assert [c for c, _, _ in ffn.configs] == [c.kwargs for c in mf._gemm_configs()]
+    assert [c for c, _, _, _ in ffn.configs] == [c.kwargs for c in mf._gemm_configs()]
     assert all(mf._GPU_BLOCK_M * ffn.configs[i][0]["BLOCK_N"] <= 2048 * ffn.configs[i][1] for i in ffn.kept)
     fwd = by_id["joint_attention._attn_fwd_kernel[plain-bf16]"]
     assert fwd.variant["ROPE_Q"] == ja.ROPE_Q_IN_PROLOGUE and fwd.variant["BLOCK_M"] == ja._FWD_BLOCK_M

@@ -6,7 +6,10 @@ run only on a GPU.
 import pytest
 import torch
 
+from univigu_fast.kernels import linear_argmax as la
+from univigu_fast.kernels._utils import tma_compatible
 from univigu_fast.kernels.linear_argmax import (
+    INTERPRETER_BLOCKS,
     SAMPLE_GROUP,
     _linear_argmax_launch,
     linear_argmax,
@@ -191,6 +194,56 @@ def test_sample_distribution_across_groups_chi_square():
     assert (counts[live[:4]].sum() > 0) and (counts[live[4:8]].sum() > 0) and (counts[live[8:]].sum() > 0)
 
 
+def _check_all_outputs(x, w, b, tgt, blocks=None, config=None, sample_blocks=None, sample_config=None, tol=None):
+    """Argmax, cross-entropy statistics (target logit, logit sum) and a sample of one launch
+    configuration against the reference (sampled rows near a decision boundary set aside)."""
+    tol = tol or TOL[x.dtype]
+    logits = x.float() @ w.float().t() + b.float()
+    rids, rmx, rlse = linear_argmax_reference(x, w, b)
+    ids, mx, lse, zt, zs = _linear_argmax_launch(x, w, b, target=tgt, sum_logits=True, blocks=blocks, config=config)
+    torch.testing.assert_close(ids, rids, atol=0, rtol=0)
+    torch.testing.assert_close(mx, rmx, **tol)
+    torch.testing.assert_close(lse, rlse, **tol)
+    valid = (tgt >= 0) & (tgt < w.shape[0])
+    rzt = torch.where(valid, logits.gather(1, tgt.clamp(0, w.shape[0] - 1).long()[:, None]).squeeze(1), 0.0)
+    torch.testing.assert_close(zt, rzt, **tol)
+    torch.testing.assert_close(zs, logits.sum(1), atol=tol["atol"] * w.shape[0] ** 0.5, rtol=tol["rtol"])
+    if sample_blocks is None and sample_config is None:
+        return
+    sids = _linear_argmax_launch(x, w, b, gumbel_seed=17, blocks=sample_blocks, config=sample_config)[0]
+    rs, group_margin, pick_margin = linear_sample_reference(logits, 17)
+    clear = (group_margin > 1e-2) & (pick_margin > 1e-2)
+    assert clear.float().mean() > 0.8
+    torch.testing.assert_close(sids[clear], rs[clear], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("n,v,d", [(37, 301, 40), (1, 97, 24), (20, 300, 56)])
+def test_tma_loads_match_reference(n, v, d):
+    """The USE_TMA configs (Hopper) read x / W through TMA descriptors, zero-filled past the ends of
+    the tensors: ragged N and V, dim not a multiple of BLOCK_D. Argmax, cross-entropy statistics and
+    sampling equal the reference as the pointer loads do."""
+    x, w, b = _planted(n, v, d, torch.float16)
+    tgt = torch.randint(0, v, (n,), generator=torch.Generator().manual_seed(3), dtype=torch.int32).to(DEV)
+    tgt[::5] = -1  # ignored rows: target logit 0
+    assert tma_compatible(x, w)
+    _check_all_outputs(x, w, b, tgt, blocks=dict(INTERPRETER_BLOCKS, USE_TMA=True),
+                       sample_blocks=dict(INTERPRETER_BLOCKS, BLOCK_V=SAMPLE_GROUP, USE_TMA=True))
+
+
+def test_tma_refused_where_the_copy_engine_cannot_load():
+    """fp32 operands, a row stride that is not a multiple of 16 bytes, a base that is not 16-byte
+    aligned: no TMA. Forcing it is an error naming USE_TMA; the default launch takes the pointer loads."""
+    x, w, b = _planted(9, 70, 20, torch.float16)  # 40-byte rows
+    buf = torch.empty(9 * 24 + 1, dtype=torch.float16, device=DEV)
+    shifted = buf[1:].view(9, 24)  # 2 bytes off a 16-byte boundary
+    shifted.copy_(_planted(9, 70, 24, torch.float16)[0])
+    for xx, ww in ((x.float(), w.float()), (x, w), (shifted, _planted(9, 70, 24, torch.float16)[1])):
+        assert not tma_compatible(xx, ww)
+        with pytest.raises(ValueError, match="USE_TMA"):
+            _linear_argmax_launch(xx, ww, None, blocks=dict(INTERPRETER_BLOCKS, USE_TMA=True))
+        torch.testing.assert_close(linear_argmax(xx, ww)[0], linear_argmax_reference(xx, ww)[0], atol=0, rtol=0)
+
+
 def test_empty_rows():
     w = torch.randn(50, 16, device=DEV)
     ids, mx, lse = linear_argmax(torch.randn(0, 16, device=DEV), w)
@@ -235,6 +288,22 @@ def test_argmax_bf16_gpu(n, v, d):
     torch.testing.assert_close(s1[clear], rs[clear], atol=0, rtol=0)
     del logits
     torch.testing.assert_close(linear_argmax(x, w, b, gumbel_seed=3, temperature=1e-3)[0], rids, atol=0, rtol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_every_gpu_config_matches_reference():
+    """Each config of the autotune list, TMA and pointer loads, in bf16 (the autotuner may pick any):
+    argmax, cross-entropy statistics and sampling at ragged N, V and dim."""
+    x, w, b = _planted(300, 5001, 200, torch.bfloat16, margin=6.0)
+    tgt = torch.randint(0, 5001, (300,), device=DEV, dtype=torch.int32)
+    narrow_x = x[:8].contiguous()
+    for cfg in la._gpu_configs():
+        if cfg.kwargs["USE_TMA"] and not tma_compatible(x, w):
+            continue
+        xx = narrow_x if cfg.kwargs["BLOCK_N"] == 16 else x
+        sample = cfg.kwargs["BLOCK_V"] == SAMPLE_GROUP
+        _check_all_outputs(xx, w, b, tgt[: xx.shape[0]], config=cfg, sample_config=cfg if sample else None,
+                           tol=TOL[torch.bfloat16])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

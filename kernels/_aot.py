@@ -186,12 +186,18 @@ def build_cases(dtypes=DTYPES) -> list[Case]:
             "bwd_dx": (ffn, dim, False, mf.EPI_NONE, False, False, False, ffn, dim, 0),
         }
         for name, (K, N, bt, epi, gated, aux, wh, sa, sc, sx) in ffn_launches.items():
-            args = dict(ptrs, NUM_M_TILES=mt, K0=K, N0=N, K1=K, N1=N, stride_am=sa, stride_cm=sc,
+            # autotuned 16-bit launches on Hopper get TMA descriptors (kernels._utils.tma_compatible)
+            b_box = ("BLOCK_N", "BLOCK_K") if bt else ("BLOCK_K", "BLOCK_N")
+            descs = dict(A0_DESC=DescArg(dt, ("BLOCK_M", "BLOCK_K")), A1_DESC=DescArg(dt, ("BLOCK_M", "BLOCK_K")),
+                         B0_DESC=DescArg(dt, b_box), B1_DESC=DescArg(dt, b_box))
+            args = dict(ptrs, **descs, NUM_M_TILES=mt, K0=K, N0=N, K1=K, N1=N, stride_am=sa, stride_cm=sc,
                         stride_auxm=sx, stride_gate=dim if gated else 0)
             variant = dict(B_TRANS=bt, EPILOGUE=epi, HAS_GATE=gated, HAS_RES=gated, WRITE_AUX=aux, WRITE_H=wh,
-                           K_MAX=K, N_MAX=N, ALIGNED=True, IEEE=ieee, BLOCK_M=mf._GPU_BLOCK_M)
-            if ieee:  # fp32: the launcher's one fixed config, no tuning
+                           K_MAX=K, N_MAX=N, ALIGNED=True, IEEE=ieee, BLOCK_M=mf._GPU_BLOCK_M, TMA_OK=not ieee)
+            no_tma = dict(args, **{k: dataclasses.replace(v, present=False) for k, v in descs.items()})
+            if ieee:  # fp32: the launcher's one fixed config, no tuning, no descriptors
                 cfgs, kept = _fixed(mf._SMALL_CONFIG, 4, 3)
+                args, variant = no_tma, dict(variant, TMA_OK=False)
             else:
                 cfgs, kept = _configs_of(tuners["modality_ffn._grouped_gemm_kernel"], variant, args)
             cases.append(Case("modality_ffn._grouped_gemm_kernel", name, dt, args, variant, cfgs, kept,
@@ -199,8 +205,8 @@ def build_cases(dtypes=DTYPES) -> list[Case]:
             if name == "fwd1" and not ieee:  # a text-only step (T = 256): T * F < _SMALL_PROBLEM, fixed config
                 assert 256 * ffn < mf._SMALL_PROBLEM
                 cfgs, kept = _fixed(mf._SMALL_CONFIG, 4, 3)
-                cases.append(Case("modality_ffn._grouped_gemm_kernel", "fwd1_small", dt, dict(args, NUM_M_TILES=2),
-                                  variant, cfgs, kept))
+                cases.append(Case("modality_ffn._grouped_gemm_kernel", "fwd1_small", dt, dict(no_tma, NUM_M_TILES=2),
+                                  dict(variant, TMA_OK=False), cfgs, kept))
 
         # ---------------- joint_attention: FlashAttention-2 fwd / bwd and helpers ----------------
         lse_stride = T

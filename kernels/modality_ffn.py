@@ -13,8 +13,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from ._utils import (HAS_TRITON, check_segment_table, expand_segments, host_list, interpreting, log_once, segment_sum,
-                     token_segments, use_triton)
+from ._utils import (HAS_TRITON, TensorDescriptor, check_segment_table, expand_segments, host_list, interpreting,
+                     log_once, segment_sum, tma_compatible, token_segments, use_triton)
 
 if HAS_TRITON:
     import triton
@@ -95,7 +95,9 @@ class FeedForward(torch.nn.Module):
 # (built on the host, cached per segment table); one 1-D launch covers (M-tile, N-tile) pairs with a
 # global index, swizzled in bands of GROUP_M M-tiles for L2 reuse. A 1-token text segment costs one
 # M-tile and a 30K-token video segment 256 of them, all in the same launch; N-tiles past a narrower
-# expert's F_e exit at once.
+# expert's F_e exit at once. On Hopper (16-bit) the autotuner also tries TMA-descriptor loads: one
+# descriptor pair per expert, A limited to that expert's K_e columns, fewer registers (128x128x64:
+# 135 instead of 161 for the first GEMM, ptxas sm_90, Triton 3.6).
 
 EPI_NONE, EPI_BIAS_GELU, EPI_BIAS_GATED, EPI_GELU_GRAD = 0, 1, 2, 3
 
@@ -115,21 +117,40 @@ if HAS_TRITON:
         division, no tanh and no 1 + tanh cancellation for negative x; exp(-2u) = exp2(x (A + B x^2))."""
         return 1.0 / (1.0 + tl.exp2(x * (-2.302208198144325 + -0.1029432395800235 * x * x)))
 
+    @triton.jit
+    def _tma_mainloop(a_desc, b_desc, row0, n0, K, B_TRANS: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """``A[row0:+BLOCK_M, :K] @ B[:K, n0:+BLOCK_N]`` through TMA descriptors (boxes zero-filled
+        past each descriptor's shape: A's is (T, K_e), B's expert e's weight)."""
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            a = a_desc.load([row0, k0])
+            if B_TRANS:
+                b = tl.trans(b_desc.load([n0, k0]))
+            else:
+                b = b_desc.load([k0, n0])
+            acc = tl.dot(a, b, acc)
+        return acc
+
     @triton.jit(do_not_specialize=["NUM_M_TILES"])  # tile count follows T: no recompiles per video size
     def _grouped_gemm_kernel(
         A, B0, B1, C, BIAS0, BIAS1, AUX, RES, GATE, H_OUT,
+        A0_DESC, A1_DESC, B0_DESC, B1_DESC,
         TILE_SEG, TILE_ROW, SEG_OFF, SEG_EXPERT, NUM_M_TILES,
         K0, N0, K1, N1,
         stride_am, stride_cm, stride_auxm, stride_gate,
         B_TRANS: tl.constexpr, EPILOGUE: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RES: tl.constexpr,
         WRITE_AUX: tl.constexpr, WRITE_H: tl.constexpr, K_MAX: tl.constexpr, N_MAX: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-        ALIGNED: tl.constexpr, IEEE: tl.constexpr,
+        ALIGNED: tl.constexpr, IEEE: tl.constexpr, TMA_OK: tl.constexpr, USE_TMA: tl.constexpr,
     ):
         """C[rows of segment s] = A[rows, :K_e] @ B_e (+ epilogue), e = SEG_EXPERT[s] in {0, 1}.
 
         B_e is expert e's weight in nn.Linear layout, row-major: B_TRANS reads it transposed
-        (B_e[k, n] = W[n, k], W of shape (N_e, K_e)), otherwise as is (W of shape (K_e, N_e))."""
+        (B_e[k, n] = W[n, k], W of shape (N_e, K_e)), otherwise as is (W of shape (K_e, N_e)).
+        USE_TMA (Hopper, 16-bit): the main loop reads A and B_e through the TMA descriptors
+        A{e}_DESC (A limited to K_e columns) and B{e}_DESC instead of pointers. TMA_OK: the
+        launcher built them (autotune key; the prune drops USE_TMA configs without it)."""
         # 1-D grid over (M-tile, N-tile) pairs, swizzled in bands of GROUP_M M-tiles so that the
         # programs resident at one time share A row-blocks and B column-blocks in L2.
         pid = tl.program_id(0)
@@ -164,26 +185,32 @@ if HAS_TRITON:
         rows = tl.where(row_ok, rows, row0).to(tl.int64)
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < N
-        # columns stay unclamped (contiguous, so loads/stores vectorise); masks guard the tail
-        ks = tl.arange(0, BLOCK_K)
-        a_ptrs = A + rows[:, None] * stride_am + ks[None, :]
-        if B_TRANS:
-            b_ptrs = B + cols[None, :].to(tl.int64) * K + ks[:, None]
-            b_step = BLOCK_K
-        else:
-            b_ptrs = B + ks[:, None].to(tl.int64) * N + cols[None, :]
-            b_step = BLOCK_K * N
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            k_ok = (k0 + ks) < K
-            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-            if IEEE:
-                acc += tl.dot(a, b, input_precision="ieee")
+        if USE_TMA:  # a descriptor cannot be picked at run time like a pointer: one loop per expert
+            if e == 0:
+                acc = _tma_mainloop(A0_DESC, B0_DESC, row0, n0, K, B_TRANS, BLOCK_M, BLOCK_N, BLOCK_K)
             else:
-                acc += tl.dot(a, b)
-            a_ptrs += BLOCK_K
-            b_ptrs += b_step
+                acc = _tma_mainloop(A1_DESC, B1_DESC, row0, n0, K, B_TRANS, BLOCK_M, BLOCK_N, BLOCK_K)
+        else:
+            # columns stay unclamped (contiguous, so loads/stores vectorise); masks guard the tail
+            ks = tl.arange(0, BLOCK_K)
+            a_ptrs = A + rows[:, None] * stride_am + ks[None, :]
+            if B_TRANS:
+                b_ptrs = B + cols[None, :].to(tl.int64) * K + ks[:, None]
+                b_step = BLOCK_K
+            else:
+                b_ptrs = B + ks[:, None].to(tl.int64) * N + cols[None, :]
+                b_step = BLOCK_K * N
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                k_ok = (k0 + ks) < K
+                a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+                b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+                if IEEE:
+                    acc += tl.dot(a, b, input_precision="ieee")
+                else:
+                    acc += tl.dot(a, b)
+                a_ptrs += BLOCK_K
+                b_ptrs += b_step
         mask = row_ok[:, None] & col_ok[None, :]
         if EPILOGUE == 1:  # + b1, keep the pre-activation, GELU(tanh)
             acc += tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -209,23 +236,49 @@ if HAS_TRITON:
         tl.store(C + rows[:, None] * stride_cm + cols[None, :], acc.to(C.dtype.element_ty), mask=mask)
 
 
+def _tma_block_shapes(nargs):
+    """Autotune pre-hook: the descriptors' boxes are the config's tiles (also for the pointer configs,
+    which ignore them, so their compiled signature does not depend on the config tried last)."""
+    if nargs["A0_DESC"] is None:
+        return
+    bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
+    for name in ("A0_DESC", "A1_DESC"):
+        nargs[name].block_shape = [bm, bk]
+    for name in ("B0_DESC", "B1_DESC"):
+        nargs[name].block_shape = [bn, bk] if nargs["B_TRANS"] else [bk, bn]
+
+
 def _gemm_configs():
-    # BLOCK_M is fixed by the tile table (128 on GPU). Hopper-friendly first, Ampere-friendly last.
+    # BLOCK_M is fixed by the tile table (128 on GPU). TMA (Hopper, 16-bit) first, then pointer loads:
+    # Hopper-friendly first, Ampere-friendly last.
+    def cfg(n, k, num_warps, num_stages, tma=False, maxnreg=None):
+        return triton.Config({"BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8, "USE_TMA": tma}, num_warps=num_warps,
+                             num_stages=num_stages, maxnreg=maxnreg, pre_hook=_tma_block_shapes)
+
     return [
-        triton.Config({"BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
-        triton.Config({"BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=8, num_stages=3),
+        cfg(128, 64, 8, 3, tma=True),
+        cfg(128, 32, 8, 4, tma=True),
+        cfg(128, 32, 8, 3, tma=True, maxnreg=128),
+        cfg(128, 64, 8, 4),
+        cfg(256, 64, 8, 3),
+        cfg(128, 64, 4, 4),
+        cfg(128, 32, 4, 4),
+        cfg(128, 32, 8, 3),
     ]
 
 
 def _prune_configs(configs, named_args, **kwargs):
     """The gated-residual and GELU-gradient epilogues hold a second (BLOCK_M, BLOCK_N) fp32 tile:
-    with more than 64 accumulator values per thread they spill (ptxas, sm_90), so keep those out."""
-    heavy = kwargs.get("EPILOGUE", named_args.get("EPILOGUE")) in (EPI_BIAS_GATED, EPI_GELU_GRAD)
+    with more than 64 accumulator values per thread, or under a 128-register cap (the config that
+    fits two CTAs per SM), they spill (ptxas, sm_90), so keep those out. TMA configs only where the
+    launcher built descriptors (``TMA_OK``)."""
+    def arg(name):
+        return kwargs.get(name, named_args.get(name))
+
+    heavy = arg("EPILOGUE") in (EPI_BIAS_GATED, EPI_GELU_GRAD)
+    configs = [c for c in configs if arg("TMA_OK") or not c.kwargs["USE_TMA"]]
     kept = [c for c in configs
-            if not heavy or _GPU_BLOCK_M * c.kwargs["BLOCK_N"] <= 64 * 32 * c.num_warps]
+            if not heavy or (_GPU_BLOCK_M * c.kwargs["BLOCK_N"] <= 64 * 32 * c.num_warps and not c.maxnreg)]
     return kept or configs
 
 
@@ -233,14 +286,15 @@ if HAS_TRITON:
     # Keyed on the expert sizes (shape bucket), never on T: a new video length does not re-tune.
     _grouped_gemm_tuned = triton.autotune(
         _gemm_configs(),
-        key=["K_MAX", "N_MAX", "B_TRANS", "EPILOGUE", "IEEE", "HAS_GATE", "HAS_RES", "WRITE_AUX", "WRITE_H", "ALIGNED"],
+        key=["K_MAX", "N_MAX", "B_TRANS", "EPILOGUE", "IEEE", "HAS_GATE", "HAS_RES", "WRITE_AUX", "WRITE_H", "ALIGNED",
+             "TMA_OK"],
         prune_configs_by={"early_config_prune": _prune_configs},
     )(_grouped_gemm_kernel)
 
 _GPU_BLOCK_M = 128
 _SMALL_PROBLEM = 1 << 22  # T * N_max below this: the shape bucket "small", fixed config
-_SMALL_CONFIG = dict(BLOCK_N=64, BLOCK_K=32, GROUP_M=8)
-_INTERP_BLOCKS = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2)
+_SMALL_CONFIG = dict(BLOCK_N=64, BLOCK_K=32, GROUP_M=8, USE_TMA=False)
+_INTERP_BLOCKS = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, USE_TMA=False)  # tests set USE_TMA too
 
 
 @functools.lru_cache(maxsize=64)
@@ -290,19 +344,31 @@ def _grouped_gemm(plan: _Plan, a: torch.Tensor, mats, biases, transpose: bool, o
         return c
     dummy = c
     b0, b1 = (b if b is not None else dummy for b in biases)
+    k_max, n_max = max(dims[0::2]), max(dims[1::2])
+    small = not plan.interp and (a.dtype == torch.float32 or T * n_max < _SMALL_PROBLEM)
+    use_tma = _INTERP_BLOCKS["USE_TMA"] if plan.interp else (False if small else None)  # None: autotuned
+    descs = [None] * 4
+    if use_tma is not False and tma_compatible(a, *mats):
+        # A limited to expert e's K_e columns (the other expert's wider K may hold unwritten memory);
+        # boxes: the interpreter's tiles, else set per config by the autotuner's pre-hook
+        bm, bn, bk = (_INTERP_BLOCKS[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+        descs = [TensorDescriptor(a, [T, dims[2 * e]], [a.stride(0), 1], [bm, bk]) for e in (0, 1)]
+        descs += [TensorDescriptor.from_tensor(m, [bn, bk] if transpose else [bk, bn]) for m in mats]
+    elif use_tma:
+        raise ValueError(f"USE_TMA needs 16-bit a / weights with 16-byte aligned rows, got a {a.dtype} "
+                         f"strides {a.stride()}, weight strides {[m.stride() for m in mats]}")
     args = (a, mats[0], mats[1], c, b0, b1, aux if aux is not None else dummy,
             residual if residual is not None else dummy, gate if gate is not None else dummy,
-            h_out if h_out is not None else dummy,
+            h_out if h_out is not None else dummy, *descs,
             plan.tile_seg, plan.tile_row, plan.seg_off, plan.seg_expert, plan.num_tiles, *dims,
             a.stride(0), c.stride(0), aux.stride(0) if aux is not None else 0, gate.stride(0) if gate is not None else 0)
-    k_max, n_max = max(dims[0::2]), max(dims[1::2])
     meta = dict(B_TRANS=transpose, EPILOGUE=epilogue, HAS_GATE=gate is not None, HAS_RES=residual is not None,
                 WRITE_AUX=write_aux, WRITE_H=h_out is not None, K_MAX=k_max, N_MAX=n_max,
-                ALIGNED=all(d % 16 == 0 for d in dims), IEEE=a.dtype == torch.float32)
+                ALIGNED=all(d % 16 == 0 for d in dims), IEEE=a.dtype == torch.float32, TMA_OK=descs[0] is not None)
     if plan.interp:
         grid = (plan.num_tiles * triton.cdiv(n_max, _INTERP_BLOCKS["BLOCK_N"]),)
         _grouped_gemm_kernel[grid](*args, **meta, **_INTERP_BLOCKS)
-    elif meta["IEEE"] or T * n_max < _SMALL_PROBLEM:
+    elif small:
         # fp32 (CUDA-core dot) and small problems: one fixed config, no tuning (and no compiles) for them
         grid = (plan.num_tiles * triton.cdiv(n_max, _SMALL_CONFIG["BLOCK_N"]),)
         _grouped_gemm_kernel[grid](*args, **meta, BLOCK_M=plan.block_m, **_SMALL_CONFIG, num_warps=4, num_stages=3)

@@ -64,6 +64,42 @@ def test_recompute_preactivation_backward(dtype, monkeypatch):
     _compare(x, seg, seg_expert, experts, residual, gate, dtype)
 
 
+@pytest.mark.parametrize("gated", [True, False])
+def test_tma_loads_match_reference(gated, monkeypatch):
+    """The USE_TMA configs (Hopper, 16-bit) read A and each expert's weight through TMA descriptors,
+    zero-filled past their ends: ragged segments (0, 1, 17, 100 tokens), experts of different inner
+    sizes, dims not multiples of the tiles. Forward and every gradient match the reference."""
+    import univigu_fast.kernels.modality_ffn as mod
+
+    monkeypatch.setattr(mod, "_INTERP_BLOCKS", dict(mod._INTERP_BLOCKS, USE_TMA=True))
+    lens = [100, 17, 0, 1, 17, 0]
+    x, seg, seg_expert, experts, residual, gate = _case(lens, [0, 1, 0, 1, 0, 1], dim=48, inner=(80, 32),
+                                                        dtype=torch.float16, seed=3)
+    _compare(x, seg, seg_expert, experts, residual if gated else None, gate if gated else None, torch.float16)
+    with pytest.raises(ValueError, match="USE_TMA"):  # 40-byte rows: no descriptor possible, refused
+        modality_ffn(*_case([5], [0], dim=20, inner=(32,), dtype=torch.float16)[:4])
+
+
+@pytest.mark.parametrize("use_tma", [False, True])
+def test_each_expert_reads_only_its_columns(use_tma, monkeypatch):
+    """A (T, K_max) holds expert 1's rows in only its K_1 < K_max columns (the rest unwritten memory,
+    here NaN, as dP in the backward): both load paths stop at K_e, no NaN * 0 leaks into the result."""
+    import univigu_fast.kernels.modality_ffn as mod
+
+    monkeypatch.setattr(mod, "_INTERP_BLOCKS", dict(mod._INTERP_BLOCKS, USE_TMA=use_tma))
+    g = torch.Generator().manual_seed(4)
+    seg = torch.tensor([0, 40, 49], dtype=torch.int32, device=DEVICE)
+    seg_expert = torch.tensor([0, 1], dtype=torch.int32, device=DEVICE)
+    a = torch.randn(49, 64, generator=g).half()
+    a[40:, 48:] = float("nan")
+    w0, w1 = torch.randn(32, 64, generator=g).half(), torch.randn(32, 48, generator=g).half()
+    plan = mod._Plan(seg, seg_expert, [0, 40, 49])
+    out = mod._grouped_gemm(plan, a.to(DEVICE), [w0.to(DEVICE), w1.to(DEVICE)], [None, None], True, 32,
+                            epilogue=mod.EPI_NONE)
+    want = torch.cat([a[:40].float() @ w0.float().t(), a[40:, :48].float() @ w1.float().t()])
+    torch.testing.assert_close(out.float().cpu(), want, **TOL[torch.float16])
+
+
 def test_block_multiple_dims_and_single_expert_segments():
     x, seg, seg_expert, experts, residual, gate = _case([64, 32], [1, 1], dim=64, inner=(64, 128), dtype=torch.float32, seed=1)
     _compare(x, seg, seg_expert, experts, None, gate, torch.float32)
@@ -144,3 +180,24 @@ def _compare_bf16_grads(x, seg, seg_expert, experts):
     want = torch.autograd.grad(ref, [xf, ef[0][0], ef[1][2]], g.float())
     for a, b in zip(got, want):
         assert ((a.float() - b).norm() / b.norm()) < 2e-2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled-kernel (bf16) check needs a GPU")
+def test_every_gpu_config_bf16(monkeypatch):
+    """Each config of the autotune list (TMA and pointer loads; the autotuner may pick any) on all
+    four GEMMs: a shape where every one takes the autotuned path (T * N_max >= _SMALL_PROBLEM)."""
+    import triton
+
+    import univigu_fast.kernels.modality_ffn as mod
+
+    x, seg, seg_expert, experts, _, _ = _case([8000, 300], [0, 1], dim=512, inner=(2048, 1024), dtype=torch.bfloat16)
+    assert 8300 * 512 >= mod._SMALL_PROBLEM
+    tuned = mod._grouped_gemm_tuned
+    for cfg in mod._gemm_configs():
+        if cfg.kwargs["USE_TMA"] and torch.cuda.get_device_capability()[0] < 9:
+            continue
+        monkeypatch.setattr(mod, "_grouped_gemm_tuned", triton.autotune([cfg], key=tuned.keys)(mod._grouped_gemm_kernel))
+        out = modality_ffn(x, seg, seg_expert, experts)
+        ref = modality_ffn_reference(x.detach().float(), seg, seg_expert, [[t.detach().float() for t in e] for e in experts])
+        assert ((out.float() - ref).norm() / ref.norm()) < 1e-2, cfg
+        _compare_bf16_grads(x, seg, seg_expert, experts)

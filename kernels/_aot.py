@@ -264,7 +264,8 @@ def build_cases(dtypes=DTYPES) -> list[Case]:
         # 16-bit operands on Hopper: the launcher builds TMA descriptors (kernels._utils.tma_compatible)
         tma_ok = not ieee
         base = dict(x_ptr=p, w_ptr=p, b_ptr=p, tgt_ptr="*i32", best_ptr="*fp32", id_ptr="*i32", sel_ptr="*fp32",
-                    x_desc=DescArg(dt, ("BLOCK_N", "BLOCK_D"), tma_ok), w_desc=DescArg(dt, ("BLOCK_V", "BLOCK_D"), tma_ok),
+                    x_desc=DescArg(dt, ("BLOCK_N", "BLOCK_D"), tma_ok),
+                    w_desc=DescArg(dt, ("BLOCK_V", "BLOCK_D"), tma_ok),
                     max_ptr="*fp32", sumexp_ptr="*fp32", tlogit_ptr="*fp32", zsum_ptr="*fp32",
                     N=n, V=V, D=d, chunk=chunk, S=splits, stride_xn=d, stride_wv=d, seed=0, inv_temp=1.0,
                     n_bucket=min(triton.next_power_of_2(n), 8192))

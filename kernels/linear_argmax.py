@@ -436,9 +436,10 @@ if HAS_TRITON:
 
     def _prune(configs, named_args, **kwargs):
         """N <= 16 (a few tokens, memory-bound): only the narrow-row configs; 256-row blocks only for
-        N >= 1024; TMA configs only where the launcher built descriptors (``TMA_OK``). Sampling: tiles of one vocabulary group (BLOCK_V = SAMPLE_GROUP). The cross-entropy
-        statistics keep more tiles live in the epilogue: there only the configs that neither spill much
-        nor overflow shared memory (checked with ptxas for sm_90, bench/compile_audit.py)."""
+        N >= 1024; TMA configs only where the launcher built descriptors (``TMA_OK``). Sampling: tiles
+        of one vocabulary group (BLOCK_V = SAMPLE_GROUP). The cross-entropy statistics keep more tiles
+        live in the epilogue: there only the configs that neither spill much nor overflow shared
+        memory (checked with ptxas for sm_90, bench/compile_audit.py)."""
         def flag(name):
             return bool(kwargs.get(name, named_args.get(name)))
 

@@ -196,8 +196,10 @@ def test_every_gpu_config_bf16(monkeypatch):
     for cfg in mod._gemm_configs():
         if cfg.kwargs["USE_TMA"] and torch.cuda.get_device_capability()[0] < 9:
             continue
-        monkeypatch.setattr(mod, "_grouped_gemm_tuned", triton.autotune([cfg], key=tuned.keys)(mod._grouped_gemm_kernel))
+        one_config = triton.autotune([cfg], key=tuned.keys)(mod._grouped_gemm_kernel)
+        monkeypatch.setattr(mod, "_grouped_gemm_tuned", one_config)
         out = modality_ffn(x, seg, seg_expert, experts)
-        ref = modality_ffn_reference(x.detach().float(), seg, seg_expert, [[t.detach().float() for t in e] for e in experts])
+        f32 = [[t.detach().float() for t in e] for e in experts]
+        ref = modality_ffn_reference(x.detach().float(), seg, seg_expert, f32)
         assert ((out.float() - ref).norm() / ref.norm()) < 1e-2, cfg
         _compare_bf16_grads(x, seg, seg_expert, experts)

@@ -281,12 +281,11 @@ def build_cases(dtypes=DTYPES) -> list[Case]:
             # N <= 16 rows (decoding a few tokens): 16-row tiles, below wgmma's 64 rows per warpgroup
             cases.append(Case("linear_argmax._linear_argmax_partial_kernel", name, dt, args, variant, cfgs, kept,
                               sm90_mma="mma.sync" if rows <= 16 else "wgmma"))
-        block_s = triton.next_power_of_2(splits)
+        block_r, block_s = la._reduce_blocks(splits)
         args = dict(best_ptr="*fp32", id_ptr="*i32", sel_ptr="*fp32", max_ptr="*fp32", sumexp_ptr="*fp32",
                     tlogit_ptr="*fp32", zsum_ptr="*fp32", ids_out="*i64", sel_out="*fp32", lse_out="*fp32",
                     tlogit_out="*fp32", zsum_out="*fp32", N=n, S=splits)
-        cfgs, kept = _fixed(dict(HAS_TARGET=True, SUM_Z=True, BLOCK_N=max(1, min(64, 4096 // block_s)),
-                                 BLOCK_S=block_s))
+        cfgs, kept = _fixed(dict(HAS_TARGET=True, SUM_Z=True, BLOCK_N=block_r, BLOCK_S=block_s))
         cases.append(Case("linear_argmax._linear_argmax_reduce_kernel", "ce", dt, args, {}, cfgs, kept))
         args = dict(x_ptr=p, w_ptr=p, b_ptr=p, ids_ptr="*i64", sel_ptr="*fp32", V=V, D=d, stride_xn=d,
                     stride_wv=d, seed=2**40 + 7, inv_temp=1.0)

@@ -482,6 +482,13 @@ def _default_splits(n: int, v: int, granule: int, device: torch.device) -> int:
     return max(1, min(-(-v // granule), 2 * _num_sms(device) // group))
 
 
+def _reduce_blocks(splits: int) -> tuple[int, int]:
+    """``(BLOCK_N, BLOCK_S)`` of the reduce pass: all ``splits`` partials of a row in one block,
+    rows per program so that a program holds at most 4096 partials."""
+    block_s = triton.next_power_of_2(splits)
+    return max(1, min(64, 4096 // block_s)), block_s
+
+
 def _check_inputs(x, weight, bias, temperature=1.0, gumbel_seed=None):
     if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
         raise TypeError("x and weight must be torch.Tensors")
@@ -609,8 +616,7 @@ def _linear_argmax_launch(
 
     ids = torch.empty(n, device=dev, dtype=torch.int64)
     out = [torch.empty(n, **f32) for _ in range(4)]
-    block_s = triton.next_power_of_2(splits)
-    block_r = max(1, min(64, 4096 // block_s))
+    block_r, block_s = _reduce_blocks(splits)
     _linear_argmax_reduce_kernel[(triton.cdiv(n, block_r),)](
         best, id_p, sel_p, max_p, sum_p, tl_p, zs_p,
         ids, out[0], out[1], out[2], out[3], n, splits,

@@ -567,7 +567,8 @@ def _linear_argmax_launch(
     if blocks is None and interp:
         blocks = dict(INTERPRETER_BLOCKS, BLOCK_V=SAMPLE_GROUP) if sample else INTERPRETER_BLOCKS
     use_tma = bool(blocks.get("USE_TMA", False)) if blocks is not None else None  # None: the autotuner's choice
-    tma_ok = tma_compatible(x, weight) and use_tma is not False
+    # (the narrow-row configs the autotuner keeps for N <= 16 all use pointer loads: no descriptors)
+    tma_ok = tma_compatible(x, weight) and use_tma is not False and (use_tma or n > 16)
     if use_tma and not tma_ok:
         raise ValueError(f"blocks['USE_TMA'] needs 16-bit x / weight with 16-byte aligned rows on Hopper, got "
                          f"x {x.dtype} strides {x.stride()}, weight strides {weight.stride()}")

@@ -11,6 +11,11 @@ Those peers get pre-rotated q/k (a conservative comparison: only ours applies Ro
 call); ``sdpa_rope`` is the like-for-like peer: the RoPE reference compiled with ``torch.compile``
 (one fused pass over q and k) + per-sample SDPA, what a user without this library would run.
 TFLOP/s count real work only: ``4 * sum(L_i^2) * H * hd`` forward, 3.5x that fwd+bwd.
+
+Op ``rope`` (mode ``fwd``): the RoPE pass of q and k as the ``auto`` backend runs it, with the
+angles given as per-token cos / sin tables (impl ``tables``, the library's form) or computed in the
+kernel from position ids (impl ``position_ids``): the issue's "measure which is faster".
+``bytes_moved`` = q and k read and written (the tables' or ids' bytes on top are what differs).
 """
 import itertools
 
@@ -177,3 +182,31 @@ def test_bench_joint_attention(benchmark, shape, mode, impl):
     except torch.cuda.OutOfMemoryError as e:  # record nothing for this impl; the others go on
         torch.cuda.empty_cache()
         pytest.skip(f"{impl} ran out of memory: {str(e)[:200]}")
+
+
+@requires_cuda
+@pytest.mark.parametrize("form", ["tables", "position_ids"])
+@pytest.mark.parametrize("shape", ["wan1.3b-480p", "wan1.3b-varlen", "wan14b-720p"])
+def test_bench_rope_form(benchmark, shape, form):
+    from univigu_fast.kernels.joint_attention import apply_rope, apply_rope_positions
+    from univigu_fast.packing import PackedBatch, rope_positions
+    from univigu_fast.profiling import video_grid
+
+    s = SHAPES[shape]
+    hd = s.head_dim
+    grids = [video_grid(lv, shape, i) for i, lv in enumerate(s.video_lens)]
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd)
+    packed = PackedBatch.build(grids, s.text_lens, [s.prompt_len] * s.batch, hd, inv_freq, "cuda")
+    positions = rope_positions(grids, s.text_lens, hd, inv_freq, "cuda")
+    T = packed.total
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k = (torch.randn(T, s.num_heads, hd, device="cuda", dtype=DTYPE, generator=g) for _ in range(2))
+    if form == "tables":
+        def run():
+            return apply_rope(q, packed.rope), apply_rope(k, packed.rope)
+    else:
+        def run():
+            return apply_rope_positions(q, *positions), apply_rope_positions(k, *positions)
+    with torch.no_grad():
+        measure(benchmark, run, op="rope", shape=shape, mode="fwd", impl=form, dtype=DTYPE,
+                bytes_moved=4 * q.numel() * q.element_size(), rounds=20, warmup_rounds=2)

@@ -244,12 +244,14 @@ def build_cases(dtypes=DTYPES) -> list[Case]:
                     stride_delta_h=lse_stride)
         cfgs, kept = _fixed(dict(HEAD_DIM=hd, BLOCK_T=ja._ROPE_BLOCK_T))
         cases.append(Case("joint_attention._bwd_delta_kernel", "bwd", dt, args, {}, cfgs, kept))
-        for inverse in (False, True):
-            args = dict(X=p, OUT=p, COS="*fp32", SIN="*fp32", IL="*u8", T=T, H=H, stride_xt=H * hd, stride_xh=hd,
-                        stride_ot=H * hd, stride_oh=hd, stride_rope=hd // 2)
-            cfgs, kept = _fixed(dict(HEAD_DIM=hd, BLOCK_T=ja._ROPE_BLOCK_T, INVERSE=inverse))
-            cases.append(Case("joint_attention._rope_kernel", "inverse" if inverse else "forward", dt, args, {},
-                              cfgs, kept))
+        for name, inverse, positions in (("forward", False, False), ("inverse", True, False),
+                                         ("positions", False, True)):
+            # the launcher passes IL as the dummy position tables of the tables form
+            tables = dict(POS="*i32", FREQ="*fp32", AXIS="*i32") if positions else dict(POS="*u8", FREQ="*u8", AXIS="*u8")
+            args = dict(X=p, OUT=p, COS="*fp32", SIN="*fp32", IL="*u8", **tables, T=T, H=H, stride_xt=H * hd,
+                        stride_xh=hd, stride_ot=H * hd, stride_oh=hd, stride_rope=hd // 2)
+            cfgs, kept = _fixed(dict(HEAD_DIM=hd, BLOCK_T=ja._ROPE_BLOCK_T, INVERSE=inverse, FROM_POSITIONS=positions))
+            cases.append(Case("joint_attention._rope_kernel", name, dt, args, {}, cfgs, kept))
 
         # ---------------- linear_argmax / linear_cross_entropy: the text head ----------------
         n, d, V = 256, dim, 256_384

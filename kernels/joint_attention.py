@@ -5,6 +5,10 @@ RoPE tables (the format every caller uses): ``rope = (cos, sin, interleaved)`` w
 ``interleaved`` bool ``(T,)``: True pairs dims ``(2i, 2i+1)`` (Wan's complex 3-axis video RoPE),
 False pairs dims ``(i, i + hd/2)`` (1-D rotate-half text RoPE). Each pair ``(a, b)`` becomes
 ``(a cos - b sin, a sin + b cos)``.
+
+The issue's alternative, position ids, is :func:`apply_rope_positions` (the RoPE kernel computing
+cos / sin in-kernel from ``(T, 3)`` positions and two per-pair frequency / axis rows):
+``bench/bench_joint_attention.py`` times the two forms against each other (op ``rope``).
 """
 from __future__ import annotations
 
@@ -119,6 +123,25 @@ if HAS_TRITON:
         return c, s
 
     @triton.jit
+    def _rope_pos_cos_sin(pos_ptr, freq_ptr, axis_ptr, rows, row_ok, il, HALF: tl.constexpr, INVERSE: tl.constexpr):
+        """The (R, D/2) cos / sin of ``rows`` computed from position ids: pair i of a row turns by
+        ``pos[t, axis_m[i]] * freq_m[i]``, table row m = 0 for interleaved (video) rows, 1 for the
+        others (text); ``pos`` int32 (T, 3), ``freq`` fp32 / ``axis`` int32 (2, D/2). fp32 angles."""
+        i = tl.arange(0, HALF)
+        il2 = il[:, None]
+        freq = tl.where(il2, tl.load(freq_ptr + i)[None, :], tl.load(freq_ptr + HALF + i)[None, :])
+        axis = tl.where(il2, tl.load(axis_ptr + i)[None, :], tl.load(axis_ptr + HALF + i)[None, :])
+        p = pos_ptr + rows.to(tl.int64) * 3
+        p0 = tl.load(p, mask=row_ok, other=0).to(tl.float32)[:, None]
+        p1 = tl.load(p + 1, mask=row_ok, other=0).to(tl.float32)[:, None]
+        p2 = tl.load(p + 2, mask=row_ok, other=0).to(tl.float32)[:, None]
+        angle = tl.where(axis == 0, p0, tl.where(axis == 1, p1, p2)) * freq
+        s = tl.sin(angle)
+        if INVERSE:
+            s = -s
+        return tl.cos(angle), s
+
+    @triton.jit
     def _rotate_rows(x, il, c, s, HEAD_DIM: tl.constexpr):
         """Rotate a loaded (R, D) tile ``x`` by its rows' (R, D/2) tables ``c, s``; returns fp32.
 
@@ -177,11 +200,13 @@ if HAS_TRITON:
         tl.store(DELTA + h * stride_delta_h + rows, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=ok)
 
     @triton.jit(do_not_specialize=["T", "H"])  # new lengths reuse the compiled kernel
-    def _rope_kernel(X, OUT, COS, SIN, IL, T, H, stride_xt, stride_xh, stride_ot, stride_oh, stride_rope,
-                     HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, INVERSE: tl.constexpr):
+    def _rope_kernel(X, OUT, COS, SIN, IL, POS, FREQ, AXIS, T, H, stride_xt, stride_xh, stride_ot, stride_oh,
+                     stride_rope, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, INVERSE: tl.constexpr,
+                     FROM_POSITIONS: tl.constexpr):
         """OUT[t, h] = R(t) X[t, h] (or R(t)^T with INVERSE) for a block of tokens and every head: the
         fp32 tables are read once per token and reused for all heads (per (token, head) they would
-        cost twice the traffic of x itself)."""
+        cost twice the traffic of x itself). FROM_POSITIONS: cos / sin computed from POS / FREQ / AXIS
+        (:func:`_rope_pos_cos_sin`) instead of read from COS / SIN."""
         t0 = tl.program_id(0) * BLOCK_T
         local = tl.arange(0, BLOCK_T)
         cols = tl.arange(0, HEAD_DIM)
@@ -189,7 +214,10 @@ if HAS_TRITON:
         mask = row_ok[:, None]
         safe_rows = tl.where(row_ok, t0 + local, 0)
         il = tl.load(IL + safe_rows, mask=row_ok, other=0) != 0
-        c, s = _rope_cos_sin(COS, SIN, safe_rows, row_ok, stride_rope, HEAD_DIM // 2, INVERSE)
+        if FROM_POSITIONS:
+            c, s = _rope_pos_cos_sin(POS, FREQ, AXIS, safe_rows, row_ok, il, HEAD_DIM // 2, INVERSE)
+        else:
+            c, s = _rope_cos_sin(COS, SIN, safe_rows, row_ok, stride_rope, HEAD_DIM // 2, INVERSE)
         # 64-bit block bases, 32-bit offsets inside the block (fewer registers)
         x_blk = X + t0.to(tl.int64) * stride_xt
         o_blk = OUT + t0.to(tl.int64) * stride_ot
@@ -467,16 +495,18 @@ def _rope_tensors(rope: Rope | None, ref: torch.Tensor):
     return cos, sin, il.view(torch.uint8) if il.dtype == torch.bool else il
 
 
-def _rotate(x: torch.Tensor, cos, sin, il, inverse: bool) -> torch.Tensor:
-    """R x (or R^T x) for ``x (T, H, D)`` with per-token tables, by ``_rope_kernel``."""
+def _rotate(x: torch.Tensor, cos, sin, il, inverse: bool, positions=None) -> torch.Tensor:
+    """R x (or R^T x) for ``x (T, H, D)`` with per-token tables, by ``_rope_kernel``; ``positions``
+    = ``(pos, freq, axis)`` computes the angles from position ids instead (``cos`` / ``sin`` unused)."""
     T, H, D = x.shape
     out = torch.empty_like(x)
     if T == 0:
         return out
     il = il.view(torch.uint8) if il.dtype == torch.bool else il
+    pos, freq, axis = positions if positions is not None else (il, il, il)  # dummies, never read
     _rope_kernel[(triton.cdiv(T, _ROPE_BLOCK_T),)](
-        x, out, cos, sin, il, T, H, x.stride(0), x.stride(1), out.stride(0), out.stride(1), cos.stride(0),
-        HEAD_DIM=D, BLOCK_T=_ROPE_BLOCK_T, INVERSE=inverse,
+        x, out, cos, sin, il, pos, freq, axis, T, H, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
+        cos.stride(0), HEAD_DIM=D, BLOCK_T=_ROPE_BLOCK_T, INVERSE=inverse, FROM_POSITIONS=positions is not None,
     )
     return out
 
@@ -644,6 +674,32 @@ def apply_rope(x: torch.Tensor, rope: Rope) -> torch.Tensor:
     if not use_triton(x):
         return apply_rope_reference(x, rope)
     return _Rope.apply(x, *rope)
+
+
+def rope_tables_from_positions(pos: torch.Tensor, freq: torch.Tensor, axis: torch.Tensor,
+                               interleaved: torch.Tensor) -> Rope:
+    """The per-token tables of the position-id form (the spec of :func:`apply_rope_positions`):
+    ``pos`` int32 (T, 3), ``freq`` fp32 / ``axis`` int (2, D/2) (row 0: interleaved rows, row 1: the
+    others), ``interleaved`` bool (T,) -> ``(cos, sin, interleaved)`` with fp32 angles."""
+    m = torch.where(interleaved, 0, 1).long()
+    angle = pos.float().gather(1, axis.long()[m]) * freq.float()[m]
+    return angle.cos(), angle.sin(), interleaved
+
+
+def apply_rope_positions(x: torch.Tensor, pos: torch.Tensor, freq: torch.Tensor, axis: torch.Tensor,
+                         interleaved: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x (T, H, D)`` with cos / sin computed in the RoPE kernel from position ids (the
+    alternative to the tables, forward only; see :func:`rope_tables_from_positions` for the form).
+    ``packing.rope_positions`` builds ``pos, freq, axis`` for a packed batch."""
+    T, H, D = x.shape
+    want = {"pos": ((T, 3), torch.int32), "freq": ((2, D // 2), torch.float32), "axis": ((2, D // 2), torch.int32)}
+    for name, t in (("pos", pos), ("freq", freq), ("axis", axis)):
+        shape, dtype = want[name]
+        if tuple(t.shape) != shape or t.dtype != dtype or not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous {dtype} of shape {shape}, got {t.dtype} {tuple(t.shape)}")
+    if not use_triton(x):
+        return apply_rope_reference(x, rope_tables_from_positions(pos, freq, axis, interleaved))
+    return _rotate(x.contiguous(), freq, freq, interleaved, inverse=False, positions=(pos, freq, axis))
 
 
 def _sdpa_varlen(q, k, v, cu_q: list[int], cu_k: list[int], scale: float) -> torch.Tensor:

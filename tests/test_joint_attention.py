@@ -7,10 +7,13 @@ import torch
 
 from univigu_fast.kernels.joint_attention import (
     apply_rope,
+    apply_rope_positions,
     apply_rope_reference,
     joint_attention,
     joint_attention_reference,
+    rope_tables_from_positions,
 )
+from univigu_fast.packing import PackedBatch, rope_positions
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled-kernel (bf16) check needs a GPU")
@@ -126,6 +129,29 @@ def test_rope_kernel_matches_reference(dtype, D):
     xf = x.detach().float().requires_grad_()
     (want,) = torch.autograd.grad(apply_rope_reference(xf, rope).float(), xf, g.float())
     torch.testing.assert_close(dx.float(), want, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_rope_from_positions_matches_tables(dtype):
+    """The position-id form (cos / sin computed in the RoPE kernel): its tables are the packed batch's
+    (Wan's 3-axis video RoPE, 1-D text RoPE; two samples, one with no text) and the kernel rotates
+    as the table form does; malformed position tables are refused."""
+    D, H = 64, 3
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, D, 2, dtype=torch.float32) / D)
+    grids, text_lens = [(2, 3, 5), (1, 4, 3)], [9, 0]
+    packed = PackedBatch.build(grids, text_lens, [3, 3], D, inv_freq, DEVICE)
+    pos, freq, axis, il = rope_positions(grids, text_lens, D, inv_freq, DEVICE)
+    cos, sin, il2 = rope_tables_from_positions(pos, freq, axis, il)
+    torch.testing.assert_close(cos, packed.rope[0], atol=1e-6, rtol=0)  # fp32 angles vs float64 tables
+    torch.testing.assert_close(sin, packed.rope[1], atol=1e-6, rtol=0)
+    assert torch.equal(il2, packed.rope[2])
+    x = torch.randn(pos.shape[0], H, D, generator=torch.Generator().manual_seed(2)).to(DEVICE, dtype)
+    out = apply_rope_positions(x, pos, freq, axis, il)
+    torch.testing.assert_close(out.float(), apply_rope_reference(x.float(), packed.rope), **TOL[dtype])
+    with pytest.raises(ValueError, match="pos must be contiguous torch.int32"):
+        apply_rope_positions(x, pos.long(), freq, axis, il)
+    with pytest.raises(ValueError, match=r"freq must be contiguous torch.float32 of shape \(2, 32\)"):
+        apply_rope_positions(x, pos, freq[:, :16], axis, il)
 
 
 def test_compile_traces_without_graph_break():

@@ -21,20 +21,44 @@ def _cu(lengths, device) -> torch.Tensor:
     return remember_host_values(torch.tensor(values, dtype=torch.int32, device=device), values)
 
 
+def _video_axis_freqs(head_dim: int, theta: float = 10000.0) -> list[torch.Tensor]:
+    """Wan's 3-axis RoPE frequencies, float64, one tensor per axis (t, h, w): pairs split as diffusers'
+    WanRotaryPosEmbed (h = w = 2 * (head_dim // 6) dims, t the rest)."""
+    d_hw = 2 * (head_dim // 6)
+    return [1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d) for d in (head_dim - 2 * d_hw, d_hw, d_hw)]
+
+
 def _video_angles(grid: tuple[int, int, int], head_dim: int, theta: float = 10000.0) -> torch.Tensor:
-    """Wan's 3-axis RoPE angles ``(f*h*w, head_dim/2)``: pairs split t/h/w as diffusers' WanRotaryPosEmbed
-    (h = w = 2 * (head_dim // 6) dims, t the rest), positions in (f, h, w) order, float64."""
+    """Wan's 3-axis RoPE angles ``(f*h*w, head_dim/2)`` (:func:`_video_axis_freqs`), positions in
+    (f, h, w) order, float64."""
     f, h, w = grid
     if f * h * w == 0:  # a text-only view (video-stream cache): no video rows
         return torch.zeros(0, head_dim // 2, dtype=torch.float64)
-    d_hw = 2 * (head_dim // 6)
-    d_t = head_dim - 2 * d_hw
     parts = []
-    for n, d, shape in ((f, d_t, (f, 1, 1)), (h, d_hw, (1, h, 1)), (w, d_hw, (1, 1, w))):
-        inv = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+    for n, inv, shape in zip((f, h, w), _video_axis_freqs(head_dim, theta), ((f, 1, 1), (1, h, 1), (1, 1, w))):
         ang = torch.arange(n, dtype=torch.float64)[:, None] * inv  # (n, d/2)
         parts.append(ang.view(*shape, -1).expand(f, h, w, -1))
     return torch.cat(parts, -1).reshape(f * h * w, head_dim // 2)
+
+
+def rope_positions(video_grids, text_lens, head_dim: int, text_inv_freq: torch.Tensor, device):
+    """The position-id form of the packed batch's RoPE (``kernels.joint_attention.apply_rope_positions``):
+    ``pos`` int32 (T, 3) — (f, h, w) for video rows, (p, 0, 0) for text rows —, ``freq`` fp32 and
+    ``axis`` int32 (2, head_dim/2) — row 0 the video pairs' frequency and axis, row 1 the text's —,
+    and ``interleaved`` bool (T,), in the token order of :meth:`PackedBatch.build`."""
+    pos, il = [], []
+    for (f, h, w), lt in zip(video_grids, text_lens):
+        grid = torch.stack(torch.meshgrid(torch.arange(f), torch.arange(h), torch.arange(w), indexing="ij"), -1)
+        text = torch.zeros(lt, 3, dtype=torch.long)
+        text[:, 0] = torch.arange(lt)
+        pos += [grid.reshape(-1, 3), text]
+        il += [torch.ones(f * h * w, dtype=torch.bool), torch.zeros(lt, dtype=torch.bool)]
+    axis_freqs = _video_axis_freqs(head_dim)
+    half = head_dim // 2
+    freq = torch.stack([torch.cat(axis_freqs).float(), text_inv_freq.detach().float().cpu()])
+    axis = torch.stack([torch.cat([torch.full((len(a),), i) for i, a in enumerate(axis_freqs)]), torch.zeros(half)])
+    return (torch.cat(pos).to(device, torch.int32), freq.to(device), axis.to(device, torch.int32),
+            torch.cat(il).to(device))
 
 
 @functools.lru_cache(maxsize=8)

@@ -139,12 +139,33 @@ def test_once_text_step_matches_hand_computed():
     assert max((a - b).abs().max() for a, b in zip(got, exact)) > 1e-4
 
 
+def test_text_step_reuses_the_prompt_keys_values():
+    """The prompt's cross-attention keys/values are projected on the full step only; a refresh
+    projects them again (a new full step may come with new weights)."""
+    model = tiny_reference(seed=5)
+    videos, prompts = _inputs(model.config, seed=2)
+    calls = []
+    for block in model.blocks:
+        block.attn2.to_k.register_forward_hook(lambda *a: calls.append("k"))
+        block.attn2.to_v.register_forward_hook(lambda *a: calls.append("v"))
+    text = [torch.randint(0, model.config.vocab_size, (n,), generator=torch.Generator().manual_seed(1)) for n in (6, 3)]
+    with torch.no_grad():
+        cache = VideoCache(model)
+        model(videos, torch.ones(2), prompts, text=text, tau_text=torch.tensor([0.1, 0.2]), video_cache=cache)
+        assert len(calls) == 2 * model.config.num_layers
+        model.text_step(cache, text, torch.tensor([0.5, 0.8]))
+        model.text_step(cache, text, torch.tensor([0.6, 0.9]))
+        assert len(calls) == 2 * model.config.num_layers
+        model(videos, torch.ones(2), prompts, text=text, tau_text=torch.tensor([0.1, 0.2]), video_cache=cache)
+        assert len(calls) == 4 * model.config.num_layers
+
+
 def test_cache_memory_is_accounted_refused_and_released(monkeypatch):
     model = tiny_reference()
     videos, prompts = _inputs(model.config)
     c = model.config
-    expected = cache_bytes(c, [3 * 3 * 5, 1 * 2 * 2], [4, 2], torch.float32)
-    assert expected == c.num_layers * 2 * (45 + 4 + 6) * c.dim * 4
+    expected = cache_bytes(c, [3 * 3 * 5, 1 * 2 * 2], [4, 2], torch.float32, prompt_lens=[5, 3])
+    assert expected == c.num_layers * 2 * (45 + 4 + 6 + 8) * c.dim * 4  # video, text and prompt rows
     released = []
     orig = VideoCache.release
 
@@ -269,7 +290,8 @@ def test_fast_model_text_step_matches_reference(device):
 
 def test_cost_model_counts():
     """The FLOP estimate: with no video rows a text-only step is the exact step (same rows, same
-    GEMMs); step counts per policy; every:1 costs exactly the exact caption."""
+    GEMMs) less the prompt's key/value projections the cache keeps; step counts per policy; every:1
+    costs exactly the exact caption."""
     from univigu_fast.profiling import component_flops, config_for
     from univigu_fast.shapes import SHAPES, BenchShape
     from univigu_fast.video_cache import caption_cost, text_step_bytes, text_step_flops
@@ -278,7 +300,9 @@ def test_cost_model_counts():
     c = config_for(s)
     textonly = BenchShape("t", (0,) * s.batch, s.text_lens, s.prompt_len, s.dim, s.ffn_dim, s.num_heads, s.head_dim,
                           s.num_layers)
-    assert text_step_flops(textonly, c) == pytest.approx(component_flops(textonly, c, "understanding", decode=True))
+    want = component_flops(textonly, c, "understanding", decode=True)
+    want["other"] -= c.num_layers * 2 * (s.prompt_len * s.batch) * c.dim * c.dim * 2  # to_k, to_v of the prompt
+    assert text_step_flops(textonly, c) == pytest.approx(want)
     s = SHAPES["wan1.3b-480p"]
     off, once, every4 = (caption_cost(s, c, 50, p) for p in ("off", "once", "every:4"))
     assert (once["full_steps"], once["text_steps"], every4["full_steps"], every4["text_steps"]) == (1, 49, 13, 37)

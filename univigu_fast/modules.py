@@ -98,10 +98,14 @@ class Attention(nn.Module):
     def qkv(self, ops: Ops, x, context, eps):
         """Queries from x (Tq, dim), keys/values from context (Tk, dim): (T, H, hd) each, q/k RMS-normed
         across heads, not yet rotated."""
-        H = self.heads
-        q = ops.rms_norm(self.to_q(x), self.norm_q.weight, eps).unflatten(-1, (H, -1))
-        k = ops.rms_norm(self.to_k(context), self.norm_k.weight, eps).unflatten(-1, (H, -1))
-        return q, k, self.to_v(context).unflatten(-1, (H, -1))
+        return (self.query(ops, x, eps), *self.keys_values(ops, context, eps))
+
+    def query(self, ops: Ops, x, eps):
+        return ops.rms_norm(self.to_q(x), self.norm_q.weight, eps).unflatten(-1, (self.heads, -1))
+
+    def keys_values(self, ops: Ops, context, eps):
+        k = ops.rms_norm(self.to_k(context), self.norm_k.weight, eps).unflatten(-1, (self.heads, -1))
+        return k, self.to_v(context).unflatten(-1, (self.heads, -1))
 
     def attend(self, ops: Ops, q, k, v, cu_q, cu_k, max_q, max_k, rope_q=None, rope_k=None):
         out = ops.attention(q, k, v, cu_q, cu_k, max_q, max_k, rope_q=rope_q, rope_k=rope_k)
@@ -133,8 +137,9 @@ class UniViGUBlock(nn.Module):
         ``timestep_proj`` of its modality (video: from tau_video, text: from tau_text).
 
         ``kv``: an optional per-layer video-stream cache (``univigu_fast.video_cache.LayerKV``): it
-        records this layer's self-attention keys/values (full step), or supplies the cached video
-        keys/values when ``x`` holds only the text rows (text-only step)."""
+        records this layer's self-attention keys/values and the prompt's cross-attention keys/values
+        (full step), or supplies the cached video keys/values when ``x`` holds only the text rows
+        and the prompt's (text-only step)."""
         seg = packed.seg_offsets
         # 1. modulation per modality segment from the SHARED table (DESIGN §3.1)
         shift, scale, gate, c_shift, c_scale, c_gate = (self.scale_shift_table.float() + seg_temb).unbind(1)
@@ -149,8 +154,12 @@ class UniViGUBlock(nn.Module):
         x = ops.gated_residual(x, y, seg, gate)
         # 3. shared cross-attention to the prompt, ungated
         h = self.norm2(x)  # LayerNorm in fp32, result in x.dtype (FP32LayerNorm), as Wan
-        y = self.attn2(ops, h, context, packed.cu_seqlens, packed.cu_seqlens_prompt, packed.max_seqlen,
-                       packed.max_prompt_len, self.eps)
+        if kv is None:
+            k, v = self.attn2.keys_values(ops, context, self.eps)
+        else:  # the same every step (prompt and weights only): kept by the cache
+            k, v = kv.prompt_keys_values(lambda: self.attn2.keys_values(ops, context, self.eps))
+        y = self.attn2.attend(ops, self.attn2.query(ops, h, self.eps), k, v, packed.cu_seqlens,
+                              packed.cu_seqlens_prompt, packed.max_seqlen, packed.max_prompt_len)
         x = x + y
         # 4. modality-routed FFN with the gated residual fused
         h = ops.modulated_layer_norm(x, seg, c_shift, c_scale, self.eps)

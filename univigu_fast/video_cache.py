@@ -11,10 +11,13 @@ and key lengths, no key rotation — then runs cross-attention and the text FFN.
 keys inside the attention, as an uncached step does, would re-read and re-write every cached
 video key at every text step.)
 
+The prompt's cross-attention keys/values (a function of the prompt and the weights only) are kept
+from the full step too, so a text-only step does not recompute them.
+
 Policies: ``off`` (exact: every step full), ``every:r`` (full every r-th step, ``every:1`` = exact),
 ``once`` (full at the first step only). Memory: ``layers x sum(Lv_i) x 2 x dim`` elements (plus the
-few text rows), reported by :func:`cache_bytes`; a cache that would not fit is refused with a
-``MemoryError`` naming the size and the budget.
+few text and prompt rows), reported by :func:`cache_bytes`; a cache that would not fit is refused
+with a ``MemoryError`` naming the size and the budget.
 """
 from __future__ import annotations
 
@@ -42,9 +45,10 @@ def parse_policy(policy: str) -> tuple[str, int]:
     raise ValueError(f"video cache policy {policy!r} is not one of 'off', 'once', 'every:r' (r a positive integer)")
 
 
-def cache_bytes(config, video_lens, text_lens, dtype: torch.dtype) -> int:
-    """Bytes the cache holds: per layer, keys and values for every joint row (video rows dominate)."""
-    rows = sum(video_lens) + sum(text_lens)
+def cache_bytes(config, video_lens, text_lens, dtype: torch.dtype, prompt_lens=()) -> int:
+    """Bytes the cache holds: per layer, keys and values for every joint row (video rows dominate)
+    and every prompt row."""
+    rows = sum(video_lens) + sum(text_lens) + sum(prompt_lens)
     return config.num_layers * 2 * rows * config.dim * torch.tensor([], dtype=dtype).element_size()
 
 
@@ -77,6 +81,13 @@ class LayerKV:
             vb.index_copy_(0, c.text_rows, v.to(vb.dtype))
         return kb, vb, joint.cu_seqlens, joint.max_seqlen, None
 
+    def prompt_keys_values(self, compute):
+        """The prompt's cross-attention keys/values: ``compute()`` on a full step, kept for text steps."""
+        c = self.cache
+        if c.capturing or c.prompt_kv[self.index] is None:
+            c.prompt_kv[self.index] = compute()
+        return c.prompt_kv[self.index]
+
 
 class VideoCache:
     """Per-caption cache of the video stream's per-layer keys/values (see the module docstring)."""
@@ -87,6 +98,7 @@ class VideoCache:
         n = model.config.num_layers
         self.keys: list[torch.Tensor | None] = [None] * n
         self.values: list[torch.Tensor | None] = [None] * n
+        self.prompt_kv: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n
         self.joint: PackedBatch | None = None
         self.context: torch.Tensor | None = None
         self.capturing = False
@@ -99,8 +111,8 @@ class VideoCache:
 
         self.rotate = apply_rope_reference if model.ops.attention is joint_attention_reference else apply_rope
 
-    def check_fits(self, video_lens, text_lens) -> int:
-        need = cache_bytes(self.model.config, video_lens, text_lens, self.model.dtype)
+    def check_fits(self, video_lens, text_lens, prompt_lens=()) -> int:
+        need = cache_bytes(self.model.config, video_lens, text_lens, self.model.dtype, prompt_lens)
         budget = self.max_bytes
         if budget is None and self.model.device.type == "cuda":
             budget = torch.cuda.mem_get_info(self.model.device)[0] // 2  # leave room for the activations
@@ -115,7 +127,8 @@ class VideoCache:
         # the budget is read from includes them and old and new never coexist
         self.keys = [None] * len(self.keys)
         self.values = [None] * len(self.values)
-        self.check_fits(packed.video_lens, packed.text_lens)
+        self.prompt_kv = [None] * len(self.prompt_kv)
+        self.check_fits(packed.video_lens, packed.text_lens, packed.prompt_lens)
         self.joint = packed
         self.capturing = True
         self.text_rows = packed.index("text")
@@ -143,12 +156,14 @@ class VideoCache:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values if t is not None)
+        tensors = self.keys + self.values + [t for kv in self.prompt_kv if kv is not None for t in kv]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def release(self) -> None:
         """Drop every cached tensor (called at the end of each caption)."""
         self.keys = [None] * len(self.keys)
         self.values = [None] * len(self.values)
+        self.prompt_kv = [None] * len(self.prompt_kv)
         self.context = None
         self.joint = None
         self.text_rope = None
@@ -161,8 +176,8 @@ def text_step_flops(shape, config, decode: bool = True) -> dict[str, float]:
     in the terms of ``profiling.component_flops`` (whose understanding-mode count is the exact step).
 
     Only the ``Lt`` text rows of each sample run: q/k/v/o projections, attention of ``Lt`` queries
-    over ``Lv + Lt`` keys, cross-attention (its prompt keys/values are recomputed every step, as
-    implemented), the text FFN and the decode. An estimate from the shapes, not a measurement."""
+    over ``Lv + Lt`` keys, cross-attention (its prompt keys/values come from the cache: no prompt
+    projections), the text FFN and the decode. An estimate from the shapes, not a measurement."""
     d, L, P = config.dim, config.num_layers, shape.prompt_len
     text = list(shape.text_lens)
     Lt = sum(text)
@@ -171,7 +186,7 @@ def text_step_flops(shape, config, decode: bool = True) -> dict[str, float]:
         "cross_attention": L * 4 * Lt * P * d,
         "ffn": L * 4 * Lt * d * config.ffn_dim,
         "glue": 0.0,
-        "other": L * (2 * Lt * d * d * 4 + 2 * Lt * d * d * 2 + 2 * P * shape.batch * d * d * 2),
+        "other": L * (2 * Lt * d * d * 4 + 2 * Lt * d * d * 2),  # self q/k/v/o, cross q/o
     }
     if decode:
         flops["decode"] = 2 * Lt * config.text_out_dim * d

@@ -12,6 +12,11 @@ call); ``sdpa_rope`` is the like-for-like peer: the RoPE reference compiled with
 (one fused pass over q and k) + per-sample SDPA, what a user without this library would run.
 TFLOP/s count real work only: ``4 * sum(L_i^2) * H * hd`` forward, 3.5x that fwd+bwd.
 
+Shape ``wan1.3b-480p-textstep`` (mode ``fwd``): a text-only step's self-attention with the video
+cache (issue 8): the 256 text queries over all 33,016 joint keys, already rotated (the cache keeps
+rotated keys). Impls ``triton`` (split-KV: too few query tiles to fill the GPU otherwise),
+``triton_nosplit`` (the same kernel, one program per (query tile, head)), ``sdpa``, ``auto``.
+
 Op ``rope`` (mode ``fwd``): the RoPE pass of q and k as the ``auto`` backend runs it, with the
 angles given as per-token cos / sin tables (impl ``tables``, the library's form) or computed in the
 kernel from position ids (impl ``position_ids``): the issue's "measure which is faster".
@@ -210,3 +215,28 @@ def test_bench_rope_form(benchmark, shape, form):
     with torch.no_grad():
         measure(benchmark, run, op="rope", shape=shape, mode="fwd", impl=form, dtype=DTYPE,
                 bytes_moved=4 * q.numel() * q.element_size(), rounds=20, warmup_rounds=2)
+
+
+@requires_cuda
+@pytest.mark.parametrize("impl", ["triton", "triton_nosplit", "sdpa", "auto"])
+def test_bench_text_step_attention(benchmark, impl):
+    import univigu_fast.kernels.joint_attention as ja
+
+    s = SHAPES["wan1.3b-480p"]
+    H, hd, lq, lk = s.num_heads, s.head_dim, s.text_lens[0], s.seq_lens[0]
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(lq, H, hd, device="cuda", dtype=DTYPE, generator=g)
+    k, v = (torch.randn(lk, H, hd, device="cuda", dtype=DTYPE, generator=g) for _ in range(2))
+    cu_q = torch.tensor([0, lq], dtype=torch.int32, device="cuda")
+    cu_k = torch.tensor([0, lk], dtype=torch.int32, device="cuda")
+    if impl == "triton_nosplit":
+        def run():
+            return ja._attention_forward(q, k, v, cu_q, cu_k, hd ** -0.5, None, None, num_splits=1)[0]
+    else:
+        backend = "triton" if impl == "triton" else impl
+
+        def run():
+            return ja.joint_attention(q, k, v, cu_q, cu_k, lq, lk, backend=backend)
+    with torch.no_grad():
+        measure(benchmark, run, op="joint_attention", shape="wan1.3b-480p-textstep", mode="fwd", impl=impl,
+                dtype=DTYPE, flops=4 * lq * lk * H * hd, rounds=20, warmup_rounds=2)

@@ -224,13 +224,27 @@ def build_cases(dtypes=DTYPES) -> list[Case]:
             cases.append(Case(kernel, name, dt, args, variant, cfgs, kept))
 
         for rope in sorted({ja.ROPE_Q_IN_PROLOGUE, True}):
+            # unsplit: the partial-output arguments are the launcher's dummies (O and LSE themselves)
             args = dict(Q=p, K=p, V=p, O=p, LSE="*fp32", **tiles,
                         COS="*fp32" if rope else p, SIN="*fp32" if rope else p, IL="*u8" if rope else p,
+                        O_PART=p, LSE_PART="*fp32",
                         qk_scale=0.1275, **strides, stride_ot=H * hd, stride_oh=hd, stride_lse_h=lse_stride,
-                        stride_rope=hd // 2 if rope else 0)
-            variant = dict(HEAD_DIM=hd, BLOCK_M=ja._FWD_BLOCK_M, ROPE_Q=rope, IEEE=ieee)
+                        stride_rope=hd // 2 if rope else 0, stride_ps=H * hd, stride_lps=lse_stride)
+            variant = dict(HEAD_DIM=hd, BLOCK_M=ja._FWD_BLOCK_M, ROPE_Q=rope, IEEE=ieee, SPLIT=False)
             attention_case("_attn_fwd_kernel", "rope_q" if rope else "plain", args, variant,
                            dict(BLOCK_N=ja._FP32_INNER_BLOCK))
+        # split-KV: a text-only step's 256 queries over the joint keys (rotated by the cache)
+        tq = 256
+        args = dict(Q=p, K=p, V=p, O=p, LSE="*fp32", **tiles, COS=p, SIN=p, IL=p, O_PART="*fp32", LSE_PART="*fp32",
+                    qk_scale=0.1275, **strides, stride_ot=H * hd, stride_oh=hd, stride_lse_h=tq, stride_rope=0,
+                    stride_ps=tq * H * hd, stride_lps=H * tq)
+        attention_case("_attn_fwd_kernel", "split_kv", args,
+                       dict(HEAD_DIM=hd, BLOCK_M=ja._FWD_BLOCK_M, ROPE_Q=False, IEEE=ieee, SPLIT=True),
+                       dict(BLOCK_N=ja._FP32_INNER_BLOCK))
+        args = dict(O_PART="*fp32", LSE_PART="*fp32", O=p, LSE="*fp32", T=tq, S=11, stride_ps=tq * H * hd,
+                    stride_lps=H * tq, stride_ot=H * hd, stride_oh=hd, stride_lse_h=tq)
+        cfgs, kept = _fixed(dict(HEAD_DIM=hd, BLOCK_T=ja._ROPE_BLOCK_T))
+        cases.append(Case("joint_attention._attn_split_combine_kernel", "split_kv", dt, args, {}, cfgs, kept))
         bwd = dict(Q=p, K=p, V=p, DO=p, LSE="*fp32", DELTA="*fp32", **strides, stride_dot=H * hd, stride_doh=hd,
                    qk_scale=0.1275, sm_scale=0.0884)
         args = dict(bwd, DK=p, DV=p, **tiles, stride_dkt=H * hd, stride_dkh=hd, stride_dvt=H * hd, stride_dvh=hd,

@@ -55,6 +55,36 @@ def tma_compatible(*tensors: torch.Tensor) -> bool:
     return True
 
 
+def pick_fastest(choices: dict, key, candidates: dict, what: str, device: torch.device, repeats: int = 3) -> str:
+    """Like an autotuner for whole code paths: the first time ``key`` is seen, run every candidate
+    (``name -> zero-argument callable``) once untimed (compiles, autotuning), then ``repeats`` timed
+    runs (CUDA events on a GPU, wall clock elsewhere), and remember the fastest in ``choices[key]``
+    (logged once with the timings). Returns the chosen name."""
+    if key not in choices:
+        import time
+
+        times = {}
+        for name, fn in candidates.items():
+            fn()
+            best = float("inf")
+            for _ in range(repeats):
+                if device.type == "cuda":
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    fn()
+                    end.record()
+                    end.synchronize()
+                    best = min(best, start.elapsed_time(end))
+                else:
+                    t0 = time.perf_counter()
+                    fn()
+                    best = min(best, (time.perf_counter() - t0) * 1e3)
+            times[name] = best
+        choices[key] = min(times, key=times.get)
+        log_once(f"{what} for {key}: {choices[key]} ({', '.join(f'{k} {t:.3f} ms' for k, t in times.items())})")
+    return choices[key]
+
+
 @functools.lru_cache(maxsize=None)
 def log_once(message: str) -> None:
     """Log ``message`` at WARNING level the first time it is seen (e.g. which path an op takes)."""

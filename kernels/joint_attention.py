@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._utils import HAS_TRITON, host_list, interpreting, log_once, use_triton
+from ._utils import HAS_TRITON, host_list, interpreting, log_once, pick_fastest, use_triton
 
 if HAS_TRITON:
     import triton
@@ -292,15 +292,26 @@ if HAS_TRITON:
     @triton.jit
     def _attn_fwd_kernel(
         Q, K, V, O, LSE, CU_Q, CU_K, TILE_SEQ, TILE_START,
-        COS, SIN, IL,
+        COS, SIN, IL, O_PART, LSE_PART,
         qk_scale,  # softmax_scale * log2(e), > 0
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-        stride_lse_h, stride_rope,
+        stride_lse_h, stride_rope, stride_ps, stride_lps,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROPE_Q: tl.constexpr, IEEE: tl.constexpr,
+        SPLIT: tl.constexpr,
     ):
-        """O, LSE for one (query tile, head): q rotated in the prologue, then all keys of its sequence."""
+        """O, LSE for one (query tile, head): q rotated in the prologue, then all keys of its sequence.
+
+        SPLIT (split-KV, for few query tiles over long keys: a text-only step's 256 queries over 33K
+        cached keys are 24 programs for 132 SMs otherwise): program ``(tile, head, s)`` takes the s-th
+        of ``num_programs(2)`` BLOCK_N-aligned chunks of the keys and writes its normalised partial
+        output (fp32, ``O_PART[s]`` laid out as O) and log2-sum-exp (``LSE_PART[s]``, -inf without
+        keys); ``_attn_split_combine_kernel`` merges them."""
         h = tl.program_id(1)
         m0, q_end, k_start, k_end = _tile_bounds(TILE_SEQ, TILE_START, CU_Q, CU_K)
+        if SPLIT:
+            chunk = tl.cdiv(tl.cdiv(k_end - k_start, tl.num_programs(2)), BLOCK_N) * BLOCK_N
+            k_start = k_start + tl.program_id(2) * chunk
+            k_end = tl.maximum(tl.minimum(k_start + chunk, k_end), k_start)  # empty past the keys
 
         cols = tl.arange(0, HEAD_DIM)
         row_ok, safe_rows = _tile_rows(m0, q_end, BLOCK_M)
@@ -326,10 +337,46 @@ if HAS_TRITON:
                                       IEEE, True, BLOCK_N, qk_scale)
         has_keys = l_i > 0
         out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
-        tl.store(_row_ptrs(O, safe_rows, stride_ot, h * stride_oh, cols), out.to(O.dtype.element_ty), mask=row_ok[:, None])
-        # log2-domain logsumexp of the scaled scores; +inf for rows with no keys (then p = 0 in bwd)
-        lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("inf"))
-        tl.store(LSE + h * stride_lse_h + safe_rows, lse, mask=row_ok)
+        if SPLIT:
+            split = tl.program_id(2)
+            tl.store(_row_ptrs(O_PART + split * stride_ps, safe_rows, stride_ot, h * stride_oh, cols), out,
+                     mask=row_ok[:, None])
+            lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
+            tl.store(LSE_PART + split * stride_lps + h * stride_lse_h + safe_rows, lse, mask=row_ok)
+        else:
+            tl.store(_row_ptrs(O, safe_rows, stride_ot, h * stride_oh, cols), out.to(O.dtype.element_ty),
+                     mask=row_ok[:, None])
+            # log2-domain logsumexp of the scaled scores; +inf for rows with no keys (then p = 0 in bwd)
+            lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("inf"))
+            tl.store(LSE + h * stride_lse_h + safe_rows, lse, mask=row_ok)
+
+    @triton.jit(do_not_specialize=["T", "S"])
+    def _attn_split_combine_kernel(O_PART, LSE_PART, O, LSE, T, S, stride_ps, stride_lps, stride_ot, stride_oh,
+                                   stride_lse_h, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr):
+        """Merge the S split-KV partials of rows [t0, t0 + BLOCK_T) of one head: O = sum_s w_s O_s,
+        w_s = 2^(lse_s - lse) with lse = log2 sum_s 2^lse_s (FlashDecoding); O_PART is laid out as O
+        (fp32, strides stride_ot / stride_oh), one (T, H, D) slab per split. Rows without keys: O = 0,
+        LSE = +inf, as the unsplit kernel."""
+        rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        h = tl.program_id(1)
+        ok = rows < T
+        cols = tl.arange(0, HEAD_DIM)
+        lse_ptrs = LSE_PART + h * stride_lse_h + rows
+        m = tl.full((BLOCK_T,), float("-inf"), tl.float32)
+        for s in range(0, S):
+            m = tl.maximum(m, tl.load(lse_ptrs + s * stride_lps, mask=ok, other=float("-inf")))
+        has_keys = m > float("-inf")
+        m = tl.where(has_keys, m, 0.0)
+        l = tl.zeros((BLOCK_T,), tl.float32)
+        acc = tl.zeros((BLOCK_T, HEAD_DIM), tl.float32)
+        o_offs = rows[:, None].to(tl.int64) * stride_ot + h * stride_oh + cols[None, :]
+        for s in range(0, S):
+            w = tl.exp2(tl.load(lse_ptrs + s * stride_lps, mask=ok, other=float("-inf")) - m)
+            l += w
+            acc += w[:, None] * tl.load(O_PART + s * stride_ps + o_offs, mask=ok[:, None], other=0.0)
+        out = acc / tl.where(has_keys, l, 1.0)[:, None]
+        tl.store(O + o_offs, out.to(O.dtype.element_ty), mask=ok[:, None])
+        tl.store(LSE + h * stride_lse_h + rows, tl.where(has_keys, m + tl.log2(l), float("inf")), mask=ok)
 
     @triton.jit
     def _dkdv_step(dk, dv, k, v, q_base, do_base, lse_base, delta_base, m0, q_end, stride_qt, stride_dot, cols,
@@ -449,6 +496,7 @@ _INTERP_BLOCK = 32  # the interpreter's single config (small, ragged tests)
 _FP32_INNER_BLOCK = 64  # forward key block; the backward inner blocks use half of it
 _FP32_LAUNCH = dict(num_warps=8, num_stages=2)
 _ROPE_BLOCK_T = 32
+_MAX_KV_SPLITS = 32  # split-KV forward: at most this many key chunks per (query tile, head)
 
 
 def _gpu_configs(inner: str, sizes: tuple[int, int]):
@@ -459,7 +507,8 @@ def _gpu_configs(inner: str, sizes: tuple[int, int]):
 
 
 if HAS_TRITON:
-    _attn_fwd_tuned = triton.autotune(_gpu_configs("BLOCK_N", (64, 128)), key=["HEAD_DIM", "IEEE"])(_attn_fwd_kernel)
+    _attn_fwd_tuned = triton.autotune(_gpu_configs("BLOCK_N", (64, 128)), key=["HEAD_DIM", "IEEE", "SPLIT"])(
+        _attn_fwd_kernel)
     _attn_dkdv_tuned = triton.autotune(_gpu_configs("BLOCK_M", (32, 64)), key=["HEAD_DIM", "IEEE"])(_attn_bwd_dkdv_kernel)
     _attn_dq_tuned = triton.autotune(_gpu_configs("BLOCK_N", (32, 64)), key=["HEAD_DIM", "IEEE"])(_attn_bwd_dq_kernel)
 
@@ -515,8 +564,24 @@ def _blocks(interp: bool):
     return (_INTERP_BLOCK, _INTERP_BLOCK) if interp else (_FWD_BLOCK_M, _KV_BLOCK_N)
 
 
-def _attention_forward(q, k, v, cu_q, cu_k, scale, rope_q, rope_k):
-    """Returns ``out (Tq, H, D)`` and ``lse (H, Tq)`` (log2 domain of the scaled scores)."""
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # interpreter: small inputs still split, so the split path is exercised
+
+
+def _kv_splits(programs: int, max_k: int, granule: int, device: torch.device) -> int:
+    """Key splits of the forward: 1 when the (query tile, head) programs fill the SMs; else enough
+    splits for about two programs per SM, each split at least 4 key blocks long."""
+    sms = _num_sms(device)
+    if programs >= sms:
+        return 1
+    return max(1, min(-(-2 * sms // programs), max_k // (4 * granule), _MAX_KV_SPLITS))
+
+
+def _attention_forward(q, k, v, cu_q, cu_k, scale, rope_q, rope_k, num_splits=None):
+    """Returns ``out (Tq, H, D)`` and ``lse (H, Tq)`` (log2 domain of the scaled scores).
+    ``num_splits``: key splits (split-KV); None = :func:`_kv_splits`'s choice."""
     Tq, H, D = q.shape
     interp = interpreting()
     block_m, _ = _blocks(interp)
@@ -531,17 +596,32 @@ def _attention_forward(q, k, v, cu_q, cu_k, scale, rope_q, rope_k):
     if tile_seq.numel() == 0:
         return out, lse
     cos, sin, il = _rope_tensors(rope_q, q)
-    args = (q, k, v, out, lse, cu_q, cu_k, tile_seq, tile_start, cos, sin, il, scale * _LOG2E,
+    cu_k_list = host_list(cu_k)
+    max_k = max(b - a for a, b in zip(cu_k_list[:-1], cu_k_list[1:]))
+    granule = _INTERP_BLOCK if interp else _KV_BLOCK_N
+    splits = num_splits if num_splits is not None else _kv_splits(tile_seq.numel() * H, max_k, granule, q.device)
+    if splits > 1:  # partials in O's layout (one contiguous (Tq, H, D) slab per split), fp32
+        o_part = torch.empty((splits, Tq, H, D), device=q.device, dtype=torch.float32)
+        lse_part = torch.empty((splits, H, Tq), device=q.device, dtype=torch.float32)
+        out = torch.empty((Tq, H, D), device=q.device, dtype=q.dtype)  # the combine writes O's layout
+    else:
+        o_part, lse_part = out, lse  # dummies, never touched (SPLIT=False)
+    args = (q, k, v, out, lse, cu_q, cu_k, tile_seq, tile_start, cos, sin, il, o_part, lse_part, scale * _LOG2E,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-            lse.stride(0), cos.stride(0) if rope_q is not None else 0)
-    meta = dict(HEAD_DIM=D, BLOCK_M=block_m, ROPE_Q=rope_q is not None, IEEE=q.dtype == torch.float32)
-    grid = (tile_seq.numel(), H)
+            lse.stride(0), cos.stride(0) if rope_q is not None else 0, o_part.stride(0), lse_part.stride(0))
+    meta = dict(HEAD_DIM=D, BLOCK_M=block_m, ROPE_Q=rope_q is not None, IEEE=q.dtype == torch.float32,
+                SPLIT=splits > 1)
+    grid = (tile_seq.numel(), H, splits)
     if interp:
         _attn_fwd_kernel[grid](*args, BLOCK_N=_INTERP_BLOCK, **meta)
     elif meta["IEEE"]:
         _attn_fwd_kernel[grid](*args, BLOCK_N=_FP32_INNER_BLOCK, **meta, **_FP32_LAUNCH)
     else:
         _attn_fwd_tuned[grid](*args, **meta)
+    if splits > 1:
+        _attn_split_combine_kernel[(triton.cdiv(Tq, _ROPE_BLOCK_T), H)](
+            o_part, lse_part, out, lse, Tq, splits, o_part.stride(0), lse_part.stride(0), out.stride(0), out.stride(1),
+            lse.stride(0), HEAD_DIM=D, BLOCK_T=_ROPE_BLOCK_T)
     return out, lse
 
 
@@ -721,7 +801,8 @@ BACKENDS = ("auto", "triton", "sdpa")
 def _choose_backend(backend: str, q: torch.Tensor) -> str:
     """``auto``: the Triton kernel under the interpreter and on GPUs without a fast SDPA backend;
     on CUDA with fp16/bf16 the measured-faster path (H100, DESIGN §6 shapes: per-sample SDPA reaches
-    ~600 TFLOP/s where our Triton kernel reaches ~360) — Triton RoPE, then PyTorch's flash/cuDNN SDPA."""
+    ~600 TFLOP/s where our Triton kernel reaches ~360) — Triton RoPE, then PyTorch's flash/cuDNN SDPA —
+    except where few query tiles meet long keys without gradients (:func:`_auto_for_few_queries`)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend != "auto":
@@ -821,16 +902,51 @@ def joint_attention(
         log_once("joint_attention: Triton unavailable for these tensors; using the per-sample SDPA reference")
         return joint_attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                          softmax_scale=scale, rope_q=rope_q, rope_k=rope_k)
-    if chosen == "sdpa":
-        if rope_q is not None:
-            q = apply_rope(q, rope_q)
-        if rope_k is not None:
-            k = apply_rope(k, rope_k)
-        if torch.compiler.is_compiling():
-            raise RuntimeError("joint_attention(backend='sdpa') is not traceable; use backend='triton' under torch.compile")
-        return _sdpa_varlen(q, k, v, host_list(cu_seqlens_q), host_list(cu_seqlens_k), scale)
+    args = (q, k, v, cu_seqlens_q, cu_seqlens_k, scale, rope_q, rope_k)
+    if backend == "auto" and chosen == "sdpa" and not torch.compiler.is_compiling():
+        chosen = _auto_for_few_queries(*args)
+    return _run_sdpa(*args) if chosen == "sdpa" else _run_triton(*args)
+
+
+def _run_sdpa(q, k, v, cu_q, cu_k, scale, rope_q, rope_k):
+    """Backend ``sdpa``: Triton RoPE, then per-sample PyTorch SDPA."""
+    if rope_q is not None:
+        q = apply_rope(q, rope_q)
+    if rope_k is not None:
+        k = apply_rope(k, rope_k)
+    if torch.compiler.is_compiling():
+        raise RuntimeError("joint_attention(backend='sdpa') is not traceable; use backend='triton' under torch.compile")
+    return _sdpa_varlen(q, k, v, host_list(cu_q), host_list(cu_k), scale)
+
+
+def _run_triton(q, k, v, cu_q, cu_k, scale, rope_q, rope_k):
+    """Backend ``triton``: our FlashAttention kernels (RoPE in a pre-pass or the q prologue; split-KV
+    where few query tiles meet long keys), as a differentiable custom op."""
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     rq = tuple(rope_q) if rope_q is not None else (None, None, None)
     rk = tuple(rope_k) if rope_k is not None else (None, None, None)
-    out, _ = _joint_attention_fwd_op(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, *rq, *rk)
+    out, _ = _joint_attention_fwd_op(q, k, v, cu_q, cu_k, scale, *rq, *rk)
     return out
+
+
+_AUTO_FEW_QUERIES: dict = {}  # shape bucket -> the backend ``auto`` measured faster there
+
+
+def _auto_for_few_queries(q, k, v, cu_q, cu_k, scale, rope_q, rope_k) -> str:
+    """``auto`` where (query tiles x heads) cannot fill the GPU and the keys are long — a text-only
+    step of the video cache: 256 queries over 33K keys, 24 programs of one tile each for 132 SMs —
+    without gradients: our split-KV kernel or per-sample SDPA, whichever ran faster the first time
+    this shape bucket was seen (``pick_fastest``). Elsewhere ``sdpa``, as measured at DESIGN §6."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        return "sdpa"
+    cq, ck = host_list(cu_q), host_list(cu_k)
+    tiles = sum(-(-(b - a) // _FWD_BLOCK_M) for a, b in zip(cq[:-1], cq[1:]))
+    max_k = max(b - a for a, b in zip(ck[:-1], ck[1:]))
+    H, D = q.shape[1:]
+    if tiles == 0 or _kv_splits(tiles * H, max_k, _KV_BLOCK_N, q.device) == 1:
+        return "sdpa"
+    args = (q, k, v, cu_q, cu_k, scale, rope_q, rope_k)
+    key = (str(q.device), q.dtype, H, D, tiles, triton.next_power_of_2(max_k), rope_q is not None, rope_k is not None)
+    candidates = {"triton": lambda: _run_triton(*args), "sdpa": lambda: _run_sdpa(*args)}
+    return pick_fastest(_AUTO_FEW_QUERIES, key, candidates, "joint_attention: auto backend with few query tiles",
+                        q.device)

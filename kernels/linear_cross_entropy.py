@@ -33,10 +33,12 @@ Liger's).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
-from ._utils import HAS_TRITON, log_once, use_triton
+from ._utils import HAS_TRITON, log_once, pick_fastest, use_triton
 from .linear_argmax import _check_inputs, _linear_argmax_launch
 
 if HAS_TRITON:
@@ -178,20 +180,10 @@ def _pick_forward(x, weight, bias, tgt, chunk_v, sum_logits) -> str:
         return "fused"
     n, d = x.shape
     key = (triton.next_power_of_2(max(n, 1)), d, weight.shape[0], x.dtype, bias is not None, sum_logits)
-    if key not in _FORWARD_CHOICE:
-        times = {}
-        for name, fn in FORWARD_METHODS.items():
-            fn(x, weight, bias, tgt, chunk_v, sum_logits)  # compile / autotune outside the timing
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn(x, weight, bias, tgt, chunk_v, sum_logits)
-            end.record()
-            end.synchronize()
-            times[name] = start.elapsed_time(end)
-        _FORWARD_CHOICE[key] = min(times, key=times.get)
-        log_once(f"linear_cross_entropy: forward method for {key}: {_FORWARD_CHOICE[key]} "
-                 f"({', '.join(f'{k} {t:.2f} ms' for k, t in times.items())})")
-    return _FORWARD_CHOICE[key]
+    candidates = {name: functools.partial(fn, x, weight, bias, tgt, chunk_v, sum_logits)
+                  for name, fn in FORWARD_METHODS.items()}
+    return pick_fastest(_FORWARD_CHOICE, key, candidates, "linear_cross_entropy: forward method", x.device,
+                        repeats=1)
 
 
 def _ce_grad_inplace(z, lse, tgt, scale, v0, label_smoothing, v_total):

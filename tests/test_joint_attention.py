@@ -75,6 +75,67 @@ def test_q_rope_in_kernel_prologue(monkeypatch):
     _check([1, 40], [1, 40], H=1, D=64, dtype=torch.float32, rope=True, seed=11)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("rope_in_prologue", [False, True])
+def test_split_kv_forward(dtype, rope_in_prologue, monkeypatch):
+    """Split-KV forward (few query tiles over long keys, the text-only step's shape): every split
+    count, including more splits than key blocks (empty splits) and a sequence with no keys, gives the
+    unsplit kernel's output and log-sum-exp, and the reference's output."""
+    import univigu_fast.kernels.joint_attention as ja
+
+    monkeypatch.setattr(ja, "ROPE_Q_IN_PROLOGUE", rope_in_prologue)
+    q_lens, k_lens, H, D = [20, 5, 0, 7], [600, 0, 130, 257], 2, 32
+    q, k, v, cu_q, cu_k = _inputs(q_lens, k_lens, H, D, dtype, seed=4)
+    rope_q, rope_k = _rope(q.shape[0], D, 5), _rope(k.shape[0], D, 6)
+    with torch.no_grad():
+        ref = joint_attention_reference(q.float(), k.float(), v.float(), cu_q, cu_k, 20, 600, rope_q=rope_q,
+                                        rope_k=rope_k)
+        scale = D ** -0.5
+        out1, lse1 = ja._attention_forward(q, k, v, cu_q, cu_k, scale, rope_q, rope_k, num_splits=1)
+        for splits in (2, 3, 8):
+            out, lse = ja._attention_forward(q, k, v, cu_q, cu_k, scale, rope_q, rope_k, num_splits=splits)
+            torch.testing.assert_close(out.float(), ref, **TOL[dtype])
+            torch.testing.assert_close(out.float(), out1.float(), **TOL[dtype])
+            torch.testing.assert_close(lse, lse1, atol=1e-4, rtol=1e-5)  # +inf for the rows without keys
+    assert torch.isinf(lse1[:, 20:25]).all() and (out1[20:25] == 0).all()
+
+
+def test_split_kv_chosen_for_few_query_tiles():
+    """The entry point splits the keys by itself when (query tiles x heads) cannot fill the SMs and
+    the keys are long; outputs and gradients (the backward reads the merged log-sum-exp) match."""
+    import univigu_fast.kernels.joint_attention as ja
+
+    assert ja._kv_splits(1, 700, ja._INTERP_BLOCK, torch.device("cpu")) > 1
+    assert ja._kv_splits(64, 700, ja._INTERP_BLOCK, torch.device("cpu")) == 1
+    _check([16], [700], H=1, D=32, dtype=torch.float32, rope=True, seed=21)
+
+
+def test_pick_fastest_times_once_and_remembers():
+    """The timing choice behind ``auto`` for few query tiles (and the cross-entropy forward): the
+    faster candidate wins, a known key runs nothing again, another key is timed anew."""
+    import time
+
+    from univigu_fast.kernels._utils import pick_fastest
+
+    runs = {"slow": 0, "fast": 0}
+
+    def slow():
+        runs["slow"] += 1
+        time.sleep(0.01)
+
+    def fast():
+        runs["fast"] += 1
+
+    choices = {}
+    cpu = torch.device("cpu")
+    assert pick_fastest(choices, "a", {"slow": slow, "fast": fast}, "test", cpu, repeats=2) == "fast"
+    assert runs == {"slow": 3, "fast": 3}  # one untimed warm-up + 2 timed runs each
+    assert pick_fastest(choices, "a", {"slow": slow, "fast": fast}, "test", cpu) == "fast"
+    assert runs == {"slow": 3, "fast": 3}
+    assert pick_fastest(choices, "b", {"fast": slow, "slow": fast}, "test", cpu, repeats=1) == "slow"
+    assert choices == {"a": "fast", "b": "slow"}
+
+
 def test_long_sequence_single_head():
     _check([513], [513], H=1, D=64, dtype=torch.float32, rope=True, seed=3)
 
@@ -224,6 +285,23 @@ def test_cuda_bf16_wan_shape(q_rope_prologue, monkeypatch):
     for a, b in zip(got, want):
         rel = (a.float() - b).norm() / b.norm()
         assert rel < 2e-2, rel
+
+
+@cuda_only
+def test_cuda_bf16_text_step_split_kv():
+    """bf16, a text-only step's shape (256 queries over 12K keys, 12 heads): the split-KV kernel and
+    ``auto`` (which times it against SDPA once) within ~2x torch SDPA's bf16 error."""
+    import univigu_fast.kernels.joint_attention as ja
+
+    q, _, _, cu_q, _ = _inputs([256], [256], 12, 128, torch.bfloat16, seed=8)
+    _, k, v, _, cu_k = _inputs([12000], [12000], 12, 128, torch.bfloat16, seed=9)
+    with torch.no_grad():
+        assert ja._kv_splits(2 * 12, 12000, ja._KV_BLOCK_N, q.device) > 1
+        ref = joint_attention_reference(q.float(), k.float(), v.float(), cu_q, cu_k, 0, 0)
+        base = (joint_attention_reference(q, k, v, cu_q, cu_k, 0, 0).float() - ref).abs().max()
+        for backend in ("triton", "auto"):
+            out = joint_attention(q, k, v, cu_q, cu_k, 256, 12000, backend=backend)
+            assert (out.float() - ref).abs().max() <= 2 * base + 1e-3, backend
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "triton"])

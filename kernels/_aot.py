@@ -269,11 +269,11 @@ def build_cases(dtypes=DTYPES) -> list[Case]:
 
         # ---------------- linear_argmax / linear_cross_entropy: the text head ----------------
         n, d, V = 256, dim, 256_384
-        num_sms, la._num_sms = la._num_sms, lambda device: 132  # the launcher's split count on an H100
+        num_sms, la.num_sms = la.num_sms, lambda device: 132  # the launcher's split count on an H100
         try:
             splits = la._default_splits(n, V, la._GPU_V_GRANULE, cpu)
         finally:
-            la._num_sms = num_sms
+            la.num_sms = num_sms
         tiles_v = triton.cdiv(V, la._GPU_V_GRANULE)  # as _linear_argmax_launch
         chunk = triton.cdiv(tiles_v, max(1, min(splits, tiles_v))) * la._GPU_V_GRANULE
         splits = triton.cdiv(V, chunk)

@@ -39,6 +39,21 @@ def use_triton(*tensors: torch.Tensor | None) -> bool:
     return devices == {"cpu"} and interpreting()
 
 
+INTERPRETER_SMS = 4  # "SM count" under the interpreter: small, so split / multi-program paths run on CPU
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (cached); ``INTERPRETER_SMS`` elsewhere."""
+    if device.type != "cuda":
+        return INTERPRETER_SMS
+    return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def tma_compatible(*tensors: torch.Tensor) -> bool:
     """Whether every (2-D) tensor can be read through a TMA descriptor: 16-bit (the fp32 paths keep
     their exact pointer kernels), rows contiguous, 16-byte aligned base and row stride (the copy

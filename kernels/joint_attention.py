@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._utils import HAS_TRITON, host_list, interpreting, log_once, pick_fastest, use_triton
+from ._utils import HAS_TRITON, host_list, interpreting, log_once, num_sms, pick_fastest, use_triton
 
 if HAS_TRITON:
     import triton
@@ -564,16 +564,10 @@ def _blocks(interp: bool):
     return (_INTERP_BLOCK, _INTERP_BLOCK) if interp else (_FWD_BLOCK_M, _KV_BLOCK_N)
 
 
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # interpreter: small inputs still split, so the split path is exercised
-
-
 def _kv_splits(programs: int, max_k: int, granule: int, device: torch.device) -> int:
     """Key splits of the forward: 1 when the (query tile, head) programs fill the SMs; else enough
     splits for about two programs per SM, each split at least 4 key blocks long."""
-    sms = _num_sms(device)
+    sms = num_sms(device)
     if programs >= sms:
         return 1
     return max(1, min(-(-2 * sms // programs), max_k // (4 * granule), _MAX_KV_SPLITS))

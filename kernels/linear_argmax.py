@@ -46,7 +46,7 @@ import math
 
 import torch
 
-from ._utils import HAS_TRITON, TensorDescriptor, interpreting, log_once, tma_compatible, use_triton
+from ._utils import HAS_TRITON, TensorDescriptor, interpreting, log_once, num_sms, tma_compatible, use_triton
 
 if HAS_TRITON:
     import triton
@@ -468,18 +468,12 @@ if HAS_TRITON:
 INTERPRETER_BLOCKS = {"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_D": 16}
 
 
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # interpreter: a few splits, so the cross-split merge is exercised
-
-
 def _default_splits(n: int, v: int, granule: int, device: torch.device) -> int:
     """Vocabulary splits: one group of ``min(row blocks, GROUP_ROWS)`` row blocks x splits gives
     about two programs per SM (row blocks estimated at 128 rows), so configs that fit two per SM
     have them: small N -> many splits, large N -> 33 on an H100."""
     group = min(-(-n // 128), GROUP_ROWS)
-    return max(1, min(-(-v // granule), 2 * _num_sms(device) // group))
+    return max(1, min(-(-v // granule), 2 * num_sms(device) // group))
 
 
 def _reduce_blocks(splits: int) -> tuple[int, int]:

@@ -21,12 +21,10 @@ The launchers are ``torch.library`` custom ops (opaque to ``torch.compile``) wra
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 
-from ._utils import HAS_TRITON, check_offsets_tensor, expand_segments, interpreting, log_once, use_triton
+from ._utils import HAS_TRITON, check_offsets_tensor, expand_segments, interpreting, log_once, num_sms, use_triton
 
 if HAS_TRITON:
     import triton
@@ -51,11 +49,6 @@ def modulated_layer_norm_reference(
 # ----------------------------------------------------------------------------------------------
 # Launch geometry shared by the three glue ops (gated_residual.py and rms_norm.py import it)
 # ----------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
-def _num_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def geometry(T: int, D: int, device: torch.device, reduce: bool = False):
     """``(BLOCK_T, BLOCK_D, chunk, programs, num_warps)`` for ``T`` rows of width ``D``.
 
@@ -71,7 +64,7 @@ def geometry(T: int, D: int, device: torch.device, reduce: bool = False):
     block_t = max(1, min(MAX_BLOCK_T, (8192 if reduce else 4096) // block_d))
     n_blocks = triton.cdiv(T, block_t)
     if device.type == "cuda":
-        sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+        sms = num_sms(device)
         cap = PROGRAMS_PER_SM * sms if reduce else max(triton.cdiv(n_blocks, FWD_MAX_BLOCKS), FWD_PROGRAMS_PER_SM * sms)
     else:
         cap = INTERPRETER_PROGRAMS

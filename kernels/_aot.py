@@ -202,11 +202,13 @@ def build_cases(dtypes=DTYPES) -> list[Case]:
                 cfgs, kept = _configs_of(tuners["modality_ffn._grouped_gemm_kernel"], variant, args)
             cases.append(Case("modality_ffn._grouped_gemm_kernel", name, dt, args, variant, cfgs, kept,
                               in_test=not name.endswith("_infer")))
-            if name == "fwd1" and not ieee:  # a text-only step (T = 256): T * F < _SMALL_PROBLEM, fixed config
-                assert 256 * ffn < mf._SMALL_PROBLEM
+            if name in ("fwd1", "fwd2") and not ieee:
+                # a text-only step (T = 256): every GEMM small, fixed config on the small M tiles
+                assert 256 * max(ffn, dim) < mf._SMALL_PROBLEM
                 cfgs, kept = _fixed(mf._SMALL_CONFIG, 4, 3)
-                cases.append(Case("modality_ffn._grouped_gemm_kernel", "fwd1_small", dt, dict(no_tma, NUM_M_TILES=2),
-                                  dict(variant, TMA_OK=False), cfgs, kept))
+                cases.append(Case("modality_ffn._grouped_gemm_kernel", f"{name}_small", dt,
+                                  dict(no_tma, NUM_M_TILES=256 // mf._SMALL_BLOCK_M),
+                                  dict(variant, TMA_OK=False, BLOCK_M=mf._SMALL_BLOCK_M), cfgs, kept))
 
         # ---------------- joint_attention: FlashAttention-2 fwd / bwd and helpers ----------------
         lse_stride = T

@@ -294,6 +294,7 @@ if HAS_TRITON:
 _GPU_BLOCK_M = 128
 _SMALL_PROBLEM = 1 << 22  # T * N_max below this: the shape bucket "small", fixed config
 _SMALL_CONFIG = dict(BLOCK_N=64, BLOCK_K=32, GROUP_M=8, USE_TMA=False)
+_SMALL_BLOCK_M = 64  # M tiles when every GEMM of a call is small (see _Plan)
 _INTERP_BLOCKS = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, USE_TMA=False)  # tests set USE_TMA too
 
 
@@ -312,11 +313,17 @@ def _tile_table(offsets: tuple[int, ...], block_m: int, device: torch.device) ->
 
 
 class _Plan:
-    """Per-call scheduling data: the M-tile table and device copies of the segment table."""
+    """Per-call scheduling data: the M-tile table and device copies of the segment table. ``max_cols``:
+    the widest GEMM output of the call; when even that one is a small problem (a text-only step's
+    few hundred rows) every GEMM takes the fixed config on ``_SMALL_BLOCK_M``-row tiles (twice the
+    programs of 128-row tiles: the (T, dim) GEMM of 256 rows is 48 programs otherwise)."""
 
-    def __init__(self, seg_offsets: torch.Tensor, seg_expert: torch.Tensor, offsets: list[int]):
+    def __init__(self, seg_offsets: torch.Tensor, seg_expert: torch.Tensor, offsets: list[int], max_cols: int):
         self.interp = interpreting()
-        self.block_m = _INTERP_BLOCKS["BLOCK_M"] if self.interp else _GPU_BLOCK_M
+        if self.interp:
+            self.block_m = _INTERP_BLOCKS["BLOCK_M"]
+        else:
+            self.block_m = _SMALL_BLOCK_M if offsets[-1] * max_cols < _SMALL_PROBLEM else _GPU_BLOCK_M
         self.tile_seg, self.tile_row = _tile_table(tuple(offsets), self.block_m, seg_offsets.device)
         self.num_tiles = self.tile_seg.numel()
         self.seg_off = seg_offsets
@@ -391,9 +398,9 @@ def _ffn_forward(x, seg_offsets, seg_expert, flat, residual, gate, save: bool, r
     the gate's gradient (empty unless ``save`` and a gate is given)."""
     experts = _split(flat)
     offsets = host_list(seg_offsets)
-    plan = _Plan(seg_offsets, seg_expert, offsets)
     T, dim = x.shape
     f_max = max(w1.shape[0] for w1, _, _, _ in experts)
+    plan = _Plan(seg_offsets, seg_expert, offsets, max(f_max, dim))
     keep_pre = save and not recompute
     pre = torch.empty((T, f_max), device=x.device, dtype=x.dtype) if keep_pre else x.new_empty(0)
     h = _grouped_gemm(plan, x, [e[0] for e in experts], [e[1] for e in experts], True, f_max,
@@ -411,9 +418,9 @@ def _ffn_backward(dout, x, seg_offsets, seg_expert, flat, gate, pre, y_save):
     h are recomputed by the first GEMM; otherwise h = gelu(pre) comes out of the dP epilogue."""
     experts = _split(flat)
     offsets = host_list(seg_offsets)
-    plan = _Plan(seg_offsets, seg_expert, offsets)
     T, dim = x.shape
     f_max = max(e[0].shape[0] for e in experts)
+    plan = _Plan(seg_offsets, seg_expert, offsets, max(f_max, dim))
     dout = dout.contiguous()
     if gate is not None:  # out = residual + gate[s] * y  =>  dy = gate[s] * dout,  dgate[s] = sum_{t in s} dout_t * y_t
         seg_ids = token_segments(seg_offsets, T)

@@ -93,7 +93,7 @@ def test_each_expert_reads_only_its_columns(use_tma, monkeypatch):
     a = torch.randn(49, 64, generator=g).half()
     a[40:, 48:] = float("nan")
     w0, w1 = torch.randn(32, 64, generator=g).half(), torch.randn(32, 48, generator=g).half()
-    plan = mod._Plan(seg, seg_expert, [0, 40, 49])
+    plan = mod._Plan(seg, seg_expert, [0, 40, 49], 32)
     out = mod._grouped_gemm(plan, a.to(DEVICE), [w0.to(DEVICE), w1.to(DEVICE)], [None, None], True, 32,
                             epilogue=mod.EPI_NONE)
     want = torch.cat([a[:40].float() @ w0.float().t(), a[40:, :48].float() @ w1.float().t()])
@@ -203,3 +203,18 @@ def test_every_gpu_config_bf16(monkeypatch):
         ref = modality_ffn_reference(x.detach().float(), seg, seg_expert, f32)
         assert ((out.float() - ref).norm() / ref.norm()) < 1e-2, cfg
         _compare_bf16_grads(x, seg, seg_expert, experts)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled-kernel (bf16) check needs a GPU")
+def test_cuda_bf16_text_step_small_tiles():
+    """A text-only step's FFN (256 rows over two samples): every GEMM small, 64-row M tiles."""
+    import univigu_fast.kernels.modality_ffn as mod
+
+    lens = [200, 56]
+    x, seg, seg_expert, experts, residual, gate = _case(lens, [1, 1], dim=1536, inner=(8960, 8960), dtype=torch.bfloat16)
+    assert mod._Plan(seg, seg_expert, [0, 200, 256], 8960).block_m == mod._SMALL_BLOCK_M
+    with torch.no_grad():
+        out = modality_ffn(x, seg, seg_expert, experts, residual=residual, gate=gate).float()
+        ref = modality_ffn_reference(x.float(), seg, seg_expert, [[t.float() for t in e] for e in experts],
+                                     residual=residual.float(), gate=gate.float())
+    assert ((out - ref).norm() / ref.norm()) < 1e-2

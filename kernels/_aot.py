@@ -263,7 +263,8 @@ def build_cases(dtypes=DTYPES) -> list[Case]:
         for name, inverse, positions in (("forward", False, False), ("inverse", True, False),
                                          ("positions", False, True)):
             # the launcher passes IL as the dummy position tables of the tables form
-            tables = dict(POS="*i32", FREQ="*fp32", AXIS="*i32") if positions else dict(POS="*u8", FREQ="*u8", AXIS="*u8")
+            tables = (dict(POS="*i32", FREQ="*fp32", AXIS="*i32") if positions
+                      else dict(POS="*u8", FREQ="*u8", AXIS="*u8"))
             args = dict(X=p, OUT=p, COS="*fp32", SIN="*fp32", IL="*u8", **tables, T=T, H=H, stride_xt=H * hd,
                         stride_xh=hd, stride_ot=H * hd, stride_oh=hd, stride_rope=hd // 2)
             cfgs, kept = _fixed(dict(HEAD_DIM=hd, BLOCK_T=ja._ROPE_BLOCK_T, INVERSE=inverse, FROM_POSITIONS=positions))
@@ -292,9 +293,12 @@ def build_cases(dtypes=DTYPES) -> list[Case]:
             "ce_stats": (False, True, True, 0, n),
             "argmax_narrow": (False, False, False, 0, 8), "sample_narrow": (True, False, False, 7, 8),
         }.items():
-            args = dict(base, seed=seed, N=rows, n_bucket=min(triton.next_power_of_2(rows), 8192))
+            rows_tma = tma_ok and rows > 16  # no descriptors for the narrow-row launches
+            args = dict(base, seed=seed, N=rows, n_bucket=min(triton.next_power_of_2(rows), 8192),
+                        x_desc=dataclasses.replace(base["x_desc"], present=rows_tma),
+                        w_desc=dataclasses.replace(base["w_desc"], present=rows_tma))
             variant = dict(HAS_BIAS=True, SAMPLE=sample, HAS_TARGET=target, SUM_Z=sum_z, EVEN_D=d % 128 == 0,
-                           IEEE_FP32=ieee, N_ROUNDS=la.PHILOX_ROUNDS, GROUP_R=la.GROUP_ROWS, TMA_OK=tma_ok)
+                           IEEE_FP32=ieee, N_ROUNDS=la.PHILOX_ROUNDS, GROUP_R=la.GROUP_ROWS, TMA_OK=rows_tma)
             cfgs, kept = _configs_of(tuners["linear_argmax._linear_argmax_partial_kernel"], variant, args)
             # N <= 16 rows (decoding a few tokens): 16-row tiles, below wgmma's 64 rows per warpgroup
             cases.append(Case("linear_argmax._linear_argmax_partial_kernel", name, dt, args, variant, cfgs, kept,

@@ -642,7 +642,8 @@ def linear_argmax(
     ``logsumexp`` fp32 (N,) of ``logits / temperature``. ``gumbel_seed`` (int): return an exact sample
     from ``softmax(logits / temperature)`` via in-kernel Gumbel noise; the same seed gives the same
     ids on any launch configuration. Without a seed the temperature only rescales the two logit
-    outputs. Never materialises the ``(N, V)`` logits on the Triton path.
+    outputs. Never materialises the ``(N, V)`` logits on the Triton path. Not differentiable (a
+    decode); one opaque op (``univigu_fast::linear_argmax``) to ``torch.compile``.
     """
     _check_inputs(x, weight, bias, temperature, gumbel_seed)
     if not use_triton(x, weight, bias):
@@ -652,8 +653,24 @@ def linear_argmax(
     if n == 0:
         e = torch.empty(0, device=x.device, dtype=torch.float32)
         return torch.empty(0, device=x.device, dtype=torch.int64), e, e.clone()
+    with torch.no_grad():  # a decode: ids and the two statistics are not differentiable
+        return _linear_argmax_op(x, weight, bias, gumbel_seed, float(temperature))
+
+
+@torch.library.custom_op("univigu_fast::linear_argmax", mutates_args=())
+def _linear_argmax_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gumbel_seed: int | None,
+                      temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The two (three when sampling) kernel launches as one opaque op: ``torch.compile`` traces a call
+    to it, not the launcher's host code (descriptors, autotuner pre-hooks, the interpreter)."""
     ids, sel, lse, _, _ = _linear_argmax_launch(x, weight, bias, gumbel_seed=gumbel_seed, temperature=temperature)
     return ids, sel, lse
+
+
+@_linear_argmax_op.register_fake
+def _(x, weight, bias, gumbel_seed, temperature):
+    n = x.shape[0]
+    return (x.new_empty(n, dtype=torch.int64), x.new_empty(n, dtype=torch.float32),
+            x.new_empty(n, dtype=torch.float32))
 
 
 class LinearArgmax(torch.nn.Module):

@@ -244,6 +244,19 @@ def test_tma_refused_where_the_copy_engine_cannot_load():
         torch.testing.assert_close(linear_argmax(xx, ww)[0], linear_argmax_reference(xx, ww)[0], atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("seed", [None, 5])
+def test_compile_traces_without_graph_break(seed):
+    """The fused decode is one opaque op to torch.compile (argmax and sampling, fullgraph)."""
+    x, w, b = _planted(37, 301, 40, torch.float16)
+
+    def f(x, w, b):
+        return linear_argmax(x, w, b, gumbel_seed=seed, temperature=0.7)
+
+    got = torch.compile(f, backend="aot_eager", fullgraph=True)(x, w, b)
+    for a, e in zip(got, f(x, w, b)):
+        torch.testing.assert_close(a, e, atol=0, rtol=0)
+
+
 def test_empty_rows():
     w = torch.randn(50, 16, device=DEV)
     ids, mx, lse = linear_argmax(torch.randn(0, 16, device=DEV), w)

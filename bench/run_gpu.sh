@@ -3,7 +3,8 @@
 #   bash bench/run_gpu.sh [tests|bench|all] [pytest -k expression]
 # Wheels for packages the machine lacks (diffusers, liger-kernel) may be put in .whl/ beforehand.
 # One device command may run 10 minutes: split a full run by -k, e.g. (the owed figures of issues 4-8)
-#   bash bench/run_gpu.sh tests                                  # bf16 correctness of every kernel
+#   bash bench/run_gpu.sh tests "not every_gpu_config"           # bf16 correctness of every kernel
+#   bash bench/run_gpu.sh tests "every_gpu_config"               # each autotune config (TMA and pointer)
 #   bash bench/run_gpu.sh bench "linear_argmax or glue"          # argmax / two-level sampler, glue GB/s
 #   bash bench/run_gpu.sh bench "linear_cross_entropy"           # vs Liger: time and peak memory
 #   bash bench/run_gpu.sh bench "modality_ffn"                   # fwd, fwd_bwd, varlen

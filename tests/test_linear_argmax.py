@@ -202,6 +202,9 @@ def _check_all_outputs(x, w, b, tgt, blocks=None, config=None, sample_blocks=Non
     rids, rmx, rlse = linear_argmax_reference(x, w, b)
     ids, mx, lse, zt, zs = _linear_argmax_launch(x, w, b, target=tgt, sum_logits=True, blocks=blocks, config=config)
     torch.testing.assert_close(ids, rids, atol=0, rtol=0)
+    plain = _linear_argmax_launch(x, w, b, blocks=blocks, config=config)  # the argmax-only specialisation
+    torch.testing.assert_close(plain[0], rids, atol=0, rtol=0)
+    torch.testing.assert_close(plain[2], rlse, **tol)
     torch.testing.assert_close(mx, rmx, **tol)
     torch.testing.assert_close(lse, rlse, **tol)
     valid = (tgt >= 0) & (tgt < w.shape[0])

@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import time
 
 import torch
 
@@ -46,12 +47,17 @@ def num_sms(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device (cached); ``INTERPRETER_SMS`` elsewhere."""
     if device.type != "cuda":
         return INTERPRETER_SMS
-    return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
+    return _cuda_properties(device).multi_processor_count
+
+
+def _cuda_properties(device: torch.device):
+    return _cuda_properties_of(device.index if device.index is not None else torch.cuda.current_device())
 
 
 @functools.lru_cache(maxsize=None)
-def _cuda_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+def _cuda_properties_of(index: int):
+    """``torch.cuda.get_device_properties`` once per device: launchers ask on every call."""
+    return torch.cuda.get_device_properties(index)
 
 
 def tma_compatible(*tensors: torch.Tensor) -> bool:
@@ -65,7 +71,7 @@ def tma_compatible(*tensors: torch.Tensor) -> bool:
             return False
         if t.data_ptr() % 16 or t.stride(0) * t.element_size() % 16:
             return False
-        if t.device.type == "cuda" and torch.cuda.get_device_capability(t.device)[0] < 9:
+        if t.device.type == "cuda" and _cuda_properties(t.device).major < 9:
             return False
     return True
 
@@ -76,8 +82,6 @@ def pick_fastest(choices: dict, key, candidates: dict, what: str, device: torch.
     runs (CUDA events on a GPU, wall clock elsewhere), and remember the fastest in ``choices[key]``
     (logged once with the timings). Returns the chosen name."""
     if key not in choices:
-        import time
-
         times = {}
         for name, fn in candidates.items():
             fn()

@@ -596,7 +596,7 @@ def _linear_argmax_launch(
         seed, 1.0 / float(temperature), min(triton.next_power_of_2(n), 8192),
     )
     consts = dict(
-        HAS_BIAS=bias is not None, SAMPLE=gumbel_seed is not None, HAS_TARGET=target is not None,
+        HAS_BIAS=bias is not None, SAMPLE=sample, HAS_TARGET=target is not None,
         SUM_Z=sum_logits, IEEE_FP32=x.dtype == torch.float32, N_ROUNDS=PHILOX_ROUNDS, GROUP_R=GROUP_ROWS,
         TMA_OK=tma_ok,
     )

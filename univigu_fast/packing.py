@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -21,24 +22,27 @@ def _cu(lengths, device) -> torch.Tensor:
     return remember_host_values(torch.tensor(values, dtype=torch.int32, device=device), values)
 
 
-def _video_axis_freqs(head_dim: int, theta: float = 10000.0) -> list[torch.Tensor]:
-    """Wan's 3-axis RoPE frequencies, float64, one tensor per axis (t, h, w): pairs split as diffusers'
-    WanRotaryPosEmbed (h = w = 2 * (head_dim // 6) dims, t the rest)."""
+def _video_pairs(head_dim: int, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Wan's 3-axis RoPE per rotation pair: frequency (float64) and axis (0 = t, 1 = h, 2 = w), each
+    ``(head_dim/2,)``; pairs split as diffusers' WanRotaryPosEmbed (h = w = 2 * (head_dim // 6) dims,
+    t the rest), in (t, h, w) order."""
     d_hw = 2 * (head_dim // 6)
-    return [1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d) for d in (head_dim - 2 * d_hw, d_hw, d_hw)]
+    dims = (head_dim - 2 * d_hw, d_hw, d_hw)
+    freq = torch.cat([1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d) for d in dims])
+    return freq, torch.cat([torch.full((d // 2,), axis) for axis, d in enumerate(dims)])
+
+
+def _video_positions(grid: tuple[int, int, int]) -> torch.Tensor:
+    """int64 ``(f*h*w, 3)`` (f, h, w) position of every video token, in (f, h, w) order."""
+    axes = torch.meshgrid(*(torch.arange(n) for n in grid), indexing="ij")
+    return torch.stack(axes, -1).reshape(-1, 3)
 
 
 def _video_angles(grid: tuple[int, int, int], head_dim: int, theta: float = 10000.0) -> torch.Tensor:
-    """Wan's 3-axis RoPE angles ``(f*h*w, head_dim/2)`` (:func:`_video_axis_freqs`), positions in
-    (f, h, w) order, float64."""
-    f, h, w = grid
-    if f * h * w == 0:  # a text-only view (video-stream cache): no video rows
-        return torch.zeros(0, head_dim // 2, dtype=torch.float64)
-    parts = []
-    for n, inv, shape in zip((f, h, w), _video_axis_freqs(head_dim, theta), ((f, 1, 1), (1, h, 1), (1, 1, w))):
-        ang = torch.arange(n, dtype=torch.float64)[:, None] * inv  # (n, d/2)
-        parts.append(ang.view(*shape, -1).expand(f, h, w, -1))
-    return torch.cat(parts, -1).reshape(f * h * w, head_dim // 2)
+    """Wan's 3-axis RoPE angles ``(f*h*w, head_dim/2)``: each pair's axis position times its
+    frequency (:func:`_video_pairs`), float64."""
+    freq, axis = _video_pairs(head_dim, theta)
+    return _video_positions(grid)[:, axis].double() * freq
 
 
 def rope_positions(video_grids, text_lens, head_dim: int, text_inv_freq: torch.Tensor, device):
@@ -47,16 +51,14 @@ def rope_positions(video_grids, text_lens, head_dim: int, text_inv_freq: torch.T
     ``axis`` int32 (2, head_dim/2) — row 0 the video pairs' frequency and axis, row 1 the text's —,
     and ``interleaved`` bool (T,), in the token order of :meth:`PackedBatch.build`."""
     pos, il = [], []
-    for (f, h, w), lt in zip(video_grids, text_lens):
-        grid = torch.stack(torch.meshgrid(torch.arange(f), torch.arange(h), torch.arange(w), indexing="ij"), -1)
+    for grid, lt in zip(video_grids, text_lens):
         text = torch.zeros(lt, 3, dtype=torch.long)
         text[:, 0] = torch.arange(lt)
-        pos += [grid.reshape(-1, 3), text]
-        il += [torch.ones(f * h * w, dtype=torch.bool), torch.zeros(lt, dtype=torch.bool)]
-    axis_freqs = _video_axis_freqs(head_dim)
-    half = head_dim // 2
-    freq = torch.stack([torch.cat(axis_freqs).float(), text_inv_freq.detach().float().cpu()])
-    axis = torch.stack([torch.cat([torch.full((len(a),), i) for i, a in enumerate(axis_freqs)]), torch.zeros(half)])
+        pos += [_video_positions(grid), text]
+        il += [torch.ones(math.prod(grid), dtype=torch.bool), torch.zeros(lt, dtype=torch.bool)]
+    video_freq, video_axis = _video_pairs(head_dim)
+    freq = torch.stack([video_freq.float(), text_inv_freq.detach().float().cpu()])
+    axis = torch.stack([video_axis, torch.zeros_like(video_axis)])
     return (torch.cat(pos).to(device, torch.int32), freq.to(device), axis.to(device, torch.int32),
             torch.cat(il).to(device))
 

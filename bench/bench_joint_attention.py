@@ -22,8 +22,6 @@ angles given as per-token cos / sin tables (impl ``tables``, the library's form)
 kernel from position ids (impl ``position_ids``): the issue's "measure which is faster".
 ``bytes_moved`` = q and k read and written (the tables' or ids' bytes on top are what differs).
 """
-import itertools
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -35,23 +33,17 @@ DTYPE = torch.bfloat16
 _CACHE: dict = {}
 
 
-def _video_rope_angles(n_tokens: int, hd: int) -> torch.Tensor:
-    """A Wan-like 3-axis angle table for a (F, H, W) grid with F*H*W >= n_tokens (frame-major)."""
-    h, w = 30, 52
-    f = -(-n_tokens // (h * w))
-    d_h = d_w = 2 * (hd // 6)
-    d_t = hd - d_h - d_w
-    grid = torch.stack(torch.meshgrid(torch.arange(f), torch.arange(h), torch.arange(w), indexing="ij"), -1).reshape(-1, 3)[:n_tokens]
-    parts = []
-    for axis, d in enumerate((d_t, d_h, d_w)):
-        inv = 1.0 / (10000 ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
-        parts.append(grid[:, axis, None].double() * inv)
-    return torch.cat(parts, -1).float()
+def _packed(shape_name: str):
+    """``(packed, grids, text_inv_freq)`` of a DESIGN §6 shape: the model's packing (video grids,
+    per-token RoPE tables, cu_seqlens) on the GPU."""
+    from univigu_fast.packing import PackedBatch
+    from univigu_fast.profiling import video_grid
 
-
-def _text_rope_angles(n_tokens: int, hd: int) -> torch.Tensor:
-    inv = 1.0 / (10000 ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
-    return (torch.arange(n_tokens, dtype=torch.float64)[:, None] * inv).float()
+    s = SHAPES[shape_name]
+    grids = [video_grid(lv, shape_name, i) for i, lv in enumerate(s.video_lens)]
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, s.head_dim, 2, dtype=torch.float32) / s.head_dim)
+    packed = PackedBatch.build(grids, s.text_lens, [s.prompt_len] * s.batch, s.head_dim, inv_freq, "cuda")
+    return packed, grids, inv_freq
 
 
 def _inputs(shape_name: str):
@@ -64,13 +56,8 @@ def _inputs(shape_name: str):
     T, H, hd = sum(lens), s.num_heads, s.head_dim
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(T, H, hd, device="cuda", dtype=DTYPE, generator=g) for _ in range(3))
-    angles, il = [], []
-    for lv, lt in zip(s.video_lens, s.text_lens):
-        angles += [_video_rope_angles(lv, hd), _text_rope_angles(lt, hd)]
-        il += [torch.ones(lv, dtype=torch.bool), torch.zeros(lt, dtype=torch.bool)]
-    angles = torch.cat(angles).cuda()
-    rope = (angles.cos(), angles.sin(), torch.cat(il).cuda())
-    cu = torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32, device="cuda")
+    packed = _packed(shape_name)[0]
+    rope, cu = packed.rope, packed.cu_seqlens
     _CACHE.update(key=shape_name, q=q, k=k, v=v, rope=rope, cu=cu, lens=lens, H=H, hd=hd,
                   flops=4 * sum(L * L for L in lens) * H * hd)
     return _CACHE
@@ -194,14 +181,11 @@ def test_bench_joint_attention(benchmark, shape, mode, impl):
 @pytest.mark.parametrize("shape", ["wan1.3b-480p", "wan1.3b-varlen", "wan14b-720p"])
 def test_bench_rope_form(benchmark, shape, form):
     from univigu_fast.kernels.joint_attention import apply_rope, apply_rope_positions
-    from univigu_fast.packing import PackedBatch, rope_positions
-    from univigu_fast.profiling import video_grid
+    from univigu_fast.packing import rope_positions
 
     s = SHAPES[shape]
     hd = s.head_dim
-    grids = [video_grid(lv, shape, i) for i, lv in enumerate(s.video_lens)]
-    inv_freq = 1.0 / 10000 ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd)
-    packed = PackedBatch.build(grids, s.text_lens, [s.prompt_len] * s.batch, hd, inv_freq, "cuda")
+    packed, grids, inv_freq = _packed(shape)
     positions = rope_positions(grids, s.text_lens, hd, inv_freq, "cuda")
     T = packed.total
     g = torch.Generator(device="cuda").manual_seed(0)

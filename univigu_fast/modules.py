@@ -83,7 +83,10 @@ class RMSNormWeight(nn.Module):
 
 
 class Attention(nn.Module):
-    """Wan's attention projections: ``to_q/k/v``, ``to_out.0``, RMSNorm across heads on q and k."""
+    """Wan's attention projections: ``to_q/k/v``, ``to_out.0``, RMSNorm across heads on q and k.
+
+    No ``forward``: a block calls :meth:`qkv` (or :meth:`query` / :meth:`keys_values`) and :meth:`attend`
+    separately, so the video-stream cache can swap in cached keys / values between the two."""
 
     def __init__(self, dim: int, heads: int):
         super().__init__()
@@ -110,11 +113,6 @@ class Attention(nn.Module):
     def attend(self, ops: Ops, q, k, v, cu_q, cu_k, max_q, max_k, rope_q=None, rope_k=None):
         out = ops.attention(q, k, v, cu_q, cu_k, max_q, max_k, rope_q=rope_q, rope_k=rope_k)
         return self.to_out[0](out.flatten(1))
-
-    def forward(self, ops: Ops, x, context, cu_q, cu_k, max_q, max_k, eps, rope=None):
-        """x (Tq, dim) queries; context (Tk, dim) keys/values source (x itself for self-attention)."""
-        q, k, v = self.qkv(ops, x, context, eps)
-        return self.attend(ops, q, k, v, cu_q, cu_k, max_q, max_k, rope_q=rope, rope_k=rope)
 
 
 class UniViGUBlock(nn.Module):

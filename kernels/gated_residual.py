@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ._utils import HAS_TRITON, check_offsets_tensor, describe, expand_segments, log_once, use_triton
+from ._utils import HAS_TRITON, check_offsets_tensor, custom_op, describe, expand_segments, log_once, use_triton
 from .modulated_layer_norm import geometry
 
 if HAS_TRITON:
@@ -65,7 +65,7 @@ if HAS_TRITON:
             tl.atomic_add(DGATE + s * D + cols, acc, mask=col_ok & (hi > lo))
 
 
-@torch.library.custom_op("univigu_fast::gated_residual_fwd", mutates_args=())
+@custom_op("univigu_fast::gated_residual_fwd")
 def _gated_residual_fwd_op(h: torch.Tensor, y: torch.Tensor, seg_offsets: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     T, D = h.shape
     out = torch.empty_like(h)
@@ -83,7 +83,7 @@ def _(h, y, seg_offsets, gate):
     return torch.empty_like(h)
 
 
-@torch.library.custom_op("univigu_fast::gated_residual_bwd", mutates_args=())
+@custom_op("univigu_fast::gated_residual_bwd")
 def _gated_residual_bwd_op(dout: torch.Tensor, y: torch.Tensor, seg_offsets: torch.Tensor,
                            gate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     T, D = y.shape

@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._utils import HAS_TRITON, host_list, interpreting, log_once, num_sms, pick_fastest, use_triton
+from ._utils import (HAS_TRITON, cdiv, custom_op, host_list, interpreting, log_once, next_power_of_2, num_sms,
+                     pick_fastest, use_triton)
 
 if HAS_TRITON:
     import triton
@@ -553,7 +554,7 @@ def _rotate(x: torch.Tensor, cos, sin, il, inverse: bool, positions=None) -> tor
         return out
     il = il.view(torch.uint8) if il.dtype == torch.bool else il
     pos, freq, axis = positions if positions is not None else (il, il, il)  # dummies, never read
-    _rope_kernel[(triton.cdiv(T, _ROPE_BLOCK_T),)](
+    _rope_kernel[(cdiv(T, _ROPE_BLOCK_T),)](
         x, out, cos, sin, il, pos, freq, axis, T, H, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
         cos.stride(0), HEAD_DIM=D, BLOCK_T=_ROPE_BLOCK_T, INVERSE=inverse, FROM_POSITIONS=positions is not None,
     )
@@ -613,7 +614,7 @@ def _attention_forward(q, k, v, cu_q, cu_k, scale, rope_q, rope_k, num_splits=No
     else:
         _attn_fwd_tuned[grid](*args, **meta)
     if splits > 1:
-        _attn_split_combine_kernel[(triton.cdiv(Tq, _ROPE_BLOCK_T), H)](
+        _attn_split_combine_kernel[(cdiv(Tq, _ROPE_BLOCK_T), H)](
             o_part, lse_part, out, lse, Tq, splits, o_part.stride(0), lse_part.stride(0), out.stride(0), out.stride(1),
             lse.stride(0), HEAD_DIM=D, BLOCK_T=_ROPE_BLOCK_T)
     return out, lse
@@ -631,7 +632,7 @@ def _attention_backward(do, q, k, v, out, lse, cu_q, cu_k, scale, rope_q, rope_k
     do = do.contiguous()
     delta = torch.empty((H, Tq), device=q.device, dtype=torch.float32)  # rowsum(dO * O), no fp32 copies
     if Tq:
-        _bwd_delta_kernel[(triton.cdiv(Tq, _ROPE_BLOCK_T), H)](
+        _bwd_delta_kernel[(cdiv(Tq, _ROPE_BLOCK_T), H)](
             out, do, delta, Tq, out.stride(0), out.stride(1), do.stride(0), do.stride(1), delta.stride(0),
             HEAD_DIM=D, BLOCK_T=_ROPE_BLOCK_T)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
@@ -676,7 +677,7 @@ def _rope_or_none(cos, sin, il) -> Rope | None:
     return None if cos is None else (cos, sin, il)
 
 
-@torch.library.custom_op("univigu_fast::joint_attention_fwd", mutates_args=())
+@custom_op("univigu_fast::joint_attention_fwd")
 def _joint_attention_fwd_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
     softmax_scale: float,
@@ -692,7 +693,7 @@ def _(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, *rope):
     return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
 
-@torch.library.custom_op("univigu_fast::joint_attention_bwd", mutates_args=())
+@custom_op("univigu_fast::joint_attention_bwd")
 def _joint_attention_bwd_op(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, softmax_scale: float,
@@ -940,7 +941,7 @@ def _auto_for_few_queries(q, k, v, cu_q, cu_k, scale, rope_q, rope_k) -> str:
     if tiles == 0 or _kv_splits(tiles * H, max_k, _KV_BLOCK_N, q.device) == 1:
         return "sdpa"
     args = (q, k, v, cu_q, cu_k, scale, rope_q, rope_k)
-    key = (str(q.device), q.dtype, H, D, tiles, triton.next_power_of_2(max_k), rope_q is not None, rope_k is not None)
+    key = (str(q.device), q.dtype, H, D, tiles, next_power_of_2(max_k), rope_q is not None, rope_k is not None)
     candidates = {"triton": lambda: _run_triton(*args), "sdpa": lambda: _run_sdpa(*args)}
     return pick_fastest(_AUTO_FEW_QUERIES, key, candidates, "joint_attention: auto backend with few query tiles",
                         q.device)

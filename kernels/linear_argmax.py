@@ -46,7 +46,8 @@ import math
 
 import torch
 
-from ._utils import HAS_TRITON, TensorDescriptor, interpreting, log_once, num_sms, tma_compatible, use_triton
+from ._utils import (HAS_TRITON, TensorDescriptor, cdiv, custom_op, interpreting, log_once, next_power_of_2, num_sms,
+                     tma_compatible, use_triton)
 
 if HAS_TRITON:
     import triton
@@ -222,7 +223,8 @@ if HAS_TRITON:
         s_run = tl.zeros((BLOCK_N,), tl.float32)                   # running sum exp(z / T - m_run)
         best = tl.full((BLOCK_N,), float("-inf"), tl.float32)      # best (noised) score so far
         best_id = tl.zeros((BLOCK_N,), tl.int32)
-        best_sel = tl.full((BLOCK_N,), float("-inf"), tl.float32)  # un-noised z / T of best_id
+        # un-noised z / T of best_id (sampling: the winning group's max, replaced by level 2's draw)
+        best_sel = tl.full((BLOCK_N,), float("-inf"), tl.float32)
         if HAS_TARGET:
             tgt = tl.load(tgt_ptr + rows, mask=row_mask, other=-1).to(tl.int32)
             t_acc = tl.zeros((BLOCK_N,), tl.float32)
@@ -479,7 +481,7 @@ def _default_splits(n: int, v: int, granule: int, device: torch.device) -> int:
 def _reduce_blocks(splits: int) -> tuple[int, int]:
     """``(BLOCK_N, BLOCK_S)`` of the reduce pass: all ``splits`` partials of a row in one block,
     rows per program so that a program holds at most 4096 partials."""
-    block_s = triton.next_power_of_2(splits)
+    block_s = next_power_of_2(splits)
     return max(1, min(64, 4096 // block_s)), block_s
 
 
@@ -593,7 +595,7 @@ def _linear_argmax_launch(
         x, weight, bias if bias is not None else dummy, target if target is not None else id_p, x_desc, w_desc,
         best, id_p, sel_p, max_p, sum_p, tl_p, zs_p,
         n, v, d, chunk, splits, x.stride(0), weight.stride(0),
-        seed, 1.0 / float(temperature), min(triton.next_power_of_2(n), 8192),
+        seed, 1.0 / float(temperature), min(next_power_of_2(n), 8192),
     )
     consts = dict(
         HAS_BIAS=bias is not None, SAMPLE=sample, HAS_TARGET=target is not None,
@@ -602,17 +604,17 @@ def _linear_argmax_launch(
     )
     if blocks is not None:
         consts["EVEN_D"] = d % blocks["BLOCK_D"] == 0
-        grid = (triton.cdiv(n, blocks["BLOCK_N"]) * splits,)
+        grid = (cdiv(n, blocks["BLOCK_N"]) * splits,)
         _linear_argmax_partial_kernel[grid](*args, **consts, **dict(blocks, USE_TMA=bool(use_tma)), **launch)
     else:
         consts["EVEN_D"] = d % 128 == 0
-        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * splits,)  # noqa: E731
+        grid = lambda meta: (cdiv(n, meta["BLOCK_N"]) * splits,)  # noqa: E731
         _linear_argmax_partial_tuned[grid](*args, **consts)
 
     ids = torch.empty(n, device=dev, dtype=torch.int64)
     out = [torch.empty(n, **f32) for _ in range(4)]
     block_r, block_s = _reduce_blocks(splits)
-    _linear_argmax_reduce_kernel[(triton.cdiv(n, block_r),)](
+    _linear_argmax_reduce_kernel[(cdiv(n, block_r),)](
         best, id_p, sel_p, max_p, sum_p, tl_p, zs_p,
         ids, out[0], out[1], out[2], out[3], n, splits,
         HAS_TARGET=target is not None, SUM_Z=sum_logits, BLOCK_N=block_r, BLOCK_S=block_s,
@@ -657,7 +659,7 @@ def linear_argmax(
         return _linear_argmax_op(x, weight, bias, gumbel_seed, float(temperature))
 
 
-@torch.library.custom_op("univigu_fast::linear_argmax", mutates_args=())
+@custom_op("univigu_fast::linear_argmax")
 def _linear_argmax_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gumbel_seed: int | None,
                       temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The two (three when sampling) kernel launches as one opaque op: ``torch.compile`` traces a call

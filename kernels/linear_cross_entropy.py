@@ -38,7 +38,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from ._utils import HAS_TRITON, log_once, pick_fastest, use_triton
+from ._utils import HAS_TRITON, cdiv, log_once, next_power_of_2, pick_fastest, use_triton
 from .linear_argmax import _check_inputs, _linear_argmax_launch
 
 if HAS_TRITON:
@@ -157,7 +157,7 @@ def _forward_stats_chunked(x, weight, bias, tgt, chunk_v, sum_logits):
             torch.mm(x, weight[v0:v1].t(), out_dtype=torch.float32, out=z)
         else:
             torch.mm(x, weight[v0:v1].t(), out=z)
-        _ce_chunk_stats_kernel[(triton.cdiv(n, block_n),)](
+        _ce_chunk_stats_kernel[(cdiv(n, block_n),)](
             z, bias if bias is not None else z, m, s, zt, zs, tgt, n, v1 - v0, v0,
             HAS_BIAS=bias is not None, SUM_Z=sum_logits, BLOCK_N=block_n, BLOCK_V=block_v)
     return m + torch.log(s), zt, (zs if sum_logits else None)
@@ -179,7 +179,7 @@ def _pick_forward(x, weight, bias, tgt, chunk_v, sum_logits) -> str:
     if not x.is_cuda:
         return "fused"
     n, d = x.shape
-    key = (triton.next_power_of_2(max(n, 1)), d, weight.shape[0], x.dtype, bias is not None, sum_logits)
+    key = (next_power_of_2(max(n, 1)), d, weight.shape[0], x.dtype, bias is not None, sum_logits)
     candidates = {name: functools.partial(fn, x, weight, bias, tgt, chunk_v, sum_logits)
                   for name, fn in FORWARD_METHODS.items()}
     return pick_fastest(_FORWARD_CHOICE, key, candidates, "linear_cross_entropy: forward method", x.device,
@@ -190,7 +190,7 @@ def _ce_grad_inplace(z, lse, tgt, scale, v0, label_smoothing, v_total):
     n, vc = z.shape
     if use_triton(z):
         block_n, block_v = (16, 32) if z.device.type == "cpu" else (32, 256)
-        grid = (triton.cdiv(n, block_n), triton.cdiv(vc, block_v))
+        grid = (cdiv(n, block_n), cdiv(vc, block_v))
         _ce_grad_kernel[grid](z, lse, tgt, scale, n, vc, v0, 1.0 - label_smoothing,
                               label_smoothing / v_total, BLOCK_N=block_n, BLOCK_V=block_v)
         return z

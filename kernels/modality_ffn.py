@@ -13,8 +13,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from ._utils import (HAS_TRITON, TensorDescriptor, check_segment_table, expand_segments, host_list, interpreting,
-                     log_once, segment_sum, tma_compatible, token_segments, use_triton)
+from ._utils import (HAS_TRITON, TensorDescriptor, cdiv, check_segment_table, custom_op, expand_segments, host_list,
+                     interpreting, log_once, segment_sum, tma_compatible, token_segments, use_triton)
 
 if HAS_TRITON:
     import triton
@@ -81,7 +81,8 @@ class FeedForward(torch.nn.Module):
 
     def expert(self) -> Expert:
         """``(w1, b1, w2, b2)`` in ``nn.Linear`` layout, as :func:`modality_ffn` takes them."""
-        return (self.net[0].proj.weight, self.net[0].proj.bias, self.net[2].weight, self.net[2].bias)
+        gelu_proj, _, out = self.net  # (iterating a ModuleList is cheaper than indexing it: once per layer and step)
+        return (gelu_proj.proj.weight, gelu_proj.proj.bias, out.weight, out.bias)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -373,14 +374,14 @@ def _grouped_gemm(plan: _Plan, a: torch.Tensor, mats, biases, transpose: bool, o
                 WRITE_AUX=write_aux, WRITE_H=h_out is not None, K_MAX=k_max, N_MAX=n_max,
                 ALIGNED=all(d % 16 == 0 for d in dims), IEEE=a.dtype == torch.float32, TMA_OK=descs[0] is not None)
     if plan.interp:
-        grid = (plan.num_tiles * triton.cdiv(n_max, _INTERP_BLOCKS["BLOCK_N"]),)
+        grid = (plan.num_tiles * cdiv(n_max, _INTERP_BLOCKS["BLOCK_N"]),)
         _grouped_gemm_kernel[grid](*args, **meta, **_INTERP_BLOCKS)
     elif small:
         # fp32 (CUDA-core dot) and small problems: one fixed config, no tuning (and no compiles) for them
-        grid = (plan.num_tiles * triton.cdiv(n_max, _SMALL_CONFIG["BLOCK_N"]),)
+        grid = (plan.num_tiles * cdiv(n_max, _SMALL_CONFIG["BLOCK_N"]),)
         _grouped_gemm_kernel[grid](*args, **meta, BLOCK_M=plan.block_m, **_SMALL_CONFIG, num_warps=4, num_stages=3)
     else:
-        grid = lambda META: (plan.num_tiles * triton.cdiv(n_max, META["BLOCK_N"]),)  # noqa: E731
+        grid = lambda META: (plan.num_tiles * cdiv(n_max, META["BLOCK_N"]),)  # noqa: E731
         _grouped_gemm_tuned[grid](*args, **meta, BLOCK_M=plan.block_m)
     return c
 
@@ -464,7 +465,7 @@ def _ffn_backward(dout, x, seg_offsets, seg_expert, flat, gate, pre, y_save):
     return dx, flat_grads, dgate
 
 
-@torch.library.custom_op("univigu_fast::modality_ffn_fwd", mutates_args=())
+@custom_op("univigu_fast::modality_ffn_fwd")
 def _modality_ffn_fwd_op(x: torch.Tensor, seg_offsets: torch.Tensor, seg_expert: torch.Tensor, weights: list[torch.Tensor],
                          residual: torch.Tensor | None, gate: torch.Tensor | None, save: bool, recompute: bool
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -480,7 +481,7 @@ def _(x, seg_offsets, seg_expert, weights, residual, gate, save, recompute):
     return out, pre, y
 
 
-@torch.library.custom_op("univigu_fast::modality_ffn_bwd", mutates_args=())
+@custom_op("univigu_fast::modality_ffn_bwd")
 def _modality_ffn_bwd_op(dout: torch.Tensor, x: torch.Tensor, seg_offsets: torch.Tensor, seg_expert: torch.Tensor,
                          weights: list[torch.Tensor], gate: torch.Tensor | None, pre: torch.Tensor, y: torch.Tensor
                          ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:

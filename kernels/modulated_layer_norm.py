@@ -24,7 +24,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._utils import HAS_TRITON, check_offsets_tensor, expand_segments, interpreting, log_once, num_sms, use_triton
+from ._utils import (HAS_TRITON, cdiv, check_offsets_tensor, custom_op, expand_segments, interpreting, log_once,
+                     next_power_of_2, num_sms, use_triton)
 
 if HAS_TRITON:
     import triton
@@ -60,17 +61,17 @@ def geometry(T: int, D: int, device: torch.device, reduce: bool = False):
     SM (~8K-element steps), so the partial sums are few. Under the interpreter
     ``INTERPRETER_PROGRAMS`` programs in both directions (multi-block chunks exercised by CPU tests).
     """
-    block_d = triton.next_power_of_2(max(D, 1))
+    block_d = next_power_of_2(max(D, 1))
     block_t = max(1, min(MAX_BLOCK_T, (8192 if reduce else 4096) // block_d))
-    n_blocks = triton.cdiv(T, block_t)
+    n_blocks = cdiv(T, block_t)
     if device.type == "cuda":
         sms = num_sms(device)
-        cap = PROGRAMS_PER_SM * sms if reduce else max(triton.cdiv(n_blocks, FWD_MAX_BLOCKS), FWD_PROGRAMS_PER_SM * sms)
+        cap = PROGRAMS_PER_SM * sms if reduce else max(cdiv(n_blocks, FWD_MAX_BLOCKS), FWD_PROGRAMS_PER_SM * sms)
     else:
         cap = INTERPRETER_PROGRAMS
     programs = max(1, min(cap, n_blocks))
-    chunk = triton.cdiv(n_blocks, programs) * block_t
-    programs = triton.cdiv(T, chunk)
+    chunk = cdiv(n_blocks, programs) * block_t
+    programs = cdiv(T, chunk)
     elems = block_t * block_d
     num_warps = 16 if elems >= 16384 else 8 if elems >= 4096 else 4
     return block_t, block_d, chunk, programs, num_warps
@@ -157,7 +158,7 @@ if HAS_TRITON:
 # ----------------------------------------------------------------------------------------------
 # Launchers as torch.library ops (torch.compile sees them as opaque calls)
 # ----------------------------------------------------------------------------------------------
-@torch.library.custom_op("univigu_fast::modulated_layer_norm_fwd", mutates_args=())
+@custom_op("univigu_fast::modulated_layer_norm_fwd")
 def _mln_fwd_op(x: torch.Tensor, seg_offsets: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
                 save_stats: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     T, D = x.shape
@@ -180,7 +181,7 @@ def _(x, seg_offsets, shift, scale, eps, save_stats):
     return torch.empty_like(x), x.new_empty(n, dtype=torch.float32), x.new_empty(n, dtype=torch.float32)
 
 
-@torch.library.custom_op("univigu_fast::modulated_layer_norm_bwd", mutates_args=())
+@custom_op("univigu_fast::modulated_layer_norm_bwd")
 def _mln_bwd_op(dout: torch.Tensor, x: torch.Tensor, seg_offsets: torch.Tensor, scale: torch.Tensor,
                 mean: torch.Tensor, rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     T, D = x.shape

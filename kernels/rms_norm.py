@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ._utils import HAS_TRITON, log_once, use_triton
+from ._utils import HAS_TRITON, custom_op, log_once, use_triton
 from .modulated_layer_norm import geometry
 
 if HAS_TRITON:
@@ -77,7 +77,7 @@ if HAS_TRITON:
         tl.store(DW_PART + pid * D + cols, acc, mask=col_ok)
 
 
-@torch.library.custom_op("univigu_fast::rms_norm_fwd", mutates_args=())
+@custom_op("univigu_fast::rms_norm_fwd")
 def _rms_fwd_op(x: torch.Tensor, weight: torch.Tensor, eps: float, save_stats: bool) -> tuple[torch.Tensor, torch.Tensor]:
     T, D = x.shape
     out = torch.empty_like(x)
@@ -94,7 +94,7 @@ def _(x, weight, eps, save_stats):
     return torch.empty_like(x), x.new_empty(x.shape[0] if save_stats else 0, dtype=torch.float32)
 
 
-@torch.library.custom_op("univigu_fast::rms_norm_bwd", mutates_args=())
+@custom_op("univigu_fast::rms_norm_bwd")
 def _rms_bwd_op(dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     T, D = x.shape
     dx = torch.empty_like(x)

@@ -1,0 +1,91 @@
+"""kernels/_utils: host-side launch arithmetic and the custom-op wrapper's direct eager path."""
+import pytest
+import torch
+import triton
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from univigu_fast.kernels._utils import cdiv, custom_op, next_power_of_2
+
+
+class _OpNames(TorchDispatchMode):
+    """Records the name of every op that reaches the dispatcher's Python mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+    def ours(self):
+        return [n for n in self.names if n.startswith("univigu_fast")]
+
+
+def test_host_arithmetic_matches_triton():
+    for n in list(range(1, 300)) + [4095, 4096, 4097, 33016, 256384]:
+        assert next_power_of_2(n) == triton.next_power_of_2(n), n
+        for b in (1, 7, 64, 128):
+            assert cdiv(n, b) == triton.cdiv(n, b), (n, b)
+
+
+calls = []
+
+
+@custom_op("univigu_fast_test::scaled")
+def _scaled(x: torch.Tensor, factor: float) -> torch.Tensor:
+    calls.append(factor)
+    return x * factor
+
+
+@_scaled.register_fake
+def _(x, factor):
+    return torch.empty_like(x)
+
+
+torch.library.register_autograd("univigu_fast_test::scaled", lambda ctx, g: (g * ctx.factor, None),
+                                setup_context=lambda ctx, inputs, output: setattr(ctx, "factor", inputs[1]))
+
+
+def test_custom_op_runs_directly_without_autograd_and_through_the_op_with_it():
+    x = torch.randn(5, requires_grad=True)
+    with torch.no_grad(), _OpNames() as mode:  # inference: the launcher itself, no dispatcher
+        y = _scaled(x, 3.0)
+    assert mode.ours() == [] and calls[-1] == 3.0
+    torch.testing.assert_close(y, x.detach() * 3.0)
+    with _OpNames() as mode:  # autograd on: the registered op, so its backward is found
+        y = _scaled(x, 2.0)
+    assert mode.ours() == ["univigu_fast_test.scaled.default"]
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, torch.full((5,), 2.0))
+
+
+def test_custom_op_is_one_node_under_compile():
+    f = torch.compile(lambda x: _scaled(x, 4.0) + 1, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(f(torch.ones(3)), torch.full((3,), 5.0))
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_fast_text_step_makes_no_dispatcher_round_trips():
+    """A text-only step of the video cache (inference) calls every kernel launcher directly: none of
+    the ~300 launches per step pays the custom-op dispatch (bench/cpu_text_step_host.py: the host
+    time of a 30-layer text step)."""
+    from _models import tiny_reference
+    from univigu_fast.model import UniViGUModel
+    from univigu_fast.video_cache import VideoCache
+
+    ref = tiny_reference(seed=1)
+    model = UniViGUModel(ref.config).eval()
+    model.load_state_dict(ref.state_dict())
+    g = torch.Generator().manual_seed(0)
+    videos = [torch.randn(ref.config.in_channels, 1, 4, 4, generator=g)]
+    prompts = [torch.randn(3, ref.config.text_dim, generator=g)]
+    text = [torch.randint(0, ref.config.vocab_size, (5,), generator=g)]
+    with torch.no_grad():
+        cache = VideoCache(model)
+        model(videos, torch.ones(1), prompts, text=text, tau_text=torch.tensor([0.2]), video_cache=cache)
+        with _OpNames() as mode:
+            out = model.text_step(cache, text, torch.tensor([0.5]), text_output="sample", sample_seed=1)
+    assert mode.names and mode.ours() == []  # aten ops are seen: the mode was active
+    assert out.ids[0].shape == (5,)

@@ -64,6 +64,24 @@ def _cuda_time_ms(fn: Callable[[], object], warmup: int = 3, reps: int = 10) -> 
     return times[len(times) // 2]
 
 
+def gpu_busy_ms(fn: Callable[[], object]) -> float | None:
+    """Sum of the GPU activity (kernels, copies) of one ``fn()`` call, from the PyTorch profiler, in ms;
+    None where the profiler cannot trace the device. Against the call's wall time it says whether
+    the call is GPU-bound (busy ~ wall) or waits on the host (busy << wall)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        busy_us = sum(e.time_range.elapsed_us() for e in prof.events()
+                      if e.device_type == torch.autograd.DeviceType.CUDA)
+    except Exception:  # noqa: BLE001 - a diagnostic: no figure rather than a failed benchmark
+        return None
+    return busy_us / 1e3 if busy_us else None
+
+
 def device_peaks() -> dict[str, float]:
     """Measured bf16 matmul TFLOP/s (8192^3, random data) and device-to-device copy GB/s (read + write)."""
     if not _PEAKS:

@@ -6,13 +6,14 @@ both outputs), ``video`` (no text stream: ``triton`` vs diffusers' ``WanTransfor
 same weights, default attention backend); impls ``triton`` (fast model), ``reference``,
 ``diffusers``. Op ``caption``: a 50-step caption of one video at wan1.3b-480p (``triton``).
 Op ``caption`` also with the video-stream cache (impls ``cached-once``, ``cached-every4``) and
-``model_step`` / ``understanding`` / ``cached`` (one text-only step on a filled cache).
+``model_step`` / ``understanding`` / ``cached`` (one text-only step on a filled cache; its record also
+carries ``gpu_busy_ms``, the GPU's busy time in the step from the profiler: far below ``ms`` = host-bound).
 wan14b-720p is not run here (three 14B copies do not fit one 80 GB GPU next to their activations).
 """
 import pytest
 import torch
 
-from _common import measure, requires_cuda
+from _common import gpu_busy_ms, measure, requires_cuda, write_results
 from univigu_fast import profiling as P
 from univigu_fast.shapes import SHAPES
 
@@ -166,8 +167,11 @@ def test_bench_cached_text_step(benchmark):
             return c["fast"].text_step(cache, inputs["text"], inputs["tau_text"], text_output="argmax")
 
     try:
-        measure(benchmark, run, op="model_step", shape="wan1.3b-480p", mode="understanding", impl="cached",
-                dtype=DTYPE, flops=sum(text_step_flops(c["shape"], c["cfg"]).values()),
-                bytes_moved=text_step_bytes(c["shape"], c["cfg"]), rounds=5, warmup_rounds=1)
+        record = measure(benchmark, run, op="model_step", shape="wan1.3b-480p", mode="understanding", impl="cached",
+                         dtype=DTYPE, flops=sum(text_step_flops(c["shape"], c["cfg"]).values()),
+                         bytes_moved=text_step_bytes(c["shape"], c["cfg"]), rounds=5, warmup_rounds=1)
+        # host-bound or GPU-bound? (a text step is ~400 small launches for a few ms of GPU work)
+        record["gpu_busy_ms"] = gpu_busy_ms(run)
+        write_results()
     finally:
         cache.release()

@@ -7,6 +7,7 @@ import os
 import time
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 try:  # triton is a hard dependency on Linux; elsewhere every op falls back to its reference.
     import triton  # noqa: F401
@@ -62,11 +63,12 @@ def next_power_of_2(n: int) -> int:
 def custom_op(name: str):
     """``torch.library.custom_op(name, mutates_args=())`` with a direct eager path.
 
-    The registered op is what ``torch.compile`` traces (one opaque node) and what autograd sees
-    (``torch.library.register_autograd(name, ...)``). Called eagerly with autograd off (inference,
-    and inside an ``autograd.Function``'s forward / backward) the decorated launcher runs directly,
-    without the dispatcher's ~10 us per call: a text-only step of the video cache makes ~300 such
-    calls for a few milliseconds of GPU work. ``.op`` is the registered op."""
+    The registered op is what ``torch.compile`` traces (one opaque node), what autograd sees
+    (``torch.library.register_autograd(name, ...)``) and what a tracing dispatch mode (``make_fx``,
+    fake tensors, non-strict export) intercepts. Called eagerly with autograd off and no such mode
+    active (inference, and inside an ``autograd.Function``'s forward / backward) the decorated
+    launcher runs directly, without the dispatcher's ~10 us per call: a text-only step of the video
+    cache makes ~300 such calls for a few milliseconds of GPU work. ``.op`` is the registered op."""
     def wrap(fn):
         return _EagerCustomOp(torch.library.custom_op(name, mutates_args=())(fn), fn)
     return wrap
@@ -79,7 +81,7 @@ class _EagerCustomOp:
         self.op, self.fn, self.__doc__ = op, fn, fn.__doc__
 
     def __call__(self, *args):
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        if torch.is_grad_enabled() or torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
             return self.op(*args)
         return self.fn(*args)
 

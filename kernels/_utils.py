@@ -80,10 +80,10 @@ class _EagerCustomOp:
     def __init__(self, op, fn):
         self.op, self.fn, self.__doc__ = op, fn, fn.__doc__
 
-    def __call__(self, *args):
+    def __call__(self, *args, **kwargs):
         if torch.is_grad_enabled() or torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
-            return self.op(*args)
-        return self.fn(*args)
+            return self.op(*args, **kwargs)
+        return self.fn(*args, **kwargs)
 
     def register_fake(self, fake):
         return self.op.register_fake(fake)

@@ -31,9 +31,9 @@ class _CountOpCalls:
                     monkeypatch.setattr(obj, "op", self._counted(obj.op))
 
     def _counted(self, op):
-        def call(*args):
+        def call(*args, **kwargs):
             self.n += 1
-            return op(*args)
+            return op(*args, **kwargs)
         return call
 
 
@@ -65,7 +65,7 @@ torch.library.register_autograd("univigu_fast_test::scaled", lambda ctx, g: (g *
 def test_custom_op_runs_directly_without_autograd_and_through_the_op_otherwise():
     x = torch.randn(5, requires_grad=True)
     with torch.no_grad():  # inference: the launcher itself, no dispatcher
-        y = _scaled(x, 3.0)
+        y = _scaled(x, factor=3.0)
     assert calls[-1] == 3.0
     torch.testing.assert_close(y, x.detach() * 3.0)
     with torch.no_grad(), _OpNames() as mode:  # a tracing / dispatch mode must see the op, not its insides

@@ -89,6 +89,26 @@ class _EagerCustomOp:
         return self.op.register_fake(fake)
 
 
+@functools.lru_cache(maxsize=64)
+def _tile_table(offsets: tuple[int, ...], block: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    seg, row = [], []
+    for s in range(len(offsets) - 1):
+        for r in range(offsets[s], offsets[s + 1], block):
+            seg.append(s)
+            row.append(r)
+    tiles = torch.tensor([seg, row], dtype=torch.int32).to(device)
+    return tiles[0], tiles[1]
+
+
+def tile_table(offsets, block: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat table of every ``block``-row tile of every segment (or sequence) of a packed batch:
+    int32 ``(segment id, first row)`` per tile on ``device``; empty segments get none. ``offsets``:
+    the host values of ``seg_offsets`` / ``cu_seqlens``. Cached per (table, block, device): every
+    layer of a step reuses it, and a copy from host memory per call would make each launch wait for
+    the GPU. Read-only."""
+    return _tile_table(tuple(offsets), block, torch.device(device))
+
+
 INTERPRETER_SMS = 4  # "SM count" under the interpreter: small, so split / multi-program paths run on CPU
 
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ._utils import (HAS_TRITON, cdiv, custom_op, host_list, interpreting, log_once, next_power_of_2, num_sms,
-                     pick_fastest, use_triton)
+                     pick_fastest, tile_table, use_triton)
 
 if HAS_TRITON:
     import triton
@@ -238,7 +238,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _tile_bounds(TILE_SEQ, TILE_START, CU_ROWS, CU_OTHER):
-        """The tile of this program (``program_id(0)`` indexes a ``_tile_table``): its first row, the end
+        """The tile of this program (``program_id(0)`` indexes a ``tile_table``): its first row, the end
         of its sequence in its own operand (``CU_ROWS``), and that sequence's [start, end) in the other
         operand (``CU_OTHER``: keys for a query tile, queries for a key tile)."""
         pid = tl.program_id(0)
@@ -514,30 +514,6 @@ if HAS_TRITON:
     _attn_dq_tuned = triton.autotune(_gpu_configs("BLOCK_N", (32, 64)), key=["HEAD_DIM", "IEEE"])(_attn_bwd_dq_kernel)
 
 
-_TILE_TABLES: dict = {}  # (cu_seqlens, block, device) -> tables: every layer of a step reuses them
-
-
-def _tile_table(cu_seqlens: list[int], block: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flat (sequence id, first row) of every ``block``-row tile of every sequence (cached)."""
-    key = (tuple(cu_seqlens), block, str(device))
-    hit = _TILE_TABLES.get(key)
-    if hit is not None:
-        return hit
-    if len(_TILE_TABLES) >= 64:
-        _TILE_TABLES.clear()
-    _TILE_TABLES[key] = _build_tile_table(cu_seqlens, block, device)
-    return _TILE_TABLES[key]
-
-
-def _build_tile_table(cu_seqlens: list[int], block: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    seq, start = [], []
-    for i in range(len(cu_seqlens) - 1):
-        for s in range(cu_seqlens[i], cu_seqlens[i + 1], block):
-            seq.append(i)
-            start.append(s)
-    return (torch.tensor(seq, dtype=torch.int32, device=device), torch.tensor(start, dtype=torch.int32, device=device))
-
-
 def _rope_tensors(rope: Rope | None, ref: torch.Tensor):
     if rope is None:
         return ref, ref, ref  # dummies, never read (ROPE_Q=False)
@@ -587,7 +563,7 @@ def _attention_forward(q, k, v, cu_q, cu_k, scale, rope_q, rope_k, num_splits=No
         rope_q = None
     out = torch.empty_like(q)
     lse = torch.empty((H, Tq), device=q.device, dtype=torch.float32)
-    tile_seq, tile_start = _tile_table(host_list(cu_q), block_m, q.device)
+    tile_seq, tile_start = tile_table(host_list(cu_q), block_m, q.device)
     if tile_seq.numel() == 0:
         return out, lse
     cos, sin, il = _rope_tensors(rope_q, q)
@@ -639,7 +615,7 @@ def _attention_backward(do, q, k, v, out, lse, cu_q, cu_k, scale, rope_q, rope_k
     ieee = q.dtype == torch.float32
     common = dict(HEAD_DIM=D, IEEE=ieee)
     cu_q_list, cu_k_list = host_list(cu_q), host_list(cu_k)
-    kv_seq, kv_start = _tile_table(cu_k_list, block_n, q.device)
+    kv_seq, kv_start = tile_table(cu_k_list, block_n, q.device)
     if kv_seq.numel():
         args = (q, k, v, do, lse, delta, dk, dv, cu_q, cu_k, kv_seq, kv_start, scale * _LOG2E, scale,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
@@ -651,7 +627,7 @@ def _attention_backward(do, q, k, v, out, lse, cu_q, cu_k, scale, rope_q, rope_k
             _attn_bwd_dkdv_kernel[grid](*args, BLOCK_M=_FP32_INNER_BLOCK // 2, BLOCK_N=block_n, **common, **_FP32_LAUNCH)
         else:
             _attn_dkdv_tuned[grid](*args, BLOCK_N=block_n, **common)
-    q_seq, q_start = _tile_table(cu_q_list, block_m, q.device)
+    q_seq, q_start = tile_table(cu_q_list, block_m, q.device)
     if q_seq.numel():
         args = (q, k, v, do, lse, delta, dq, cu_q, cu_k, q_seq, q_start, scale * _LOG2E, scale,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),

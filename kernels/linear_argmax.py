@@ -46,8 +46,8 @@ import math
 
 import torch
 
-from ._utils import (HAS_TRITON, TensorDescriptor, cdiv, custom_op, interpreting, log_once, next_power_of_2, num_sms,
-                     tma_compatible, use_triton)
+from ._utils import (HAS_TRITON, TensorDescriptor, cdiv, custom_op, log_once, next_power_of_2, num_sms, tma_compatible,
+                     use_triton)
 
 if HAS_TRITON:
     import triton

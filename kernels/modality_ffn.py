@@ -7,14 +7,13 @@ Spec (paper Eq. 13/15): token rows of segment ``s`` go through expert ``e = seg_
 """
 from __future__ import annotations
 
-import functools
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from ._utils import (HAS_TRITON, TensorDescriptor, cdiv, check_segment_table, custom_op, expand_segments, host_list,
-                     interpreting, log_once, segment_sum, tma_compatible, token_segments, use_triton)
+                     interpreting, log_once, segment_sum, tile_table, tma_compatible, token_segments, use_triton)
 
 if HAS_TRITON:
     import triton
@@ -299,20 +298,6 @@ _SMALL_BLOCK_M = 64  # M tiles when every GEMM of a call is small (see _Plan)
 _INTERP_BLOCKS = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, USE_TMA=False)  # tests set USE_TMA too
 
 
-@functools.lru_cache(maxsize=64)
-def _tile_table(offsets: tuple[int, ...], block_m: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flat M-tile table over all segments, int32 on ``device``: (segment id, first row) per tile;
-    empty segments get none. Cached per segment table: a copy from host memory every call would
-    make each FFN call wait for the GPU. Read-only."""
-    seg, row = [], []
-    for s in range(len(offsets) - 1):
-        for r in range(offsets[s], offsets[s + 1], block_m):
-            seg.append(s)
-            row.append(r)
-    tiles = torch.tensor([seg, row], dtype=torch.int32).to(device)
-    return tiles[0], tiles[1]
-
-
 class _Plan:
     """Per-call scheduling data: the M-tile table and device copies of the segment table. ``max_cols``:
     the widest GEMM output of the call; when even that one is a small problem (a text-only step's
@@ -325,7 +310,7 @@ class _Plan:
             self.block_m = _INTERP_BLOCKS["BLOCK_M"]
         else:
             self.block_m = _SMALL_BLOCK_M if offsets[-1] * max_cols < _SMALL_PROBLEM else _GPU_BLOCK_M
-        self.tile_seg, self.tile_row = _tile_table(tuple(offsets), self.block_m, seg_offsets.device)
+        self.tile_seg, self.tile_row = tile_table(offsets, self.block_m, seg_offsets.device)
         self.num_tiles = self.tile_seg.numel()
         self.seg_off = seg_offsets
         self.seg_expert = seg_expert

@@ -24,8 +24,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._utils import (HAS_TRITON, cdiv, check_offsets_tensor, custom_op, expand_segments, interpreting, log_once,
-                     next_power_of_2, num_sms, use_triton)
+from ._utils import (HAS_TRITON, cdiv, check_offsets_tensor, custom_op, expand_segments, log_once, next_power_of_2,
+                     num_sms, use_triton)
 
 if HAS_TRITON:
     import triton

@@ -277,9 +277,7 @@ def build_cases(dtypes=DTYPES) -> list[Case]:
             splits = la._default_splits(n, V, la._GPU_V_GRANULE, cpu)
         finally:
             la.num_sms = num_sms
-        tiles_v = triton.cdiv(V, la._GPU_V_GRANULE)  # as _linear_argmax_launch
-        chunk = triton.cdiv(tiles_v, max(1, min(splits, tiles_v))) * la._GPU_V_GRANULE
-        splits = triton.cdiv(V, chunk)
+        chunk, splits = la._vocab_chunks(V, splits, la._GPU_V_GRANULE)  # as _linear_argmax_launch
         # 16-bit operands on Hopper: the launcher builds TMA descriptors (kernels._utils.tma_compatible)
         tma_ok = not ieee
         base = dict(x_ptr=p, w_ptr=p, b_ptr=p, tgt_ptr="*i32", best_ptr="*fp32", id_ptr="*i32", sel_ptr="*fp32",

@@ -547,7 +547,12 @@ def _kv_splits(programs: int, max_k: int, granule: int, device: torch.device) ->
     sms = num_sms(device)
     if programs >= sms:
         return 1
-    return max(1, min(-(-2 * sms // programs), max_k // (4 * granule), _MAX_KV_SPLITS))
+    return max(1, min(cdiv(2 * sms, programs), max_k // (4 * granule), _MAX_KV_SPLITS))
+
+
+def _max_len(cu_seqlens: list[int]) -> int:
+    """The longest sequence of a (host) ``cu_seqlens``."""
+    return max(b - a for a, b in zip(cu_seqlens[:-1], cu_seqlens[1:]))
 
 
 def _attention_forward(q, k, v, cu_q, cu_k, scale, rope_q, rope_k, num_splits=None):
@@ -555,7 +560,7 @@ def _attention_forward(q, k, v, cu_q, cu_k, scale, rope_q, rope_k, num_splits=No
     ``num_splits``: key splits (split-KV); None = :func:`_kv_splits`'s choice."""
     Tq, H, D = q.shape
     interp = interpreting()
-    block_m, _ = _blocks(interp)
+    block_m, granule = _blocks(interp)
     if rope_k is not None:
         k = _rotate(k, *_rope_tensors(rope_k, k), inverse=False)
     if rope_q is not None and not ROPE_Q_IN_PROLOGUE:
@@ -567,9 +572,7 @@ def _attention_forward(q, k, v, cu_q, cu_k, scale, rope_q, rope_k, num_splits=No
     if tile_seq.numel() == 0:
         return out, lse
     cos, sin, il = _rope_tensors(rope_q, q)
-    cu_k_list = host_list(cu_k)
-    max_k = max(b - a for a, b in zip(cu_k_list[:-1], cu_k_list[1:]))
-    granule = _INTERP_BLOCK if interp else _KV_BLOCK_N
+    max_k = _max_len(host_list(cu_k))
     splits = num_splits if num_splits is not None else _kv_splits(tile_seq.numel() * H, max_k, granule, q.device)
     if splits > 1:  # partials in O's layout (one contiguous (Tq, H, D) slab per split), fp32
         o_part = torch.empty((splits, Tq, H, D), device=q.device, dtype=torch.float32)
@@ -910,9 +913,9 @@ def _auto_for_few_queries(q, k, v, cu_q, cu_k, scale, rope_q, rope_k) -> str:
     this shape bucket was seen (``pick_fastest``). Elsewhere ``sdpa``, as measured at DESIGN §6."""
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         return "sdpa"
-    cq, ck = host_list(cu_q), host_list(cu_k)
-    tiles = sum(-(-(b - a) // _FWD_BLOCK_M) for a, b in zip(cq[:-1], cq[1:]))
-    max_k = max(b - a for a, b in zip(ck[:-1], ck[1:]))
+    cq = host_list(cu_q)
+    tiles = sum(cdiv(e - s, _FWD_BLOCK_M) for s, e in zip(cq[:-1], cq[1:]))  # the forward's tiles, host-side only
+    max_k = _max_len(host_list(cu_k))
     H, D = q.shape[1:]
     if tiles == 0 or _kv_splits(tiles * H, max_k, _KV_BLOCK_N, q.device) == 1:
         return "sdpa"

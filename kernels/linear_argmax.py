@@ -474,8 +474,16 @@ def _default_splits(n: int, v: int, granule: int, device: torch.device) -> int:
     """Vocabulary splits: one group of ``min(row blocks, GROUP_ROWS)`` row blocks x splits gives
     about two programs per SM (row blocks estimated at 128 rows), so configs that fit two per SM
     have them: small N -> many splits, large N -> 33 on an H100."""
-    group = min(-(-n // 128), GROUP_ROWS)
-    return max(1, min(-(-v // granule), 2 * num_sms(device) // group))
+    group = min(cdiv(n, 128), GROUP_ROWS)
+    return max(1, min(cdiv(v, granule), 2 * num_sms(device) // group))
+
+
+def _vocab_chunks(v: int, splits: int, granule: int) -> tuple[int, int]:
+    """``(chunk, splits)``: vocabulary columns per split (a multiple of ``granule``) and the number of
+    non-empty splits that ``splits`` requested ones give for ``v`` columns."""
+    tiles = cdiv(v, granule)
+    chunk = cdiv(tiles, max(1, min(splits, tiles))) * granule
+    return chunk, cdiv(v, chunk)
 
 
 def _reduce_blocks(splits: int) -> tuple[int, int]:
@@ -572,11 +580,8 @@ def _linear_argmax_launch(
         raise ValueError(f"sampling tiles the vocabulary in groups of SAMPLE_GROUP={SAMPLE_GROUP}: "
                          f"blocks['BLOCK_V'] must be {SAMPLE_GROUP}, got {blocks['BLOCK_V']}")
     granule = blocks["BLOCK_V"] if blocks is not None else _GPU_V_GRANULE
-    splits = num_splits if num_splits is not None else _default_splits(n, v, granule, dev)
-    tiles = -(-v // granule)
-    splits = max(1, min(splits, tiles))
-    chunk = -(-tiles // splits) * granule
-    splits = -(-v // chunk)
+    chunk, splits = _vocab_chunks(v, num_splits if num_splits is not None else _default_splits(n, v, granule, dev),
+                                  granule)
 
     f32 = dict(device=dev, dtype=torch.float32)
     # separate allocations: every pointer 16-byte aligned, so one compiled variant serves all N

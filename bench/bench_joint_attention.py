@@ -36,12 +36,14 @@ _CACHE: dict = {}
 def _packed(shape_name: str):
     """``(packed, grids, text_inv_freq)`` of a DESIGN §6 shape: the model's packing (video grids,
     per-token RoPE tables, cu_seqlens) on the GPU."""
+    from univigu_fast.config import UniViGUConfig
+    from univigu_fast.modeling import TextRope
     from univigu_fast.packing import PackedBatch
     from univigu_fast.profiling import video_grid
 
     s = SHAPES[shape_name]
     grids = [video_grid(lv, shape_name, i) for i, lv in enumerate(s.video_lens)]
-    inv_freq = 1.0 / 10000 ** (torch.arange(0, s.head_dim, 2, dtype=torch.float32) / s.head_dim)
+    inv_freq = TextRope(s.head_dim, UniViGUConfig.text_rope_base).inv_freq  # the model's (default base)
     packed = PackedBatch.build(grids, s.text_lens, [s.prompt_len] * s.batch, s.head_dim, inv_freq, "cuda")
     return packed, grids, inv_freq
 

@@ -125,9 +125,7 @@ class VideoCache:
     def begin_capture(self, packed: PackedBatch) -> None:
         # a refresh (every:r) recomputes every layer: drop the old buffers first, so the free memory
         # the budget is read from includes them and old and new never coexist
-        self.keys = [None] * len(self.keys)
-        self.values = [None] * len(self.values)
-        self.prompt_kv = [None] * len(self.prompt_kv)
+        self._drop_layers()
         self.check_fits(packed.video_lens, packed.text_lens, packed.prompt_lens)
         self.joint = packed
         self.capturing = True
@@ -159,11 +157,14 @@ class VideoCache:
         tensors = self.keys + self.values + [t for kv in self.prompt_kv if kv is not None for t in kv]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
-    def release(self) -> None:
-        """Drop every cached tensor (called at the end of each caption)."""
+    def _drop_layers(self) -> None:
         self.keys = [None] * len(self.keys)
         self.values = [None] * len(self.values)
         self.prompt_kv = [None] * len(self.prompt_kv)
+
+    def release(self) -> None:
+        """Drop every cached tensor (called at the end of each caption)."""
+        self._drop_layers()
         self.context = None
         self.joint = None
         self.text_rope = None

@@ -29,12 +29,14 @@ def test_video_path_and_velocity_hand_values():
 def test_polynomial_scheduler_and_jump_probability():
     s2 = PolynomialScheduler(2.0)
     assert s2.kappa(0.5) == 0.25 and s2.dkappa(0.5) == 1.0
-    assert s2.jump_probability(0.5, 0.1) == pytest.approx(0.1 * 1.0 / 0.75)
+    # flow_matching's MixtureDiscreteEulerSolver: P(jump) = 1 - exp(-h kappa' / (1 - kappa))
+    assert s2.jump_probability(0.5, 0.1) == pytest.approx(1 - math.exp(-0.1 * 1.0 / 0.75))
     s1 = PolynomialScheduler(1.0)
-    assert s1.jump_probability(0.5, 0.1) == pytest.approx(0.2)
-    assert s1.jump_probability(0.9, 0.1) == pytest.approx(1.0)  # last step of 10 lands
+    assert s1.jump_probability(0.5, 0.1) == pytest.approx(1 - math.exp(-0.2))
+    assert s1.jump_probability(0.9, 0.1) == pytest.approx(1 - math.exp(-1.0))
     assert s1.jump_probability(1.0, 0.1) == 1.0
-    assert s1.jump_probability(0.0, 0.5) == 0.5
+    assert s1.jump_probability(0.0, 0.5) == pytest.approx(1 - math.exp(-0.5))
+    assert PolynomialScheduler(0.5).jump_probability(0.0, 0.1) == 1.0  # kappa'(0) = inf
     torch.testing.assert_close(s2.dkappa(torch.tensor([0.5, 1.0])), torch.tensor([1.0, 2.0]))
     with pytest.raises(ValueError, match="exponent"):
         PolynomialScheduler(0.0)

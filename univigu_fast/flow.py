@@ -66,11 +66,15 @@ class PolynomialScheduler:
         return float("inf") if (t == 0 and self.n < 1) else self.n * t ** (self.n - 1)
 
     def jump_probability(self, t: float, h: float) -> float:
-        """Discrete Euler step ``t -> t + h``: ``min(1, h kappa'(t) / (1 - kappa(t)))`` (1 once kappa = 1)."""
+        """Discrete Euler step ``t -> t + h``: a token not already at ``x1_hat`` jumps to it with
+        probability ``1 - exp(-h kappa'(t) / (1 - kappa(t)))`` (1 once kappa = 1), the rule of Meta's
+        ``MixtureDiscreteEulerSolver`` that the public implementation captions with. (Its first-order
+        form ``min(1, h kappa' / (1 - kappa))`` would track ``kappa`` exactly for a fixed ``x1_hat``;
+        the exponential one is kept for the released checkpoints' sampling behaviour.)"""
         k = self.kappa(t)
         if k >= 1.0:
             return 1.0
-        return min(1.0, h * self.dkappa(t) / (1.0 - k))
+        return -math.expm1(-h * self.dkappa(t) / (1.0 - k))
 
 
 def wan_shift(sigma, shift: float):

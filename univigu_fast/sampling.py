@@ -16,8 +16,8 @@ Three tasks, all on the paper's time (0 noise, 1 data):
 Discrete text flow: the discrete Euler solver of the mixture path ``kappa(t) = t^n``: sample
 ``x1_hat ~ softmax(logits / T)`` (the model's fused ``text_output="sample"`` decode: Gumbel-max, no
 logits materialised), and each token jumps to ``x1_hat`` with probability
-``min(1, h kappa'(t) / (1 - kappa(t)))`` (the first-order rate of Meta's ``MixtureDiscreteEulerSolver``);
-the last step lands on ``x1_hat``. With the [MASK] source, ``x1_hat`` is drawn from the full logits
+``1 - exp(-h kappa'(t) / (1 - kappa(t)))``, as Meta's ``MixtureDiscreteEulerSolver`` with which the public
+implementation captions; the last step lands on ``x1_hat``. With the [MASK] source, ``x1_hat`` is drawn from the full logits
 with the [MASK] column dropped (never a target). Embedding text flow: Euler on the embeddings, then
 ``argmax_v z . E_v`` (Eq. 8) with the fused ``linear_argmax`` op against ``vocab_embed``.
 All functions return token ids; detokenise with the tokenizer (``univigu_fast.text``/synthetic).
@@ -50,7 +50,7 @@ def _check_common(steps, videos_or_prompts, name):
 
 
 def jump_probability(t: float, h: float, kappa_power: float) -> float:
-    """``min(1, h kappa'(t) / (1 - kappa(t)))`` for ``kappa(t) = t^n`` (the discrete Euler step)."""
+    """``1 - exp(-h kappa'(t) / (1 - kappa(t)))`` for ``kappa(t) = t^n`` (the discrete Euler step)."""
     return PolynomialScheduler(kappa_power).jump_probability(t, h)
 
 

@@ -220,7 +220,9 @@ def joint(model, prompts, video_shape: Sequence[int], text_lens, *, null_prompt:
           temperature: float = 1.0) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Joint generation: video and text from noise, coupled every step (``tau_text = tau_video``).
 
-    Guidance (if any) is applied to the video velocity; the text uses the conditional pass.
+    Guidance (if any) is applied to the video velocity; the text uses the conditional pass and the
+    same discrete Euler solver as ``caption`` (DESIGN §4). (The public T2VT script instead keeps each
+    sampled token with probability ``i / (steps - 1)`` and ends with an argmax pass at ``tau_text = 1``.)
     Returns ``(latents list of (C, F, H, W), ids list of (text_lens[i],))``.
     """
     _check_common(steps, list(prompts), "prompts")

@@ -428,7 +428,7 @@ if HAS_TRITON:
             ptr(128, 128, 64, 8, 4),
             ptr(128, 128, 128, 8, 3),
             ptr(128, 256, 64, 8, 3),
-            ptr(256, 128, 64, 8, 3),  # large N
+            ptr(256, 128, 64, 8, 3),  # N > 128
             ptr(128, 128, 64, 4, 3),
             ptr(64, 128, 64, 4, 3),
             ptr(128, 64, 64, 8, 3),
@@ -438,7 +438,7 @@ if HAS_TRITON:
 
     def _prune(configs, named_args, **kwargs):
         """N <= 16 (a few tokens, memory-bound): only the narrow-row configs; 256-row blocks only for
-        N >= 1024; TMA configs only where the launcher built descriptors (``TMA_OK``). Sampling: tiles
+        N > 128; TMA configs only where the launcher built descriptors (``TMA_OK``). Sampling: tiles
         of one vocabulary group (BLOCK_V = SAMPLE_GROUP). The cross-entropy statistics keep more tiles
         live in the epilogue: there only the configs that neither spill much nor overflow shared
         memory (checked with ptxas for sm_90, bench/compile_audit.py)."""
@@ -449,7 +449,9 @@ if HAS_TRITON:
         keep = [c for c in configs if (c.kwargs["BLOCK_N"] == 16) == narrow]
         if not flag("TMA_OK"):
             keep = [c for c in keep if not c.kwargs["USE_TMA"]]
-        if named_args["n_bucket"] < 1024:  # 256-row blocks: too few programs for the SMs below ~1K rows
+        # 256-row blocks from 256 rows on: at N = 256 one row block streams each W tile once (no reliance
+        # on L2 to share it between two 128-row programs) in ~1 program per SM; the autotuner decides
+        if named_args["n_bucket"] < 256:
             keep = [c for c in keep if c.kwargs["BLOCK_N"] < 256]
         if flag("SAMPLE"):
             keep = [c for c in keep if c.kwargs["BLOCK_V"] == SAMPLE_GROUP]

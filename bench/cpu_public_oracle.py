@@ -132,7 +132,8 @@ def main() -> None:
             if name == "reference_fp32":
                 continue
             dv = (o.video_velocity.float() + pv.float()).abs().max().item()
-            dtxt = max((o.text_out[i, :n].float() - pt[i, :n].float()).abs().max().item() for i, n in enumerate(text_lens))
+            dtxt = max((o.text_out[i, :n].float() - pt[i, :n].float()).abs().max().item()
+                       for i, n in enumerate(text_lens))
             worst[name] = max(worst.get(name, (0, 0))[0], dv), max(worst.get(name, (0, 0))[1], dtxt)
             print(f"tau_v={tau_v} tau_t={tau_t} {name:9s} {args.dtype}: max |video diff| {dv:.2e}, "
                   f"max |logit diff| {dtxt:.2e} (scales {pv.float().abs().max():.2f}, {pt.float().abs().max():.2f})")

@@ -78,7 +78,7 @@ def test_caption_keeps_video_clean_and_reaches_text(text_flow):
 def test_discrete_euler_jump_rate():
     """kappa = t, x1_hat fixed: after steps 0..i-1 a token has not jumped with probability
     exp(-sum_j h / (1 - t_j)) (flow_matching's MixtureDiscreteEulerSolver; the first-order rule
-    min(1, h / (1 - t)) would give 1 - i / n, 0.05-0.09 away here); the last step lands."""
+    min(1, h / (1 - t)) would give 1 - i / n: 0.03-0.08 away here); the last step lands."""
     N, steps = 4000, 4
     z1, _ = _data(1)
     y = [torch.full((N,), 11)]

@@ -16,10 +16,11 @@ Three tasks, all on the paper's time (0 noise, 1 data):
 Discrete text flow: the discrete Euler solver of the mixture path ``kappa(t) = t^n``: sample
 ``x1_hat ~ softmax(logits / T)`` (the model's fused ``text_output="sample"`` decode: Gumbel-max, no
 logits materialised), and each token jumps to ``x1_hat`` with probability
-``1 - exp(-h kappa'(t) / (1 - kappa(t)))``, as Meta's ``MixtureDiscreteEulerSolver`` with which the public
-implementation captions; the last step lands on ``x1_hat``. With the [MASK] source, ``x1_hat`` is drawn from the full logits
-with the [MASK] column dropped (never a target). Embedding text flow: Euler on the embeddings, then
-``argmax_v z . E_v`` (Eq. 8) with the fused ``linear_argmax`` op against ``vocab_embed``.
+``1 - exp(-h kappa'(t) / (1 - kappa(t)))``, as Meta's ``MixtureDiscreteEulerSolver`` with which the
+public implementation captions; the last step lands on ``x1_hat``. With the [MASK] source, ``x1_hat``
+is drawn from the full logits with the [MASK] column dropped (never a target). Embedding text flow:
+Euler on the embeddings, then ``argmax_v z . E_v`` (Eq. 8) with the fused ``linear_argmax`` op against
+``vocab_embed``.
 All functions return token ids; detokenise with the tokenizer (``univigu_fast.text``/synthetic).
 """
 from __future__ import annotations

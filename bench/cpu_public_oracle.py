@@ -2,7 +2,8 @@
 
 The public implementation (GitHub ``Fr0zenCrane/Uni-ViGU``, non-commercial licence) is not vendored
 and not a dependency: point ``--public-repo`` at a local checkout of it (it carries its modified
-diffusers, which this script imports from there). Nothing here downloads anything.
+diffusers, which this script imports from there; its own imports need ``pip install einops omegaconf``).
+Nothing here downloads anything.
 
 What runs: a tiny random ``WanTransformer3DModel`` of that diffusers, grown into the public
 ``WanUnifiedTransformer`` by its own constructor (``from_pretrained`` is redirected to the tiny model,

@@ -31,9 +31,52 @@ logger = logging.getLogger("univigu_fast")
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+if HAS_TRITON:
+    import triton.language as tl
+
+    @triton.jit
+    def _interpreter_probe_kernel(OUT, n):
+        # the kernels' pattern: a loop whose bounds come from program_id arithmetic
+        r0 = tl.program_id(0) * 2
+        r1 = tl.minimum(r0 + 2, n)
+        for r in range(r0, r1):
+            tl.store(OUT + r, r)
+
+
+def _probe_interpreter() -> str | None:
+    """Run a tiny kernel in Triton's interpreter: None if it computes the right values, else why not
+    (logged). Known case: Triton 3.6's interpreter converts loop bounds with ``int()`` of 1-element
+    arrays, which NumPy >= 2.3 refuses ("only 0-dimensional arrays can be converted to Python
+    scalars"); Triton 3.8's does not."""
+    out = torch.full((3,), -1, dtype=torch.int32)
+    try:
+        _interpreter_probe_kernel[(2,)](out, 3)
+        problem = None if out.tolist() == [0, 1, 2] else f"computed {out.tolist()} instead of [0, 1, 2]"
+    except Exception as e:  # noqa: BLE001 - any failure means the kernels cannot run here
+        problem = f"{type(e).__name__}: {e}"
+    if problem is None:
+        return None
+    import numpy
+    problem = (f"Triton {triton.__version__}'s interpreter cannot run the kernels with NumPy {numpy.__version__} "
+               f"({problem}); install triton==3.8.0 (README) or numpy<2.3")
+    logger.warning("TRITON_INTERPRET=1 ignored, the ops run their PyTorch references: %s", problem)
+    return problem
+
+
+# Probed once, at import (a plain flag afterwards: torch.compile reads it without tracing the probe).
+_INTERPRETER_PROBLEM = _probe_interpreter() if HAS_TRITON and _INTERPRET else None
+
+
+def interpreter_problem() -> str | None:
+    """Why Triton's interpreter, asked for with ``TRITON_INTERPRET=1``, cannot run the kernels here
+    (None: it can, or it was not asked for). Then the ops run their PyTorch references on CPU tensors."""
+    return _INTERPRETER_PROBLEM
+
+
 def interpreting() -> bool:
-    """True when ``TRITON_INTERPRET=1`` was set at import: Triton kernels run on CPU tensors (tests on CPU)."""
-    return _INTERPRET
+    """True when ``TRITON_INTERPRET=1`` was set at import and Triton's interpreter can run the kernels
+    here (:func:`interpreter_problem`): Triton kernels run on CPU tensors (tests on CPU)."""
+    return _INTERPRET and _INTERPRETER_PROBLEM is None
 
 
 def use_triton(*tensors: torch.Tensor | None) -> bool:

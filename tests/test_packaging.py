@@ -61,7 +61,7 @@ def test_profile_cli_json_on_tiny():
     doc = json.loads(result.output[result.output.index("{"):])
     assert doc["shape"] == "tiny" and doc["layers"] == 2 and set(doc["results"]) == {"reference"}
     if doc["device"] == "cpu":
-        assert doc["timings"].startswith("CPU")
+        assert doc["timings"].startswith("CPU") and doc["fast_kernel_path"] == "triton (interpreter, CPU)"
     secs = doc["results"]["reference"]["seconds"]
     comps = ("attention", "cross_attention", "ffn", "glue", "decode", "other", "total")
     assert set(comps) <= set(secs) and all(secs[c] >= 0 for c in comps) and secs["total"] > 0

@@ -114,3 +114,30 @@ def test_fast_text_step_makes_no_dispatcher_round_trips(monkeypatch):
     assert counter.n == 0 and out.ids[0].shape == (5,)
     model(videos, torch.ones(1), prompts, text=text, tau_text=torch.tensor([0.2]))  # autograd on
     assert counter.n > 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter fallback: CPU tensors under TRITON_INTERPRET=1")
+def test_broken_interpreter_falls_back_to_the_references_and_says_why(monkeypatch, caplog):
+    """Where the probe kernel fails (as Triton 3.6's interpreter does with NumPy >= 2.3), CPU tensors take
+    the references, the model names the reason, and it is logged; a working probe restores the kernels."""
+    from univigu_fast import UniViGUConfig, UniViGUModel
+    from univigu_fast.kernels import _utils
+    from univigu_fast.kernels.rms_norm import rms_norm, rms_norm_reference
+
+    def broken(*args, **kwargs):
+        raise TypeError("only 0-dimensional arrays can be converted to Python scalars")
+
+    x, w = torch.randn(5, 24), torch.randn(24)
+    assert _utils.interpreter_problem() is None and _utils.interpreting() and _utils.use_triton(x)
+    monkeypatch.setattr(_utils, "_interpreter_probe_kernel", {(2,): broken})
+    with caplog.at_level("WARNING", logger="univigu_fast"):
+        problem = _utils._probe_interpreter()
+    assert "only 0-dimensional arrays" in problem and "triton==3.8.0" in problem
+    assert problem in caplog.text
+    monkeypatch.setattr(_utils, "_INTERPRETER_PROBLEM", problem)
+    assert _utils.interpreter_problem() == problem
+    assert not _utils.interpreting() and not _utils.use_triton(x)
+    assert problem in UniViGUModel(UniViGUConfig.tiny()).kernel_path()
+    torch.testing.assert_close(rms_norm(x, w), rms_norm_reference(x, w), rtol=0, atol=0)
+    monkeypatch.undo()
+    assert _utils._probe_interpreter() is None and _utils.use_triton(x)

@@ -108,6 +108,7 @@ def profile(
         "shape": shape_obj.name, "mode": mode, "device": torch.cuda.get_device_name() if on_gpu else "cpu",
         "dtype": str(torch_dtype).replace("torch.", ""), "layers": cfg.num_layers,
         "timings": "GPU" if on_gpu else "CPU (Triton interpreter: not representative of GPU speed)",
+        "fast_kernel_path": fast_model.kernel_path(),
         "peak_tflops_measured": peak_tflops, "flops": {**flops, "total": total_flops}, "results": results,
         **({"nvml": _nvml()} if on_gpu else {}),
     }
@@ -118,7 +119,7 @@ def profile(
                f"dtype={doc['dtype']} device={doc['device']}")
     if not on_gpu:
         typer.echo("NOTE: no GPU found - these are CPU timings" + (" of the tiny config" if shape_obj.name == "tiny" else "")
-                   + (" (kernels in Triton's interpreter)." if fast else "."))
+                   + (f" (fast model's kernels: {fast_model.kernel_path()})." if fast else "."))
     header = f"{'component':<16}{'GFLOP':>12}" + "".join(f"{n + ' ms':>18}{n + ' TF/s':>18}" for n, _ in models)
     show_peak = bool(peak_tflops) and "triton" in results
     if show_peak:

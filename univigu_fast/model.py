@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .kernels._utils import HAS_TRITON, interpreting, log_once, use_triton
+from .kernels._utils import HAS_TRITON, interpreter_problem, interpreting, log_once, use_triton
 from .kernels.modulated_layer_norm import modulated_layer_norm
 from .modeling import TextDecoded, UniViGUModelBase, UniViGUOutput
 from .modules import FP32LayerNorm
@@ -54,6 +54,8 @@ class UniViGUModel(UniViGUModelBase):
             return "triton (CUDA)"
         if interpreting():
             return "triton (interpreter, CPU)"
+        if interpreter_problem():
+            return f"reference ({interpreter_problem()})"
         return "reference (no GPU; set TRITON_INTERPRET=1 to run the kernels on CPU)"
 
     def forward(self, *args, **kwargs) -> UniViGUOutput:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Run the GPU checks and benchmarks in one go on a CUDA machine (how the committed results were made).
 #   bash bench/run_gpu.sh [tests|bench|all] [pytest -k expression]
-# Wheels for packages the machine lacks (diffusers, liger-kernel) may be put in .whl/ beforehand.
+# Wheels for packages the machine lacks (diffusers, liger-kernel) go in .whl/ beforehand: bench/gpu_wheels.sh
+# fetches them; name .whl in the device call's carry.
 # One device command may run 10 minutes: split a full run by -k, e.g. (the owed figures of issues 4-8)
 #   bash bench/run_gpu.sh tests "not every_gpu_config"           # bf16 correctness of every kernel
 #   bash bench/run_gpu.sh tests "every_gpu_config"               # each autotune config (TMA and pointer)

@@ -566,19 +566,19 @@ def _attention_forward(q, k, v, cu_q, cu_k, scale, rope_q, rope_k, num_splits=No
     if rope_q is not None and not ROPE_Q_IN_PROLOGUE:
         q = _rotate(q, *_rope_tensors(rope_q, q), inverse=False)
         rope_q = None
-    out = torch.empty_like(q)
     lse = torch.empty((H, Tq), device=q.device, dtype=torch.float32)
     tile_seq, tile_start = tile_table(host_list(cu_q), block_m, q.device)
     if tile_seq.numel() == 0:
-        return out, lse
+        return torch.empty_like(q), lse
     cos, sin, il = _rope_tensors(rope_q, q)
     max_k = _max_len(host_list(cu_k))
     splits = num_splits if num_splits is not None else _kv_splits(tile_seq.numel() * H, max_k, granule, q.device)
     if splits > 1:  # partials in O's layout (one contiguous (Tq, H, D) slab per split), fp32
         o_part = torch.empty((splits, Tq, H, D), device=q.device, dtype=torch.float32)
         lse_part = torch.empty((splits, H, Tq), device=q.device, dtype=torch.float32)
-        out = torch.empty((Tq, H, D), device=q.device, dtype=q.dtype)  # the combine writes O's layout
+        out = torch.empty((Tq, H, D), device=q.device, dtype=q.dtype)  # contiguous: the partials' layout
     else:
+        out = torch.empty_like(q)
         o_part, lse_part = out, lse  # dummies, never touched (SPLIT=False)
     args = (q, k, v, out, lse, cu_q, cu_k, tile_seq, tile_start, cos, sin, il, o_part, lse_part, scale * _LOG2E,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),

@@ -1,8 +1,11 @@
 """Shared benchmark plumbing: device peaks, timing, and the results JSON of DESIGN §6.
 
 Every bench file times its impls with :func:`measure` inside a pytest-benchmark test and appends a
-record; at session end ``bench/conftest.py`` writes ``bench/results/<device>-<date>.json`` with the
-device's measured bf16 matmul peak and copy bandwidth from the same run.
+record; after every record (and at session end, ``bench/conftest.py``) the run's records are merged
+into ``bench/results/<device>-<date>.json`` with the device's measured bf16 matmul peak and copy
+bandwidth from the same run. ``UNIVIGU_RESULTS_DIR`` names another folder for that file
+(``bench/run_gpu.sh`` points it at the device call's ``$OUT``, so a call cut off at its time limit
+still returns every figure it measured).
 
 ``peak_mem_bytes`` is the memory an impl allocates on top of what was resident before the call
 (inputs and weights excluded), read with ``torch.cuda.max_memory_allocated`` after a garbage
@@ -31,9 +34,10 @@ from typing import Callable
 import pytest
 import torch
 
-RESULTS_DIR = Path(__file__).parent / "results"
+RESULTS_DIR = Path(os.environ.get("UNIVIGU_RESULTS_DIR") or Path(__file__).parent / "results")
 RECORDS: list[dict] = []
 _RUN_ID = datetime.datetime.now().isoformat()
+_EARLIER: dict[Path, list[dict]] = {}  # results file -> the records earlier runs left in it
 _PEAKS: dict[str, float] = {}
 WARMUP_S = 0.3  # minimum warm-up per measurement (when it has one), seconds
 TIMED_S = 0.5  # target length of the timed rounds of a fast op, seconds
@@ -214,7 +218,7 @@ def _git_commit() -> str | None:
 
 
 def write_results() -> Path | None:
-    """Merge this run's records into ``bench/results/<device>-<date>.json``.
+    """Merge this run's records into ``<RESULTS_DIR>/<device>-<date>.json`` (default ``bench/results/``).
 
     Records of an (op, shape) pair measured in this run replace that pair's older records, so every
     ratio inside one (op, shape) is between impls timed in the same run.
@@ -227,8 +231,10 @@ def write_results() -> Path | None:
     path = RESULTS_DIR / f"{device_slug()}-{date}.json"
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     old = json.loads(path.read_text()) if path.exists() else {"records": []}
+    if path not in _EARLIER:  # the file as this run first found it (later writes hold this run's records too)
+        _EARLIER[path] = old.get("records", []) if old.get("run_id") != _RUN_ID else []
     fresh = {(r["op"], r["shape"]) for r in RECORDS}
-    kept = [r for r in old.get("records", []) if (r["op"], r["shape"]) not in fresh and old.get("run_id") != _RUN_ID]
+    kept = [r for r in _EARLIER[path] if (r["op"], r["shape"]) not in fresh]
     autotune = dict(old.get("autotune") or {})
     for name, tuner in _autotuners().items():  # every key tuned in this process, merged over older runs
         chosen = {" ".join(map(str, key)): _config_dict(cfg) for key, cfg in getattr(tuner, "cache", {}).items()}

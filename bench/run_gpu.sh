@@ -11,7 +11,9 @@
 #   bash bench/run_gpu.sh bench "modality_ffn"                   # fwd, fwd_bwd, varlen
 #   bash bench/run_gpu.sh bench "joint_attention and not wan14b"
 #   bash bench/run_gpu.sh bench "model_step and 480p"            # then "caption or cached_text_step"
-# Records of an (op, shape) measured again replace the older ones in the day's results file.
+# Records of an (op, shape) measured again replace the older ones in the day's results file. That file
+# is written to $OUT after every record (UNIVIGU_RESULTS_DIR), starting from the committed results, so
+# a call stopped at the device's time limit still brings back what it measured.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 what=${1:-all}
@@ -49,7 +51,8 @@ if [ "$what" = tests ] || [ "$what" = all ]; then
   python3 -m pytest tests -q -x $timeout_opt ${kexpr:+-k "$kexpr"} -p no:cacheprovider 2>&1 | tee "$out/tests.log" | tail -40 || rc=1
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
-  python3 -m pytest bench --benchmark-only -q ${kexpr:+-k "$kexpr"} -p no:cacheprovider --benchmark-columns=median,rounds 2>&1 | tee "$out/bench.log" | tail -60 || rc=1
   cp bench/results/*.json "$out/" 2>/dev/null
+  UNIVIGU_RESULTS_DIR="$out" python3 -m pytest bench --benchmark-only -q ${kexpr:+-k "$kexpr"} -p no:cacheprovider \
+    --benchmark-columns=median,rounds 2>&1 | tee "$out/bench.log" | tail -60 || rc=1
 fi
 exit $rc

@@ -100,6 +100,27 @@ def test_split_kv_forward(dtype, rope_in_prologue, monkeypatch):
     assert torch.isinf(lse1[:, 20:25]).all() and (out1[20:25] == 0).all()
 
 
+@pytest.mark.skipif(DEVICE != "cpu", reason="the interpreter's check of the GPU tiles (on a GPU: the bf16 tests)")
+@pytest.mark.parametrize("inner", [32, 64, 128])
+def test_gpu_tile_shapes_in_the_interpreter(inner, monkeypatch):
+    """The GPU's tiles in the interpreter, fp16: 128-row query and key tiles (the tile tables) with
+    the autotune lists' inner blocks (forward keys 64 / 128, dK/dV queries and dQ keys 32 / 64) over
+    sequences shorter and longer than a tile, RoPE on, forward, every gradient and the split-KV
+    forward (the other interpreter tests use 32-row tiles)."""
+    import univigu_fast.kernels.joint_attention as ja
+
+    monkeypatch.setattr(ja, "_blocks", lambda interp: (ja._FWD_BLOCK_M, ja._KV_BLOCK_N))
+    monkeypatch.setattr(ja, "_INTERP_BLOCK", inner)
+    lens = [300, 1, 130, 17]
+    _check(lens, lens, H=2, D=64, dtype=torch.float16, rope=True, seed=31)
+    q, k, v, cu_q, cu_k = _inputs([20, 3], [700, 129], 2, 64, torch.float16, seed=32)
+    with torch.no_grad():
+        ref = joint_attention_reference(q.float(), k.float(), v.float(), cu_q, cu_k, 20, 700)
+        for splits in (1, 3):
+            out, _ = ja._attention_forward(q, k, v, cu_q, cu_k, 64 ** -0.5, None, None, num_splits=splits)
+            torch.testing.assert_close(out.float(), ref, **TOL[torch.float16])
+
+
 def test_split_kv_chosen_for_few_query_tiles():
     """The entry point splits the keys by itself when (query tiles x heads) cannot fill the SMs and
     the keys are long; outputs and gradients (the backward reads the merged log-sum-exp) match."""

@@ -306,6 +306,22 @@ def test_argmax_bf16_gpu(n, v, d):
     torch.testing.assert_close(linear_argmax(x, w, b, gumbel_seed=3, temperature=1e-3)[0], rids, atol=0, rtol=0)
 
 
+@pytest.mark.skipif(DEV != "cpu", reason="the interpreter's check of the GPU tiles (on a GPU: the bf16 test below)")
+@pytest.mark.parametrize("cfg", la._gpu_configs() if la.HAS_TRITON else [], ids=lambda c: "n{BLOCK_N}v{BLOCK_V}d{BLOCK_D}{t}-w{w}s{s}".format(
+    **c.kwargs, t="-tma" if c.kwargs["USE_TMA"] else "", w=c.num_warps, s=c.num_stages))
+def test_gpu_tile_shapes_in_the_interpreter(cfg):
+    """Each GPU autotune config's tiles (up to 256 rows or 256 vocabulary columns, TMA boxes) in the
+    interpreter, fp16: argmax, cross-entropy statistics and (128-wide vocabulary tiles) sampling at
+    N, V and dim that are not multiples of the tiles (the other interpreter tests use small tiles)."""
+    n = 9 if cfg.kwargs["BLOCK_N"] == 16 else 140
+    x, w, b = _planted(n, 600, 200, torch.float16, seed=4, margin=6.0)
+    tgt = torch.randint(0, 600, (n,), generator=torch.Generator().manual_seed(5), dtype=torch.int32).to(DEV)
+    tgt[::7] = -100
+    _check_all_outputs(x, w, b, tgt, config=cfg)
+    if cfg.kwargs["BLOCK_V"] == SAMPLE_GROUP:  # sampling (a per-row second kernel: slow here, so fewer rows)
+        _check_all_outputs(x[:24], w, b, tgt[:24], config=cfg, sample_config=cfg)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_every_gpu_config_matches_reference():
     """Each config of the autotune list, TMA and pointer loads, in bf16 (the autotuner may pick any):

@@ -182,6 +182,32 @@ def _compare_bf16_grads(x, seg, seg_expert, experts):
         assert ((a.float() - b).norm() / b.norm()) < 2e-2
 
 
+def _gpu_tiles():
+    """The GPU's tile shapes: every autotune config on 128-row M tiles, and the small-problem config
+    on its 64-row tiles."""
+    import univigu_fast.kernels.modality_ffn as mod
+
+    tiles = [dict(c.kwargs, BLOCK_M=mod._GPU_BLOCK_M) for c in mod._gemm_configs()]
+    return tiles + [dict(mod._SMALL_CONFIG, BLOCK_M=mod._SMALL_BLOCK_M)]
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the interpreter's check of the GPU tiles (on a GPU: the bf16 test below)")
+@pytest.mark.parametrize("tiles", _gpu_tiles(), ids=lambda t: "m{BLOCK_M}n{BLOCK_N}k{BLOCK_K}{tma}".format(
+    **t, tma="-tma" if t["USE_TMA"] else ""))
+def test_gpu_tile_shapes_in_the_interpreter(tiles, monkeypatch):
+    """The GPU configs' tile shapes (128 x 256 output tiles, 128-row M tiles over ragged segments,
+    TMA boxes) run in the interpreter, fp16, forward with the gated residual and every gradient:
+    segments shorter and longer than a tile, dims and inner sizes that are not multiples of the tiles
+    (the interpreter tests elsewhere use 32-wide tiles)."""
+    import univigu_fast.kernels.modality_ffn as mod
+
+    monkeypatch.setattr(mod, "_INTERP_BLOCKS", tiles)
+    lens = [300, 17, 0, 1, 130]
+    x, seg, seg_expert, experts, residual, gate = _case(lens, [0, 1, 0, 1, 1], dim=200, inner=(264, 136),
+                                                        dtype=torch.float16, seed=7)
+    _compare(x, seg, seg_expert, experts, residual, gate, torch.float16)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled-kernel (bf16) check needs a GPU")
 def test_every_gpu_config_bf16(monkeypatch):
     """Each config of the autotune list (TMA and pointer loads; the autotuner may pick any) on all

@@ -232,7 +232,7 @@ def write_results() -> Path | None:
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     old = json.loads(path.read_text()) if path.exists() else {"records": []}
     if path not in _EARLIER:  # the file as this run first found it (later writes hold this run's records too)
-        _EARLIER[path] = old.get("records", []) if old.get("run_id") != _RUN_ID else []
+        _EARLIER[path] = old.get("records", [])
     fresh = {(r["op"], r["shape"]) for r in RECORDS}
     kept = [r for r in _EARLIER[path] if (r["op"], r["shape"]) not in fresh]
     autotune = dict(old.get("autotune") or {})

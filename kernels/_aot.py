@@ -285,14 +285,14 @@ def build_cases(dtypes=DTYPES) -> list[Case]:
                     w_desc=DescArg(dt, ("BLOCK_V", "BLOCK_D"), tma_ok),
                     max_ptr="*fp32", sumexp_ptr="*fp32", tlogit_ptr="*fp32", zsum_ptr="*fp32",
                     N=n, V=V, D=d, chunk=chunk, S=splits, stride_xn=d, stride_wv=d, seed=0, inv_temp=1.0,
-                    n_bucket=min(triton.next_power_of_2(n), 8192))
+                    n_bucket=la._n_bucket(n))
         for name, (sample, target, sum_z, seed, rows) in {
             "argmax": (False, False, False, 0, n), "sample": (True, False, False, 2**40 + 7, n),
             "ce_stats": (False, True, True, 0, n),
             "argmax_narrow": (False, False, False, 0, 8), "sample_narrow": (True, False, False, 7, 8),
         }.items():
             rows_tma = tma_ok and rows > 16  # no descriptors for the narrow-row launches
-            args = dict(base, seed=seed, N=rows, n_bucket=min(triton.next_power_of_2(rows), 8192),
+            args = dict(base, seed=seed, N=rows, n_bucket=la._n_bucket(rows),
                         x_desc=dataclasses.replace(base["x_desc"], present=rows_tma),
                         w_desc=dataclasses.replace(base["w_desc"], present=rows_tma))
             variant = dict(HAS_BIAS=True, SAMPLE=sample, HAS_TARGET=target, SUM_Z=sum_z, EVEN_D=d % 128 == 0,

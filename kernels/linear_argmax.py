@@ -488,6 +488,11 @@ def _vocab_chunks(v: int, splits: int, granule: int) -> tuple[int, int]:
     return chunk, cdiv(v, chunk)
 
 
+def _n_bucket(n: int) -> int:
+    """The autotune key's row bucket of ``n`` rows (powers of two up to 8192): one tuning per bucket."""
+    return min(next_power_of_2(n), 8192)
+
+
 def _reduce_blocks(splits: int) -> tuple[int, int]:
     """``(BLOCK_N, BLOCK_S)`` of the reduce pass: all ``splits`` partials of a row in one block,
     rows per program so that a program holds at most 4096 partials."""
@@ -602,7 +607,7 @@ def _linear_argmax_launch(
         x, weight, bias if bias is not None else dummy, target if target is not None else id_p, x_desc, w_desc,
         best, id_p, sel_p, max_p, sum_p, tl_p, zs_p,
         n, v, d, chunk, splits, x.stride(0), weight.stride(0),
-        seed, 1.0 / float(temperature), min(next_power_of_2(n), 8192),
+        seed, 1.0 / float(temperature), _n_bucket(n),
     )
     consts = dict(
         HAS_BIAS=bias is not None, SAMPLE=sample, HAS_TARGET=target is not None,

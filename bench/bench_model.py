@@ -5,9 +5,10 @@ fused for ``triton``, logits + argmax for ``reference``), ``train`` (forward + b
 both outputs), ``video`` (no text stream: ``triton`` vs diffusers' ``WanTransformer3DModel`` on the
 same weights, default attention backend); impls ``triton`` (fast model), ``reference``,
 ``diffusers``. Op ``caption``: a 50-step caption of one video at wan1.3b-480p (``triton``).
-Op ``caption`` also with the video-stream cache (impls ``cached-once``, ``cached-every4``) and
-``model_step`` / ``understanding`` / ``cached`` (one text-only step on a filled cache; its record also
-carries ``gpu_busy_ms``, the GPU's busy time in the step from the profiler: far below ``ms`` = host-bound).
+Op ``caption`` also with the video-stream cache (impls ``cached-once``, ``cached-every4``; with
+``-graph``: its text-only steps replayed from a CUDA graph) and ``model_step`` / ``understanding`` /
+``cached`` and ``cached-graph`` (one text-only step on a filled cache; its record also carries
+``gpu_busy_ms``, the GPU's busy time in the step from the profiler: far below ``ms`` = host-bound).
 wan14b-720p is not run here (three 14B copies do not fit one 80 GB GPU next to their activations).
 """
 import pytest
@@ -131,34 +132,41 @@ def test_bench_model_step(benchmark, shape, mode, impl):
 
 
 @requires_cuda
-@pytest.mark.parametrize("impl", ["triton", "cached-once", "cached-every4"])
+@pytest.mark.parametrize("impl", ["triton", "cached-once", "cached-every4", "cached-once-graph", "cached-every4-graph"])
 def test_bench_caption_50_steps(benchmark, impl):
-    """A 50-step caption of one wan1.3b-480p video: exact (``triton``) or with the video-stream cache."""
+    """A 50-step caption of one wan1.3b-480p video: exact (``triton``) or with the video-stream cache
+    (``-graph``: text-only steps replayed from a CUDA graph)."""
     from univigu_fast.sampling import caption
 
     c = _models("wan1.3b-480p")
     inputs = P.make_inputs(c["shape"], c["cfg"], "understanding", "cuda", DTYPE)
     lens = list(c["shape"].text_lens)
-    policy = {"triton": "off", "cached-once": "once", "cached-every4": "every:4"}[impl]
+    policy = {"triton": "off", "cached-once": "once", "cached-every4": "every:4"}[impl.removesuffix("-graph")]
+    stats = {}
 
     def run():
         return caption(c["fast"], inputs["video_latents"], inputs["encoder_hidden_states"], lens, steps=50, seed=0,
-                       video_cache=policy)
+                       video_cache=policy, cuda_graph=impl.endswith("-graph"), stats=stats)
 
     from univigu_fast.video_cache import caption_cost
 
-    measure(benchmark, run, op="caption", shape="wan1.3b-480p", mode="understanding", impl=impl, dtype=DTYPE,
-            flops=caption_cost(c["shape"], c["cfg"], 50, policy)["flops"], rounds=1, warmup_rounds=0)
+    record = measure(benchmark, run, op="caption", shape="wan1.3b-480p", mode="understanding", impl=impl, dtype=DTYPE,
+                     flops=caption_cost(c["shape"], c["cfg"], 50, policy)["flops"], rounds=1, warmup_rounds=0)
+    if impl.endswith("-graph"):
+        record["graph_error"] = stats["graph_error"]  # None, or why the text steps ran eagerly
+        write_results()
 
 
 @requires_cuda
-def test_bench_cached_text_step(benchmark):
-    """One understanding step on a filled video-stream cache (impl ``cached``): only the text rows run."""
+@pytest.mark.parametrize("impl", ["cached", "cached-graph"])
+def test_bench_cached_text_step(benchmark, impl):
+    """One understanding step on a filled video-stream cache (impl ``cached``): only the text rows run
+    (``cached-graph``: the layers replayed from a CUDA graph, captured in the warm-up round)."""
     from univigu_fast.video_cache import VideoCache, text_step_bytes, text_step_flops
 
     c = _models("wan1.3b-480p")
     inputs = P.make_inputs(c["shape"], c["cfg"], "understanding", "cuda", DTYPE)
-    cache = VideoCache(c["fast"])
+    cache = VideoCache(c["fast"], cuda_graph=impl == "cached-graph")
     with torch.no_grad():
         c["fast"](**inputs, video_cache=cache)
 
@@ -167,11 +175,13 @@ def test_bench_cached_text_step(benchmark):
             return c["fast"].text_step(cache, inputs["text"], inputs["tau_text"], text_output="argmax")
 
     try:
-        record = measure(benchmark, run, op="model_step", shape="wan1.3b-480p", mode="understanding", impl="cached",
+        record = measure(benchmark, run, op="model_step", shape="wan1.3b-480p", mode="understanding", impl=impl,
                          dtype=DTYPE, flops=sum(text_step_flops(c["shape"], c["cfg"]).values()),
                          bytes_moved=text_step_bytes(c["shape"], c["cfg"]), rounds=5, warmup_rounds=1)
         # host-bound or GPU-bound? (a text step is ~400 small launches for a few ms of GPU work)
         record["gpu_busy_ms"] = gpu_busy_ms(run)
+        if cache.cuda_graph:
+            record["graph_error"] = cache.graph_error
         write_results()
     finally:
         cache.release()

@@ -1,6 +1,7 @@
 """Helpers shared by the kernels: when to take the Triton path, segment tables, logging once."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -149,7 +150,30 @@ def tile_table(offsets, block: int, device) -> tuple[torch.Tensor, torch.Tensor]
     the host values of ``seg_offsets`` / ``cu_seqlens``. Cached per (table, block, device): every
     layer of a step reuses it, and a copy from host memory per call would make each launch wait for
     the GPU. Read-only."""
-    return _tile_table(tuple(offsets), block, torch.device(device))
+    return retain(_tile_table(tuple(offsets), block, torch.device(device)))
+
+
+_RETAINERS: list[list] = []
+
+
+@contextlib.contextmanager
+def retain_cached_tables():
+    """Collect, into the yielded list, every cached device table handed out inside the block (tile
+    tables, row tables): a CUDA graph recorded in the block reads their memory at every replay, but
+    the caches may drop them later (LRU), so the graph's owner keeps this list alive with it."""
+    kept: list = []
+    _RETAINERS.append(kept)
+    try:
+        yield kept
+    finally:
+        _RETAINERS.remove(kept)
+
+
+def retain(tables):
+    """``tables`` (a tensor or a tuple of them), added to every active :func:`retain_cached_tables` list."""
+    for kept in _RETAINERS:
+        kept.append(tables)
+    return tables
 
 
 INTERPRETER_SMS = 4  # "SM count" under the interpreter: small, so split / multi-program paths run on CPU
@@ -239,6 +263,17 @@ def host_list(t: torch.Tensor) -> list[int]:
     if rec is not None and rec[0] == t._version:
         return list(rec[1])
     return t.tolist()
+
+
+def host_to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """``t.to(device)`` for a small host tensor (a timestep, random numbers) without a stream sync on
+    CUDA: a plain copy from pageable memory waits until the GPU has run all queued work, so the host
+    cannot run ahead of it; staging in pinned memory and copying asynchronously does not wait (the
+    pinned block is not reused before the copy has run). Elsewhere, and under ``torch.compile``, ``t.to(device)``."""
+    device = torch.device(device)
+    if device.type != "cuda" or t.device.type != "cpu" or torch.compiler.is_compiling():
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def describe(t) -> str:

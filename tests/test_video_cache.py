@@ -229,6 +229,11 @@ def test_cli_caption_video_cache(tmp_path):
     assert outs["off"] == outs["every:1"] and len(outs["once"].split()) <= 6
     r = runner.invoke(app, base + ["--video-cache", "sometimes"])
     assert r.exit_code != 0 and "--video-cache" in r.output
+    r = runner.invoke(app, base + ["--video-cache", "off", "--cuda-graph"])  # no text-only steps to replay
+    assert r.exit_code != 0 and "--cuda-graph" in r.output and "--video-cache once" in r.output
+    if not torch.cuda.is_available():
+        r = runner.invoke(app, base + ["--video-cache", "once", "--cuda-graph"])
+        assert r.exit_code != 0 and "--cuda-graph" in r.output and "needs a CUDA device" in r.output
 
 
 def test_demo_evaluates_the_cached_policies(tmp_path):
@@ -311,3 +316,182 @@ def test_cost_model_counts():
     assert off["full_step_flops"] / once["text_step_flops"] > 100
     # the text step reads every cached key/value row once per layer (bf16)
     assert text_step_bytes(s, c) > c.num_layers * 2 * (32760 + 256) * c.dim * 2
+
+
+# ---------------------------------------------------------------------------- CUDA graph of the text step
+def _fake_capture(fn, device):
+    """CPU stand-in for ``capture_cuda_graph`` with a CUDA graph's contract: capturing computes nothing
+    valid (the output holds NaN until the first replay); a replay re-runs the recorded work into
+    the same output tensor, reading whatever the static inputs hold then."""
+    out = torch.full_like(fn(), float("nan"))
+
+    class Graph:
+        def replay(self):
+            out.copy_(fn())
+
+    return Graph(), out
+
+
+@pytest.fixture
+def fake_graphs(monkeypatch):
+    """CUDA graphs on CPU: the device check passes, captures are counted."""
+    import univigu_fast.video_cache as vc
+
+    captured = []
+
+    def capture(fn, device):
+        captured.append(fn)
+        return _fake_capture(fn, device)
+
+    monkeypatch.setattr(vc, "check_cuda_graph_device", lambda device: None)
+    monkeypatch.setattr(vc, "capture_cuda_graph", capture)
+    return captured
+
+
+def test_cuda_graph_text_steps_equal_eager_steps(fake_graphs):
+    """Replayed text steps (static inputs refreshed per step, output copied out) give each step's own
+    result: three steps with different ids and times equal the eager steps, also when the earlier
+    outputs are compared after the later replays; a full step (refresh) drops the graph, the next text
+    step captures a new one."""
+    model = tiny_reference(seed=5)
+    videos, prompts = _inputs(model.config, seed=2)
+    g = torch.Generator().manual_seed(3)
+    steps = [([torch.randint(0, model.config.vocab_size, (n,), generator=g) for n in (6, 3)],
+              torch.tensor([0.1 * i + 0.2, 0.5 - 0.1 * i])) for i in range(3)]
+    first = [torch.randint(0, model.config.vocab_size, (n,), generator=g) for n in (6, 3)]
+    outs = {}
+    with torch.no_grad():
+        for graph in (False, True):
+            cache = VideoCache(model, cuda_graph=graph)
+            model(videos, torch.ones(2), prompts, text=first, tau_text=torch.tensor([0.0, 0.0]), video_cache=cache)
+            outs[graph] = [model.text_step(cache, text, tau) for text, tau in steps]
+            if graph:
+                assert cache.graph is not None and cache.graph_captures == 1 and len(fake_graphs) == 1
+                model(videos, torch.ones(2), prompts, text=first, tau_text=torch.tensor([0.0, 0.0]), video_cache=cache)
+                assert cache.graph is None  # it read the buffers the refresh replaced
+                again = model.text_step(cache, *steps[0])
+                assert cache.graph_captures == 2
+                for a, b in zip(outs[False][0], again):
+                    torch.testing.assert_close(b, a, rtol=0, atol=0)
+            cache.release()
+            assert cache.graph is None
+    for eager, replayed in zip(outs[False], outs[True]):
+        for a, b in zip(eager, replayed):
+            torch.testing.assert_close(b, a, rtol=0, atol=0)
+    assert not torch.equal(outs[True][0][0], outs[True][1][0])  # the steps differ: stale inputs would show
+
+
+def test_cuda_graph_caption_and_fallbacks(fake_graphs, monkeypatch, caplog):
+    """``caption(cuda_graph=True)``: the same ids as without, one capture per refresh followed by text
+    steps; a failing capture logs why and runs the text steps eagerly (same ids); with autograd on
+    nothing is captured."""
+    import univigu_fast.video_cache as vc
+
+    model = tiny_reference(seed=7)
+    videos, prompts = _inputs(model.config, seed=5)
+    kw = dict(steps=7, seed=2, video_cache="every:3")  # full steps 0, 3, 6; text steps 1, 2, 4, 5
+    want = caption(model, videos, prompts, [5, 2], **kw)
+    stats = {}
+    got = caption(model, videos, prompts, [5, 2], cuda_graph=True, stats=stats, **kw)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert stats["graph_captures"] == 2 and stats["graph_error"] is None and len(fake_graphs) == 2
+
+    def broken(fn, device):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(vc, "capture_cuda_graph", broken)
+    with caplog.at_level("WARNING", logger="univigu_fast"):
+        got = caption(model, videos, prompts, [5, 2], cuda_graph=True, stats=stats, **kw)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert stats["graph_captures"] == 0 and "not permitted" in stats["graph_error"]
+    assert "CUDA graph capture of the text step failed" in caplog.text
+
+    cache = VideoCache(model, cuda_graph=True)
+    text = [torch.zeros(4, dtype=torch.long)]
+    model(videos[:1], torch.ones(1), prompts[:1], text=text, tau_text=torch.zeros(1), video_cache=cache)
+    model.text_step(cache, text, torch.tensor([0.5]))  # autograd on: eager
+    assert cache.graph_captures == 0 and cache.graph is None and cache.graph_error is None
+
+
+def test_cuda_graph_refused_where_it_cannot_run():
+    model = tiny_reference()
+    videos, prompts = _inputs(model.config)
+    with pytest.raises(ValueError, match="cuda_graph=True needs a model on a CUDA device, got a model on cpu"):
+        VideoCache(model, cuda_graph=True)
+    with pytest.raises(ValueError, match="cuda_graph=True .* video_cache='off' has none"):
+        caption(model, videos, prompts, [3, 2], steps=2, cuda_graph=True)
+
+
+def test_cuda_graph_keeps_the_kernels_cached_tables(fake_graphs):
+    """A graph reads, at every replay, the device tables the kernels' launchers took from their caches
+    (tile tables: LRU; the fused LayerNorm's row tables: cleared when large), which may drop them
+    later: the graph keeps every table handed out while it was captured. The fast model (interpreter):
+    each table an eager text step uses is one the graph holds; none leak outside a capture."""
+    from univigu_fast.kernels._utils import retain_cached_tables
+    from univigu_fast.model import UniViGUModel as FastModel
+
+    ref = tiny_reference(seed=9)
+    fast = FastModel(ref.config).eval()
+    fast.load_state_dict(ref.state_dict())
+    videos, prompts = _inputs(ref.config, seed=1)
+    text = [torch.arange(4), torch.arange(2)]
+    with torch.no_grad():
+        cache = VideoCache(fast, cuda_graph=True)
+        fast(videos, torch.ones(2), prompts, text=text, tau_text=torch.tensor([0.1, 0.2]), video_cache=cache)
+        fast.text_step(cache, text, torch.tensor([0.3, 0.4]))
+        with retain_cached_tables() as used:
+            cache.run_text_layers = lambda run, x, seg_temb: run(x, seg_temb)  # one eager step, same tables
+            fast.text_step(cache, text, torch.tensor([0.3, 0.4]))
+    kept = {id(t) for t in cache.graph.tables}
+    assert any(isinstance(t, tuple) for t in used) and any(isinstance(t, torch.Tensor) for t in used)
+    assert all(id(t) in kept for t in used)
+    from univigu_fast.kernels import _utils
+
+    assert _utils._RETAINERS == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs and stream syncs need a GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graph_on_the_gpu(dtype):
+    """The real capture with the fast model: an eager text step never waits for the GPU (torch's sync
+    debug mode raises on any host sync; a capture would fail on one); replayed steps equal the eager
+    ones (same kernels, same configs) in logits and in a sampled caption's ids."""
+    from univigu_fast.model import UniViGUModel as FastModel
+
+    ref = tiny_reference(seed=8)
+    fast = FastModel(ref.config).to("cuda", dtype).eval()
+    fast.load_state_dict(ref.state_dict())
+    videos, prompts = _inputs(ref.config, seed=4)
+    videos, prompts = [v.to("cuda", dtype) for v in videos], [p.to("cuda", dtype) for p in prompts]
+    g = torch.Generator().manual_seed(2)
+    first = [torch.randint(0, ref.config.vocab_size, (n,), generator=g).cuda() for n in (5, 3)]
+    steps = [([torch.randint(0, ref.config.vocab_size, (n,), generator=g).cuda() for n in (5, 3)],
+              torch.tensor([0.2 + 0.1 * i, 0.6 - 0.1 * i])) for i in range(3)]
+    outs = {}
+    with torch.no_grad():
+        for graph in (False, True):
+            cache = VideoCache(fast, cuda_graph=graph)
+            fast(videos, torch.ones(2), prompts, text=first, tau_text=torch.tensor([0.0, 0.1]), video_cache=cache)
+            if not graph:
+                fast.text_step(cache, *steps[0], text_output="sample", sample_seed=1)  # autotuning syncs
+                torch.cuda.synchronize()
+                torch.cuda.set_sync_debug_mode("error")
+                try:
+                    fast.text_step(cache, *steps[0], text_output="sample", sample_seed=1)
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+            outs[graph] = [fast.text_step(cache, text, tau) for text, tau in steps]
+            if graph:
+                assert cache.graph_error is None and cache.graph_captures == 1
+            cache.release()
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    for eager, replayed in zip(outs[False], outs[True]):
+        for a, b in zip(eager, replayed):
+            torch.testing.assert_close(b, a, **tol)
+    if dtype == torch.float32:
+        kw = dict(steps=6, seed=3, video_cache="every:3")
+        stats = {}
+        want = caption(fast, videos, prompts, [5, 3], **kw)
+        got = caption(fast, videos, prompts, [5, 3], cuda_graph=True, stats=stats, **kw)
+        assert stats["graph_captures"] == 2 and stats["graph_error"] is None
+        assert all(torch.equal(a, b) for a, b in zip(got, want))

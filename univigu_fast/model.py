@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .kernels._utils import HAS_TRITON, interpreter_problem, interpreting, log_once, use_triton
+from .kernels._utils import HAS_TRITON, interpreter_problem, interpreting, log_once, retain, use_triton
 from .kernels.modulated_layer_norm import modulated_layer_norm
 from .modeling import TextDecoded, UniViGUModelBase, UniViGUOutput
 from .modules import FP32LayerNorm
@@ -29,7 +29,7 @@ class FusedFP32LayerNorm(FP32LayerNorm):
             if len(cache) > 16:
                 cache.clear()
             cache[key] = torch.tensor([0, n], dtype=torch.int32, device=device)
-        return cache[key]
+        return retain(cache[key])
 
     def forward(self, x):
         if x.dim() != 2 or self.weight is None or self.bias is None or not use_triton(x, self.weight):

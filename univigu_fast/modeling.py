@@ -24,6 +24,7 @@ Forward contract::
 """
 from __future__ import annotations
 
+import functools
 import logging
 from typing import NamedTuple, Sequence
 
@@ -33,6 +34,7 @@ from torch import nn
 
 from .config import UniViGUConfig
 from .modules import TextHead, TextProjection, TimeEmbedding, UniViGUBlock, VideoHead
+from .kernels._utils import host_to_device
 from .ops import Ops
 from .packing import PackedBatch
 
@@ -251,8 +253,8 @@ class UniViGUModelBase(nn.Module):
             video_cache.context = context
 
         # Wan's time convention at the boundary (DESIGN §2)
-        temb_v, proj_v = self.time_embedding_v((1000.0 * (1.0 - inp["tau_video"])).to(dev))
-        temb_t, proj_t = self.time_embedding_t(torch.round(1000.0 * (1.0 - inp["tau_text"])).to(dev))
+        temb_v, proj_v = self.time_embedding_v(host_to_device(1000.0 * (1.0 - inp["tau_video"]), dev))
+        temb_t, proj_t = self.time_embedding_t(host_to_device(torch.round(1000.0 * (1.0 - inp["tau_text"])), dev))
         seg_temb = torch.stack([proj_v.float(), proj_t.float()], 1).flatten(0, 1)  # (2B, 6, dim): v_0, t_0, ...
 
         if video_cache is not None:  # a full step that (re)fills the video-stream cache
@@ -280,11 +282,14 @@ class UniViGUModelBase(nn.Module):
 
     def _text_head(self, text_rows, temb_t, text_lens_list, inp, text_output, sample_seed, temperature):
         """Per-sample text rows -> logits / velocity, or ids through the fused decode op."""
-        c, ops, dev = self.config, self.ops, self.device
+        c, ops = self.config, self.ops
         shift_t, scale_t = (self.scale_shift_table_t.float() + temb_t.float()[:, None]).unbind(1)
-        lens = torch.tensor(text_lens_list, device=dev)
+
+        def per_row(t):  # (B, dim) -> (sum(lens), dim); no lengths tensor copied to the device (a sync)
+            return torch.cat([r.expand(n, -1) for r, n in zip(t, text_lens_list)])
+
         rows = torch.cat(text_rows)
-        feats = self.text_head.features(rows, shift_t.repeat_interleave(lens, 0), scale_t.repeat_interleave(lens, 0))
+        feats = self.text_head.features(rows, per_row(shift_t), per_row(scale_t))
         lin = self.text_head.linear
         if text_output == "full" or c.text_flow == "embedding":
             return self._shape_text(list(torch.split(lin(feats), text_lens_list)), inp)
@@ -301,8 +306,9 @@ class UniViGUModelBase(nn.Module):
         Only the text tokens run: per layer their queries attend to the cached video keys/values plus
         their own fresh ones, then cross-attention and the text expert FFN. ``text``: a list of
         per-sample ids / embeddings of the lengths the cache was built for. Returns ``text_out`` as
-        ``forward`` does (list form)."""
-        c, ops, dev, dtype = self.config, self.ops, self.device, self.dtype
+        ``forward`` does (list form). The layers run as a CUDA graph replay when the cache was made
+        with ``cuda_graph=True`` (``VideoCache.run_text_layers``); the decode head runs eagerly."""
+        c, dev, dtype = self.config, self.device, self.dtype
         texts = list(text)
         lens = [t.shape[0] for t in texts]
         view = video_cache.text_view(lens)
@@ -311,13 +317,17 @@ class UniViGUModelBase(nn.Module):
             rows = self.vocab_embed(torch.cat([t.to(dev) for t in texts]).long())
         else:
             rows = torch.cat([t.to(dev, dtype) for t in texts])
-        temb_t, proj_t = self.time_embedding_t(torch.round(1000.0 * (1.0 - tau_text)).to(dev))
+        temb_t, proj_t = self.time_embedding_t(host_to_device(torch.round(1000.0 * (1.0 - tau_text)), dev))
         seg_temb = torch.stack([torch.zeros_like(proj_t, dtype=torch.float32), proj_t.float()], 1).flatten(0, 1)
-        x = rows
-        for i, block in enumerate(self.blocks):
-            x = block(ops, x, video_cache.context, seg_temb, view, kv=video_cache.layer(i))
+        x = video_cache.run_text_layers(functools.partial(self._text_layers, video_cache, view), rows, seg_temb)
         inp = {"batched_text": False}
         return self._text_head(list(torch.split(x, lens)), temb_t, lens, inp, text_output, sample_seed, temperature)
+
+    def _text_layers(self, video_cache, view: PackedBatch, x: torch.Tensor, seg_temb: torch.Tensor) -> torch.Tensor:
+        """The blocks of a text-only step: x (Lt, dim) text rows -> (Lt, dim)."""
+        for i, block in enumerate(self.blocks):
+            x = block(self.ops, x, video_cache.context, seg_temb, view, kv=video_cache.layer(i))
+        return x
 
     def _patchify(self, videos, dtype, dev) -> list[torch.Tensor]:
         if all(v.shape == videos[0].shape for v in videos):

@@ -30,6 +30,7 @@ from typing import Sequence
 import torch
 
 from .flow import PolynomialScheduler, generation_taus
+from .kernels._utils import host_to_device
 from .video_cache import VideoCache, is_full_step, parse_policy
 
 
@@ -89,7 +90,7 @@ class _TextState:
         out = []
         for lg in logits:
             lg = lg[:, : self.c.vocab_size].float() / self.temperature
-            u = torch.rand(lg.shape, generator=self.g).to(lg.device).clamp_(1e-20, 1.0)
+            u = host_to_device(torch.rand(lg.shape, generator=self.g), lg.device).clamp_(1e-20, 1.0)
             out.append((lg - torch.log(-torch.log(u))).argmax(-1))
         return out
 
@@ -97,7 +98,7 @@ class _TextState:
         if self.c.text_flow == "discrete":
             x1_hat = self._sample_without_mask(text_out) if self.c.discrete_source == "mask" else text_out.ids
             p = 1.0 if last else self.sched.jump_probability(t, t_next - t)
-            self.x = [torch.where(torch.rand(xi.shape, generator=self.g).to(xi.device) < p, yi, xi)
+            self.x = [torch.where(host_to_device(torch.rand(xi.shape, generator=self.g), xi.device) < p, yi, xi)
                       for xi, yi in zip(self.x, x1_hat)]
         else:  # Euler, Eq. 16
             self.x = [zi + (t_next - t) * vi.float() for zi, vi in zip(self.x, text_out)]
@@ -111,7 +112,7 @@ class _TextState:
 @torch.no_grad()
 def caption(model, videos, prompts, text_lens, *, steps: int = 50, seed: int = 0, kappa_power: float = 1.0,
             temperature: float = 1.0, video_cache: str = "off", max_cache_bytes: int | None = None,
-            stats: dict | None = None) -> list[torch.Tensor]:
+            cuda_graph: bool = False, stats: dict | None = None) -> list[torch.Tensor]:
     """Understanding (``tau_video = 1``): integrate the text flow from its source to ids, per sample.
 
     videos: list of clean latents (C, F, H, W); prompts: list of (L, text_dim) conditions (the
@@ -124,10 +125,16 @@ def caption(model, videos, prompts, text_lens, *, steps: int = 50, seed: int = 0
     step only). The policy only chooses the model call of each step: the Euler loop and the random
     stream are the same, so ``off`` and ``every:1`` give the same ids. ``max_cache_bytes``: the cache
     budget (default on CUDA: half the free memory; a cache that does not fit raises ``MemoryError``).
-    The cache is released before returning (also on error). ``stats`` (a dict, if given) receives
-    ``cache_bytes`` (peak), ``full_steps`` and ``text_steps``.
+    ``cuda_graph=True`` (CUDA, a cached policy): the text-only steps replay a CUDA graph of their layer
+    loop (``univigu_fast.video_cache``), so ~400 kernel launches per step cost one. The cache is
+    released before returning (also on error). ``stats`` (a dict, if given) receives ``cache_bytes``
+    (peak), ``full_steps``, ``text_steps`` and, with ``cuda_graph``, ``graph_captures`` and
+    ``graph_error`` (None, or why capture failed and the text steps ran eagerly).
     """
     policy = parse_policy(video_cache)
+    if cuda_graph and policy[0] == "off":
+        raise ValueError("cuda_graph=True replays the text-only steps of a cached caption; video_cache='off' has "
+                         "none (use 'once' or 'every:r')")
     _check_common(steps, list(videos), "videos")
     if len(text_lens) != len(videos) or len(prompts) != len(videos):
         raise ValueError(f"videos ({len(videos)}), prompts ({len(prompts)}) and text_lens ({len(text_lens)}) must have the same length")
@@ -135,7 +142,7 @@ def caption(model, videos, prompts, text_lens, *, steps: int = 50, seed: int = 0
     B = len(videos)
     state = _TextState(model, text_lens, g, kappa_power, temperature)
     ones = torch.ones(B)
-    cache = None if policy[0] == "off" else VideoCache(model, max_bytes=max_cache_bytes)
+    cache = None if policy[0] == "off" else VideoCache(model, max_bytes=max_cache_bytes, cuda_graph=cuda_graph)
     full_steps = text_steps = peak = 0
     try:
         for i in range(steps):
@@ -158,6 +165,8 @@ def caption(model, videos, prompts, text_lens, *, steps: int = 50, seed: int = 0
             cache.release()
     if stats is not None:
         stats.update(cache_bytes=peak, full_steps=full_steps, text_steps=text_steps)
+        if cuda_graph:
+            stats.update(graph_captures=cache.graph_captures, graph_error=cache.graph_error)
     return state.ids()
 
 

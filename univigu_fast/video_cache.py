@@ -18,14 +18,25 @@ Policies: ``off`` (exact: every step full), ``every:r`` (full every r-th step, `
 ``once`` (full at the first step only). Memory: ``layers x sum(Lv_i) x 2 x dim`` elements (plus the
 few text and prompt rows), reported by :func:`cache_bytes`; a cache that would not fit is refused
 with a ``MemoryError`` naming the size and the budget.
+
+``cuda_graph=True`` (CUDA only): a text-only step is a few milliseconds of GPU work in ~400 small
+kernel launches, so the host's time to issue them can exceed the GPU's. With this option the step's
+layer loop is captured once in a CUDA graph (at the first text step after each full step, whose
+new buffers the graph reads) and replayed on the later text steps: one launch for all layers. The
+inputs that change per step (the text rows and their time modulation) are copied into the graph's
+static buffers; the decode head runs outside it (its sampling seed changes every step).
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 
+from .kernels._utils import retain_cached_tables
 from .packing import PackedBatch
+
+logger = logging.getLogger("univigu_fast")
 
 
 def parse_policy(policy: str) -> tuple[str, int]:
@@ -89,12 +100,65 @@ class LayerKV:
         return c.prompt_kv[self.index]
 
 
+def check_cuda_graph_device(device: torch.device) -> None:
+    if device.type != "cuda":
+        raise ValueError(f"cuda_graph=True needs a model on a CUDA device, got a model on {device}")
+
+
+def capture_cuda_graph(fn, device: torch.device):
+    """Record ``fn()`` (no arguments; it reads and writes fixed tensors on ``device``) in a CUDA graph,
+    after one warm-up run on a side stream (autotuning, lazy initialisation: nothing of that may
+    happen during capture). Returns ``(graph, out)``: ``graph.replay()`` re-runs the recorded work,
+    which writes its result into ``out`` (not valid before the first replay)."""
+    with torch.cuda.device(device):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = fn()
+    return graph, out
+
+
+class GraphedTextLayers:
+    """The layer loop of a text-only step, ``run(x, seg_temb) -> x``, replayed from a CUDA graph.
+
+    ``x`` (Lt, dim) the text rows, ``seg_temb`` (2B, 6, dim) their time modulation: copied into
+    static buffers before each replay; every other tensor ``run`` reads must stay where it was at
+    capture: the weights, the cache's keys/values and text packing (the cache drops the graph with
+    them) and the kernels' cached tile / row tables (kept here: their caches may evict them).
+    Returns a fresh tensor (the graph's own output buffer is overwritten by the next replay)."""
+
+    def __init__(self, run, x: torch.Tensor, seg_temb: torch.Tensor):
+        self.x, self.seg_temb = x.clone(), seg_temb.clone()
+        with retain_cached_tables() as self.tables:
+            self.graph, self.out = capture_cuda_graph(lambda: run(self.x, self.seg_temb), x.device)
+
+    def accepts(self, x: torch.Tensor, seg_temb: torch.Tensor) -> bool:
+        return all(a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
+                   for a, b in ((x, self.x), (seg_temb, self.seg_temb)))
+
+    def __call__(self, x: torch.Tensor, seg_temb: torch.Tensor) -> torch.Tensor:
+        self.x.copy_(x)
+        self.seg_temb.copy_(seg_temb)
+        self.graph.replay()
+        return self.out.clone()
+
+
 class VideoCache:
     """Per-caption cache of the video stream's per-layer keys/values (see the module docstring)."""
 
-    def __init__(self, model, max_bytes: int | None = None):
+    def __init__(self, model, max_bytes: int | None = None, cuda_graph: bool = False):
         self.model = model
         self.max_bytes = max_bytes
+        if cuda_graph:
+            check_cuda_graph_device(model.device)
+        self.cuda_graph = bool(cuda_graph)
+        self.graph: GraphedTextLayers | None = None
+        self.graph_captures = 0  # CUDA graphs captured (one per full step followed by text steps)
+        self.graph_error: str | None = None  # why capture failed (text steps then run eagerly)
         n = model.config.num_layers
         self.keys: list[torch.Tensor | None] = [None] * n
         self.values: list[torch.Tensor | None] = [None] * n
@@ -139,6 +203,25 @@ class VideoCache:
     def layer(self, i: int) -> LayerKV:
         return LayerKV(self, i)
 
+    def run_text_layers(self, run, x: torch.Tensor, seg_temb: torch.Tensor) -> torch.Tensor:
+        """``run(x, seg_temb)``, the layer loop of a text-only step: eagerly, or with ``cuda_graph``
+        (and autograd off) by replaying its CUDA graph, captured at the first text step after each
+        full step. A capture that fails is logged, kept in ``graph_error``, and the text steps of
+        this cache then run eagerly."""
+        if not self.cuda_graph or self.graph_error is not None or torch.is_grad_enabled():
+            return run(x, seg_temb)
+        if self.graph is None or not self.graph.accepts(x, seg_temb):
+            self.graph = None
+            try:
+                self.graph = GraphedTextLayers(run, x, seg_temb)
+            except Exception as e:  # noqa: BLE001 -- any capture failure: the eager step is still exact
+                self.graph_error = f"{type(e).__name__}: {e}"
+                logger.warning("video cache: CUDA graph capture of the text step failed (%s); text steps run "
+                               "eagerly", self.graph_error)
+                return run(x, seg_temb)
+            self.graph_captures += 1
+        return self.graph(x, seg_temb)
+
     def text_view(self, text_lens: list[int]) -> PackedBatch:
         """The text-only packing of a text step (empty video segments, text RoPE positions 0..L-1)."""
         if self.joint is None or self.capturing:
@@ -158,6 +241,7 @@ class VideoCache:
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def _drop_layers(self) -> None:
+        self.graph = None  # it reads the buffers dropped here
         self.keys = [None] * len(self.keys)
         self.values = [None] * len(self.values)
         self.prompt_kv = [None] * len(self.prompt_kv)

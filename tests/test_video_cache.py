@@ -178,16 +178,31 @@ def test_cache_memory_is_accounted_refused_and_released(monkeypatch):
     caption(model, videos, prompts, [4, 2], steps=3, video_cache="once", stats=stats)
     assert stats["cache_bytes"] == expected and stats["full_steps"] == 1 and stats["text_steps"] == 2
     assert released == [0]  # released once, nothing left behind
-    peaks = []
-    orig_begin = VideoCache.begin_capture
+    peaks, storage = [], []
+    orig_begin, orig_end = VideoCache.begin_capture, VideoCache.end_capture
 
     def begin(self, packed):
         orig_begin(self, packed)
-        peaks.append(self.nbytes)  # a refresh starts from an empty cache (old buffers dropped first)
+        peaks.append(self.nbytes)
+
+    def end(self):
+        orig_end(self)
+        storage.append([t.data_ptr() for t in self.keys + self.values + [t for kv in self.prompt_kv for t in kv]])
 
     monkeypatch.setattr(VideoCache, "begin_capture", begin)
+    monkeypatch.setattr(VideoCache, "end_capture", end)
     caption(model, videos, prompts, [4, 2], steps=4, video_cache="every:2", stats=stats)
-    assert peaks == [0, 0] and stats["cache_bytes"] == expected and stats["full_steps"] == 2
+    # a refresh of the same batch writes into the buffers it has: same storage, nothing added
+    assert peaks == [0, expected] and storage[0] == storage[1] and stats["cache_bytes"] == expected
+    assert stats["full_steps"] == 2
+    # a full step on another batch drops the old buffers before filling new ones
+    cache = VideoCache(model)
+    with torch.no_grad():
+        model(videos, torch.ones(2), prompts, text=[torch.arange(4), torch.arange(2)], tau_text=torch.zeros(2),
+              video_cache=cache)
+        model(videos[:1], torch.ones(1), prompts[:1], text=[torch.arange(4)], tau_text=torch.zeros(1),
+              video_cache=cache)
+    assert peaks[-1] == 0 and cache.nbytes < expected
     released.clear()
     with pytest.raises(MemoryError, match="video cache needs"):
         caption(model, videos, prompts, [4, 2], steps=2, video_cache="once", max_cache_bytes=expected - 1)
@@ -350,40 +365,48 @@ def fake_graphs(monkeypatch):
 
 def test_cuda_graph_text_steps_equal_eager_steps(fake_graphs):
     """Replayed text steps (static inputs refreshed per step, output copied out) give each step's own
-    result: three steps with different ids and times equal the eager steps, also when the earlier
-    outputs are compared after the later replays; a full step (refresh) drops the graph, the next text
-    step captures a new one."""
+    result: steps with different ids and times equal the eager steps, also compared after later
+    replays. A refresh of the same batch (every:r; new text, so new video keys/values) writes into the
+    buffers the graph reads (same storage) and keeps the graph: the replays after it equal eager steps
+    after the same refresh. A full step on another batch drops the graph."""
     model = tiny_reference(seed=5)
     videos, prompts = _inputs(model.config, seed=2)
     g = torch.Generator().manual_seed(3)
-    steps = [([torch.randint(0, model.config.vocab_size, (n,), generator=g) for n in (6, 3)],
-              torch.tensor([0.1 * i + 0.2, 0.5 - 0.1 * i])) for i in range(3)]
-    first = [torch.randint(0, model.config.vocab_size, (n,), generator=g) for n in (6, 3)]
+
+    def ids():
+        return [torch.randint(0, model.config.vocab_size, (n,), generator=g) for n in (6, 3)]
+
+    first, refresh = ids(), ids()
+    steps = [(ids(), torch.tensor([0.1 * i + 0.2, 0.5 - 0.1 * i])) for i in range(3)]
     outs = {}
     with torch.no_grad():
         for graph in (False, True):
             cache = VideoCache(model, cuda_graph=graph)
-            model(videos, torch.ones(2), prompts, text=first, tau_text=torch.tensor([0.0, 0.0]), video_cache=cache)
-            outs[graph] = [model.text_step(cache, text, tau) for text, tau in steps]
+            model(videos, torch.ones(2), prompts, text=first, tau_text=torch.zeros(2), video_cache=cache)
+            out = [model.text_step(cache, text, tau) for text, tau in steps]
+            captured, storage = cache.graph, [t.data_ptr() for t in cache.keys + cache.values]
+            model(videos, torch.ones(2), prompts, text=refresh, tau_text=torch.tensor([0.3, 0.2]), video_cache=cache)
+            out += [model.text_step(cache, text, tau) for text, tau in steps]
+            outs[graph] = out
             if graph:
-                assert cache.graph is not None and cache.graph_captures == 1 and len(fake_graphs) == 1
-                model(videos, torch.ones(2), prompts, text=first, tau_text=torch.tensor([0.0, 0.0]), video_cache=cache)
-                assert cache.graph is None  # it read the buffers the refresh replaced
-                again = model.text_step(cache, *steps[0])
-                assert cache.graph_captures == 2
-                for a, b in zip(outs[False][0], again):
-                    torch.testing.assert_close(b, a, rtol=0, atol=0)
+                assert cache.graph is captured and cache.graph_captures == 1 and len(fake_graphs) == 1
+                assert [t.data_ptr() for t in cache.keys + cache.values] == storage
+                model(videos[:1], torch.ones(1), prompts[:1], text=first[:1], tau_text=torch.zeros(1),
+                      video_cache=cache)
+                assert cache.graph is None  # another batch: other buffers
             cache.release()
             assert cache.graph is None
     for eager, replayed in zip(outs[False], outs[True]):
         for a, b in zip(eager, replayed):
             torch.testing.assert_close(b, a, rtol=0, atol=0)
-    assert not torch.equal(outs[True][0][0], outs[True][1][0])  # the steps differ: stale inputs would show
+    replayed = [o[0] for o in outs[True]]
+    assert not torch.equal(replayed[0], replayed[1])  # the steps differ: stale inputs would show
+    assert not torch.allclose(replayed[0], replayed[3])  # same step after the refresh: new video keys/values
 
 
 def test_cuda_graph_caption_and_fallbacks(fake_graphs, monkeypatch, caplog):
-    """``caption(cuda_graph=True)``: the same ids as without, one capture per refresh followed by text
-    steps; a failing capture logs why and runs the text steps eagerly (same ids); with autograd on
+    """``caption(cuda_graph=True)``: the same ids as without, one capture for the whole caption (the
+    refreshes write into the same buffers); a failing capture logs why and runs the text steps eagerly (same ids); with autograd on
     nothing is captured."""
     import univigu_fast.video_cache as vc
 
@@ -394,7 +417,7 @@ def test_cuda_graph_caption_and_fallbacks(fake_graphs, monkeypatch, caplog):
     stats = {}
     got = caption(model, videos, prompts, [5, 2], cuda_graph=True, stats=stats, **kw)
     assert all(torch.equal(a, b) for a, b in zip(got, want))
-    assert stats["graph_captures"] == 2 and stats["graph_error"] is None and len(fake_graphs) == 2
+    assert stats["graph_captures"] == 1 and stats["graph_error"] is None and len(fake_graphs) == 1  # refreshes in place
 
     def broken(fn, device):
         raise RuntimeError("operation not permitted when stream is capturing")
@@ -493,5 +516,5 @@ def test_cuda_graph_on_the_gpu(dtype):
         stats = {}
         want = caption(fast, videos, prompts, [5, 3], **kw)
         got = caption(fast, videos, prompts, [5, 3], cuda_graph=True, stats=stats, **kw)
-        assert stats["graph_captures"] == 2 and stats["graph_error"] is None
+        assert stats["graph_captures"] == 1 and stats["graph_error"] is None
         assert all(torch.equal(a, b) for a, b in zip(got, want))

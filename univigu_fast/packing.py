@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .kernels._utils import remember_host_values
+from .kernels._utils import host_list, remember_host_values
 
 
 def _cu(lengths, device) -> torch.Tensor:
@@ -146,7 +146,7 @@ class PackedBatch:
 
     def index(self, modality: str) -> torch.Tensor:
         """int64 rows of all video (or text) tokens in the packed sequence, in sample order."""
-        offs = self.seg_offsets.tolist()
+        offs = host_list(self.seg_offsets)
         first = 0 if modality == "video" else 1
         rows = [torch.arange(offs[i], offs[i + 1]) for i in range(first, len(offs) - 1, 2)]
         return torch.cat(rows).to(self.seg_offsets.device) if rows else torch.zeros(0, dtype=torch.long, device=self.seg_offsets.device)

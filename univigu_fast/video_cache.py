@@ -21,10 +21,11 @@ with a ``MemoryError`` naming the size and the budget.
 
 ``cuda_graph=True`` (CUDA only): a text-only step is a few milliseconds of GPU work in ~400 small
 kernel launches, so the host's time to issue them can exceed the GPU's. With this option the step's
-layer loop is captured once in a CUDA graph (at the first text step after each full step, whose
-new buffers the graph reads) and replayed on the later text steps: one launch for all layers. The
-inputs that change per step (the text rows and their time modulation) are copied into the graph's
-static buffers; the decode head runs outside it (its sampling seed changes every step).
+layer loop is captured once in a CUDA graph (at the first text step) and replayed on the later
+text steps: one launch for all layers. The inputs that change per step (the text rows and their
+time modulation) are copied into the graph's static buffers; the decode head runs outside it (its
+sampling seed changes every step). A refresh (``every:r``) writes the new keys/values into the same
+buffers, so one graph serves the whole caption; a full step on another batch drops it.
 """
 from __future__ import annotations
 
@@ -82,7 +83,11 @@ class LayerKV:
             # a full step: these ARE the joint keys/values. Keep the keys rotated (the same rotation,
             # same dtype, the attention would apply) and let the attention skip its key rotation.
             k = c.rotate(k, joint.rope)
-            c.keys[self.index], c.values[self.index] = k, v
+            if c.refill:  # a refresh of the same batch: into the buffers a text-step graph reads
+                c.keys[self.index].copy_(k)
+                c.values[self.index].copy_(v)
+            else:
+                c.keys[self.index], c.values[self.index] = k, v
             return k, v, joint.cu_seqlens, joint.max_seqlen, None
         # text-only step: fresh text keys (rotated with the text rows' tables) and values written in
         # place into the text rows (the buffers belong to the cache; the video rows are never written)
@@ -95,9 +100,19 @@ class LayerKV:
     def prompt_keys_values(self, compute):
         """The prompt's cross-attention keys/values: ``compute()`` on a full step, kept for text steps."""
         c = self.cache
-        if c.capturing or c.prompt_kv[self.index] is None:
-            c.prompt_kv[self.index] = compute()
+        kept = c.prompt_kv[self.index]
+        if c.capturing or kept is None:
+            fresh = compute()
+            if c.refill and kept is not None:
+                for old, new in zip(kept, fresh):
+                    old.copy_(new)
+            else:
+                c.prompt_kv[self.index] = fresh
         return c.prompt_kv[self.index]
+
+
+def _layout(packed: PackedBatch):
+    return (packed.video_grids, packed.text_lens, packed.prompt_lens, packed.cu_seqlens.device)
 
 
 def check_cuda_graph_device(device: torch.device) -> None:
@@ -127,8 +142,8 @@ class GraphedTextLayers:
 
     ``x`` (Lt, dim) the text rows, ``seg_temb`` (2B, 6, dim) their time modulation: copied into
     static buffers before each replay; every other tensor ``run`` reads must stay where it was at
-    capture: the weights, the cache's keys/values and text packing (the cache drops the graph with
-    them) and the kernels' cached tile / row tables (kept here: their caches may evict them).
+    capture: the weights, the cache's keys/values and text packing (refreshed in place; the cache
+    drops the graph when it drops them) and the kernels' cached tile / row tables (kept here: their caches may evict them).
     Returns a fresh tensor (the graph's own output buffer is overwritten by the next replay)."""
 
     def __init__(self, run, x: torch.Tensor, seg_temb: torch.Tensor):
@@ -166,6 +181,7 @@ class VideoCache:
         self.joint: PackedBatch | None = None
         self.context: torch.Tensor | None = None
         self.capturing = False
+        self.refill = False  # this full step refreshes the buffers of the same batch in place
         self.text_rows = torch.zeros(0, dtype=torch.long)
         self.text_rope = None
         self._views: dict = {}
@@ -187,12 +203,19 @@ class VideoCache:
         return need
 
     def begin_capture(self, packed: PackedBatch) -> None:
-        # a refresh (every:r) recomputes every layer: drop the old buffers first, so the free memory
-        # the budget is read from includes them and old and new never coexist
+        self.capturing = True
+        # a refresh (every:r) of the same batch writes the new keys/values into the buffers already
+        # there: same memory, and a captured text-step graph (which reads those buffers, the packing
+        # and the text tables kept here) stays valid
+        self.refill = self.joint is not None and all(k is not None for k in self.keys) and \
+            _layout(packed) == _layout(self.joint)
+        if self.refill:
+            return
+        # another batch: drop the old buffers first, so the free memory the budget is read from
+        # includes them and old and new never coexist
         self._drop_layers()
         self.check_fits(packed.video_lens, packed.text_lens, packed.prompt_lens)
         self.joint = packed
-        self.capturing = True
         self.text_rows = packed.index("text")
         self.text_rope = tuple(t.index_select(0, self.text_rows).contiguous() for t in packed.rope)
         self._views.clear()
@@ -205,8 +228,8 @@ class VideoCache:
 
     def run_text_layers(self, run, x: torch.Tensor, seg_temb: torch.Tensor) -> torch.Tensor:
         """``run(x, seg_temb)``, the layer loop of a text-only step: eagerly, or with ``cuda_graph``
-        (and autograd off) by replaying its CUDA graph, captured at the first text step after each
-        full step. A capture that fails is logged, kept in ``graph_error``, and the text steps of
+        (and autograd off) by replaying its CUDA graph, captured at the first text step on these
+        buffers. A capture that fails is logged, kept in ``graph_error``, and the text steps of
         this cache then run eagerly."""
         if not self.cuda_graph or self.graph_error is not None or torch.is_grad_enabled():
             return run(x, seg_temb)
@@ -242,6 +265,7 @@ class VideoCache:
 
     def _drop_layers(self) -> None:
         self.graph = None  # it reads the buffers dropped here
+        self.refill = False
         self.keys = [None] * len(self.keys)
         self.values = [None] * len(self.values)
         self.prompt_kv = [None] * len(self.prompt_kv)

@@ -11,7 +11,11 @@ the remaining PyTorch compute (the projections) near zero, so the time is the ho
 Not included: Triton's own launch cost per kernel (JIT argument binding and the driver call: a few
 microseconds each on a GPU host) and the CUDA launch cost of the PyTorch ops.
 
-    OMP_NUM_THREADS=1 python bench/cpu_text_step_host.py [--layers 30] [--text-len 1] [--repeats 40]
+``--graph``: the host's share of a step whose layers are replayed from a CUDA graph
+(``VideoCache(cuda_graph=True)``): the layer loop is replaced by a copy of its input, standing for the
+two input copies and the one replay launch; what remains is the time embedding and the decode head.
+
+    OMP_NUM_THREADS=1 python bench/cpu_text_step_host.py [--layers 30] [--text-len 1] [--repeats 40] [--graph]
 """
 from __future__ import annotations
 
@@ -35,6 +39,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=30, help="wan1.3b has 30, wan14b 40")
     ap.add_argument("--text-len", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=40)
+    ap.add_argument("--graph", action="store_true", help="the host's share of a CUDA-graph-replayed step")
     args = ap.parse_args()
     torch.set_num_threads(1)
 
@@ -62,6 +67,8 @@ def main() -> None:
         model.text_step(cache, text, torch.tensor([0.2]), text_output="sample", sample_seed=1)
         launches.clear()
         skip = True
+        if args.graph:
+            cache.run_text_layers = lambda run, x, seg_temb: x.clone()
         for i in range(args.repeats):
             t0 = time.perf_counter()
             model.text_step(cache, text, torch.tensor([0.3]), text_output="sample", sample_seed=2 + i)
@@ -69,7 +76,8 @@ def main() -> None:
     InterpretedFunction.run = run_kernel
     times.sort()
     per_step = {k: v // args.repeats for k, v in launches.most_common()}
-    print(f"text-only step, {args.layers} layers, {args.text_len} text token(s): host time min "
+    print(f"text-only step{' (layers replayed from a CUDA graph)' if args.graph else ''}, {args.layers} layers, "
+          f"{args.text_len} text token(s): host time min "
           f"{times[0] * 1e3:.1f} ms, median {times[len(times) // 2] * 1e3:.1f} ms over {args.repeats} steps; "
           f"{sum(per_step.values())} kernel launches per step")
     for name, n in per_step.items():

@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import UniViGUConfig
-from .modules import TextHead, TextProjection, TimeEmbedding, UniViGUBlock, VideoHead
 from .kernels._utils import host_to_device
+from .modules import TextHead, TextProjection, TimeEmbedding, UniViGUBlock, VideoHead
 from .ops import Ops
 from .packing import PackedBatch
 

@@ -153,14 +153,26 @@ def tile_table(offsets, block: int, device) -> tuple[torch.Tensor, torch.Tensor]
     return retain(_tile_table(tuple(offsets), block, torch.device(device)))
 
 
+@functools.lru_cache(maxsize=64)
+def _one_segment_table(n: int, device: torch.device) -> torch.Tensor:
+    return torch.tensor([0, n], dtype=torch.int32).to(device)
+
+
+def one_segment_table(n: int, device) -> torch.Tensor:
+    """``seg_offsets`` ``[0, n]`` (int32, on ``device``): one segment of all ``n`` rows, for a
+    segment-table kernel applied to a whole tensor. Cached per (n, device) like :func:`tile_table`
+    (every layer reuses it; no host copy per call). Read-only."""
+    return retain(_one_segment_table(n, torch.device(device)))
+
+
 _RETAINERS: list[list] = []
 
 
 @contextlib.contextmanager
 def retain_cached_tables():
     """Collect, into the yielded list, every cached device table handed out inside the block (tile
-    tables, row tables): a CUDA graph recorded in the block reads their memory at every replay, but
-    the caches may drop them later (LRU), so the graph's owner keeps this list alive with it."""
+    tables, one-segment tables): a CUDA graph recorded in the block reads their memory at every
+    replay, but the caches may drop them later (LRU), so the graph's owner keeps this list alive."""
     kept: list = []
     _RETAINERS.append(kept)
     try:

@@ -447,7 +447,7 @@ def test_cuda_graph_refused_where_it_cannot_run():
 
 def test_cuda_graph_keeps_the_kernels_cached_tables(fake_graphs):
     """A graph reads, at every replay, the device tables the kernels' launchers took from their caches
-    (tile tables: LRU; the fused LayerNorm's row tables: cleared when large), which may drop them
+    (tile tables, the fused LayerNorm's one-segment tables: LRU caches), which may drop them
     later: the graph keeps every table handed out while it was captured. The fast model (interpreter):
     each table an eager text step uses is one the graph holds; none leak outside a capture."""
     from univigu_fast.kernels._utils import retain_cached_tables

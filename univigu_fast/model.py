@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .kernels._utils import HAS_TRITON, interpreter_problem, interpreting, log_once, retain, use_triton
+from .kernels._utils import HAS_TRITON, interpreter_problem, interpreting, log_once, one_segment_table, use_triton
 from .kernels.modulated_layer_norm import modulated_layer_norm
 from .modeling import TextDecoded, UniViGUModelBase, UniViGUOutput
 from .modules import FP32LayerNorm
@@ -22,19 +22,10 @@ class FusedFP32LayerNorm(FP32LayerNorm):
     covering every row, ``LN(x) * (1 + (weight - 1)) + bias``. Same parameters, same result (fp32 math,
     output in ``x.dtype``) in one read and one write instead of Wan's three fp32 passes."""
 
-    def _whole(self, n: int, device) -> torch.Tensor:
-        key = (n, str(device))
-        cache = self.__dict__.setdefault("_tables", {})
-        if key not in cache:
-            if len(cache) > 16:
-                cache.clear()
-            cache[key] = torch.tensor([0, n], dtype=torch.int32, device=device)
-        return retain(cache[key])
-
     def forward(self, x):
         if x.dim() != 2 or self.weight is None or self.bias is None or not use_triton(x, self.weight):
             return super().forward(x)
-        return modulated_layer_norm(x, self._whole(x.shape[0], x.device), self.bias.float()[None],
+        return modulated_layer_norm(x, one_segment_table(x.shape[0], x.device), self.bias.float()[None],
                                     (self.weight.float() - 1.0)[None], self.eps)
 
 

@@ -143,7 +143,8 @@ class GraphedTextLayers:
     ``x`` (Lt, dim) the text rows, ``seg_temb`` (2B, 6, dim) their time modulation: copied into
     static buffers before each replay; every other tensor ``run`` reads must stay where it was at
     capture: the weights, the cache's keys/values and text packing (refreshed in place; the cache
-    drops the graph when it drops them) and the kernels' cached tile / row tables (kept here: their caches may evict them).
+    drops the graph when it drops them) and the kernels' cached tile / one-segment tables (kept
+    here: their caches may evict them).
     Returns a fresh tensor (the graph's own output buffer is overwritten by the next replay)."""
 
     def __init__(self, run, x: torch.Tensor, seg_temb: torch.Tensor):

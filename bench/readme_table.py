@@ -44,6 +44,11 @@ def _ms(x) -> str:
     return "—" if x is None else (f"{x:.3g}" if x < 10 else f"{x:.0f}") if x < 1000 else f"{x / 1e3:.2f} s"
 
 
+def _mib(r) -> str:
+    b = r.get("peak_mem_bytes") if r else None
+    return "—" if b is None else f"{b / 2**20:,.0f}"
+
+
 def _ratio(a, b) -> str:
     return "—" if a is None or b is None or b <= 0 else f"{a / b:.2f}x"
 
@@ -110,8 +115,9 @@ def render(doc: dict, source: str) -> str:
     kern = [k for k in by if k[0] not in ("model_step", "caption")]
     if kern:
         lines += ["**Kernels** (bf16):", "",
-                  "| op | shape | mode | ours (ms) | ours: rate (% of peak) | naive (ms) | best peer (ms) | vs naive | vs best peer |",
-                  "| --- | --- | --- | ---: | --- | ---: | --- | ---: | ---: |"]
+                  "| op | shape | mode | ours (ms) | ours: rate (% of peak) | naive (ms) | best peer (ms) | vs naive | vs best peer "
+                  "| extra peak MiB: ours / naive / peer |",
+                  "| --- | --- | --- | ---: | --- | ---: | --- | ---: | ---: | ---: |"]
         for key in sorted(kern):
             impls = by[key]
             naive = next((impls[b] for b in BASELINES if b in impls), None)
@@ -123,8 +129,11 @@ def render(doc: dict, source: str) -> str:
                 lines.append(
                 f"| {key[0]}{label} | {key[1]} | {key[2]} | {_ms(ours['ms'])} | {_rate(ours, doc)} | "
                     f"{_ms(naive['ms']) if naive else '—'} | {best[0] + ' ' + _ms(best[1]['ms']) if best else '—'} | "
-                    f"{_ratio(naive['ms'], ours['ms']) if naive else '—'} | {_ratio(best[1]['ms'], ours['ms']) if best else '—'} |")
-        lines += ["", "(vs naive / vs best peer: their time / ours, higher is better; below 1.00x the peer is faster.)"]
+                    f"{_ratio(naive['ms'], ours['ms']) if naive else '—'} | {_ratio(best[1]['ms'], ours['ms']) if best else '—'} | "
+                    f"{_mib(ours)} / {_mib(naive)} / {_mib(best[1] if best else None)} |")
+        lines += ["", "(vs naive / vs best peer: their time / ours, higher is better; below 1.00x the peer is faster. "
+                  "Extra peak MiB: device memory allocated by one call on top of what was resident before it, "
+                  "outputs included.)"]
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -1,0 +1,44 @@
+"""bench/readme_table.py: the README's benchmark section is rendered from the newest results file."""
+import importlib.util
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("readme_table", ROOT / "bench" / "readme_table.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _rec(op, shape, mode, impl, ms, **kw):
+    return dict(op=op, shape=shape, mode=mode, impl=impl, ms=ms, tflops=kw.get("tflops"), gbps=kw.get("gbps"),
+                peak_mem_bytes=kw.get("mem"))
+
+
+def test_render_ratios_rates_and_memory():
+    doc = {"device": "GPU", "commit": "abc", "date": "2026-01-01", "peak_tflops": 800.0, "peak_gbps": 3000.0,
+           "records": [
+               _rec("linear_cross_entropy", "n8192-d5120", "fwd_bwd", "triton", 100.0, tflops=200.0, mem=3 * 2**20),
+               _rec("linear_cross_entropy", "n8192-d5120", "fwd_bwd", "naive", 150.0, mem=30 * 2**20),
+               _rec("linear_cross_entropy", "n8192-d5120", "fwd_bwd", "liger", 125.0, mem=2 * 2**20),
+               _rec("linear_cross_entropy", "n8192-d5120", "fwd_bwd", "torch", 400.0, mem=None),
+               _rec("model_step", "wan1.3b-480p", "joint", "triton", 600.0),
+               _rec("model_step", "wan1.3b-480p", "joint", "reference", 900.0),
+               _rec("model_step", "wan1.3b-480p", "video", "diffusers", 580.0),
+           ]}
+    text = _module().render(doc, "bench/results/x.json")
+    rows = {line.split("|")[1].strip() + "/" + line.split("|")[3].strip(): [c.strip() for c in line.split("|")[1:-1]]
+            for line in text.splitlines() if line.startswith("| ") and "---" not in line and "op |" not in line}
+    ce = rows["linear_cross_entropy/fwd_bwd"]
+    # ours 100 ms at 200 TFLOP/s = 25% of 800; naive 1.50x; best peer = the faster of liger / torch
+    assert ce[3:] == ["100", "200 TFLOP/s (25%)", "150", "liger 125", "1.50x", "1.25x", "3 / 30 / 2"]
+    joint = rows["model_step/joint"]
+    # a text-stream mode is compared with diffusers on the same video alone (the issue's goal)
+    assert joint[3:] == ["600", "900", "580", "1.50x", "1.03x"]
+
+
+def test_readme_section_is_the_newest_results():
+    """Whoever commits a results file regenerates the README table (`python bench/readme_table.py`)."""
+    assert _module().main(["--check"]) == 0

@@ -10,7 +10,8 @@ still returns every figure it measured).
 ``peak_mem_bytes`` is the memory an impl allocates on top of what was resident before the call
 (inputs and weights excluded), read with ``torch.cuda.max_memory_allocated`` after a garbage
 collection (so no earlier call's unreachable tensors sit in the baseline and are freed during the
-measured one). ``configs`` names the autotuned config each of our Triton kernels ran with in the
+measured one), and measured again if memory resident before the call was freed during it anyway
+(null if that persists). ``configs`` names the autotuned config each of our Triton kernels ran with in the
 measured call (``{"<module>.<kernel>": {"BLOCK_N": 128, ..., "num_warps": 8, "num_stages": 4}}``;
 a kernel launched several times per call, e.g. the grouped GEMM, shows its last launch), and the
 file's ``autotune`` section every (kernel, autotune key) -> config chosen in the run.
@@ -145,12 +146,7 @@ def measure(
     tuners = _autotuners()
     for tuner in tuners.values():  # set again by every launch: afterwards, the configs of this call
         tuner.best_config = None
-    gc.collect()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    timed()
-    peak = torch.cuda.max_memory_allocated() - base
+    peak = _extra_peak_memory(timed)
     configs = {name: _config_dict(t.best_config) for name, t in tuners.items()
                if getattr(t, "best_config", None) is not None}
     record = {
@@ -162,7 +158,7 @@ def measure(
         "ms": ms,
         "tflops": flops / ms / 1e9 if flops else None,
         "gbps": bytes_moved / ms / 1e6 if bytes_moved else None,
-        "peak_mem_bytes": int(peak),
+        "peak_mem_bytes": peak,
         "configs": configs or None,
         "gpu_state": gpu_state,
     }
@@ -189,6 +185,28 @@ def _gpu_state() -> dict | None:
                 "temp_c": pynvml.nvmlDeviceGetTemperature(h, pynvml.NVML_TEMPERATURE_GPU)}
     except Exception:  # noqa: BLE001 - diagnostics only
         return None
+
+
+def _extra_peak_memory(timed, attempts: int = 3) -> int | None:
+    """Device memory one call of ``timed`` allocates on top of what was resident before it (its
+    outputs included). Garbage is collected before the baseline is read; a call during which memory
+    of the baseline was freed (allocated after it, outputs still alive, below the baseline: garbage
+    of an earlier test, say, released by the call) would understate its peak by that much, so it is
+    measured again; None if that keeps happening."""
+    for _ in range(attempts):
+        gc.collect()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        out = timed()
+        after = torch.cuda.memory_allocated()
+        peak = torch.cuda.max_memory_allocated() - base
+        del out
+        if after >= base:
+            return int(peak)
+    print(f"bench: extra peak memory not measurable (memory resident before the call was freed during it "
+          f"{attempts} times); recorded as null")
+    return None
 
 
 def _autotuners() -> dict:

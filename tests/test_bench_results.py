@@ -66,3 +66,40 @@ def test_each_write_keeps_earlier_runs_records_and_replaces_remeasured_pairs(com
     common.write_results()
     assert _records(path) == [("argmax", "n256", "triton", 1.0), ("attention", "480p", "auto", 7.0),
                               ("ffn", "480p", "triton", 3.0)]
+
+
+class _FakeDeviceMemory:
+    """torch.cuda's allocation counters over a scripted device: ``resident`` bytes before a call, and
+    per call (allocated during it, freed from the resident set during it, left allocated after it)."""
+
+    def __init__(self, resident, calls):
+        self.allocated, self.peak, self.calls = resident, resident, list(calls)
+
+    def call(self):
+        extra, freed, kept = self.calls.pop(0)
+        self.allocated -= freed                    # e.g. an earlier test's garbage released by the call
+        self.peak = max(self.peak, self.allocated + extra)
+        self.allocated += kept
+        return "outputs"
+
+    def install(self, monkeypatch):
+        monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+        monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a: setattr(self, "peak", self.allocated))
+        monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a: self.allocated)
+        monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: self.peak)
+
+
+def test_extra_peak_memory_is_measured_again_when_the_call_frees_resident_memory(common, monkeypatch):
+    # first call: 750 resident bytes are freed before its 2500-byte peak (it would read 1750);
+    # the second call frees nothing and reads the true 2500 (100 of them outputs)
+    mem = _FakeDeviceMemory(resident=1000, calls=[(2500, 750, 100), (2500, 0, 100)])
+    mem.install(monkeypatch)
+    assert common._extra_peak_memory(mem.call) == 2500 and not mem.calls
+    # a call that frees resident memory every time has no sound figure: null, not a low number
+    mem = _FakeDeviceMemory(resident=1000, calls=[(2500, 750, 100)] * 3)
+    mem.install(monkeypatch)
+    assert common._extra_peak_memory(mem.call) is None
+    # the usual case: one call
+    mem = _FakeDeviceMemory(resident=1000, calls=[(300, 0, 0), (999, 0, 0)])
+    mem.install(monkeypatch)
+    assert common._extra_peak_memory(mem.call) == 300 and len(mem.calls) == 1

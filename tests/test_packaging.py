@@ -70,3 +70,41 @@ def test_profile_cli_json_on_tiny():
     table = runner.invoke(app, ["profile", "--no-fast", "--mode", "video"])
     assert table.exit_code == 0 and "attention" in table.output and "decode" not in table.output
     assert runner.invoke(app, ["profile", "--no-fast", "--no-reference"]).exit_code != 0
+
+
+def test_profile_cli_compares_fast_with_reference():
+    """With both models, ``profile`` runs one step of each on the same weights and inputs and reports
+    how far the fast model's outputs are from the reference's (and the text argmax agreement)."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from univigu_fast.cli import app
+
+    result = CliRunner().invoke(app, ["profile", "--json", "--mode", "joint"])
+    assert result.exit_code == 0, result.output[-2000:]
+    doc = json.loads(result.output[result.output.index("{"):])
+    cmp = doc["fast_vs_reference"]
+    assert set(cmp) == {"video_velocity", "text"}
+    for v in cmp.values():  # fp32 on CPU: the kernels' interpreter run against the PyTorch reference
+        assert 0 <= v["max_abs_diff"] <= 1e-4 * v["max_abs_reference"] and v["max_abs_reference"] > 0.1
+    assert cmp["text"]["argmax_agreement"] == 1.0
+
+
+def test_compare_outputs_sees_a_difference():
+    import torch
+
+    from _models import tiny_reference
+    from univigu_fast import profiling as P
+
+    ref = tiny_reference()
+    other = tiny_reference()  # same seed: the same weights, then two output biases moved
+    with torch.no_grad():
+        other.video_head.proj_out.bias += 0.5
+        other.text_head.linear.bias.copy_(torch.randn(other.text_head.linear.bias.shape) * 10)
+    inputs = P.make_inputs(P.TINY_SHAPE, ref.config, "joint", "cpu", torch.float32)
+    same = P.compare_outputs(ref, ref, inputs)
+    assert same["video_velocity"]["max_abs_diff"] == 0 and same["text"]["argmax_agreement"] == 1.0
+    diff = P.compare_outputs(other, ref, inputs)
+    assert abs(diff["video_velocity"]["max_abs_diff"] - 0.5) < 1e-4  # the bias shift, through unpatchify
+    assert diff["text"]["max_abs_diff"] > 1 and diff["text"]["argmax_agreement"] < 1.0

@@ -46,7 +46,8 @@ def profile(
     fast: bool = typer.Option(True, help="Profile the fast model (Triton kernels; on CPU they run in the slow interpreter)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ):
-    """Per-component FLOPs, latency, TFLOP/s, % of peak and peak memory of one denoising step, fast vs reference."""
+    """Per-component FLOPs, latency, TFLOP/s, % of peak and peak memory of one denoising step, fast vs reference
+    side by side, and how far apart their outputs are (same weights, same inputs)."""
     import torch
 
     on_gpu = torch.cuda.is_available()
@@ -88,6 +89,10 @@ def profile(
 
     if not (fast or reference):
         raise typer.BadParameter("nothing to profile: --no-fast and --no-reference together")
+    # random weights; the text head starts at zero (as for training), so give it values: the decode
+    # then picks ids from real logits and the fast/reference comparison below sees them
+    with torch.no_grad():
+        torch.nn.init.normal_(fast_model.text_head.linear.weight, std=cfg.dim**-0.5)
     results = {}
     models = [("triton", fast_model)] if fast else []
     if reference:
@@ -106,6 +111,7 @@ def profile(
             "instrumented_total_seconds": instrumented,
             "peak_rss_bytes": _peak_rss_bytes(),  # whole process, so on CPU it bounds both models together
         }
+    agreement = P.compare_outputs(fast_model, models[1][1], inputs) if len(models) == 2 else None
     total_flops = sum(flops.values())
     doc = {
         "shape": shape_obj.name, "mode": mode, "device": torch.cuda.get_device_name() if on_gpu else "cpu",
@@ -113,6 +119,7 @@ def profile(
         "timings": "GPU" if on_gpu else "CPU (Triton interpreter: not representative of GPU speed)",
         "fast_kernel_path": fast_model.kernel_path(),
         "peak_tflops_measured": peak_tflops, "flops": {**flops, "total": total_flops}, "results": results,
+        "fast_vs_reference": agreement,
         **({"nvml": _nvml()} if on_gpu else {}),
     }
     if as_json:
@@ -153,6 +160,11 @@ def profile(
         typer.echo(f"NVML: memory used {doc['nvml']['nvml_memory_used_bytes'] / 2**30:.2f} GiB, power {doc['nvml']['nvml_power_w']:.0f} W")
     if "reference" in results and "triton" in results:
         typer.echo(f"speed-up (reference / triton, total): {results['reference']['seconds']['total'] / results['triton']['seconds']['total']:.2f}x")
+    if agreement:
+        parts = [f"{name} max |diff| {v['max_abs_diff']:.3g} (reference max |value| {v['max_abs_reference']:.3g})"
+                 + (f", argmax agrees on {100 * v['argmax_agreement']:.1f}% of tokens" if "argmax_agreement" in v else "")
+                 for name, v in agreement.items()]
+        typer.echo(f"fast vs reference, same weights and inputs ({doc['dtype']}): " + "; ".join(parts))
 
 
 @app.command()

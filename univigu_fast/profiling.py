@@ -174,3 +174,31 @@ def shape_by_name(name: str) -> BenchShape:
     if name not in SHAPES:
         raise ValueError(f"unknown shape {name!r}: expected 'tiny' or one of {sorted(SHAPES)}")
     return SHAPES[name]
+
+
+def _flat(out) -> torch.Tensor:
+    """A model output (a tensor, or per-sample tensors) as one fp32 vector."""
+    parts = [out] if isinstance(out, torch.Tensor) else list(out)
+    return torch.cat([t.float().flatten() for t in parts]) if parts else torch.zeros(0)
+
+
+def compare_outputs(fast, reference, inputs: dict) -> dict:
+    """One step of both models on the same inputs (``text_output="full"``; they share weights in
+    ``univigu-fast profile``): per output, the max |fast - reference| and, for scale, the reference's
+    max |value|; for discrete text, the share of text tokens whose logits' argmax agree."""
+    with torch.no_grad():
+        want, got = reference(**inputs), fast(**inputs)
+    res = {}
+    for name, a, b in (("video_velocity", want.video_velocity, got.video_velocity),
+                       ("text", want.text_out, got.text_out)):
+        if a is None:
+            continue
+        fa, fb = _flat(a), _flat(b)
+        if not fa.numel():
+            continue
+        res[name] = {"max_abs_diff": (fb - fa).abs().max().item(), "max_abs_reference": fa.abs().max().item()}
+    if "text" in res and reference.config.text_flow == "discrete":
+        ids_a = torch.cat([t.argmax(-1).flatten() for t in want.text_out])
+        ids_b = torch.cat([t.argmax(-1).flatten() for t in got.text_out])
+        res["text"]["argmax_agreement"] = (ids_a == ids_b).float().mean().item()
+    return res

@@ -9,6 +9,8 @@ Op ``caption`` also with the video-stream cache (impls ``cached-once``, ``cached
 ``-graph``: its text-only steps replayed from a CUDA graph) and ``model_step`` / ``understanding`` /
 ``cached`` and ``cached-graph`` (one text-only step on a filled cache; its record also carries
 ``gpu_busy_ms``, the GPU's busy time in the step from the profiler: far below ``ms`` = host-bound).
+``joint`` records of ``triton`` and ``reference`` also carry ``max_abs_err_vs_fp32`` (max |output -
+the fp32 reference's| over the video velocity and the full text logits) and ``max_abs_fp32``.
 wan14b-720p is not run here (three 14B copies do not fit one 80 GB GPU next to their activations).
 """
 import pytest
@@ -72,6 +74,27 @@ def _diffusers(c):
     return c["wan"]
 
 
+def _error_vs_fp32(c, inputs, model) -> tuple[float, float]:
+    """Max |output - fp32 reference output| of one joint step (video velocity and full text logits)
+    and the fp32 output's max |value|. flash-attn's rule reads two records of one run: the fast
+    model's error at most twice the bf16 reference's. The fp32 outputs are computed once per shape
+    by a float copy of the reference model, dropped afterwards."""
+    if "fp32_out" not in c:
+        import copy
+
+        oracle = copy.deepcopy(c["ref"]).float()
+        as32 = {k: [t.float() if t.is_floating_point() else t for t in v] if isinstance(v, list) else v
+                for k, v in inputs.items()}
+        with torch.no_grad():
+            c["fp32_out"] = P.flat_outputs(oracle(**as32))
+        del oracle
+        torch.cuda.empty_cache()
+    with torch.no_grad():
+        got = P.flat_outputs(model(**inputs))
+    want = c["fp32_out"]
+    return (got - want).abs().max().item(), want.abs().max().item()
+
+
 def _flops(s, cfg, mode):
     f = P.component_flops(s, cfg, "video" if mode == "video" else "joint", decode=mode not in ("video", "train"))
     total = sum(f.values())
@@ -124,8 +147,11 @@ def test_bench_model_step(benchmark, shape, mode, impl):
     except Exception as e:  # one failing impl must not stop the others
         torch.cuda.empty_cache()
         pytest.skip(f"{impl} failed: {type(e).__name__}: {str(e)[:300]}")
-    measure(benchmark, run, op="model_step", shape=c["name"], mode=mode, impl=impl, dtype=DTYPE,
-            flops=_flops(s, cfg, mode), rounds=3, warmup_rounds=1)
+    record = measure(benchmark, run, op="model_step", shape=c["name"], mode=mode, impl=impl, dtype=DTYPE,
+                     flops=_flops(s, cfg, mode), rounds=3, warmup_rounds=1)
+    if mode == "joint":  # the issue's "outputs within bf16 tolerance of the reference", at this shape
+        record["max_abs_err_vs_fp32"], record["max_abs_fp32"] = _error_vs_fp32(c, inputs, model)
+        write_results()
     if mode == "train":
         for p in (c["fast"] if impl == "triton" else c["ref"]).parameters():
             p.requires_grad_(False)

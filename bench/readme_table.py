@@ -49,6 +49,14 @@ def _mib(r) -> str:
     return "—" if b is None else f"{b / 2**20:,.0f}"
 
 
+def _error(fast, ref) -> str:
+    errs = [r.get("max_abs_err_vs_fp32") if r else None for r in (fast, ref)]
+    if all(e is None for e in errs):
+        return "—"
+    scale = next((r["max_abs_fp32"] for r in (fast, ref) if r and r.get("max_abs_fp32") is not None), None)
+    return " / ".join("—" if e is None else f"{e:.3g}" for e in errs) + (f" (of {scale:.3g})" if scale else "")
+
+
 def _ratio(a, b) -> str:
     return "—" if a is None or b is None or b <= 0 else f"{a / b:.2f}x"
 
@@ -93,8 +101,9 @@ def render(doc: dict, source: str) -> str:
     e2e = [k for k in by if k[0] in ("model_step", "caption")]
     if e2e:
         lines += ["**End to end** (bf16; `video` = no text stream, against diffusers' `WanTransformer3DModel`):", "",
-                  "| op | shape | mode | fast (ms) | reference (ms) | diffusers (ms) | vs reference | vs diffusers |",
-                  "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+                  "| op | shape | mode | fast (ms) | reference (ms) | diffusers (ms) | vs reference | vs diffusers "
+                  "| max abs error vs fp32: fast / reference |",
+                  "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
         modes = ("joint", "understanding", "generation", "video", "train")
         for op, shape, mode in sorted(e2e, key=lambda k: (k[0] != "model_step", k[1], _order([k[2]], modes) and
                                                          (modes.index(k[2]) if k[2] in modes else 99))):
@@ -107,9 +116,13 @@ def render(doc: dict, source: str) -> str:
                 dif = by.get((op, shape, "video"), {}).get("diffusers", {}).get("ms")
             extra = [f"{i} {_ms(r['ms'])}" for i, r in impls.items() if i not in ("triton", "reference", "diffusers")]
             lines.append(f"| {op} | {shape} | {mode}{' (' + ', '.join(extra) + ')' if extra else ''} | {_ms(fast)} | "
-                         f"{_ms(ref)} | {_ms(dif)} | {_ratio(ref, fast)} | {_ratio(fast, dif) if dif else '—'} |")
+                         f"{_ms(ref)} | {_ms(dif)} | {_ratio(ref, fast)} | {_ratio(fast, dif) if dif else '—'} | "
+                         f"{_error(impls.get('triton'), impls.get('reference'))} |")
         lines += ["", "(vs reference: reference / fast, higher is better; vs diffusers: fast / diffusers, "
-                  "lower is better; a text-stream mode is compared with diffusers on the same video alone.)", ""]
+                  "lower is better; a text-stream mode is compared with diffusers on the same video alone. "
+                  "Max abs error: over the video velocity and the text logits, against the reference model "
+                  "run in fp32 on the same weights and inputs, with that output's max |value|; flash-attn's "
+                  "rule: the fast model's at most twice the bf16 reference's.)", ""]
 
     # Kernels: ours vs naive vs the fastest other impl
     kern = [k for k in by if k[0] not in ("model_step", "caption")]

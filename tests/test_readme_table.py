@@ -24,8 +24,10 @@ def test_render_ratios_rates_and_memory():
                _rec("linear_cross_entropy", "n8192-d5120", "fwd_bwd", "naive", 150.0, mem=30 * 2**20),
                _rec("linear_cross_entropy", "n8192-d5120", "fwd_bwd", "liger", 125.0, mem=2 * 2**20),
                _rec("linear_cross_entropy", "n8192-d5120", "fwd_bwd", "torch", 400.0, mem=None),
-               _rec("model_step", "wan1.3b-480p", "joint", "triton", 600.0),
-               _rec("model_step", "wan1.3b-480p", "joint", "reference", 900.0),
+               {**_rec("model_step", "wan1.3b-480p", "joint", "triton", 600.0),
+                "max_abs_err_vs_fp32": 0.25, "max_abs_fp32": 40.0},
+               {**_rec("model_step", "wan1.3b-480p", "joint", "reference", 900.0),
+                "max_abs_err_vs_fp32": 0.2, "max_abs_fp32": 40.0},
                _rec("model_step", "wan1.3b-480p", "video", "diffusers", 580.0),
            ]}
     text = _module().render(doc, "bench/results/x.json")
@@ -36,7 +38,7 @@ def test_render_ratios_rates_and_memory():
     assert ce[3:] == ["100", "200 TFLOP/s (25%)", "150", "liger 125", "1.50x", "1.25x", "3 / 30 / 2"]
     joint = rows["model_step/joint"]
     # a text-stream mode is compared with diffusers on the same video alone (the goal)
-    assert joint[3:] == ["600", "900", "580", "1.50x", "1.03x"]
+    assert joint[3:] == ["600", "900", "580", "1.50x", "1.03x", "0.25 / 0.2 (of 40)"]
 
 
 def test_readme_section_is_the_newest_results():

@@ -176,8 +176,11 @@ def shape_by_name(name: str) -> BenchShape:
     return SHAPES[name]
 
 
-def _flat(out) -> torch.Tensor:
-    """A model output (a tensor, or per-sample tensors) as one fp32 vector."""
+def flat_outputs(out) -> torch.Tensor:
+    """One fp32 vector of a model output: a tensor, per-sample tensors, or a ``UniViGUOutput`` (its
+    video velocity, then its text output where there is one)."""
+    if hasattr(out, "video_velocity"):
+        return torch.cat([flat_outputs(t) for t in (out.video_velocity, out.text_out) if t is not None])
     parts = [out] if isinstance(out, torch.Tensor) else list(out)
     return torch.cat([t.float().flatten() for t in parts]) if parts else torch.zeros(0)
 
@@ -193,7 +196,7 @@ def compare_outputs(fast, reference, inputs: dict) -> dict:
                        ("text", want.text_out, got.text_out)):
         if a is None:
             continue
-        fa, fb = _flat(a), _flat(b)
+        fa, fb = flat_outputs(a), flat_outputs(b)
         if not fa.numel():
             continue
         res[name] = {"max_abs_diff": (fb - fa).abs().max().item(), "max_abs_reference": fa.abs().max().item()}

@@ -150,7 +150,12 @@ def test_bench_model_step(benchmark, shape, mode, impl):
     record = measure(benchmark, run, op="model_step", shape=c["name"], mode=mode, impl=impl, dtype=DTYPE,
                      flops=_flops(s, cfg, mode), rounds=3, warmup_rounds=1)
     if mode == "joint":  # the "outputs within bf16 tolerance of the reference", at this shape
-        record["max_abs_err_vs_fp32"], record["max_abs_fp32"] = _error_vs_fp32(c, inputs, model)
+        try:
+            record["max_abs_err_vs_fp32"], record["max_abs_fp32"] = _error_vs_fp32(c, inputs, model)
+        except Exception as e:  # e.g. out of memory: the timing stands, the error figure is missing
+            record["max_abs_err_vs_fp32"] = None
+            record["error_check_failed"] = f"{type(e).__name__}: {str(e)[:300]}"
+            torch.cuda.empty_cache()
         write_results()
     if mode == "train":
         for p in (c["fast"] if impl == "triton" else c["ref"]).parameters():

@@ -81,7 +81,7 @@ def test_profile_cli_compares_fast_with_reference():
 
     from univigu_fast.cli import app
 
-    result = CliRunner().invoke(app, ["profile", "--json", "--mode", "joint"])
+    result = CliRunner().invoke(app, ["profile", "--json", "--mode", "joint", "--layers", "1"])
     assert result.exit_code == 0, result.output[-2000:]
     doc = json.loads(result.output[result.output.index("{"):])
     cmp = doc["fast_vs_reference"]

@@ -83,10 +83,8 @@ def _error_vs_fp32(c, inputs, model) -> tuple[float, float]:
         import copy
 
         oracle = copy.deepcopy(c["ref"]).float()
-        as32 = {k: [t.float() if t.is_floating_point() else t for t in v] if isinstance(v, list) else v
-                for k, v in inputs.items()}
         with torch.no_grad():
-            c["fp32_out"] = P.flat_outputs(oracle(**as32))
+            c["fp32_out"] = P.flat_outputs(oracle(**P.cast_inputs(inputs, torch.float32)))
         del oracle
         torch.cuda.empty_cache()
     with torch.no_grad():

@@ -4,6 +4,7 @@ import torch
 
 from _models import sample_batch, tiny_reference
 from univigu_fast import UniViGUModel
+from univigu_fast.profiling import cast_inputs, flat_outputs
 from univigu_fast.reference import UniViGUModel as ReferenceModel
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -124,15 +125,6 @@ def _cuda_models():
     return ref, fast, batch
 
 
-def _cast(batch, dtype):
-    return {k: ([t.to(dtype) if t.is_floating_point() else t for t in v] if isinstance(v, list) else v)
-            for k, v in batch.items()}
-
-
-def _flat(out):
-    return torch.cat([t.float().flatten() for t in list(out.video_velocity) + list(out.text_out)])
-
-
 def _assert_bf16_close(got, ref_bf16, ref_fp32, what):
     """flash-attn's rule: the fast model's error against fp32 at most twice the reference's own bf16 error."""
     err, base = (got - ref_fp32).abs().max().item(), (ref_bf16 - ref_fp32).abs().max().item()
@@ -143,10 +135,10 @@ def _assert_bf16_close(got, ref_bf16, ref_fp32, what):
 def test_cuda_bf16_matches_reference_within_bf16_error():
     ref, fast, batch = _cuda_models()
     with torch.no_grad():
-        want32 = _flat(ref(**batch))
+        want32 = flat_outputs(ref(**batch))
         ref.bfloat16(), fast.bfloat16()
-        b16 = _cast(batch, torch.bfloat16)
-        want16, got16 = _flat(ref(**b16)), _flat(fast(**b16))
+        b16 = cast_inputs(batch, torch.bfloat16)
+        want16, got16 = flat_outputs(ref(**b16)), flat_outputs(fast(**b16))
     _assert_bf16_close(got16, want16, want32, "bf16 forward")
     # the fused decode picks the same ids wherever the reference's top-2 logits are not bf16-tied
     with torch.no_grad():
@@ -162,7 +154,7 @@ def test_cuda_training_step_bf16_gradients_match():
     grads = {}
     for name, model, dtype in (("ref32", ref, torch.float32), ("fast16", fast.bfloat16(), torch.bfloat16)):
         model.train()
-        out = model(**_cast(batch, dtype))
+        out = model(**cast_inputs(batch, dtype))
         loss = sum(v.float().pow(2).mean() for v in out.video_velocity) + \
             sum(t.float().logsumexp(-1).mean() for t in out.text_out if t.numel())
         loss.backward()
@@ -180,13 +172,13 @@ def test_cuda_training_step_bf16_gradients_match():
 def test_cuda_autocast_bf16_forward_and_backward():
     ref, fast, batch = _cuda_models()
     with torch.no_grad():
-        want32 = _flat(ref(**batch))
+        want32 = flat_outputs(ref(**batch))
         with torch.autocast("cuda", torch.bfloat16):
-            want_ac = _flat(ref(**batch))
+            want_ac = flat_outputs(ref(**batch))
     fast.train()
     with torch.autocast("cuda", torch.bfloat16):
         out = fast(**batch)
-        got_ac = _flat(out)
+        got_ac = flat_outputs(out)
     _assert_bf16_close(got_ac.detach(), want_ac, want32, "autocast forward")
     got_ac.pow(2).mean().backward()
     grads = [p.grad for p in fast.parameters() if p.grad is not None]
@@ -197,8 +189,8 @@ def test_cuda_autocast_bf16_forward_and_backward():
 def test_cuda_torch_compile_matches_eager():
     ref, fast, batch = _cuda_models()
     fast.bfloat16()
-    b16 = _cast(batch, torch.bfloat16)
+    b16 = cast_inputs(batch, torch.bfloat16)
     compiled = torch.compile(fast)
     with torch.no_grad():
-        eager, comp = _flat(fast(**b16)), _flat(compiled(**b16))
+        eager, comp = flat_outputs(fast(**b16)), flat_outputs(compiled(**b16))
     torch.testing.assert_close(comp, eager, atol=3e-2, rtol=3e-2)

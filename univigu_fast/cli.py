@@ -111,7 +111,7 @@ def profile(
             "instrumented_total_seconds": instrumented,
             "peak_rss_bytes": _peak_rss_bytes(),  # whole process, so on CPU it bounds both models together
         }
-    agreement = P.compare_outputs(fast_model, models[1][1], inputs) if len(models) == 2 else None
+    agreement = P.compare_outputs(fast_model, ref, inputs) if fast and reference else None
     total_flops = sum(flops.values())
     doc = {
         "shape": shape_obj.name, "mode": mode, "device": torch.cuda.get_device_name() if on_gpu else "cpu",

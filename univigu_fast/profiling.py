@@ -176,6 +176,14 @@ def shape_by_name(name: str) -> BenchShape:
     return SHAPES[name]
 
 
+def cast_inputs(inputs: dict, dtype: torch.dtype) -> dict:
+    """Model keyword inputs with every floating tensor (also inside lists) cast to ``dtype``."""
+    def cast(t):
+        return t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+
+    return {k: [cast(t) for t in v] if isinstance(v, list) else v for k, v in inputs.items()}
+
+
 def flat_outputs(out) -> torch.Tensor:
     """One fp32 vector of a model output: a tensor, per-sample tensors, or a ``UniViGUOutput`` (its
     video velocity, then its text output where there is one)."""

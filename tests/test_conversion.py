@@ -1,4 +1,6 @@
 """Checkpoint conversion: three Wan sources agree; public-implementation checkpoints load; IO round trip."""
+import json
+
 import pytest
 import torch
 
@@ -140,3 +142,93 @@ def test_save_pretrained_round_trip_is_exact(tmp_path):
     assert back.config == model.config
     for (k, a), (k2, b) in zip(model.state_dict().items(), back.state_dict().items()):
         assert k == k2 and torch.equal(a, b)
+
+
+def _original_release_folder(model_wan, config, folder):
+    """An original Wan2.1 release folder: weights in Wan's own layout and a ``WanModel`` config.json
+    that, like the released 1.3B one, leaves out text_dim, patch_size, qk_norm and cross_attn_norm."""
+    from safetensors.torch import save_file
+
+    folder.mkdir()
+    sd = {k: v.contiguous() for k, v in _to_original(model_wan.state_dict()).items() if not k.startswith("rope.")}
+    save_file(sd, str(folder / "diffusion_pytorch_model.safetensors"))
+    (folder / "config.json").write_text(json.dumps({
+        "_class_name": "WanModel", "_diffusers_version": "0.30.0", "dim": config.dim, "eps": 1e-06,
+        "ffn_dim": config.ffn_dim, "freq_dim": config.freq_dim, "in_dim": config.in_channels, "model_type": "t2v",
+        "num_heads": config.num_attention_heads, "num_layers": config.num_layers, "out_dim": config.out_channels,
+        "text_len": 512}))
+
+
+def _assert_same_weights(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+def test_from_wan_original_release_folder_and_compiled_module(wan, tmp_path):
+    model_wan, config = wan
+    torch.manual_seed(1)
+    want = UniViGUModel.from_wan(model_wan, vocab_size=config.vocab_size)
+    _original_release_folder(model_wan, config, tmp_path / "orig")
+    torch.manual_seed(1)
+    got = UniViGUModel.from_wan(tmp_path / "orig", vocab_size=config.vocab_size)
+    assert got.config == want.config  # sizes the config.json leaves out are read off the weights
+    _assert_same_weights(got, want)
+    torch.manual_seed(1)
+    _assert_same_weights(UniViGUModel.from_wan(torch.compile(model_wan), vocab_size=config.vocab_size), want)
+
+
+def test_from_wan_folder_picks_the_weights_diffusers_would(wan, tmp_path):
+    """Sharded weights are read through their index, and a folder that also holds an fp16 variant
+    loads the plain weights unless ``variant="fp16"`` (all ``*.safetensors`` were merged, sorted, so the
+    fp16 shards overwrote the fp32 ones)."""
+    model_wan, config = wan
+    folder = tmp_path / "wan"
+    model_wan.save_pretrained(folder, max_shard_size="20KB")
+    half = type(model_wan).from_config(model_wan.config)
+    half.load_state_dict(model_wan.state_dict())
+    half.half().save_pretrained(folder, variant="fp16", max_shard_size="20KB")
+    assert len(list(folder.glob("*.fp16-*.safetensors"))) > 1
+    torch.manual_seed(1)
+    want = UniViGUModel.from_wan(model_wan, vocab_size=config.vocab_size)
+    torch.manual_seed(1)
+    _assert_same_weights(UniViGUModel.from_wan(folder, vocab_size=config.vocab_size), want)
+    got16 = UniViGUModel.from_wan(folder, variant="fp16", vocab_size=config.vocab_size)
+    w = "blocks.0.attn1.to_q.weight"
+    torch.testing.assert_close(got16.state_dict()[w], want.state_dict()[w].half().float(), atol=0, rtol=0)
+    assert not torch.equal(got16.state_dict()[w], want.state_dict()[w])
+    with pytest.raises(FileNotFoundError, match="diffusion_pytorch_model.bf16.safetensors"):
+        UniViGUModel.from_wan(folder, variant="bf16", vocab_size=config.vocab_size)
+
+
+def test_from_wan_refuses_configs_that_disagree_with_the_weights(wan, tmp_path):
+    model_wan, config = wan
+    with pytest.raises(ValueError, match=r"\['num_layers'\] come from the Wan checkpoint's config"):
+        UniViGUModel.from_wan(model_wan, num_layers=1)
+    original = _to_original(model_wan.state_dict())
+    wrong = UniViGUConfig.tiny(num_layers=config.num_layers + 1, ffn_dim=2 * config.ffn_dim)
+    with pytest.raises(ValueError, match="does not match the Wan weights: ffn_dim: config 128, weights 64; num_layers"):
+        UniViGUModel.from_wan(original, config=wrong)
+    with pytest.raises(ValueError, match="attention_head_dim 128 does not divide the weights' dim 32"):
+        UniViGUModel.from_wan(original)  # Wan's 128 is the default guess for a bare state dict
+    _original_release_folder(model_wan, config, tmp_path / "i2v")
+    cfg = json.loads((tmp_path / "i2v" / "config.json").read_text())
+    (tmp_path / "i2v" / "config.json").write_text(json.dumps({**cfg, "model_type": "i2v"}))
+    with pytest.raises(ValueError, match="model_type 'i2v' is not supported"):
+        UniViGUModel.from_wan(tmp_path / "i2v")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("base", [10000.0, 500000.0, 1000000.0, 123.5])
+def test_text_rope_base_read_back_from_any_buffer_dtype(dtype, base):
+    """``from_uni_vigu`` infers ``text_rope_base`` from the stored frequencies; from a bf16 buffer the
+    old one-entry estimate gave 9136 for 10000."""
+    from univigu_fast.conversion import _rope_base
+
+    inv_freq = 1.0 / (base ** (torch.arange(0, 128, 2, dtype=torch.float64) / 128))
+    got = _rope_base(inv_freq.to(dtype))
+    if dtype == torch.float32 or base != 123.5:
+        assert got == base
+    else:  # a value with more digits than the buffer resolves: close, not exact
+        assert abs(got - base) < 0.01 * base

@@ -1,7 +1,8 @@
 """Checkpoint conversion and IO (DESIGN §3).
 
 * ``from_wan``: a diffusers ``WanTransformer3DModel`` (object or folder with config.json + safetensors
-  shards) or an original Wan2.1 state dict -> our names; the text stream is initialised as the
+  shards), an original Wan2.1 release folder (its ``WanModel`` config.json and weights) or a state dict
+  in either layout -> our names; the text stream is initialised as the
   config says (``init_text_stream``).
 * ``from_uni_vigu``: a checkpoint of the public implementation (``torch.save``d dict, weights under
   ``"model"``, prefixes ``_fsdp_wrapped_module.`` / ``_orig_mod.`` stripped), config inferred from
@@ -11,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -88,29 +90,91 @@ def diffusers_to_ours(state_dict: dict) -> dict:
     return out
 
 
+def _wan_config_fields(wan_config: dict) -> dict:
+    """Our config fields from a Wan ``config.json``: diffusers' ``WanTransformer3DModel`` names, or the
+    original release's ``WanModel`` ones (``dim``, ``num_heads``, ``in_dim``, ``out_dim``, ...; fields
+    it leaves out take Wan's defaults, which are ours)."""
+    if "dim" in wan_config and "num_heads" in wan_config:
+        if wan_config.get("model_type", "t2v") != "t2v":
+            raise ValueError(f"Wan model_type {wan_config['model_type']!r} is not supported: Uni-ViGU extends the "
+                             "text-to-video model (model_type 't2v')")
+        dim, heads = wan_config["dim"], wan_config["num_heads"]
+        renamed = {"num_attention_heads": heads, "attention_head_dim": dim // heads,
+                   "in_channels": wan_config.get("in_dim"), "out_channels": wan_config.get("out_dim"),
+                   "patch_size": wan_config.get("patch_size"), "cross_attn_norm": wan_config.get("cross_attn_norm"),
+                   **{k: wan_config.get(k) for k in ("ffn_dim", "freq_dim", "text_dim", "num_layers", "eps")}}
+        if "qk_norm" in wan_config:  # a bool there: RMSNorm over all heads' q / k, or none
+            renamed["qk_norm"] = "rms_norm_across_heads" if wan_config["qk_norm"] else None
+        return {k: (tuple(v) if k == "patch_size" else v) for k, v in renamed.items() if v is not None}
+    names = set(UniViGUConfig.__dataclass_fields__)
+    return {k: v for k, v in wan_config.items() if k in names and not k.startswith("_")}
+
+
 def _config_from_wan_state(sd: dict, wan_config: dict | None, text_fields: dict) -> UniViGUConfig:
     if wan_config is not None:
-        names = set(UniViGUConfig.__dataclass_fields__)
-        return UniViGUConfig(**{k: v for k, v in wan_config.items() if k in names and not k.startswith("_")}, **text_fields)
+        fields = _wan_config_fields(wan_config)
+        fixed = sorted(set(fields) & set(text_fields))
+        if fixed:
+            raise ValueError(f"from_wan: {fixed} come from the Wan checkpoint's config; pass text-stream fields only "
+                             "(or a complete config=UniViGUConfig(...))")
+        # sizes the config.json leaves out (the original release lists only some) are read off the weights
+        shapes = _shape_config(diffusers_to_ours(sd), fields.get("attention_head_dim", 128))
+        return UniViGUConfig(**{**{k: getattr(shapes, k) for k in _SHAPE_FIELDS}, **fields}, **text_fields)
     return _infer_config(diffusers_to_ours(sd), text_fields, head_dim=text_fields.pop("attention_head_dim", 128))
 
 
-def _load_folder_state(folder: Path) -> tuple[dict, dict]:
+_SHAPE_FIELDS = ("patch_size", "num_attention_heads", "attention_head_dim", "in_channels", "out_channels", "text_dim",
+                 "freq_dim", "ffn_dim", "num_layers", "cross_attn_norm")
+
+
+def _shape_config(ours: dict, head_dim: int) -> UniViGUConfig:
+    try:
+        return _infer_config(ours, {}, head_dim=head_dim)
+    except KeyError as e:
+        raise ValueError(f"Wan checkpoint lacks video-path weight {e.args[0]!r}") from None
+
+
+def _check_config_against_weights(config: UniViGUConfig, ours: dict) -> None:
+    """Refuse (before a model is allocated) a config whose sizes disagree with the Wan weights."""
+    found = _shape_config(ours, config.head_dim)
+    wrong = [f"{k}: config {getattr(config, k)!r}, weights {getattr(found, k)!r}" for k in _SHAPE_FIELDS
+             if getattr(config, k) != getattr(found, k)]
+    if wrong:
+        raise ValueError("the config does not match the Wan weights: " + "; ".join(wrong))
+
+
+def _load_folder_state(folder: Path, variant: str | None = None) -> tuple[dict, dict]:
+    """``config.json`` and the weights of a diffusers-style folder: the shards its
+    ``*.safetensors.index[.variant].json`` names, else ``diffusion_pytorch_model[.variant].safetensors``
+    or the folder's one other ``.safetensors`` file (diffusers' file naming; other variants ignored)."""
     from safetensors.torch import load_file
 
     cfg = json.loads((folder / "config.json").read_text())
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors in {folder}")
+    tag = f".{variant}" if variant else ""
+    index = folder / f"diffusion_pytorch_model.safetensors.index{tag}.json"
+    single = folder / f"diffusion_pytorch_model{tag}.safetensors"
+    if index.exists():
+        files = [folder / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    elif single.exists():
+        files = [single]
+    else:
+        present = sorted(folder.glob("*.safetensors"))
+        files = present if len(present) == 1 and not variant else []
+        if not files:
+            want = f"{index.name} or {single.name}" + ("" if variant else " (or exactly one .safetensors file)")
+            raise FileNotFoundError(f"{folder}: expected {want}; found {[f.name for f in present]}")
     sd = {}
     for f in files:
         sd.update(load_file(str(f)))
     return sd, cfg
 
 
-def from_wan(cls, source, config: UniViGUConfig | None = None, **text_fields):
-    """Build ``cls`` from Wan2.1 weights; see the module docstring for the three sources."""
+def from_wan(cls, source, config: UniViGUConfig | None = None, *, variant: str | None = None, **text_fields):
+    """Build ``cls`` from Wan2.1 weights; see the module docstring for the sources. ``variant``: a
+    folder's weight variant as diffusers names it (``"fp16"`` loads ``*.fp16.safetensors``)."""
     wan_config = None
+    if variant is not None and not isinstance(source, (str, Path)):
+        raise ValueError("variant applies to a folder source only")
     if isinstance(source, torch.nn.Module):
         sd = source.state_dict()
         wan_config = dict(source.config)
@@ -118,17 +182,20 @@ def from_wan(cls, source, config: UniViGUConfig | None = None, **text_fields):
         folder = Path(source)
         if (folder / "transformer" / "config.json").exists():
             folder = folder / "transformer"
-        sd, wan_config = _load_folder_state(folder)
+        sd, wan_config = _load_folder_state(folder, variant)
     elif isinstance(source, dict):
-        sd = wan_original_to_diffusers({_strip(k): v for k, v in source.items()})
+        sd = source
     else:
         raise TypeError(f"from_wan expects a WanTransformer3DModel, a folder path or a state dict, got {type(source).__name__}")
+    # wrapper prefixes (torch.compile, DDP, FSDP) off; the original release's names -> diffusers' (a no-op on those)
+    sd = wan_original_to_diffusers({_strip(k): v for k, v in sd.items()})
     if config is None:
         config = _config_from_wan_state(sd, wan_config, dict(text_fields))
     elif text_fields:
         raise ValueError("pass either config or text-stream fields, not both")
-    model = cls(config)
     ours = diffusers_to_ours(sd)
+    _check_config_against_weights(config, ours)
+    model = cls(config)
     missing, unexpected = model.load_state_dict(ours, strict=False)
     if unexpected:
         raise ValueError(f"unexpected keys from the Wan checkpoint: {unexpected[:8]}")
@@ -151,18 +218,38 @@ def _strip(key: str) -> str:
     return key
 
 
+def _rope_base(inv_freq: torch.Tensor) -> float:
+    """The ``base`` of stored 1-D RoPE frequencies ``inv_freq[i] = base ** (-2 i / head_dim)``.
+
+    A least-squares fit of ``log inv_freq`` over all pairs (one entry of a bf16 buffer alone can be
+    off by 9%), then the value with the fewest significant digits that the buffer's rounding cannot tell
+    from the fit (10000, not 9998.7, whatever the dtype)."""
+    n = inv_freq.numel()
+    if n < 2:
+        return 10000.0
+    i = torch.arange(n, dtype=torch.float64)
+    log_base = float(-n * (i * inv_freq.double().log()).sum() / (i * i).sum())
+    # worst case of the fit's error when each entry carries the dtype's relative rounding (half an ulp)
+    tolerance = max(n * torch.finfo(inv_freq.dtype).eps / 2 * float(i.sum() / (i * i).sum()), 1e-12)
+    base = math.exp(log_base)
+    for digits in range(1, 16):
+        candidate = float(f"{base:.{digits}g}")
+        if abs(math.log(candidate) - log_base) <= tolerance:
+            return candidate
+    return base
+
+
 def _infer_config(sd: dict, overrides: dict, head_dim: int | None = None) -> UniViGUConfig:
     """Config from weight shapes (public-implementation names)."""
     pe = sd["patch_embedding.weight"]
     dim, in_channels, *patch = pe.shape
     if "rotary_emb_text.inv_freq" in sd:
-        inv = sd["rotary_emb_text.inv_freq"].double()
-        head_dim = 2 * inv.numel()
-        base = float(inv[1] ** (-head_dim / 2)) if inv.numel() > 1 else 10000.0
-        if abs(base - round(base)) < 1e-3 * base:  # undo fp32 rounding of the stored frequencies
-            base = float(round(base))
+        head_dim = 2 * sd["rotary_emb_text.inv_freq"].numel()
+        base = _rope_base(sd["rotary_emb_text.inv_freq"])
     else:
         base = 10000.0
+    if not head_dim or dim % head_dim:
+        raise ValueError(f"attention_head_dim {head_dim} does not divide the weights' dim {dim}: pass attention_head_dim")
     layers = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
     text_rows = sd["vocab_embed.weight"].shape[0] if "vocab_embed.weight" in sd else None
     head_out = sd["text_head.linear.weight"].shape[0] if "text_head.linear.weight" in sd else None

@@ -212,6 +212,9 @@ def test_embedding_flow_outputs_velocity():
         ("tau_len", ValueError, "tau_video"),
         ("tau_text_range", ValueError, "tau_text"),
         ("text_lens", ValueError, "text_lens"),
+        ("text_lens_float", TypeError, "text_lens must hold integer lengths, got dtype torch.float32"),
+        ("text_lens_bool", TypeError, "text_lens must hold integer lengths, got dtype torch.bool"),
+        ("bool_ids", ValueError, r"text\[0\] must be 1-D integer token ids"),
         ("token_id", ValueError, "token ids"),
         ("emb_width", ValueError, "dim"),
         ("dtype_mix", TypeError, "encoder_hidden_states dtype"),
@@ -238,6 +241,12 @@ def test_bad_inputs_name_the_argument(case, exc, match):
         kwargs.update(text=ids, tau_text=torch.tensor([-0.1, 0.5]))
     elif case == "text_lens":
         kwargs.update(text=ids, tau_text=tau, text_lens=torch.tensor([5, 2]))
+    elif case == "text_lens_float":  # 5.5 was cut to 5 and 4.0 failed inside slicing without a name
+        kwargs.update(text=ids, tau_text=tau, text_lens=torch.tensor([4.0, 2.0]))
+    elif case == "text_lens_bool":  # was read as lengths 1 and 0
+        kwargs.update(text=ids, tau_text=tau, text_lens=torch.tensor([True, False]))
+    elif case == "bool_ids":
+        kwargs.update(text=ids > 0, tau_text=tau)
     elif case == "token_id":
         kwargs.update(text=ids + c.text_vocab_size, tau_text=tau)
     elif case == "emb_width":

@@ -55,6 +55,8 @@ def test_tokenize_pads_and_round_trips(tok_dir):
         tokenize(tok, [1, 2])
     with pytest.raises(ValueError, match="text_lens"):
         detokenize(tok, ids, torch.tensor([8, 1, 1]))
+    with pytest.raises(TypeError, match="text_lens must hold integer lengths"):
+        detokenize(tok, ids, lens.float())
 
 
 def test_tokenizer_vocab_checked_against_config(tok_dir):

@@ -36,7 +36,7 @@ from .config import UniViGUConfig
 from .kernels._utils import host_to_device
 from .modules import TextHead, TextProjection, TimeEmbedding, UniViGUBlock, VideoHead
 from .ops import Ops
-from .packing import PackedBatch
+from .packing import PackedBatch, padded_lengths
 
 logger = logging.getLogger("univigu_fast")
 
@@ -174,28 +174,14 @@ class UniViGUModelBase(nn.Module):
                     raise ValueError(f"text must be {form} with B={B} for text_flow={c.text_flow!r}, got shape {tuple(text.shape)}")
                 texts = list(text.unbind(0))
                 if text_lens is not None:
-                    text_lens = torch.as_tensor(text_lens)
-                    if text_lens.shape != (B,):
-                        raise ValueError(f"text_lens must be ({B},), got shape {tuple(text_lens.shape)}")
-                    lens = text_lens.tolist()
-                    if any(n < 0 or n > text.shape[1] for n in lens):
-                        raise ValueError(f"text_lens {lens} must lie in [0, N={text.shape[1]}]")
-                    texts = [t[:n] for t, n in zip(texts, lens)]
+                    texts = [t[:n] for t, n in zip(texts, padded_lengths(text_lens, B, text.shape[1]))]
             elif isinstance(text, (list, tuple)) and len(text) == B:
                 if text_lens is not None:
                     raise ValueError("text_lens is only for a padded (B, N) text tensor; a list carries its lengths")
                 texts = list(text)
             else:
                 raise TypeError(f"text must be a tensor or a list of B={B} tensors, got {type(text).__name__}")
-            for i, t in enumerate(texts):
-                if discrete:
-                    if t.dim() != 1 or t.is_floating_point():
-                        raise ValueError(f"text[{i}] must be 1-D integer token ids for text_flow='discrete', got {t.dtype} {tuple(t.shape)}")
-                else:
-                    if t.dim() != 2 or t.shape[-1] != c.dim:
-                        raise ValueError(f"text[{i}] must be (N, dim={c.dim}) embeddings for text_flow='embedding', got {tuple(t.shape)}")
-                    if t.dtype != dtype:
-                        raise TypeError(f"text dtype {t.dtype} does not match video_latents dtype {dtype}")
+            self._check_text_rows(texts, dtype)
             if discrete and any(t.numel() for t in texts):  # one host sync for the whole batch
                 lo, hi = torch.stack(torch.aminmax(torch.cat([t.reshape(-1) for t in texts]))).tolist()
                 if lo < 0 or hi >= c.text_vocab_size:
@@ -299,17 +285,37 @@ class UniViGUModelBase(nn.Module):
         parts = [list(torch.split(t, text_lens_list)) for t in (ids, mx, lse)]
         return TextDecoded(*(self._shape_text(p, inp, pad_value=0) for p in parts))
 
+    def _check_text_rows(self, texts, dtype: torch.dtype | None) -> None:
+        """Per-sample text: 1-D integer ids (discrete) or ``(N, dim)`` embeddings of ``dtype`` (embedding
+        flow; ``None``: any float dtype)."""
+        c = self.config
+        for i, t in enumerate(texts):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"text[{i}] must be a tensor, got {type(t).__name__}")
+            if c.text_flow == "discrete":
+                if t.dim() != 1 or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+                    raise ValueError(f"text[{i}] must be 1-D integer token ids for text_flow='discrete', got {t.dtype} {tuple(t.shape)}")
+            else:
+                if t.dim() != 2 or t.shape[-1] != c.dim:
+                    raise ValueError(f"text[{i}] must be (N, dim={c.dim}) embeddings for text_flow='embedding', got {tuple(t.shape)}")
+                if dtype is None and not t.is_floating_point():
+                    raise TypeError(f"text[{i}] must be floating point embeddings, got {t.dtype}")
+                if dtype is not None and t.dtype != dtype:
+                    raise TypeError(f"text dtype {t.dtype} does not match video_latents dtype {dtype}")
+
     def text_step(self, video_cache, text, tau_text, *, text_output: str = "full", sample_seed: int | None = None,
                   temperature: float = 1.0):
         """A text-only denoising step on a filled video-stream cache (understanding, ``tau_video = 1``).
 
         Only the text tokens run: per layer their queries attend to the cached video keys/values plus
         their own fresh ones, then cross-attention and the text expert FFN. ``text``: a list of
-        per-sample ids / embeddings of the lengths the cache was built for. Returns ``text_out`` as
+        per-sample ids / embeddings of the lengths the cache was built for (ids are not range-checked
+        here, which would cost a host sync per step; ``forward`` checks them). Returns ``text_out`` as
         ``forward`` does (list form). The layers run as a CUDA graph replay when the cache was made
         with ``cuda_graph=True`` (``VideoCache.run_text_layers``); the decode head runs eagerly."""
         c, dev, dtype = self.config, self.device, self.dtype
         texts = list(text)
+        self._check_text_rows(texts, None)
         lens = [t.shape[0] for t in texts]
         view = video_cache.text_view(lens)
         tau_text = self._check_tau(tau_text, len(texts), "tau_text")
@@ -351,11 +357,12 @@ class UniViGUModelBase(nn.Module):
 
     # ------------------------------------------------------------------ constructors / IO
     @classmethod
-    def from_wan(cls, source, config: UniViGUConfig | None = None, **text_fields):
-        """From a diffusers ``WanTransformer3DModel``, a diffusers folder or an original Wan2.1 state dict."""
+    def from_wan(cls, source, config: UniViGUConfig | None = None, *, variant: str | None = None, **text_fields):
+        """From a diffusers ``WanTransformer3DModel``, a diffusers or original-release Wan2.1 folder
+        (``variant="fp16"``: its fp16 weight files) or a state dict in either layout."""
         from .conversion import from_wan
 
-        return from_wan(cls, source, config, **text_fields)
+        return from_wan(cls, source, config, variant=variant, **text_fields)
 
     @classmethod
     def from_uni_vigu(cls, ckpt, config: UniViGUConfig | None = None, **config_overrides):

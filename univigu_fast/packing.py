@@ -16,6 +16,20 @@ import torch
 from .kernels._utils import host_list, remember_host_values
 
 
+def padded_lengths(lengths, batch: int, max_len: int, name: str = "text_lens") -> list[int]:
+    """Per-sample lengths ``(B,)`` of a right-padded ``(B, N, ...)`` tensor -> Python ints in ``[0, N]``;
+    errors name ``name``, its dtype / shape and what was expected."""
+    t = torch.as_tensor(lengths)
+    if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
+        raise TypeError(f"{name} must hold integer lengths, got dtype {t.dtype}")
+    if t.shape != (batch,):
+        raise ValueError(f"{name} must be ({batch},), got shape {tuple(t.shape)}")
+    lens = t.tolist()
+    if any(n < 0 or n > max_len for n in lens):
+        raise ValueError(f"{name} {lens} must lie in [0, N={max_len}]")
+    return lens
+
+
 def _cu(lengths, device) -> torch.Tensor:
     values = [0, *itertools.accumulate(lengths)]
     # the kernels' launchers read these back every layer: keep the host copy (no device sync)

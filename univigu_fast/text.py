@@ -21,6 +21,7 @@ from typing import Sequence
 import torch
 
 from .config import UniViGUConfig
+from .packing import padded_lengths
 
 DEFAULT_TOKENIZER_ENV = "UNIVIGU_TOKENIZER"
 
@@ -97,9 +98,8 @@ def detokenize(tokenizer, ids: torch.Tensor | Sequence[torch.Tensor], text_lens:
             ids = ids[None]
         if ids.dim() != 2:
             raise ValueError(f"ids must be (B, N) or a list of (N,), got shape {tuple(ids.shape)}")
-        lens = [ids.shape[1]] * ids.shape[0] if text_lens is None else torch.as_tensor(text_lens).tolist()
-        if len(lens) != ids.shape[0] or any(n < 0 or n > ids.shape[1] for n in lens):
-            raise ValueError(f"text_lens {lens} must have B={ids.shape[0]} entries in [0, N={ids.shape[1]}]")
+        B, N = ids.shape
+        lens = [N] * B if text_lens is None else padded_lengths(text_lens, B, N)
         rows = [ids[i, :n] for i, n in enumerate(lens)]
     else:
         if text_lens is not None:
@@ -128,9 +128,7 @@ def decode(model, text_out: torch.Tensor | Sequence[torch.Tensor], text_lens: to
         if text_out.dim() != 3:
             raise ValueError(f"text_out must be (B, N, width) or a list of (N, width), got shape {tuple(text_out.shape)}")
         B, N = text_out.shape[:2]
-        lens = [N] * B if text_lens is None else torch.as_tensor(text_lens).tolist()
-        if len(lens) != B or any(n < 0 or n > N for n in lens):
-            raise ValueError(f"text_lens {lens} must have B={B} entries in [0, N={N}]")
+        lens = [N] * B if text_lens is None else padded_lengths(text_lens, B, N)
         rows = [text_out[i, :n] for i, n in enumerate(lens)]
     else:
         if text_lens is not None:

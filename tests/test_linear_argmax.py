@@ -285,6 +285,14 @@ def test_bad_inputs(bad, err):
                       gumbel_seed=args["gumbel_seed"])
 
 
+@pytest.mark.parametrize("temperature", [0.0, -1.0, float("nan"), float("inf")])
+def test_reference_refuses_bad_temperature_too(temperature):
+    """The reference model decodes with the reference: it refuses what the kernel refuses (a negative
+    temperature sampled from softmax(-logits / |T|), 0 divided by zero)."""
+    with pytest.raises(ValueError, match="temperature must be finite and > 0"):
+        linear_argmax_reference(torch.randn(3, 8), torch.randn(10, 8), gumbel_seed=1, temperature=temperature)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 tl.dot needs a GPU")
 @pytest.mark.parametrize("n,v,d", [(1, 256384, 1536), (256, 256384, 1536), (300, 5001, 200)])
 def test_argmax_bf16_gpu(n, v, d):

@@ -2,6 +2,7 @@
 embedding decode (Eq. 8); then the real tiny model in all three tasks and both text flows."""
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -185,3 +186,49 @@ def test_cuda_bf16_samplers_keep_fp32_state(text_flow):
     assert [i.shape for i in ids] == [(4,), (2,)] and all(int(i.max()) < cfg.vocab_size for i in ids)
     ids = caption(m, [x.to(torch.bfloat16) for x in lat], prompts, [5, 3], steps=3)
     assert [i.shape for i in ids] == [(5,), (3,)]
+
+
+def test_sampler_arguments_are_checked():
+    """Invalid temperatures, lengths and step counts are refused by name (the mask source draws on the
+    host, so nothing downstream would have refused a temperature of 0 or NaN)."""
+    cfg = UniViGUConfig.tiny(discrete_source="mask")
+    torch.manual_seed(0)
+    m = UniViGUModel(cfg).eval()
+    vids, prompts = [torch.randn(4, 1, 2, 2)] * 2, [torch.randn(2, cfg.text_dim)] * 2
+    for temperature in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="temperature must be finite and > 0"):
+            caption(m, vids, prompts, [3, 2], steps=1, temperature=temperature)
+        with pytest.raises(ValueError, match="temperature must be finite and > 0"):
+            joint(m, prompts, (4, 1, 2, 2), [3, 2], steps=1, temperature=temperature)
+    for lens in ([2.7, 3], ["3", 2], [True, 1], [-1, 2], [torch.tensor(2.0), 1]):
+        with pytest.raises(ValueError, match=r"text_lens\[0\] must be a non-negative integer"):
+            caption(m, vids, prompts, lens, steps=1)
+    with pytest.raises(ValueError, match=r"text_lens has 1 entries, expected one per sample of prompts \(2\)"):
+        joint(m, prompts, (4, 1, 2, 2), [3], steps=1)
+    for steps in (0, True, 2.0):
+        with pytest.raises(ValueError, match="steps must be an int >= 1"):
+            caption(m, vids, prompts, [1, 1], steps=steps)
+    ids = caption(m, vids, prompts, [np.int64(2), torch.tensor(1)], steps=1)  # any integer scalar
+    assert [i.shape for i in ids] == [(2,), (1,)]
+
+
+@pytest.mark.parametrize("text_flow", ["discrete", "embedding"])
+def test_samplers_take_conditions_of_any_float_dtype(text_flow):
+    """The samplers cast videos and prompts to the model's dtype: an fp16 model given fp32 inputs
+    samples what it samples from fp16 inputs (the embedding flow's fp16 text state met fp32 videos)."""
+    cfg = UniViGUConfig.tiny(text_flow=text_flow)
+    torch.manual_seed(0)
+    m = UniViGUModel(cfg).eval()
+    m.init_text_stream()
+    m = m.half()
+    vids = [torch.randn(4, 2, 4, 4), torch.randn(4, 1, 2, 2)]
+    prompts, null = [torch.randn(3, cfg.text_dim), torch.randn(2, cfg.text_dim)], torch.randn(1, cfg.text_dim)
+    half = [t.half() for t in vids], [t.half() for t in prompts], null.half()
+    for a, b in zip(caption(m, vids, prompts, [4, 2], steps=2), caption(m, half[0], half[1], [4, 2], steps=2)):
+        assert torch.equal(a, b)
+    for a, b in zip(generate(m, prompts, [torch.tensor([1, 2])] * 2, (4, 2, 4, 4), null_prompt=null, steps=2, guidance=2.0),
+                    generate(m, half[1], [torch.tensor([1, 2])] * 2, (4, 2, 4, 4), null_prompt=half[2], steps=2, guidance=2.0)):
+        assert torch.equal(a, b)
+    (la, ia), (lb, ib) = (joint(m, p, (4, 2, 4, 4), [3, 1], null_prompt=n, steps=2, guidance=2.0)
+                          for p, n in ((prompts, null), (half[1], half[2])))
+    assert all(torch.equal(a, b) for a, b in zip(la + ia, lb + ib))

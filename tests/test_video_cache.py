@@ -209,6 +209,21 @@ def test_cache_memory_is_accounted_refused_and_released(monkeypatch):
     assert len(released) == 1  # released on the error path too
 
 
+def test_bad_cache_budget_and_text_step_ids_are_refused():
+    model = tiny_reference(seed=5)
+    videos, prompts = _inputs(model.config, seed=2)
+    for budget in (float("nan"), -1, True, "100"):  # NaN compared as "fits" and built the cache
+        with pytest.raises(ValueError, match="max_cache_bytes"):
+            caption(model, videos, prompts, [4, 2], steps=2, video_cache="once", max_cache_bytes=budget)
+    text = [torch.arange(4), torch.arange(2)]
+    with torch.no_grad():
+        cache = VideoCache(model)
+        model(videos, torch.ones(2), prompts, text=text, tau_text=torch.zeros(2), video_cache=cache)
+        for bad in ([t.float() for t in text], [t.bool() for t in text], [t[:, None] for t in text]):
+            with pytest.raises(ValueError, match=r"text\[0\] must be 1-D integer token ids"):
+                model.text_step(cache, bad, torch.tensor([0.5, 0.5]))
+
+
 @pytest.mark.parametrize("bad", ["sometimes", "every:0", "every:x", "every", "", 3])
 def test_bad_policy_strings(bad):
     with pytest.raises((ValueError, TypeError), match="policy"):

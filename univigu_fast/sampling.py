@@ -25,6 +25,7 @@ All functions return token ids; detokenise with the tokenizer (``univigu_fast.te
 """
 from __future__ import annotations
 
+import operator
 from typing import Sequence
 
 import torch
@@ -45,10 +46,32 @@ def _source_tokens(config, n: int, generator: torch.Generator, device) -> torch.
 
 
 def _check_common(steps, videos_or_prompts, name):
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
     if not isinstance(videos_or_prompts, (list, tuple)) or not videos_or_prompts:
         raise TypeError(f"{name} must be a non-empty list of tensors, got {type(videos_or_prompts).__name__}")
+
+
+def _check_text_lens(text_lens, batch: int, batch_name: str) -> list[int]:
+    lens = list(text_lens)
+    if len(lens) != batch:
+        raise ValueError(f"text_lens has {len(lens)} entries, expected one per sample of {batch_name} ({batch})")
+    out = []
+    for i, n in enumerate(lens):
+        boolean = isinstance(n, bool) or (isinstance(n, torch.Tensor) and n.dtype == torch.bool)
+        try:
+            k = None if boolean else operator.index(n)  # ints, NumPy ints, one-element integer tensors
+        except TypeError:
+            k = None
+        if k is None or k < 0:
+            raise ValueError(f"text_lens[{i}] must be a non-negative integer, got {n!r}")
+        out.append(k)
+    return out
+
+
+def _model_inputs(model, tensors) -> list[torch.Tensor]:
+    """Conditions in the model's device and dtype (the forward wants one dtype for all its inputs)."""
+    return [t.to(model.device, model.dtype) for t in tensors]
 
 
 def jump_probability(t: float, h: float, kappa_power: float) -> float:
@@ -67,15 +90,17 @@ class _TextState:
     """The text stream during sampling: ids (discrete) or embeddings (embedding flow)."""
 
     def __init__(self, model, text_lens, g, kappa_power, temperature):
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < float("inf"):
+            raise ValueError(f"temperature must be finite and > 0, got {temperature!r}")
         c = model.config
         self.model, self.c, self.g = model, c, g
         self.sched = PolynomialScheduler(kappa_power)
         self.temperature = temperature
         dev = model.device
         if c.text_flow == "discrete":
-            self.x = [_source_tokens(c, int(n), g, dev) for n in text_lens]
+            self.x = [_source_tokens(c, n, g, dev) for n in text_lens]
         else:
-            self.x = [torch.randn(int(n), c.dim, generator=g).to(dev) for n in text_lens]  # fp32 state
+            self.x = [torch.randn(n, c.dim, generator=g).to(dev) for n in text_lens]  # fp32 state
 
     def forward_kwargs(self):
         dtype = self.model.dtype
@@ -136,8 +161,10 @@ def caption(model, videos, prompts, text_lens, *, steps: int = 50, seed: int = 0
         raise ValueError("cuda_graph=True replays the text-only steps of a cached caption; video_cache='off' has "
                          "none (use 'once' or 'every:r')")
     _check_common(steps, list(videos), "videos")
-    if len(text_lens) != len(videos) or len(prompts) != len(videos):
-        raise ValueError(f"videos ({len(videos)}), prompts ({len(prompts)}) and text_lens ({len(text_lens)}) must have the same length")
+    if len(prompts) != len(videos):
+        raise ValueError(f"videos ({len(videos)}) and prompts ({len(prompts)}) must have the same length")
+    text_lens = _check_text_lens(text_lens, len(videos), "videos")
+    videos, prompts = _model_inputs(model, videos), _model_inputs(model, prompts)
     g = torch.Generator().manual_seed(seed)
     B = len(videos)
     state = _TextState(model, text_lens, g, kappa_power, temperature)
@@ -150,10 +177,10 @@ def caption(model, videos, prompts, text_lens, *, steps: int = 50, seed: int = 0
             kw = state.forward_kwargs()
             tau_t = torch.full((B,), t)
             if cache is None:  # exact: no cache argument at all (any model with the forward signature)
-                out = model(list(videos), ones, list(prompts), tau_text=tau_t, **kw).text_out
+                out = model(videos, ones, prompts, tau_text=tau_t, **kw).text_out
                 full_steps += 1
             elif is_full_step(policy, i):  # full forward that (re)captures the video stream
-                out = model(list(videos), ones, list(prompts), tau_text=tau_t, video_cache=cache, **kw).text_out
+                out = model(videos, ones, prompts, tau_text=tau_t, video_cache=cache, **kw).text_out
                 full_steps += 1
                 peak = max(peak, cache.nbytes)
             else:  # text rows only, against the cached video keys/values
@@ -215,10 +242,11 @@ def generate(model, prompts, prompt_ids, video_shape: Sequence[int], *, null_pro
     x = [torch.randn(tuple(video_shape), generator=g).to(dev) for _ in range(B)]  # fp32 Euler state
     taus = generation_taus(steps, shift)
     text = _clean_text(model, prompt_ids)
-    nulls = None if null_prompt is None else [null_prompt] * B
+    prompts = _model_inputs(model, prompts)
+    nulls = None if null_prompt is None else _model_inputs(model, [null_prompt]) * B
     for i in range(steps):
         t, t_next = taus[i], taus[i + 1]
-        v, _ = _guided(model, x, torch.full((B,), t), list(prompts), nulls, guidance, text=text,
+        v, _ = _guided(model, x, torch.full((B,), t), prompts, nulls, guidance, text=text,
                        tau_text=torch.ones(B))
         x = [xi + (t_next - t) * vi for xi, vi in zip(x, v)]
     return x
@@ -238,16 +266,18 @@ def joint(model, prompts, video_shape: Sequence[int], text_lens, *, null_prompt:
     _check_common(steps, list(prompts), "prompts")
     if guidance != 1.0 and null_prompt is None:
         raise ValueError("guidance != 1 needs null_prompt (the empty-prompt condition)")
+    text_lens = _check_text_lens(text_lens, len(prompts), "prompts")
     g = torch.Generator().manual_seed(seed)
     B, dev = len(prompts), model.device
     x = [torch.randn(tuple(video_shape), generator=g).to(dev) for _ in range(B)]  # fp32 Euler state
     state = _TextState(model, text_lens, g, kappa_power, temperature)
     taus = generation_taus(steps, shift)
-    nulls = None if null_prompt is None else [null_prompt] * B
+    prompts = _model_inputs(model, prompts)
+    nulls = None if null_prompt is None else _model_inputs(model, [null_prompt]) * B
     for i in range(steps):
         t, t_next = taus[i], taus[i + 1]
         tau = torch.full((B,), t)
-        v, out = _guided(model, x, tau, list(prompts), nulls, guidance, tau_text=tau, **state.forward_kwargs())
+        v, out = _guided(model, x, tau, prompts, nulls, guidance, tau_text=tau, **state.forward_kwargs())
         x = [xi + (t_next - t) * vi for xi, vi in zip(x, v)]
         state.step(out.text_out, t, t_next, last=i == steps - 1)
     return x, state.ids()

@@ -163,10 +163,17 @@ class GraphedTextLayers:
         return self.out.clone()
 
 
+def _size(n_bytes) -> str:
+    return f"{n_bytes / 2**30:.2f} GiB ({int(n_bytes):,} bytes)"
+
+
 class VideoCache:
     """Per-caption cache of the video stream's per-layer keys/values (see the module docstring)."""
 
     def __init__(self, model, max_bytes: int | None = None, cuda_graph: bool = False):
+        if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, (int, float))
+                                      or not max_bytes >= 0):  # NaN would compare as "fits"
+            raise ValueError(f"max_bytes (max_cache_bytes) must be a number of bytes >= 0 or None, got {max_bytes!r}")
         self.model = model
         self.max_bytes = max_bytes
         if cuda_graph:
@@ -196,11 +203,16 @@ class VideoCache:
         need = cache_bytes(self.model.config, video_lens, text_lens, self.model.dtype, prompt_lens)
         budget = self.max_bytes
         if budget is None and self.model.device.type == "cuda":
-            budget = torch.cuda.mem_get_info(self.model.device)[0] // 2  # leave room for the activations
+            dev = self.model.device
+            # free to the driver plus what PyTorch's caching allocator holds unused (freed tensors, the
+            # old cache's buffers included); half of it, leaving room for the activations
+            free = torch.cuda.mem_get_info(dev)[0] + torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)
+            budget = free // 2
         if budget is not None and need > budget:
-            raise MemoryError(f"video cache needs {need / 2**30:.2f} GiB ({self.model.config.num_layers} layers x "
-                              f"{sum(video_lens)} video tokens x 2 x dim {self.model.config.dim}) but only "
-                              f"{budget / 2**30:.2f} GiB is available; use video_cache='off'")
+            raise MemoryError(f"video cache needs {_size(need)} ({self.model.config.num_layers} layers x "
+                              f"({sum(video_lens)} video + {sum(text_lens)} text + {sum(prompt_lens)} prompt tokens) "
+                              f"x 2 x dim {self.model.config.dim}) but the budget is {_size(budget)}; "
+                              "use video_cache='off' or a larger max_cache_bytes")
         return need
 
     def begin_capture(self, packed: PackedBatch) -> None:

@@ -135,6 +135,17 @@ def test_from_uni_vigu_loads_public_checkpoint(overrides, tmp_path):
         UniViGUModel.from_uni_vigu({**sd, "blocks.0.extra.weight": torch.zeros(1)}, config=config)
 
 
+@pytest.mark.parametrize("source", ["uniform", "mask"])
+def test_from_uni_vigu_reads_the_mask_source_off_the_umt5_table(source):
+    """A released-size table (umT5's 256,384 rows, + 1 for [MASK]) tells the source without a hint
+    (a mask checkpoint loaded silently as a uniform model with vocab_size 256,385 before)."""
+    from univigu_fast.config import UMT5_VOCAB_SIZE
+
+    config = UniViGUConfig.tiny(num_layers=1, vocab_size=UMT5_VOCAB_SIZE, discrete_source=source)
+    model = UniViGUModel.from_uni_vigu(_public_state_dict(config))
+    assert model.config == config and model.config.mask_token_id == (UMT5_VOCAB_SIZE if source == "mask" else None)
+
+
 def test_save_pretrained_round_trip_is_exact(tmp_path):
     model = tiny_reference(seed=6, discrete_source="mask")
     model.save_pretrained(tmp_path / "m")

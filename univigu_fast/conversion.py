@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .config import UniViGUConfig
+from .config import UMT5_VOCAB_SIZE, UniViGUConfig
 
 # diffusers top-level name -> our name(s); blocks are identical.
 _DIFFUSERS_TOP = {
@@ -262,7 +262,9 @@ def _infer_config(sd: dict, overrides: dict, head_dim: int | None = None) -> Uni
         cross_attn_norm="blocks.0.norm2.weight" in sd, text_rope_base=base,
     )
     if text_rows is not None:
-        source = overrides.get("discrete_source", "uniform")
+        # umT5's vocabulary plus one row is the [MASK] source's table (DESIGN §3); other sizes need the hint
+        source = overrides.get("discrete_source", "mask" if text_rows == UMT5_VOCAB_SIZE + 1 else "uniform")
+        fields["discrete_source"] = source
         fields["vocab_size"] = text_rows - (1 if source == "mask" else 0)
         if head_out is not None:
             fields["text_flow"] = "discrete" if head_out == text_rows else "embedding"
@@ -273,8 +275,9 @@ def _infer_config(sd: dict, overrides: dict, head_dim: int | None = None) -> Uni
 def from_uni_vigu(cls, ckpt, config: UniViGUConfig | None = None, **overrides):
     """Load a public-implementation checkpoint (path or dict) into ``cls``; strict key match.
 
-    Shapes cannot tell the ``mask`` source (``vocab_embed`` has V + 1 rows) from ``uniform`` (V rows):
-    pass ``discrete_source="mask"`` for a checkpoint trained with the mask source."""
+    Shapes alone cannot tell the ``mask`` source (``vocab_embed`` has V + 1 rows) from ``uniform`` (V
+    rows): a table of umT5's 256,384 + 1 rows is read as ``mask``; for another vocabulary pass
+    ``discrete_source="mask"`` for a checkpoint trained with the mask source."""
     if isinstance(ckpt, (str, Path)):
         ckpt = torch.load(str(ckpt), map_location="cpu", weights_only=True)
     if not isinstance(ckpt, dict):

@@ -6,6 +6,7 @@ import functools
 import logging
 import os
 import time
+import warnings
 
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
@@ -78,6 +79,12 @@ def interpreting() -> bool:
     """True when ``TRITON_INTERPRET=1`` was set at import and Triton's interpreter can run the kernels
     here (:func:`interpreter_problem`): Triton kernels run on CPU tensors (tests on CPU)."""
     return _INTERPRET and _INTERPRETER_PROBLEM is None
+
+
+def quiet_interpreter_warnings() -> None:
+    """Hide the NumPy RuntimeWarnings Triton's interpreter raises on masked-off lanes (their -inf / NaN
+    arithmetic is masked out of every result), e.g. from a CLI command's output on CPU."""
+    warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"triton\.runtime\.interpreter")
 
 
 def use_triton(*tensors: torch.Tensor | None) -> bool:

@@ -65,9 +65,18 @@ def test_evaluate_understanding_accepts_another_sampler():
     assert r["attribute_accuracy"] == 1.0 and r["caption_only_attribute_accuracy"] == 1.0
 
 
-def test_cli_train_caption_generate_joint(tmp_path):
+def test_cli_train_caption_generate_joint(tmp_path, monkeypatch):
+    """The commands run the fast model (kernels in the interpreter here; the reference ops without a GPU
+    or the interpreter)."""
+    from univigu_fast import training
+    from univigu_fast.cli_flow import _load_model
     from univigu_fast.config import UniViGUConfig
+    from univigu_fast.model import UniViGUModel as FastModel
 
+    trained = []
+    init = training.Trainer.__init__
+    monkeypatch.setattr(training.Trainer, "__init__", lambda self, model, *a, **k: (trained.append(type(model)),
+                                                                                     init(self, model, *a, **k))[1])
     runner = CliRunner()
     cfg = UniViGUConfig.tiny(in_channels=16, out_channels=16, text_dim=8, vocab_size=len(S.SyntheticTokenizer()))
     cfg.save(tmp_path / "cfg.json")
@@ -79,11 +88,12 @@ def test_cli_train_caption_generate_joint(tmp_path):
                             "--synthetic", "16", "--steps", "1", "--batch-size", "4"])
     assert r.exit_code == 0, r.output
     model = str(tmp_path / "s2" / "model")
+    assert trained == [FastModel, FastModel] and type(_load_model(tmp_path / "s2" / "model", "cpu")) is FastModel
     lat = tmp_path / "z.pt"
     torch.save(S.make_dataset(1, 0, text_dim=8).latents[0], lat)
     r = runner.invoke(app, ["caption", "--model", model, "--latents", str(lat), "--synthetic", "--length", "6", "--steps", "2"])
     assert r.exit_code == 0, r.output
-    assert len(r.output.split()) <= 6
+    assert len(r.output.split()) <= 6, r.output
     r = runner.invoke(app, ["generate", "--model", model, "--prompt", "a red square moving left", "--synthetic",
                             "--frames", "3", "--height", "8", "--width", "8", "--steps", "2", "--out", str(tmp_path / "g.pt")])
     assert r.exit_code == 0, r.output

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -54,8 +53,9 @@ def profile(
     device = "cuda" if on_gpu else "cpu"
     if not on_gpu:  # the kernels run in Triton's interpreter on CPU (set before any kernel module is imported)
         os.environ.setdefault("TRITON_INTERPRET", "1")
-        # NumPy warns on masked-off lanes' -inf arithmetic inside the interpreter; the results are masked
-        warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"triton\.runtime\.interpreter")
+        from .kernels._utils import quiet_interpreter_warnings
+
+        quiet_interpreter_warnings()
 
     from . import profiling as P
     from .config import UniViGUConfig

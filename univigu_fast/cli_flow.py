@@ -39,8 +39,10 @@ def _device(device: str | None) -> str:
 def _load_model(path: Path, device: str):
     import torch
 
-    from .reference import UniViGUModel
+    from .kernels._utils import quiet_interpreter_warnings
+    from .model import UniViGUModel  # the Triton kernels (each falls back to its reference op without a GPU)
 
+    quiet_interpreter_warnings()  # only Triton's interpreter (TRITON_INTERPRET=1 on CPU) raises them
     model = UniViGUModel.from_pretrained(path)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     return model.to(device, dtype).eval()
@@ -140,8 +142,11 @@ def train(
 
     from .config import UniViGUConfig
     from .flow import FlowConfig
-    from .reference import UniViGUModel
+    from .kernels._utils import quiet_interpreter_warnings
+    from .model import UniViGUModel  # the Triton kernels (each falls back to its reference op without a GPU)
     from .training import TrainConfig, Trainer
+
+    quiet_interpreter_warnings()  # only Triton's interpreter (TRITON_INTERPRET=1 on CPU) raises them
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     dev = _device(device)

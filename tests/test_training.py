@@ -108,6 +108,14 @@ def test_stage_targets(data, stage):
     assert torch.equal(spy2.seen[0]["tau_v"], torch.ones(4))
 
 
+def test_logged_lr_is_the_one_the_step_used(data):
+    """Linear warm-up over 3 steps, then constant: step k used lr * min(1, k / 3) (the log read the
+    scheduler after it had moved on, one step ahead)."""
+    recs = Trainer(_model("discrete"), data, TrainConfig(stage=1, steps=4, batch_size=4, warmup_steps=3, lr=1e-3,
+                                                          progress=False, log_every=1)).train()
+    assert [r["lr"] for r in recs] == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3, 1e-3], rel=1e-12)
+
+
 @pytest.mark.parametrize("text_flow", ["discrete", "embedding"])
 def test_resume_gives_the_same_next_loss(data, tmp_path, text_flow):
     cfg = dict(stage=1, steps=4, batch_size=4, warmup_steps=2, schedule="cosine", progress=False, lr=1e-3, log_every=1)
@@ -123,6 +131,13 @@ def test_resume_gives_the_same_next_loss(data, tmp_path, text_flow):
         assert r["loss"] == f["loss"] and r["lr"] == f["lr"]
     logged = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
     assert [r["step"] for r in logged] == [1, 2, 3, 4]
+    # Stage 2 pointed at Stage 1's folder carried on Stage 1's run (its steps, its optimizer, its lr)
+    for change in (dict(stage=2), dict(lr=5e-4)):
+        c = Trainer(_model(text_flow), data, TrainConfig(**{**cfg, **change}, out_dir=str(tmp_path)))
+        with pytest.raises(ValueError, match=f"holds a run with other settings \\({next(iter(change))}: "):
+            c.resume_if_possible()
+    longer = Trainer(_model(text_flow), data, TrainConfig(**{**cfg, "steps": 6}, out_dir=str(tmp_path)))
+    assert longer.resume_if_possible() and longer.step == 4  # more steps: the same run, continued
 
 
 def _worker(rank, world, init, data, out):

@@ -43,6 +43,10 @@ from .flow import FlowConfig, combine, draw_sample, loss_terms, sample_generator
 STAGE_LR = {1: 2e-4, 2: 5e-5}
 
 
+# TrainConfig fields a resumed run must share with the checkpoint's (Trainer.load)
+_RESUME_FIXED = ("stage", "lr", "betas", "weight_decay", "warmup_steps", "schedule", "min_lr_ratio", "flow")
+
+
 @dataclass
 class TrainConfig:
     stage: int = 1
@@ -216,6 +220,7 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip else None
+        lr = self.opt.param_groups[0]["lr"]  # this step's (the scheduler moves it on for the next one)
         self.opt.step()
         self.sched.step()
         stats = torch.stack([terms["video_sum"].detach(), terms["text_sum"].detach(), terms["text_correct"],
@@ -226,7 +231,7 @@ class Trainer:
         tloss = float(stats[1] / counts[1].clamp_min(1))
         rec = dict(step=self.step + 1, loss=cfg.flow.video_weight * vloss + cfg.flow.text_weight * tloss,
                    video_loss=vloss if vc or self.world > 1 else None, text_loss=tloss,
-                   text_acc=float(stats[2] / stats[3].clamp_min(1)), lr=self.sched.get_last_lr()[0],
+                   text_acc=float(stats[2] / stats[3].clamp_min(1)), lr=lr,
                    grad_norm=None if gnorm is None else float(gnorm),
                    modes={m: sum(s.mode == m for s in samples) for m in ("joint", "understanding", "generation")},
                    dropped=sum(s.dropped for s in samples))
@@ -316,6 +321,13 @@ class Trainer:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
         sd = torch.load(path, map_location="cpu", weights_only=False)
+        # settings a resume would silently override (the optimizer state carries the old lr / betas) or
+        # mix with the old run's (stage targets, schedule): refuse instead. steps may grow.
+        saved, now = sd.get("train_config", {}), _jsonable(asdict(self.cfg))
+        changed = {k: (saved[k], now[k]) for k in _RESUME_FIXED if k in saved and saved[k] != now[k]}
+        if changed:
+            raise ValueError(f"{path} holds a run with other settings ({', '.join(f'{k}: {a!r} there, {b!r} now' for k, (a, b) in changed.items())}): "
+                             "resume with the same settings or train into a new output folder")
         set_state_dict(self.wrapped, self.opt, model_state_dict=sd["model"], optim_state_dict=sd["optimizer"],
                        options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
         self.sched.load_state_dict(sd["scheduler"])

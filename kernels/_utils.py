@@ -300,13 +300,22 @@ def describe(t) -> str:
     return f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}"
 
 
+def check_contiguous(t: torch.Tensor, name: str) -> None:
+    """Tables the kernels index through a raw pointer (offsets, cu_seqlens, RoPE masks) must be
+    contiguous: a strided view would be read as if it were not."""
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous, got strides {tuple(t.stride())} for shape {tuple(t.shape)} "
+                         "(pass .contiguous())")
+
+
 def check_offsets_tensor(seg_offsets) -> int:
-    """Cheap check (dtype and shape only, no host sync) of a ``seg_offsets`` argument: a 1-D int32
-    tensor of ``S+1 >= 2`` offsets, else ``TypeError``. Returns ``S``. The values are not checked
-    (see :func:`check_segment_table` for that)."""
+    """Cheap check (dtype, shape, layout; no host sync) of a ``seg_offsets`` argument: a contiguous
+    1-D int32 tensor of ``S+1 >= 2`` offsets, else ``TypeError`` / ``ValueError``. Returns ``S``. The
+    values are not checked (see :func:`check_segment_table` for that)."""
     if not isinstance(seg_offsets, torch.Tensor) or seg_offsets.dtype != torch.int32 or seg_offsets.dim() != 1 \
             or seg_offsets.numel() < 2:
         raise TypeError(f"seg_offsets must be a 1-D int32 tensor of S+1 >= 2 offsets, got {describe(seg_offsets)}")
+    check_contiguous(seg_offsets, "seg_offsets")
     return seg_offsets.numel() - 1
 
 
@@ -322,6 +331,7 @@ def check_segment_table(seg_offsets: torch.Tensor, total: int, name: str = "seg_
         raise TypeError(f"{name} must be int32, got {seg_offsets.dtype}")
     if seg_offsets.dim() != 1 or seg_offsets.numel() < 2:
         raise ValueError(f"{name} must be 1-D with at least 2 entries, got shape {tuple(seg_offsets.shape)}")
+    check_contiguous(seg_offsets, name)
     offsets = host_list(seg_offsets)
     if offsets[0] != 0:
         raise ValueError(f"{name}[0] must be 0, got {offsets[0]}")

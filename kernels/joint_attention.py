@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._utils import (HAS_TRITON, cdiv, custom_op, host_list, interpreting, log_once, next_power_of_2, num_sms,
-                     pick_fastest, tile_table, use_triton)
+from ._utils import (HAS_TRITON, cdiv, check_contiguous, custom_op, describe, host_list, interpreting, log_once,
+                     next_power_of_2, num_sms, pick_fastest, tile_table, use_triton)
 
 if HAS_TRITON:
     import triton
@@ -725,6 +725,9 @@ class _Rope(torch.autograd.Function):
 
 def apply_rope(x: torch.Tensor, rope: Rope) -> torch.Tensor:
     """Rotate ``x (T, H, D)`` by per-token RoPE tables (Triton where it can run, else the reference)."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 3:
+        raise ValueError(f"x must be a (T, H, D) tensor, got {describe(x)}")
+    _check_rope(rope, x, "rope")
     if not use_triton(x):
         return apply_rope_reference(x, rope)
     return _Rope.apply(x, *rope)
@@ -796,6 +799,7 @@ def _check_cu_seqlens(cu: torch.Tensor, total: int, name: str) -> None:
         raise TypeError(f"{name} must be int32, got {cu.dtype}")
     if cu.dim() != 1 or cu.numel() < 2:
         raise ValueError(f"{name} must be 1-D with batch+1 >= 2 entries, got shape {tuple(cu.shape)}")
+    check_contiguous(cu, name)
     if torch.compiler.is_compiling():  # value checks would sync and break the graph; eager calls do them
         return
     vals = host_list(cu)
@@ -819,8 +823,11 @@ def _check_rope(rope, x: torch.Tensor, name: str) -> None:
             raise ValueError(f"{name}.{nm} must be float32 of shape ({T}, {D // 2}), got {t.dtype} {tuple(t.shape)}")
         if t.stride(-1) != 1:
             raise ValueError(f"{name}.{nm} must have unit stride on its last dim")
+    if sin.stride() != cos.stride():  # the kernels read both with cos's row stride
+        raise ValueError(f"{name}.sin must have cos's strides {tuple(cos.stride())}, got {tuple(sin.stride())}")
     if il.shape != (T,) or il.dtype not in (torch.bool, torch.uint8, torch.int8):
         raise ValueError(f"{name}.interleaved must be bool of shape ({T},), got {il.dtype} {tuple(il.shape)}")
+    check_contiguous(il, f"{name}.interleaved")
 
 
 def joint_attention(

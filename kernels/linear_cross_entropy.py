@@ -145,6 +145,7 @@ def _forward_stats_chunked(x, weight, bias, tgt, chunk_v, sum_logits):
     n, d = x.shape
     v = weight.shape[0]
     dev = x.device
+    bias = None if bias is None else bias.contiguous()  # the statistics kernel reads it through a pointer
     m = torch.full((n,), float("-inf"), device=dev, dtype=torch.float32)
     s, zt, zs = (torch.zeros(n, device=dev, dtype=torch.float32) for _ in range(3))
     wide = _out_dtype_ok("mm", x.dtype, dev)  # fp32 logits chunk from 16-bit inputs
@@ -268,7 +269,7 @@ def _linear_ce_backward(x, weight, bias, tgt, lse, scale, label_smoothing, chunk
     n, d = x.shape
     v = weight.shape[0]
     dev = x.device
-    dw = torch.empty_like(weight) if need_dw else None
+    dw = torch.empty_like(weight, memory_format=torch.contiguous_format) if need_dw else None
     db = torch.empty(v, device=dev, dtype=torch.float32) if need_db else None
     dx, acc, tail_start = None, None, v
     if need_dx:

@@ -53,6 +53,8 @@ def test_bad_inputs():
     gate = torch.zeros(2, 8, device=DEVICE)
     with pytest.raises(TypeError, match="seg_offsets must be a 1-D int32"):
         gr.gated_residual(x, x, seg.long(), gate)
+    with pytest.raises(ValueError, match="seg_offsets must be contiguous"):  # a strided view was misread
+        gr.gated_residual(x, x, seg.repeat_interleave(2)[::2], gate)
     with pytest.raises(ValueError, match=r"h and y must both be \(T, dim\), got \(5, 8\) and \(4, 8\)"):
         gr.gated_residual(x, x[:4], seg, gate)
     with pytest.raises(ValueError, match=r"gate must be a floating \(S=2, dim=8\)"):

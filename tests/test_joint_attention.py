@@ -283,6 +283,25 @@ def test_bad_shapes_and_head_dims():
         joint_attention(q, q, q, _cu([9]), _cu([9]), 9, 9, rope_q=_rope(8, 16, 0))
 
 
+def test_strided_tables_are_refused():
+    """cu_seqlens and the RoPE tables are read through raw pointers: a strided view was read as if
+    contiguous (errors of 1-6 against the reference), so it is refused by name."""
+    q = torch.randn(9, 1, 16, device=DEVICE)
+    cu = torch.tensor([0, 0, 4, 0, 9], dtype=torch.int32, device=DEVICE)[::2]
+    with pytest.raises(ValueError, match=r"cu_seqlens_q must be contiguous, got strides \(2,\)"):
+        joint_attention(q, q, q, cu, _cu([4, 5]), 5, 5)
+    cos, sin, il = _rope(9, 16, 0)
+    wide = torch.cat([sin, sin], 1)[:, :8]
+    for rope, match in (((cos, sin, il.repeat(2)[::2]), r"rope_q.interleaved must be contiguous"),
+                        ((cos, sin, torch.ones(1, dtype=torch.bool, device=DEVICE).expand(9)), "interleaved must be contiguous"),
+                        ((cos, wide, il), r"rope_q.sin must have cos's strides \(8, 1\), got \(16, 1\)")):
+        with pytest.raises(ValueError, match=match):
+            joint_attention(q, q, q, _cu([9]), _cu([9]), 9, 9, rope_q=rope, rope_k=_rope(9, 16, 1))
+    with pytest.raises(ValueError, match="rope.cos must have unit stride"):  # apply_rope checked nothing
+        apply_rope(q, (cos.t().contiguous().t(), sin, il))
+    torch.testing.assert_close(apply_rope(q, (cos, sin, il)), apply_rope_reference(q, (cos, sin, il)))
+
+
 @cuda_only
 @pytest.mark.parametrize("q_rope_prologue", [False, True])
 def test_cuda_bf16_wan_shape(q_rope_prologue, monkeypatch):

@@ -136,6 +136,9 @@ def test_bad_segment_tables_and_dims():
         (seg, torch.tensor([0, 2], dtype=torch.int32), ValueError, "expert ids"),
         (seg, seg_expert.long(), TypeError, "seg_expert must be an int32"),
         (seg, torch.tensor([0], dtype=torch.int32), ValueError, "one expert per segment"),
+        # read through raw pointers: strided views gave errors of ~2 (and out-of-bounds writes)
+        (seg.repeat_interleave(2)[::2], seg_expert, ValueError, "seg_offsets must be contiguous"),
+        (seg, seg_expert.repeat_interleave(2)[::2], ValueError, "seg_expert must be contiguous"),
     ]
     for s, se, exc, match in bad:
         with pytest.raises(exc, match=match):

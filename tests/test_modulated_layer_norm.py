@@ -98,6 +98,8 @@ def test_bad_inputs():
         mln.modulated_layer_norm(x, seg, ok, torch.zeros(2, 7, device=DEVICE))
     with pytest.raises(TypeError, match="seg_offsets must be a 1-D int32"):
         mln.modulated_layer_norm(x, seg.long(), ok, ok)
+    with pytest.raises(ValueError, match="seg_offsets must be contiguous"):  # a strided view was misread
+        mln.modulated_layer_norm(x, seg.repeat_interleave(2)[::2], ok, ok)
     with pytest.raises(ValueError, match=r"x must be a \(T, dim\)"):
         mln.modulated_layer_norm(x[None], seg, ok, ok)
     with pytest.raises(TypeError, match="x must be floating"):

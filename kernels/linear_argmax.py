@@ -168,7 +168,7 @@ def linear_argmax_reference(
     ``logits[id] / temperature`` (the un-noised logit of the sampled id) and ``logsumexp`` that of
     ``logits / temperature``.
     """
-    _check_decode_args(temperature, gumbel_seed)
+    check_decode_args(temperature, gumbel_seed)
     logits = x.float() @ weight.float().t()
     if bias is not None:
         logits = logits + bias.float()
@@ -527,10 +527,10 @@ def _check_inputs(x, weight, bias, temperature=1.0, gumbel_seed=None):
             raise TypeError(f"bias must be a float tensor, got {bias.dtype}")
         if bias.device != x.device:
             raise ValueError(f"bias ({bias.device}) must be on x's device ({x.device})")
-    _check_decode_args(temperature, gumbel_seed)
+    check_decode_args(temperature, gumbel_seed)
 
 
-def _check_decode_args(temperature, gumbel_seed):
+def check_decode_args(temperature, gumbel_seed):
     """The scalar arguments, checked by the kernel's entry point and the reference alike."""
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
         raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")

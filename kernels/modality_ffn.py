@@ -12,9 +12,9 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from ._utils import (HAS_TRITON, TensorDescriptor, cdiv, check_contiguous, check_segment_table, custom_op,
-                     expand_segments, host_list, interpreting, log_once, segment_sum, tile_table, tma_compatible,
-                     token_segments, use_triton)
+from ._utils import (HAS_TRITON, TensorDescriptor, cdiv, check_contiguous, check_offsets_tensor, check_segment_table,
+                     custom_op, expand_segments, host_list, interpreting, log_once, segment_sum, tile_table,
+                     tma_compatible, token_segments, use_triton)
 
 if HAS_TRITON:
     import triton
@@ -515,7 +515,8 @@ def _validate(x, seg_offsets, seg_expert, experts, residual, gate) -> None:
     if not isinstance(seg_expert, torch.Tensor) or seg_expert.dtype != torch.int32:
         raise TypeError(f"seg_expert must be an int32 tensor, got {getattr(seg_expert, 'dtype', type(seg_expert).__name__)}")
     check_contiguous(seg_expert, "seg_expert")
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():  # values would need a sync: the structure only
+        check_offsets_tensor(seg_offsets)
         offsets = None
     else:
         offsets = check_segment_table(seg_offsets, T, "seg_offsets")

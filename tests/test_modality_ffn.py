@@ -124,6 +124,10 @@ def test_compile_traces_without_graph_break():
 
     got = torch.compile(f, backend="eager", fullgraph=True)(x, residual, gate)
     torch.testing.assert_close(got, f(x, residual, gate))
+    # traced, the table's values are not read (a sync), but its layout still is checked
+    strided = seg.repeat_interleave(2)[::2]
+    with pytest.raises(Exception, match="seg_offsets must be contiguous"):
+        torch.compile(lambda x: modality_ffn(x, strided, seg_expert, experts), backend="eager", fullgraph=True)(x)
 
 
 def test_bad_segment_tables_and_dims():

@@ -110,7 +110,8 @@ def _wan_config_fields(wan_config: dict) -> dict:
     return {k: v for k, v in wan_config.items() if k in names and not k.startswith("_")}
 
 
-def _config_from_wan_state(sd: dict, wan_config: dict | None, text_fields: dict) -> UniViGUConfig:
+def _config_from_wan_state(ours: dict, wan_config: dict | None, text_fields: dict) -> UniViGUConfig:
+    """The config of a Wan checkpoint (``ours``: its weights under our names) with ``text_fields``."""
     if wan_config is not None:
         fields = _wan_config_fields(wan_config)
         fixed = sorted(set(fields) & set(text_fields))
@@ -118,9 +119,9 @@ def _config_from_wan_state(sd: dict, wan_config: dict | None, text_fields: dict)
             raise ValueError(f"from_wan: {fixed} come from the Wan checkpoint's config; pass text-stream fields only "
                              "(or a complete config=UniViGUConfig(...))")
         # sizes the config.json leaves out (the original release lists only some) are read off the weights
-        shapes = _shape_config(diffusers_to_ours(sd), fields.get("attention_head_dim", 128))
+        shapes = _shape_config(ours, fields.get("attention_head_dim", 128))
         return UniViGUConfig(**{**{k: getattr(shapes, k) for k in _SHAPE_FIELDS}, **fields}, **text_fields)
-    return _infer_config(diffusers_to_ours(sd), text_fields, head_dim=text_fields.pop("attention_head_dim", 128))
+    return _infer_config(ours, text_fields, head_dim=text_fields.pop("attention_head_dim", 128))
 
 
 _SHAPE_FIELDS = ("patch_size", "num_attention_heads", "attention_head_dim", "in_channels", "out_channels", "text_dim",
@@ -187,13 +188,13 @@ def from_wan(cls, source, config: UniViGUConfig | None = None, *, variant: str |
         sd = source
     else:
         raise TypeError(f"from_wan expects a WanTransformer3DModel, a folder path or a state dict, got {type(source).__name__}")
-    # wrapper prefixes (torch.compile, DDP, FSDP) off; the original release's names -> diffusers' (a no-op on those)
-    sd = wan_original_to_diffusers({_strip(k): v for k, v in sd.items()})
+    # wrapper prefixes (torch.compile, DDP, FSDP) off; the original release's names -> diffusers' (a no-op
+    # on those) -> ours
+    ours = diffusers_to_ours(wan_original_to_diffusers({_strip(k): v for k, v in sd.items()}))
     if config is None:
-        config = _config_from_wan_state(sd, wan_config, dict(text_fields))
+        config = _config_from_wan_state(ours, wan_config, dict(text_fields))
     elif text_fields:
         raise ValueError("pass either config or text-stream fields, not both")
-    ours = diffusers_to_ours(sd)
     _check_config_against_weights(config, ours)
     model = cls(config)
     missing, unexpected = model.load_state_dict(ours, strict=False)

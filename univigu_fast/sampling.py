@@ -32,6 +32,7 @@ import torch
 
 from .flow import PolynomialScheduler, generation_taus
 from .kernels._utils import host_to_device
+from .kernels.linear_argmax import check_decode_args
 from .video_cache import VideoCache, is_full_step, parse_policy
 
 
@@ -90,8 +91,7 @@ class _TextState:
     """The text stream during sampling: ids (discrete) or embeddings (embedding flow)."""
 
     def __init__(self, model, text_lens, g, kappa_power, temperature):
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < float("inf"):
-            raise ValueError(f"temperature must be finite and > 0, got {temperature!r}")
+        check_decode_args(temperature, None)  # the mask source samples here, not in the decode kernel
         c = model.config
         self.model, self.c, self.g = model, c, g
         self.sched = PolynomialScheduler(kappa_power)

@@ -326,8 +326,9 @@ class Trainer:
         saved, now = sd.get("train_config", {}), _jsonable(asdict(self.cfg))
         changed = {k: (saved[k], now[k]) for k in _RESUME_FIXED if k in saved and saved[k] != now[k]}
         if changed:
-            raise ValueError(f"{path} holds a run with other settings ({', '.join(f'{k}: {a!r} there, {b!r} now' for k, (a, b) in changed.items())}): "
-                             "resume with the same settings or train into a new output folder")
+            diff = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in changed.items())
+            raise ValueError(f"{path} holds a run with other settings ({diff}): resume with the same settings or "
+                             "train into a new output folder")
         set_state_dict(self.wrapped, self.opt, model_state_dict=sd["model"], optim_state_dict=sd["optimizer"],
                        options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
         self.sched.load_state_dict(sd["scheduler"])

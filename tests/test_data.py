@@ -76,8 +76,17 @@ def test_preprocess_with_tiny_wan_vae_and_umt5(wan_dir, tmp_path):
     # 6 frames -> 5 (4k + 1) -> 3 latent frames (one temporal /2 level in this tiny VAE); spatial /2; 16 channels
     assert ds.latents[0].shape == (16, 3, 8, 8) and ds.latents[1].shape == (16, 3, 8, 12)
     assert ds.prompt_ids[0].tolist() == [3, 4, 5, 1]  # "a red cat </s>"
-    assert ds.prompt_ids[1].numel() == 4 and ds.prompt_embeds[1].shape == (4, 16)  # truncated to 4
-    assert ds.caption_ids[1].numel() == 8
+    # cut by the tokenizer to the maximum, so a cut text still ends in </s> (id 1), as Wan's prompts do
+    assert ds.prompt_ids[1].tolist() == [3, 14, 6, 1] and ds.caption_ids[1].tolist() == [3, 14, 6, 7, 12, 9, 11, 1]
+    assert meta["truncated"] == {"prompt": 1, "caption": 2} and ds.caption_ids[0].tolist() == [3, 4, 5, 6, 7, 8, 9, 1]
+    # the stored embedding is umT5 of the stored ids (not rows cut from a longer text's encoding)
+    from transformers import UMT5EncoderModel
+
+    te = UMT5EncoderModel.from_pretrained(wan_dir / "text_encoder")
+    for i in range(2):
+        with torch.no_grad():
+            h = te(ds.prompt_ids[i][None]).last_hidden_state[0]
+        torch.testing.assert_close(ds.prompt_embeds[i], h)
     # latents are the VAE's mode, normalised by latents_mean / latents_std
     from diffusers import AutoencoderKLWan
 
@@ -92,3 +101,18 @@ def test_preprocess_with_tiny_wan_vae_and_umt5(wan_dir, tmp_path):
     assert ds.null_prompt.shape == (1, 16)
     with pytest.raises(ValueError, match="model_path"):
         preprocess(tmp_path / "m.jsonl", tmp_path / "o2")
+
+
+def test_preprocess_refuses_bad_manifest_lines_before_loading(tmp_path):
+    """A missing video or a line that is not JSON is reported with its manifest line before any model is
+    loaded (no model path is given here: loading would fail with another error)."""
+    torch.save(torch.zeros(5, 8, 8, 3), tmp_path / "v0.pt")
+    good = json.dumps(dict(video="v0.pt", prompt="a cat", caption="a cat runs"))
+    for bad, error, match in ((json.dumps(dict(video="gone.pt", prompt="a", caption="b")), FileNotFoundError,
+                               r"m.jsonl line 3: video .*gone.pt not found"),
+                              ("{video: v0.pt}", ValueError, "m.jsonl line 3: not JSON")):
+        (tmp_path / "m.jsonl").write_text("\n".join([good, "", bad, good]) + "\n")
+        with pytest.raises(error, match=match):
+            preprocess(tmp_path / "m.jsonl", tmp_path / "out")
+    with pytest.raises(ValueError, match="max >= 1"):
+        LengthConstraints((0, 0))

@@ -124,3 +124,24 @@ def test_demo_model_config_patch_and_heads():
         assert [tuple(v.shape) for v in out.video_velocity] == [tuple(z.shape) for z in data.latents]
         (C, F_, H, W), (pt, ph, pw) = data.latents[0].shape, patch
         assert model.patch_embedding(data.latents[0][None]).flatten(2).shape[-1] == (F_ // pt) * (H // ph) * (W // pw)
+
+
+@pytest.mark.parametrize("option", [["--mode-mix", "joint"], ["--mode-mix", "joint=x"], ["--mode-mix", "joint=1,joint=2"],
+                                    ["--mode-mix", "captioning=1"], ["--stage", "3"], ["--schedule", "linear"],
+                                    ["--cond-dropout", "2"], ["--batch-size", "0"], ["--warmup", "-5"], ["--lr", "0"],
+                                    ["--save-every", "-1"], ["--kappa-power", "0"], ["--text-flow", "continuous"]])
+def test_cli_train_refuses_bad_options_as_usage_errors(tmp_path, option):
+    """Each bad option is a usage error naming it (exit code 2), raised before any model or data is loaded
+    (no --config / --data is given: loading would fail otherwise)."""
+    r = CliRunner().invoke(app, ["train", "--out", str(tmp_path), *option])
+    assert r.exit_code == 2 and isinstance(r.exception, SystemExit), r.output
+    name = option[0].lstrip("-").replace("-", "_")
+    assert "Invalid value" in r.output and (name in r.output or option[0] in r.output), r.output
+
+
+@pytest.mark.parametrize("option", [["--prompt-tokens", "5"], ["--prompt-tokens", "0,x"], ["--caption-tokens", "9,2"],
+                                    ["--caption-tokens", "0,0"]])
+def test_cli_preprocess_refuses_bad_token_ranges(tmp_path, option):
+    (tmp_path / "m.jsonl").write_text("")
+    r = CliRunner().invoke(app, ["preprocess", "--manifest", str(tmp_path / "m.jsonl"), "--out", str(tmp_path / "o"), *option])
+    assert r.exit_code == 2 and isinstance(r.exception, SystemExit) and "Invalid value" in r.output, r.output

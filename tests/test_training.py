@@ -58,6 +58,16 @@ def test_config_defaults_follow_the_paper():
         TrainConfig(stage=3)
 
 
+@pytest.mark.parametrize("bad", [dict(warmup_steps=-5), dict(lr=0.0), dict(lr=float("nan")), dict(grad_clip=-1.0),
+                                 dict(save_every=-1), dict(log_every=0), dict(min_lr_ratio=1.5),
+                                 dict(flow=dict(kappa_power=0.0)), dict(flow=dict(mode_mix={"joint": float("nan")})),
+                                 dict(flow=dict(text_weight=float("inf")))])
+def test_config_refuses_bad_settings(bad):
+    name = next(iter(bad["flow"])) if "flow" in bad else next(iter(bad))
+    with pytest.raises(ValueError, match=name):
+        TrainConfig(**bad)
+
+
 def test_batches_are_deterministic_epoch_permutations():
     seen = sum((batch_indices(10, 4, s, 0) for s in range(5)), [])
     assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:20]) == list(range(10))
@@ -123,6 +133,8 @@ def test_resume_gives_the_same_next_loss(data, tmp_path, text_flow):
     a = Trainer(_model(text_flow), data, TrainConfig(**cfg, out_dir=str(tmp_path)))
     a.train(steps=2)  # "interrupted" after step 2; its checkpoint is on disk
     assert sorted(os.listdir(tmp_path)) == ["checkpoint.pt", "log.jsonl"]  # no temporary file left
+    with open(tmp_path / "log.jsonl", "a") as f:  # it logged step 3, then was killed (mid-write) before a checkpoint
+        f.write(json.dumps(dict(step=3, loss=-1.0)) + '\n{"step": 4, "lo')
     b = Trainer(_model(text_flow, seed=123), data, TrainConfig(**cfg, out_dir=str(tmp_path)))
     assert b.resume_if_possible() and b.step == 2
     rest = b.train()
@@ -130,7 +142,7 @@ def test_resume_gives_the_same_next_loss(data, tmp_path, text_flow):
     for r, f in zip(rest, full[2:]):
         assert r["loss"] == f["loss"] and r["lr"] == f["lr"]
     logged = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
-    assert [r["step"] for r in logged] == [1, 2, 3, 4]
+    assert [r["step"] for r in logged] == [1, 2, 3, 4] and logged[2]["loss"] == full[2]["loss"]
     # Stage 2 pointed at Stage 1's folder carried on Stage 1's run (its steps, its optimizer, its lr)
     for change in (dict(stage=2), dict(lr=5e-4)):
         c = Trainer(_model(text_flow), data, TrainConfig(**{**cfg, **change}, out_dir=str(tmp_path)))

@@ -148,6 +148,15 @@ def train(
 
     quiet_interpreter_warnings()  # only Triton's interpreter (TRITON_INTERPRET=1 on CPU) raises them
 
+    try:  # settings first: a bad option is a usage error, before any model or data is loaded
+        cfg = TrainConfig(stage=stage, steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup,
+                          schedule=schedule, grad_clip=grad_clip, seed=seed, save_every=save_every, out_dir=str(out),
+                          flow=FlowConfig(mode_mix=_mode_mix(mode_mix), cond_dropout=cond_dropout,
+                                          kappa_power=kappa_power))
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    if text_flow not in ("discrete", "embedding"):
+        raise typer.BadParameter(f"--text-flow must be 'discrete' or 'embedding', got {text_flow!r}")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     dev = _device(device)
     if world > 1:
@@ -175,10 +184,6 @@ def train(
         from . import synthetic as S
 
         ds = S.make_dataset(synthetic, seed, text_dim=m.config.text_dim)
-    mix = {k.strip(): float(v) for k, v in (kv.split("=") for kv in mode_mix.split(",") if kv.strip())}
-    cfg = TrainConfig(stage=stage, steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup, schedule=schedule,
-                      grad_clip=grad_clip, seed=seed, save_every=save_every, out_dir=str(out),
-                      flow=FlowConfig(mode_mix=mix, cond_dropout=cond_dropout, kappa_power=kappa_power))
     tr = Trainer(m, ds, cfg)
     if resume and tr.resume_if_possible():
         typer.echo(f"resumed at step {tr.step}")
@@ -193,6 +198,21 @@ def train(
     if world > 1:
         tr.close()  # the DDP reducer must go before the process group (see Trainer.close)
         dist.destroy_process_group()
+
+
+def _mode_mix(text: str) -> dict[str, float]:
+    """'joint=1,understanding=2' -> {'joint': 1.0, 'understanding': 2.0} (FlowConfig checks the names)."""
+    mix = {}
+    for item in filter(None, (kv.strip() for kv in text.split(","))):
+        name, eq, weight = item.partition("=")
+        try:
+            if not eq or name.strip() in mix:
+                raise ValueError
+            mix[name.strip()] = float(weight)
+        except ValueError:
+            raise ValueError(f"--mode-mix must be comma-separated name=weight pairs, each name once "
+                             f"(e.g. 'joint=1,understanding=2'), got {text!r}") from None
+    return mix
 
 
 def _save_full(tr, path):
@@ -311,6 +331,17 @@ def joint(
     typer.echo(json.dumps(info))
 
 
+def _token_range(option: str, text: str) -> tuple[int, int]:
+    """'0,128' -> (0, 128)."""
+    parts = text.split(",")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        return int(parts[0]), int(parts[1])
+    except ValueError:
+        raise ValueError(f"{option} must be 'min,max' token counts (e.g. '0,128'), got {text!r}") from None
+
+
 def preprocess(
     manifest: Path = typer.Option(..., help="JSONL: one {\"video\": path, \"prompt\": str, \"caption\": str} per line."),
     out: Path = typer.Option(..., help="Output examples folder."),
@@ -327,9 +358,12 @@ def preprocess(
 
     from .data import LengthConstraints, preprocess as run
 
+    try:
+        lengths = LengthConstraints(_token_range("--prompt-tokens", prompt_tokens),
+                                    _token_range("--caption-tokens", caption_tokens))
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
     dev = _device(device)
-    lengths = LengthConstraints(tuple(int(x) for x in prompt_tokens.split(",")),
-                                tuple(int(x) for x in caption_tokens.split(",")))
     meta = run(manifest, out, model_path=wan, vae_path=vae, text_encoder_path=text_encoder, tokenizer_path=tokenizer,
                lengths=lengths, device=dev, dtype=torch.bfloat16 if dev == "cuda" else torch.float32)
     typer.echo(json.dumps({k: meta[k] for k in ("count", "skipped", "truncated")}))

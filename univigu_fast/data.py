@@ -49,8 +49,8 @@ class LengthConstraints:
     def __post_init__(self):
         for name in ("prompt", "caption"):
             lo, hi = getattr(self, name)
-            if not 0 <= lo <= hi:
-                raise ValueError(f"{name} token range must satisfy 0 <= min <= max, got {(lo, hi)}")
+            if not 0 <= lo <= hi or hi < 1:
+                raise ValueError(f"{name} token range must satisfy 0 <= min <= max, max >= 1, got {(lo, hi)}")
 
 
 class ExampleWriter:
@@ -73,32 +73,33 @@ class ExampleWriter:
         self.sources = sources or {}
 
     def add(self, latents: torch.Tensor, prompt_embeds: torch.Tensor, prompt_ids: torch.Tensor,
-            caption_ids: torch.Tensor) -> bool:
-        """Adds one example (applies the length constraints); returns False if it was skipped."""
+            caption_ids: torch.Tensor, *, prompt_truncated: bool = False, caption_truncated: bool = False) -> bool:
+        """Adds one example (applies the length constraints); returns False if it was skipped.
+
+        Texts over the maximum are cut to it here (their embeddings row-wise). ``preprocess`` instead
+        tokenizes and encodes them at the maximum (keeping ``</s>``) and passes ``*_truncated`` so
+        that they are counted in ``meta["truncated"]``."""
         if latents.dim() != 4:
             raise ValueError(f"latents must be (C, F, H, W), got {tuple(latents.shape)}")
-        if self.channels is None:
-            self.channels = latents.shape[0]
-        elif latents.shape[0] != self.channels:
+        if self.channels is not None and latents.shape[0] != self.channels:
             raise ValueError(f"latents have {latents.shape[0]} channels, earlier examples {self.channels}")
         if prompt_embeds.dim() != 2 or prompt_embeds.shape[1] != self.text_dim:
             raise ValueError(f"prompt_embeds must be (L, text_dim={self.text_dim}), got {tuple(prompt_embeds.shape)}")
         for name, ids in (("prompt_ids", prompt_ids), ("caption_ids", caption_ids)):
             if ids.dim() != 1 or ids.is_floating_point():
                 raise ValueError(f"{name} must be 1-D integer ids, got {ids.dtype} {tuple(ids.shape)}")
-        (plo, phi), (clo, chi) = self.lengths.prompt, self.lengths.caption
-        if prompt_ids.numel() < plo:
-            self.skipped["prompt_too_short"] += 1
+        if self.skips(prompt_ids.numel(), caption_ids.numel()):
             return False
-        if caption_ids.numel() < clo:
-            self.skipped["caption_too_short"] += 1
-            return False
+        self.channels = latents.shape[0]
+        (_, phi), (_, chi) = self.lengths.prompt, self.lengths.caption
+        if prompt_embeds.shape[0] != prompt_ids.numel():
+            raise ValueError(f"prompt_embeds has {prompt_embeds.shape[0]} rows for {prompt_ids.numel()} prompt_ids")
         if prompt_ids.numel() > phi:
-            prompt_ids, prompt_embeds = prompt_ids[:phi], prompt_embeds[:phi]
-            self.truncated["prompt"] += 1
+            prompt_ids, prompt_embeds, prompt_truncated = prompt_ids[:phi], prompt_embeds[:phi], True
         if caption_ids.numel() > chi:
-            caption_ids = caption_ids[:chi]
-            self.truncated["caption"] += 1
+            caption_ids, caption_truncated = caption_ids[:chi], True
+        self.truncated["prompt"] += bool(prompt_truncated)
+        self.truncated["caption"] += bool(caption_truncated)
         i = self.count
         self.buf.update({f"{i}.latents": latents.detach().float().contiguous().cpu(),
                          f"{i}.prompt_embeds": prompt_embeds.detach().float().contiguous().cpu(),
@@ -108,6 +109,16 @@ class ExampleWriter:
         if self.count % self.shard_size == 0:
             self._flush()
         return True
+
+    def skips(self, prompt_len: int, caption_len: int) -> bool:
+        """Whether an example with texts of these lengths is below the minimums (then counted as skipped)."""
+        if prompt_len < self.lengths.prompt[0]:
+            self.skipped["prompt_too_short"] += 1
+            return True
+        if caption_len < self.lengths.caption[0]:
+            self.skipped["caption_too_short"] += 1
+            return True
+        return False
 
     def _flush(self):
         from safetensors.torch import save_file
@@ -233,6 +244,22 @@ def preprocess(manifest: str | Path, out: str | Path, *, model_path: str | Path 
     from diffusers import AutoencoderKLWan
     from transformers import AutoTokenizer, UMT5EncoderModel
 
+    rows, base = [], Path(manifest).parent
+    for k, line in enumerate(Path(manifest).read_text().splitlines()):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except ValueError as e:
+            raise ValueError(f"{manifest} line {k + 1}: not JSON ({e})") from None
+        missing = {"video", "prompt", "caption"} - set(r)
+        if missing:
+            raise ValueError(f"{manifest} line {k + 1}: missing {sorted(missing)}")
+        vp = Path(r["video"])
+        r["video"] = vp if vp.is_absolute() else base / vp
+        if not r["video"].is_file():  # checked before the first (slow) encode, not when the loop reaches it
+            raise FileNotFoundError(f"{manifest} line {k + 1}: video {r['video']} not found")
+        rows.append((k + 1, r))
     root = Path(model_path) if model_path else None
     if root is None and not (vae_path and text_encoder_path and tokenizer_path):
         raise ValueError("give model_path (a Wan diffusers folder) or all of vae_path, text_encoder_path, tokenizer_path")
@@ -245,20 +272,21 @@ def preprocess(manifest: str | Path, out: str | Path, *, model_path: str | Path 
     mean = torch.tensor(vae.config.latents_mean).view(-1, 1, 1, 1)
     std = torch.tensor(vae.config.latents_std).view(-1, 1, 1, 1)
 
-    @torch.no_grad()
-    def embed(text: str, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        enc = tok(text, return_tensors="pt", truncation=True, max_length=max(max_len, 1))
-        ids = enc.input_ids[0]
-        h = te(enc.input_ids.to(device), attention_mask=enc.attention_mask.to(device)).last_hidden_state[0]
-        return h.float().cpu(), ids
+    def tokenize(text: str, max_len: int) -> tuple[list[int], bool]:
+        """Ids of ``text``, cut by the tokenizer to ``max_len`` (so a cut text still ends in ``</s>``, as Wan's
+        prompts do); and whether it was cut."""
+        ids = tok(text).input_ids
+        if len(ids) <= max_len:
+            return ids, False
+        return tok(text, truncation=True, max_length=max_len).input_ids, True
 
-    rows = [json.loads(line) for line in Path(manifest).read_text().splitlines() if line.strip()]
-    for k, r in enumerate(rows):
-        missing = {"video", "prompt", "caption"} - set(r)
-        if missing:
-            raise ValueError(f"{manifest} line {k + 1}: missing {sorted(missing)}")
-    null, _ = embed("", 1)
-    base = Path(manifest).parent
+    @torch.no_grad()
+    def embed(ids: list[int]) -> torch.Tensor:
+        """umT5 hidden states of the ids (the text encoded at its stored length)."""
+        x = torch.tensor([ids], dtype=torch.long, device=device)
+        return te(x, attention_mask=torch.ones_like(x)).last_hidden_state[0].float().cpu()
+
+    null = embed(tok("").input_ids)  # the empty prompt: just </s>
     writer = ExampleWriter(out, text_dim=null.shape[1], null_prompt=null, lengths=lengths, shard_size=shard_size,
                            sources=dict(vae=str(vae_p), text_encoder=str(te_p), tokenizer=str(tok_p), manifest=str(manifest)))
     it = rows
@@ -267,14 +295,18 @@ def preprocess(manifest: str | Path, out: str | Path, *, model_path: str | Path 
 
         it = tqdm(rows, desc="preprocess")
     with torch.no_grad():
-        for r in it:
-            vp = Path(r["video"])
-            x = load_video(vp if vp.is_absolute() else base / vp)
+        for line, r in it:
+            pids, p_cut = tokenize(r["prompt"], lengths.prompt[1])
+            cids, c_cut = tokenize(r["caption"], lengths.caption[1])
+            if writer.skips(len(pids), len(cids)):  # too short: not worth encoding the video
+                continue
+            try:
+                x = load_video(r["video"])
+            except Exception as e:
+                raise ValueError(f"{manifest} line {line}: cannot read video {r['video']}: {e}") from e
             f = (x.shape[1] - 1) // 4 * 4 + 1
-            x = x[:, :f]
-            lat = vae.encode(x[None].to(device, dtype)).latent_dist.mode()[0].float().cpu()
+            lat = vae.encode(x[None, :, :f].to(device, dtype)).latent_dist.mode()[0].float().cpu()
             lat = (lat - mean) / std
-            pe, pids = embed(r["prompt"], lengths.prompt[1] + 1)
-            cids = tok(r["caption"], truncation=True, max_length=lengths.caption[1] + 1).input_ids
-            writer.add(lat, pe, pids, torch.tensor(cids, dtype=torch.long))
+            writer.add(lat, embed(pids), torch.tensor(pids, dtype=torch.long), torch.tensor(cids, dtype=torch.long),
+                       prompt_truncated=p_cut, caption_truncated=c_cut)
     return writer.close()

@@ -138,10 +138,17 @@ class FlowConfig:
 
     def __post_init__(self):
         bad = set(self.mode_mix) - set(MODES)
-        if bad or not self.mode_mix or any(v < 0 for v in self.mode_mix.values()) or sum(self.mode_mix.values()) <= 0:
-            raise ValueError(f"mode_mix must map a subset of {MODES} to non-negative weights (sum > 0), got {self.mode_mix}")
+        weights = self.mode_mix.values()
+        if bad or not self.mode_mix or any(not 0 <= w < math.inf for w in weights) or sum(weights) <= 0:
+            raise ValueError(f"mode_mix must map a subset of {MODES} to finite non-negative weights (sum > 0), "
+                             f"got {self.mode_mix}")
         if not 0.0 <= self.cond_dropout <= 1.0:
             raise ValueError(f"cond_dropout must lie in [0, 1], got {self.cond_dropout}")
+        if not 0.0 < self.kappa_power < math.inf:
+            raise ValueError(f"kappa_power must be a positive finite number, got {self.kappa_power}")
+        for name in ("video_weight", "text_weight"):
+            if not 0.0 <= getattr(self, name) < math.inf:
+                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
 
     def draw_mode(self, g: torch.Generator) -> str:
         names = [m for m in MODES if self.mode_mix.get(m, 0) > 0]

@@ -76,6 +76,15 @@ class TrainConfig:
             raise ValueError(f"schedule must be 'constant' or 'cosine', got {self.schedule!r}")
         if self.shard not in ("auto", "fsdp"):
             raise ValueError(f"shard must be 'auto' or 'fsdp', got {self.shard!r}")
+        for name in ("warmup_steps", "save_every", "grad_clip", "weight_decay"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.log_every < 1:
+            raise ValueError(f"log_every must be >= 1, got {self.log_every}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}")
+        if self.lr is not None and not 0.0 < self.lr < math.inf:
+            raise ValueError(f"lr must be a positive finite number, got {self.lr}")
         if isinstance(self.flow, dict):
             self.flow = FlowConfig(**self.flow)
         if self.lr is None:
@@ -249,9 +258,7 @@ class Trainer:
 
             bar = tqdm(total=end, initial=self.step, desc=f"stage {self.cfg.stage}", dynamic_ncols=True, leave=False)
         t0 = time.time()
-        log = None
-        if self.out and self.rank == 0:
-            log = open(self.out / "log.jsonl", "a")
+        log = self._open_log() if self.out and self.rank == 0 else None
         try:
             while self.step < end:
                 rec = self.train_step()
@@ -274,6 +281,19 @@ class Trainer:
         if self.out:
             self.save()
         return recs
+
+    def _open_log(self):
+        """``OUT/log.jsonl`` for appending, without the records of steps after ``self.step``: a run
+        resumed from an older checkpoint (or a new run, at step 0) logs those steps again."""
+        path = self.out / "log.jsonl"
+        if path.exists():
+            lines = path.read_text().splitlines()
+            keep = [line for line in lines if _logged_step(line) <= self.step]
+            if len(keep) != len(lines):
+                tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+                tmp.write_text("".join(line + "\n" for line in keep))
+                os.replace(tmp, path)
+        return open(path, "a")
 
     def close(self) -> None:
         """Release the distributed wrapper (DDP's reducer holds a reference to the process group).
@@ -346,6 +366,14 @@ class Trainer:
             self.load(self.out / "checkpoint.pt")
             return True
         return False
+
+
+def _logged_step(line: str) -> float:
+    """The step of a log.jsonl line; inf for a blank or torn one (a run killed mid-write)."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 class _Null:

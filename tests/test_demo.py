@@ -122,7 +122,7 @@ def test_demo_model_config_patch_and_heads():
         model = UniViGUModel(mc)
         out = model(data.latents, torch.ones(2), data.prompt_embeds, text=data.caption_ids, tau_text=torch.zeros(2))
         assert [tuple(v.shape) for v in out.video_velocity] == [tuple(z.shape) for z in data.latents]
-        (C, F_, H, W), (pt, ph, pw) = data.latents[0].shape, patch
+        (_, F_, H, W), (pt, ph, pw) = data.latents[0].shape, patch
         assert model.patch_embedding(data.latents[0][None]).flatten(2).shape[-1] == (F_ // pt) * (H // ph) * (W // pw)
 
 

@@ -116,3 +116,26 @@ def test_preprocess_refuses_bad_manifest_lines_before_loading(tmp_path):
             preprocess(tmp_path / "m.jsonl", tmp_path / "out")
     with pytest.raises(ValueError, match="max >= 1"):
         LengthConstraints((0, 0))
+
+
+def test_cli_text_front_end_pads_prompts_as_wan(wan_dir):
+    """The CLI's umT5 front end feeds prompts as Wan's pipeline does: cut to --prompt-length tokens (keeping
+    </s>), encoded, zero-padded to that many rows (512 by default); the empty prompt likewise."""
+    from transformers import UMT5EncoderModel
+
+    from univigu_fast.cli_flow import _TextFrontEnd
+    from univigu_fast.config import UniViGUConfig
+    from univigu_fast.model import UniViGUModel
+
+    model = UniViGUModel(UniViGUConfig.tiny(text_dim=16, vocab_size=16))
+    te = UMT5EncoderModel.from_pretrained(wan_dir / "text_encoder")
+    fe = _TextFrontEnd(model, wan_dir / "tokenizer", wan_dir / "text_encoder", synthetic=False)
+    emb, ids = fe.encode("a red cat")
+    assert ids.tolist() == [3, 4, 5, 1] and emb.shape == (512, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(emb[:4], te(ids[None]).last_hidden_state[0])
+    assert not emb[4:].any() and fe.null().shape == (512, 16) and fe.null()[1:].abs().sum() == 0
+    emb, ids = _TextFrontEnd(model, wan_dir / "tokenizer", wan_dir / "text_encoder", False, 3).encode("a red cat")
+    assert ids.tolist() == [3, 4, 1] and emb.shape == (3, 16)
+    emb, ids = _TextFrontEnd(model, wan_dir / "tokenizer", wan_dir / "text_encoder", False, 0).encode("a red cat")
+    assert emb.shape == (4, 16)

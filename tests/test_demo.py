@@ -129,7 +129,8 @@ def test_demo_model_config_patch_and_heads():
 @pytest.mark.parametrize("option", [["--mode-mix", "joint"], ["--mode-mix", "joint=x"], ["--mode-mix", "joint=1,joint=2"],
                                     ["--mode-mix", "captioning=1"], ["--stage", "3"], ["--schedule", "linear"],
                                     ["--cond-dropout", "2"], ["--batch-size", "0"], ["--warmup", "-5"], ["--lr", "0"],
-                                    ["--save-every", "-1"], ["--kappa-power", "0"], ["--text-flow", "continuous"]])
+                                    ["--save-every", "-1"], ["--kappa-power", "0"], ["--text-flow", "continuous"],
+                                    ["--loss-unit", "sample"], ["--prompt-length", "-1"]])
 def test_cli_train_refuses_bad_options_as_usage_errors(tmp_path, option):
     """Each bad option is a usage error naming it (exit code 2), raised before any model or data is loaded
     (no --config / --data is given: loading would fail otherwise)."""

@@ -68,6 +68,9 @@ def test_wan_flow_shift_grid():
     assert all(b > a for a, b in zip(taus, taus[1:]))
     with pytest.raises(ValueError, match="steps"):
         generation_taus(0)
+    for shift in (0.1, 0.2, 0.45, 0.5, 7.0):  # 1 + (shift - 1) != shift in floating point for some (was tau -2e-16)
+        taus = generation_taus(7, shift)
+        assert taus[0] == 0.0 and taus[-1] == 1.0 and all(b > a for a, b in zip(taus, taus[1:]))
 
 
 def _fake_model(text_flow="discrete", vocab=5, dim=4):
@@ -82,28 +85,35 @@ def _sample(mode, video_target, text_target, tau_t=0.5, noise=None):
 
 
 def test_loss_weighting_token_count_normalised_discrete():
-    m = _fake_model("discrete", vocab=5)
-    vt = [torch.ones(2, 1, 1, 3), torch.zeros(2, 1, 1, 3), torch.ones(2, 1, 1, 3)]
-    vp = [torch.zeros(2, 1, 1, 3), torch.full((2, 1, 1, 3), 2.0), torch.full((2, 1, 1, 3), 5.0)]
+    m = _fake_model("discrete", vocab=5)  # 4 latent channels, (1, 2, 2) patch: 16 latent values per video token
+    shape = (4, 1, 2, 6)  # 3 video tokens
+    vt = [torch.randn(shape), torch.zeros(shape), torch.randn(shape)]
+    vp = [torch.zeros(shape), torch.full(shape, 2.0), torch.randn(shape)]
     y = [torch.tensor([1, 2, 3]), torch.tensor([4]), torch.tensor([0, 0])]
     logits = [torch.randn(3, 5), torch.randn(1, 5), torch.randn(2, 5)]
     samples = [_sample("joint", vt[0], y[0]), _sample("understanding", vt[1], y[1]), _sample("generation", vt[2], y[2])]
     terms = loss_terms(m, samples, UniViGUOutput(vp, logits))
-    # video: joint + generation samples count; understanding (tau_v = 1) does not
-    want_v = ((vp[0] - vt[0]) ** 2).sum() + ((vp[2] - vt[2]) ** 2).sum()
-    assert terms["video_count"].item() == 12
-    torch.testing.assert_close(terms["video_sum"], want_v)
+    # video: joint + generation samples count (6 tokens); understanding (tau_v = 1) does not
+    per_token = [((vp[i] - vt[i]) ** 2).reshape(4, 1, 1, 2, 3, 2).sum((0, 3, 5)).flatten() for i in (0, 2)]
+    want_v = torch.cat(per_token)  # each token's squared norm over its 4 x 1 x 2 x 2 latent values
+    assert terms["video_count"].item() == 6 == want_v.numel()
+    torch.testing.assert_close(terms["video_sum"], want_v.sum())
     # text: joint + understanding count (4 tokens in all), generation (tau_t = 1) does not
     ce = torch.cat([F.cross_entropy(logits[0], y[0], reduction="none"), F.cross_entropy(logits[1], y[1], reduction="none")])
     assert terms["text_count"].item() == 4
     torch.testing.assert_close(terms["text_sum"], ce.sum())
     loss = combine(terms, FlowConfig())
     # Eq. 11 with lambda_v = 1, lambda_t = |z_v| / |z_t|, normalised by |z_v|: the per-token means, added
-    torch.testing.assert_close(loss, want_v / 12 + ce.mean())
+    torch.testing.assert_close(loss, want_v.mean() + ce.mean())
     # token-count normalisation is over all tokens of the batch, not a mean of per-sample means
-    assert not math.isclose(loss.item(), (want_v / 12 + (ce[:3].mean() + ce[3:].mean()) / 2).item(), rel_tol=1e-4)
+    assert not math.isclose(loss.item(), (want_v.mean() + (ce[:3].mean() + ce[3:].mean()) / 2).item(), rel_tol=1e-4)
     # lambda_v and the text weight scale their terms
-    torch.testing.assert_close(combine(terms, FlowConfig(video_weight=0.5, text_weight=2.0)), 0.5 * want_v / 12 + 2 * ce.mean())
+    torch.testing.assert_close(combine(terms, FlowConfig(video_weight=0.5, text_weight=2.0)),
+                               0.5 * want_v.mean() + 2 * ce.mean())
+    # loss_unit="element": Wan's per-element MSE for video (the cross-entropy stays per token)
+    terms = loss_terms(m, samples, UniViGUOutput(vp, logits), "element")
+    assert terms["video_count"].item() == 6 * 16 and terms["text_count"].item() == 4
+    torch.testing.assert_close(combine(terms, FlowConfig(loss_unit="element")), want_v.sum() / 96 + ce.mean())
 
 
 def test_embedding_flow_inputs_targets_and_loss():
@@ -118,7 +128,8 @@ def test_embedding_flow_inputs_targets_and_loss():
     terms = loss_terms(m, [s], UniViGUOutput([torch.zeros(1)], [v]))
     u = E[y] - z0  # Eq. 7 velocity target
     torch.testing.assert_close(terms["text_sum"], ((v - u) ** 2).sum())
-    assert terms["text_count"].item() == 3 * 64 and terms["text_tokens"].item() == 3 and terms["video_count"].item() == 0
+    assert terms["text_count"].item() == 3 and terms["text_tokens"].item() == 3 and terms["video_count"].item() == 0
+    assert loss_terms(m, [s], UniViGUOutput([torch.zeros(1)], [v]), "element")["text_count"].item() == 3 * 64
     # the exact velocity decodes (one Euler jump to tau = 1, then Eq. 8 argmax) to the right ids
     terms = loss_terms(m, [s], UniViGUOutput([torch.zeros(1)], [u]))
     assert terms["text_sum"].item() == 0 and terms["text_correct"].item() == 3

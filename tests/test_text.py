@@ -51,6 +51,8 @@ def test_tokenize_pads_and_round_trips(tok_dir):
     assert detokenize(tok, ids, lens) == texts
     ids2, lens2 = tokenize(tok, texts, max_length=2)
     assert ids2.shape == (3, 2) and lens2.tolist() == [2, 2, 1]
+    assert ids2[:, 1].tolist() == [1, 1, 0]  # a cut text keeps its </s>, as Wan's prompts and preprocess do
+    assert tokenize(tok, texts, max_length=0)[1].tolist() == [0, 0, 0]
     with pytest.raises(TypeError, match="texts"):
         tokenize(tok, [1, 2])
     with pytest.raises(ValueError, match="text_lens"):
@@ -122,3 +124,16 @@ def test_decode_embedding_flow_is_nearest_row():
     assert torch.equal(got[1, 2:], torch.zeros(3, dtype=torch.long))
     with pytest.raises(ValueError, match="dim"):
         decode(model, torch.zeros(1, 2, model.config.dim + 1))
+
+
+def test_pad_prompt_as_wan():
+    from univigu_fast.text import WAN_TEXT_LEN, pad_prompt
+
+    e = torch.randn(5, 8)
+    p = pad_prompt(e)
+    assert p.shape == (WAN_TEXT_LEN, 8) == (512, 8) and torch.equal(p[:5], e) and not p[5:].any()
+    assert pad_prompt(e, 0) is e and pad_prompt(e, 5).equal(e)
+    with pytest.raises(ValueError, match="6 rows, more than the padded length 5"):
+        pad_prompt(torch.randn(6, 8), 5)
+    with pytest.raises(ValueError, match=r"\(L, text_dim\)"):
+        pad_prompt(torch.randn(8))

@@ -8,7 +8,7 @@ import torch
 import torch.multiprocessing as mp
 
 from univigu_fast.config import UniViGUConfig
-from univigu_fast.flow import FlowConfig
+from univigu_fast.flow import FlowConfig, uniflow_loss
 from univigu_fast.reference import UniViGUModel
 from univigu_fast.synthetic import SyntheticTokenizer, make_dataset
 from univigu_fast.training import STAGE_LR, TrainConfig, Trainer, batch_indices
@@ -118,12 +118,46 @@ def test_stage_targets(data, stage):
     assert torch.equal(spy2.seen[0]["tau_v"], torch.ones(4))
 
 
+def test_prompt_length_pads_what_the_model_sees(data):
+    """prompt_length = 8: prompts and the empty prompt reach the model as 8 rows, the real ones then zeros."""
+    model = _model()
+    spy = Spy(model)
+    Trainer(model, data, TrainConfig(stage=1, steps=1, batch_size=4, progress=False, prompt_length=8,
+                                     flow=FlowConfig(cond_dropout=0.5))).train()
+    idx = batch_indices(len(data.prompt_ids), 4, 0, 0)
+    dropped = 0
+    for p, i in zip(spy.seen[0]["prompts"], idx):
+        src = data.null_prompt if p[: data.null_prompt.shape[0]].equal(data.null_prompt) else data.prompt_embeds[i]
+        dropped += src is data.null_prompt
+        assert p.shape == (8, TEXT_DIM) and torch.equal(p[: len(src)], src) and not p[len(src):].any()
+    assert 0 < dropped < 4
+    with pytest.raises(ValueError, match="more than the padded length 2"):
+        Trainer(_model(), data, TrainConfig(steps=1, batch_size=4, progress=False, prompt_length=2)).train()
+
+
 def test_logged_lr_is_the_one_the_step_used(data):
     """Linear warm-up over 3 steps, then constant: step k used lr * min(1, k / 3) (the log read the
     scheduler after it had moved on, one step ahead)."""
     recs = Trainer(_model("discrete"), data, TrainConfig(stage=1, steps=4, batch_size=4, warmup_steps=3, lr=1e-3,
                                                           progress=False, log_every=1)).train()
     assert [r["lr"] for r in recs] == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3, 1e-3], rel=1e-12)
+
+
+def test_uniflow_loss_is_the_trainers_step_loss(data):
+    """flow.uniflow_loss on the trainer's first batch (same seed and step, the prompts' ids as the text the
+    generation samples carry) gives the loss the trainer logs; its generation samples carry those ids."""
+    cfg = TrainConfig(stage=2, steps=1, batch_size=8, progress=False, flow=FlowConfig(mode_mix={"generation": 1.0,
+                                                                                               "joint": 1.0}))
+    model = _model()
+    idx = batch_indices(len(data.latents), 8, 0, 0)
+    with torch.no_grad():
+        loss, _, samples = uniflow_loss(model, [data.latents[i] for i in idx], [data.prompt_embeds[i] for i in idx],
+                                        data.null_prompt, [data.caption_ids[i] for i in idx], cfg=cfg.flow, seed=0,
+                                        step=0, generation_texts=[data.prompt_ids[i] for i in idx])
+    gen = [(s, i) for s, i in zip(samples, idx) if s.mode == "generation"]
+    assert gen and all(torch.equal(s.text_in, data.prompt_ids[i]) for s, i in gen)
+    (rec,) = Trainer(model, data, cfg).train()
+    assert rec["loss"] == pytest.approx(loss.item(), rel=1e-5)
 
 
 @pytest.mark.parametrize("text_flow", ["discrete", "embedding"])

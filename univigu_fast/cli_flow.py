@@ -28,6 +28,8 @@ _TOKENIZER_OPTION = typer.Option(None, help="Local umT5 tokenizer folder.")
 _TEXT_ENCODER_OPTION = typer.Option(None, help="Local umT5 encoder folder.")
 _SEED_OPTION = typer.Option(0, help=SEED_HELP)
 _DEVICE_OPTION = typer.Option(None, help="cuda / cpu.")
+_PROMPT_LENGTH_OPTION = typer.Option(None, help="Rows the prompt embeddings are zero-padded to (0 = unpadded); "
+                                                "default 512 as Wan's pipeline for umT5, 0 with --synthetic.")
 
 
 def _device(device: str | None) -> str:
@@ -51,8 +53,10 @@ def _load_model(path: Path, device: str):
 class _TextFrontEnd:
     """Prompt -> (embeddings, ids); empty-prompt embedding; ids -> text."""
 
-    def __init__(self, model, tokenizer: Path | None, text_encoder: Path | None, synthetic: bool):
+    def __init__(self, model, tokenizer: Path | None, text_encoder: Path | None, synthetic: bool,
+                 prompt_length: int | None = None):
         self.model = model
+        self.prompt_length = _prompt_length(prompt_length, synthetic)
         if synthetic:
             from . import synthetic as S
 
@@ -71,15 +75,27 @@ class _TextFrontEnd:
         self.synthetic = False
 
     def encode(self, prompt: str):
+        """(embedding (prompt_length or L, text_dim), ids (L,)): tokens past prompt_length cut as Wan does."""
         import torch
 
         dev, dtype = self.model.device, self.model.dtype
         if self.synthetic:
-            return self.enc(prompt).to(dev, dtype), self.tok.encode(prompt)
-        enc = self.tok(prompt, return_tensors="pt")
-        with torch.no_grad():
-            h = self.te(enc.input_ids, attention_mask=enc.attention_mask).last_hidden_state[0]
-        return h.to(dev, dtype), enc.input_ids[0]
+            h, ids = self.enc(prompt), self.tok.encode(prompt)
+        else:
+            n = self.prompt_length
+            enc = self.tok(prompt, return_tensors="pt", **(dict(truncation=True, max_length=n) if n else {}))
+            with torch.no_grad():
+                h = self.te(enc.input_ids, attention_mask=enc.attention_mask).last_hidden_state[0]
+            ids = enc.input_ids[0]
+        return self.pad(h).to(dev, dtype), ids
+
+    def pad(self, embeds):
+        from .text import pad_prompt
+
+        try:
+            return pad_prompt(embeds, self.prompt_length)
+        except ValueError as e:
+            raise typer.BadParameter(str(e), param_hint="--prompt-length") from None
 
     def null(self):
         return self.encode("")[0]
@@ -90,11 +106,22 @@ class _TextFrontEnd:
         return self.tok.decode(ids.cpu().tolist(), skip_special_tokens=True)
 
 
+def _prompt_length(prompt_length: int | None, synthetic: bool) -> int:
+    """--prompt-length: Wan's 512 for umT5 prompts, unpadded for the synthetic task (trained so) by default."""
+    from .text import WAN_TEXT_LEN
+
+    if prompt_length is None:
+        return 0 if synthetic else WAN_TEXT_LEN
+    if prompt_length < 0:
+        raise typer.BadParameter(f"must be >= 0 (0 = unpadded), got {prompt_length}", param_hint="--prompt-length")
+    return prompt_length
+
+
 def _prompted_model(model: Path, device: str | None, tokenizer: Path | None, text_encoder: Path | None,
-                    synthetic: bool, prompt: str):
+                    synthetic: bool, prompt: str, prompt_length: int | None):
     """Load the model and its text front end, encode the prompt: (model, front end, embeddings (L, D), ids (L,))."""
     m = _load_model(model, _device(device))
-    fe = _TextFrontEnd(m, tokenizer, text_encoder, synthetic)
+    fe = _TextFrontEnd(m, tokenizer, text_encoder, synthetic, prompt_length)
     emb, ids = fe.encode(prompt)
     return m, fe, emb, ids
 
@@ -131,6 +158,11 @@ def train(
     cond_dropout: float = typer.Option(0.5, help="Probability of replacing the prompt by the empty prompt."),
     mode_mix: str = typer.Option("joint=1,understanding=1,generation=1", help="Mode weights, e.g. 'joint=1,understanding=2'."),
     kappa_power: float = typer.Option(1.0, help="Discrete text: scheduler exponent n of kappa(t) = t^n (public code: 1)."),
+    prompt_length: Optional[int] = typer.Option(None, help="Rows the prompt embeddings are zero-padded to (0 = "
+                                                           "unpadded); default 512 as Wan's pipeline with --data, "
+                                                           "0 with --synthetic."),
+    loss_unit: str = typer.Option("token", help="Squared errors averaged per 'token' (paper Eq. 11, DESIGN §4: a "
+                                                "video token sums its C x patch values) or per 'element' (Wan's MSE)."),
     save_every: int = typer.Option(500, help="Checkpoint every N steps (atomic; always at the end)."),
     resume: bool = typer.Option(True, help="Resume from OUT/checkpoint.pt if present."),
     seed: int = typer.Option(0, help="Seed (data order, noise, dropout)."),
@@ -151,8 +183,9 @@ def train(
     try:  # settings first: a bad option is a usage error, before any model or data is loaded
         cfg = TrainConfig(stage=stage, steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup,
                           schedule=schedule, grad_clip=grad_clip, seed=seed, save_every=save_every, out_dir=str(out),
+                          prompt_length=_prompt_length(prompt_length, synthetic=data is None),
                           flow=FlowConfig(mode_mix=_mode_mix(mode_mix), cond_dropout=cond_dropout,
-                                          kappa_power=kappa_power))
+                                          kappa_power=kappa_power, loss_unit=loss_unit))
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
     if text_flow not in ("discrete", "embedding"):
@@ -238,6 +271,7 @@ def caption(
     synthetic: bool = typer.Option(False, help="Use the synthetic task's tokenizer/prompt encoder."),
     tokenizer: Optional[Path] = _TOKENIZER_OPTION,
     text_encoder: Optional[Path] = typer.Option(None, help="Local umT5 encoder folder (for the empty-prompt condition)."),
+    prompt_length: Optional[int] = _PROMPT_LENGTH_OPTION,
     seed: int = _SEED_OPTION,
     device: Optional[str] = _DEVICE_OPTION,
     video_cache: str = typer.Option("off", help="Video-stream cache: off (exact) | once | every:R (re-run the video "
@@ -262,14 +296,14 @@ def caption(
     m = _load_model(model, _device(device))
     if cuda_graph and m.device.type != "cuda":
         raise typer.BadParameter(f"needs a CUDA device, the model is on {m.device}", param_hint="--cuda-graph")
-    fe = _TextFrontEnd(m, tokenizer, text_encoder, synthetic)
+    fe = _TextFrontEnd(m, tokenizer, text_encoder, synthetic, prompt_length)
     if (latents is None) == (data is None):
         raise typer.BadParameter("give exactly one of --latents or --data")
     if data is not None:
         from .data import VideoTextDataset
 
         ds = VideoTextDataset(data)
-        z, null = ds.latents[index], ds.null_prompt
+        z, null = ds.latents[index], fe.pad(ds.null_prompt)
     else:
         z, null = torch.load(latents, map_location="cpu", weights_only=True), fe.null()
     ids = caption_sampler(m, [z.to(m.device, m.dtype)], [null.to(m.device, m.dtype)], [length], steps=steps, seed=seed,
@@ -291,13 +325,14 @@ def generate(
     synthetic: bool = _SYNTHETIC_VIDEO_OPTION,
     tokenizer: Optional[Path] = _TOKENIZER_OPTION,
     text_encoder: Optional[Path] = _TEXT_ENCODER_OPTION,
+    prompt_length: Optional[int] = _PROMPT_LENGTH_OPTION,
     seed: int = _SEED_OPTION,
     device: Optional[str] = _DEVICE_OPTION,
 ):
     """Generation: video latents from a prompt (decode them with the Wan VAE)."""
     from .sampling import generate as run_generate
 
-    m, fe, emb, ids = _prompted_model(model, device, tokenizer, text_encoder, synthetic, prompt)
+    m, fe, emb, ids = _prompted_model(model, device, tokenizer, text_encoder, synthetic, prompt, prompt_length)
     lat = run_generate(m, [emb], [ids], (m.config.in_channels, frames, height, width), null_prompt=fe.null(),
                        steps=steps, shift=shift, guidance=guidance, seed=seed)[0]
     typer.echo(json.dumps(_save_latents(lat, out, synthetic)))
@@ -317,13 +352,14 @@ def joint(
     synthetic: bool = _SYNTHETIC_VIDEO_OPTION,
     tokenizer: Optional[Path] = _TOKENIZER_OPTION,
     text_encoder: Optional[Path] = _TEXT_ENCODER_OPTION,
+    prompt_length: Optional[int] = _PROMPT_LENGTH_OPTION,
     seed: int = _SEED_OPTION,
     device: Optional[str] = _DEVICE_OPTION,
 ):
     """Joint generation: a video and its caption together from noise, coupled every step."""
     from .sampling import joint as run_joint
 
-    m, fe, emb, _ = _prompted_model(model, device, tokenizer, text_encoder, synthetic, prompt)
+    m, fe, emb, _ = _prompted_model(model, device, tokenizer, text_encoder, synthetic, prompt, prompt_length)
     lat, ids = run_joint(m, [emb], (m.config.in_channels, frames, height, width), [length], null_prompt=fe.null(),
                          steps=steps, shift=shift, guidance=guidance, seed=seed)
     info = _save_latents(lat[0], out, synthetic)

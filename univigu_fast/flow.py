@@ -19,10 +19,12 @@ Time follows the paper: ``tau`` in [0, 1], 0 = noise, 1 = data.
 
 **Loss (Eq. 11 with the token-count normalisation of DESIGN §4).**
 ``L = (1/|z_v|) sum_video ||v_hat - u||^2 + (1/|z_t|) sum_text loss_t`` i.e. the per-token mean of each
-modality, added (``lambda_v = 1``, ``lambda_t = |z_v| / |z_t|``, normalised by ``|z_v|``). We take the
-per-**element** mean for the squared errors (divide also by the channel count: C x patch volume
-for video, ``dim`` for embedding text) so the two terms are O(1) at any width; the cross-entropy
-is per token. Means are over the tokens of the whole (global) batch.
+modality, added (``lambda_v = 1``, ``lambda_t = |z_v| / |z_t|``, normalised by ``|z_v|``): a video
+token's squared error sums its ``C x patch volume`` latent values (64 for Wan), an embedding-text
+token's its ``dim`` values, a discrete-text token's loss is its cross-entropy. ``loss_unit="element"``
+instead takes the per-element mean of the squared errors (Wan's own MSE; the cross-entropy stays
+per token), which weights video ``C x patch volume`` times less against discrete text. Means are
+over the tokens of the whole (global) batch.
 
 **Modes.** ``joint``: ``tau_v, tau_t ~ U(0, 1)`` independently. ``understanding``: ``tau_v = 1``
 (clean video, its loss is not counted: its target ``z1 - z0`` is unpredictable from a clean
@@ -89,7 +91,8 @@ def generation_taus(steps: int, shift: float = 1.0) -> list[float]:
         raise ValueError(f"steps must be >= 1, got {steps}")
     if not shift > 0:
         raise ValueError(f"shift must be > 0, got {shift}")
-    return [1.0 - wan_shift(1.0 - i / steps, shift) for i in range(steps + 1)]
+    # sigma = 1 maps to 1 only up to rounding (1 + (shift - 1) != shift for e.g. 0.2): pin the start at 0
+    return [0.0] + [min(1.0, max(0.0, 1.0 - wan_shift(1.0 - i / steps, shift))) for i in range(1, steps + 1)]
 
 
 # ---------------------------------------------------------------------------- paths
@@ -135,6 +138,7 @@ class FlowConfig:
     cond_dropout: float = 0.5  # probability of replacing the prompt by the empty-prompt condition
     video_weight: float = 1.0  # lambda_v
     text_weight: float = 1.0  # multiplies the per-token text mean (1 = the paper's token-count normalisation)
+    loss_unit: str = "token"  # squared errors averaged per "token" (Eq. 11, DESIGN §4) or per "element" (Wan's MSE)
 
     def __post_init__(self):
         bad = set(self.mode_mix) - set(MODES)
@@ -146,6 +150,8 @@ class FlowConfig:
             raise ValueError(f"cond_dropout must lie in [0, 1], got {self.cond_dropout}")
         if not 0.0 < self.kappa_power < math.inf:
             raise ValueError(f"kappa_power must be a positive finite number, got {self.kappa_power}")
+        if self.loss_unit not in ("token", "element"):
+            raise ValueError(f"loss_unit must be 'token' or 'element', got {self.loss_unit!r}")
         for name in ("video_weight", "text_weight"):
             if not 0.0 <= getattr(self, name) < math.inf:
                 raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
@@ -224,45 +230,54 @@ def text_inputs(model, samples: Sequence[NoisedSample]) -> list[torch.Tensor]:
     return out
 
 
-def loss_terms(model, samples: Sequence[NoisedSample], out) -> dict[str, torch.Tensor]:
+def loss_counts(samples: Sequence[NoisedSample], model_config, loss_unit: str = "token") -> tuple[int, int]:
+    """``(|z_v|, |z_t|)``: the video and text units the loss sums of ``samples`` are divided by (tokens;
+    with ``loss_unit="element"`` the latent / embedding values of the squared-error terms)."""
+    pt, ph, pw = model_config.patch_size
+    video_unit = model_config.out_channels * pt * ph * pw if loss_unit == "token" else 1
+    text_unit = model_config.dim if loss_unit == "element" and model_config.text_flow == "embedding" else 1
+    video = sum(s.video_target.numel() for s in samples if s.mode != "understanding") // video_unit
+    text = sum(s.text_target.numel() for s in samples if s.mode != "generation") * text_unit
+    return video, text
+
+
+def loss_terms(model, samples: Sequence[NoisedSample], out, loss_unit: str = "token") -> dict[str, torch.Tensor]:
     """Sums and counts of the two loss terms over ``samples`` (before normalisation).
 
     Returns ``video_sum`` (sum of squared errors over counted video elements), ``video_count``,
-    ``text_sum`` (sum of per-token CE, or of squared errors over elements), ``text_count``,
-    ``text_correct`` (discrete: argmax == target over counted tokens; embedding: decode by Eq. 8).
+    ``text_sum`` (sum of per-token CE, or of squared errors over elements), ``text_count``
+    (``loss_counts``), ``text_tokens``, ``text_correct`` (discrete: argmax == target over counted
+    tokens; embedding: decode by Eq. 8).
     """
     c = model.config
     dev = model.device
     v_pred, t_pred = out.video_velocity, out.text_out
     zero = torch.zeros((), device=dev, dtype=torch.float32)
-    vs, vc, ts, tc, corr = zero, 0, zero, 0, zero
+    vs, ts, corr = zero, zero, zero
     E = codebook(model) if c.text_flow == "embedding" else None
     for i, s in enumerate(samples):
         if s.mode != "understanding":
             d = v_pred[i].float() - s.video_target.to(dev).float()
             vs = vs + d.pow(2).sum()
-            vc += d.numel()
         if s.mode != "generation" and s.text_target.numel():
             y = s.text_target.to(dev)
             if c.text_flow == "discrete":
                 logits = t_pred[i].float()
                 ts = ts + F.cross_entropy(logits, y, reduction="sum")
-                tc += y.numel()
                 corr = corr + (logits.argmax(-1) == y).sum().float()
             else:
                 u = E[y].float() - s.text_noise.to(dev).float()
                 d = t_pred[i].float() - u
                 ts = ts + d.pow(2).sum()
-                tc += d.numel()
                 with torch.no_grad():  # one-step estimate of z1 from z_tau and v (Eq. 16 to tau = 1)
                     z_t = (1 - s.tau_text) * s.text_noise.to(dev).float() + s.tau_text * E[y].float()
                     z1_hat = z_t + (1 - s.tau_text) * t_pred[i].float()
                     ids = (z1_hat @ E[: c.vocab_size].float().T).argmax(-1)
                     corr = corr + (ids == y).sum().float()
-    tc_tok = tc if c.text_flow == "discrete" else tc // max(c.dim, 1)
+    vc, tc = loss_counts(samples, c, loss_unit)
     return dict(video_sum=vs, video_count=torch.tensor(float(vc), device=dev), text_sum=ts,
                 text_count=torch.tensor(float(tc), device=dev), text_correct=corr,
-                text_tokens=torch.tensor(float(tc_tok), device=dev))
+                text_tokens=torch.tensor(float(loss_counts(samples, c)[1]), device=dev))
 
 
 def combine(terms: dict[str, torch.Tensor], cfg: FlowConfig, video_count=None, text_count=None) -> torch.Tensor:
@@ -275,26 +290,41 @@ def combine(terms: dict[str, torch.Tensor], cfg: FlowConfig, video_count=None, t
     return cfg.video_weight * lv + cfg.text_weight * lt
 
 
+def draw_batch(videos, prompts, null_prompt, text_ids, *, cfg: FlowConfig, model_config, seed: int = 0,
+               step: int = 0, index_offset: int = 0, modes: Sequence[str] | None = None,
+               generation_texts=None) -> list[NoisedSample]:
+    """``draw_sample`` for each sample of a (local) batch, sample ``i`` drawing from the generator of
+    global index ``index_offset + i`` (so a batch split over ranks draws what one process draws)."""
+    return [draw_sample(v, p, null_prompt, y, sample_generator(seed, step, index_offset + i), cfg, model_config,
+                        mode=None if modes is None else modes[i],
+                        generation_text=None if generation_texts is None else generation_texts[i])
+            for i, (v, p, y) in enumerate(zip(videos, prompts, text_ids))]
+
+
+def forward_samples(model, samples: Sequence[NoisedSample], *, forward=None, autocast=None):
+    """The model's output on the noised samples (``forward``: a wrapper of ``model``, e.g. DDP / FSDP)."""
+    dev, dtype = model.device, model.dtype
+    with autocast if autocast is not None else _nullcontext():
+        return (forward or model)([s.video_in.to(dev, dtype) for s in samples],
+                                  torch.tensor([s.tau_video for s in samples]),
+                                  [s.prompt.to(dev, dtype) for s in samples],
+                                  text=[t.to(dev, dtype) if t.is_floating_point() else t.to(dev)
+                                        for t in text_inputs(model, samples)],
+                                  tau_text=torch.tensor([s.tau_text for s in samples]))
+
+
 def uniflow_loss(model, videos, prompts, null_prompt, text_ids, *, cfg: FlowConfig, seed: int = 0, step: int = 0,
-                 index_offset: int = 0, modes: Sequence[str] | None = None, autocast=None):
+                 index_offset: int = 0, modes: Sequence[str] | None = None, generation_texts=None, autocast=None):
     """The unified loss of one (local) batch. Returns ``(loss, terms, samples)``.
 
     videos: list of (C, F, H, W) clean latents; prompts: list of (L_i, text_dim); null_prompt:
-    (L0, text_dim) the empty-prompt condition; text_ids: list of (N_i,) target ids.
+    (L0, text_dim) the empty-prompt condition; text_ids: list of (N_i,) target ids; generation_texts:
+    the clean ids the text stream carries in ``generation`` mode (default ``text_ids``; ``Trainer``
+    passes the prompts' ids, what T2V inference feeds).
     """
-    g_list = [sample_generator(seed, step, index_offset + i) for i in range(len(videos))]
-    samples = [draw_sample(v, p, null_prompt, y, g, cfg, model.config, mode=None if modes is None else modes[i])
-               for i, (v, p, y, g) in enumerate(zip(videos, prompts, text_ids, g_list))]
-    dev, dtype = model.device, model.dtype
-    tau_v = torch.tensor([s.tau_video for s in samples])
-    tau_t = torch.tensor([s.tau_text for s in samples])
-    ctx = autocast if autocast is not None else _nullcontext()
-    with ctx:
-        out = model([s.video_in.to(dev, dtype) for s in samples], tau_v,
-                    [s.prompt.to(dev, dtype) for s in samples],
-                    text=[t.to(dev, dtype) if t.is_floating_point() else t.to(dev) for t in text_inputs(model, samples)],
-                    tau_text=tau_t)
-    terms = loss_terms(model, samples, out)
+    samples = draw_batch(videos, prompts, null_prompt, text_ids, cfg=cfg, model_config=model.config, seed=seed,
+                         step=step, index_offset=index_offset, modes=modes, generation_texts=generation_texts)
+    terms = loss_terms(model, samples, forward_samples(model, samples, autocast=autocast), cfg.loss_unit)
     return combine(terms, cfg), terms, samples
 
 

@@ -11,6 +11,7 @@
   one id per row, which runs through ``ops.linear_argmax`` (the fused kernel in the fast model, a
   plain matmul + argmax in the reference).
 * ``detokenize``: ids -> strings, dropping the [MASK] id and ids the tokenizer does not know.
+* ``pad_prompt``: a prompt's umT5 embedding zero-padded to 512 rows, the conditioning Wan's pipeline feeds.
 """
 from __future__ import annotations
 
@@ -24,6 +25,20 @@ from .config import UniViGUConfig
 from .packing import padded_lengths
 
 DEFAULT_TOKENIZER_ENV = "UNIVIGU_TOKENIZER"
+WAN_TEXT_LEN = 512  # umT5 rows Wan's pipeline pads every prompt (and the empty one) to: its max_sequence_length
+
+
+def pad_prompt(embeds: torch.Tensor, length: int = WAN_TEXT_LEN) -> torch.Tensor:
+    """Prompt embedding ``(L, text_dim)`` -> ``(length, text_dim)`` with zero rows after the ``L`` real ones,
+    the form Wan's pipeline feeds (cross-attention sees the padding rows: through the text embedder they
+    are not zero). ``length = 0`` returns the embedding unchanged."""
+    if embeds.dim() != 2:
+        raise ValueError(f"prompt embedding must be (L, text_dim), got {tuple(embeds.shape)}")
+    if length == 0:
+        return embeds
+    if embeds.shape[0] > length:
+        raise ValueError(f"prompt embedding has {embeds.shape[0]} rows, more than the padded length {length}")
+    return torch.cat([embeds, embeds.new_zeros(length - embeds.shape[0], embeds.shape[1])])
 
 
 def load_tokenizer(path: str | Path | None = None, *, local_files_only: bool = True, **kwargs):
@@ -62,8 +77,9 @@ def tokenize(tokenizer, texts: str | Sequence[str], *, max_length: int | None = 
              config: UniViGUConfig | None = None, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Strings -> ``(ids (B, N) int64, text_lens (B,) int64)`` for the model's ``text`` / ``text_lens``.
 
-    Ids are right-padded with the tokenizer's pad id (0 when it has none) to the longest text, or
-    truncated to ``max_length``. With ``config`` the ids are checked against its vocabulary.
+    Ids are right-padded with the tokenizer's pad id (0 when it has none) to the longest text. A text
+    longer than ``max_length`` is cut by the tokenizer, so it keeps its end token (``</s>``) as Wan's
+    prompts and ``univigu-fast preprocess`` do. With ``config`` the ids are checked against its vocabulary.
     """
     if isinstance(texts, str):
         texts = [texts]
@@ -76,7 +92,10 @@ def tokenize(tokenizer, texts: str | Sequence[str], *, max_length: int | None = 
     rows = []
     for t in texts:
         ids = list(tokenizer(t, add_special_tokens=True)["input_ids"])
-        rows.append(ids[:max_length] if max_length is not None else ids)
+        if max_length is not None and len(ids) > max_length:
+            ids = list(tokenizer(t, add_special_tokens=True, truncation=True, max_length=max_length)["input_ids"])
+            ids = ids[:max_length]  # a tokenizer whose special tokens alone exceed max_length
+        rows.append(ids)
     lens = torch.tensor([len(r) for r in rows], dtype=torch.long)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     width = max((len(r) for r in rows), default=0)

@@ -38,13 +38,15 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
-from .flow import FlowConfig, combine, draw_sample, loss_terms, sample_generator, text_inputs
+from .flow import FlowConfig, combine, draw_batch, forward_samples, loss_counts, loss_terms
+from .text import pad_prompt
 
 STAGE_LR = {1: 2e-4, 2: 5e-5}
 
 
 # TrainConfig fields a resumed run must share with the checkpoint's (Trainer.load)
-_RESUME_FIXED = ("stage", "lr", "betas", "weight_decay", "warmup_steps", "schedule", "min_lr_ratio", "flow")
+_RESUME_FIXED = ("stage", "lr", "betas", "weight_decay", "warmup_steps", "schedule", "min_lr_ratio", "flow",
+                 "prompt_length")
 
 
 @dataclass
@@ -65,6 +67,7 @@ class TrainConfig:
     out_dir: str | None = None
     progress: bool = True
     shard: str = "auto"  # "auto": FSDP2 on CUDA / DDP on CPU when world > 1; "fsdp": FSDP2 even on 1 GPU
+    prompt_length: int = 0  # zero-pad prompt embeddings (and the empty prompt) to this many rows; 512: Wan's form
     flow: FlowConfig = field(default_factory=FlowConfig)
 
     def __post_init__(self):
@@ -79,6 +82,8 @@ class TrainConfig:
         for name in ("warmup_steps", "save_every", "grad_clip", "weight_decay"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.prompt_length < 0:
+            raise ValueError(f"prompt_length must be >= 0 (0: unpadded prompts), got {self.prompt_length}")
         if self.log_every < 1:
             raise ValueError(f"log_every must be >= 1, got {self.log_every}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
@@ -203,28 +208,20 @@ class Trainer:
         lo = self.rank * per
         mine = idx[lo:lo + per]
         ys = self.targets(mine)
-        samples = [draw_sample(self.data.latents[i], self.data.prompt_embeds[i], self.data.null_prompt, y,
-                               sample_generator(cfg.seed, self.step, lo + k), cfg.flow, model.config,
-                               generation_text=self.data.prompt_ids[i])
-                   for k, (i, y) in enumerate(zip(mine, ys))]
-        dev, dtype = model.device, model.dtype
+        prompts = [pad_prompt(self.data.prompt_embeds[i], cfg.prompt_length) for i in mine]
+        samples = draw_batch([self.data.latents[i] for i in mine], prompts,
+                             pad_prompt(self.data.null_prompt, cfg.prompt_length), ys, cfg=cfg.flow,
+                             model_config=model.config, seed=cfg.seed,
+                             step=self.step, index_offset=lo, generation_texts=[self.data.prompt_ids[i] for i in mine])
         # global token counts first (they depend only on modes and lengths)
-        vc = sum(s.video_target.numel() for s in samples if s.mode != "understanding")
-        tc = sum(s.text_target.numel() * (1 if model.config.text_flow == "discrete" else model.config.dim)
-                 for s in samples if s.mode != "generation")
-        counts = torch.tensor([float(vc), float(tc)], device=dev)
+        counts = torch.tensor([float(c) for c in loss_counts(samples, model.config, cfg.flow.loss_unit)],
+                              device=model.device)
         if self.world > 1:
             dist.all_reduce(counts)
         model.train()
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else _Null()
-        tau_v = torch.tensor([s.tau_video for s in samples])
-        tau_t = torch.tensor([s.tau_text for s in samples])
-        with autocast:
-            out = self.wrapped([s.video_in.to(dev, dtype) for s in samples], tau_v,
-                               [s.prompt.to(dev, dtype) for s in samples],
-                               text=[t.to(dev, dtype) if t.is_floating_point() else t.to(dev)
-                                     for t in text_inputs(model, samples)], tau_text=tau_t)
-        terms = loss_terms(model, samples, out)
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if model.device.type == "cuda" else None
+        out = forward_samples(model, samples, forward=self.wrapped, autocast=autocast)
+        terms = loss_terms(model, samples, out, cfg.flow.loss_unit)
         loss = combine(terms, cfg.flow, counts[0], counts[1]) * self.world  # DDP/FSDP average the grads
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -239,7 +236,7 @@ class Trainer:
         vloss = float(stats[0] / counts[0].clamp_min(1))
         tloss = float(stats[1] / counts[1].clamp_min(1))
         rec = dict(step=self.step + 1, loss=cfg.flow.video_weight * vloss + cfg.flow.text_weight * tloss,
-                   video_loss=vloss if vc or self.world > 1 else None, text_loss=tloss,
+                   video_loss=vloss if counts[0] > 0 else None, text_loss=tloss,
                    text_acc=float(stats[2] / stats[3].clamp_min(1)), lr=lr,
                    grad_norm=None if gnorm is None else float(gnorm),
                    modes={m: sum(s.mode == m for s in samples) for m in ("joint", "understanding", "generation")},
@@ -374,14 +371,6 @@ def _logged_step(line: str) -> float:
         return json.loads(line)["step"]
     except (ValueError, KeyError, TypeError):
         return math.inf
-
-
-class _Null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
 
 
 def _jsonable(x):

@@ -156,21 +156,36 @@ def measure(
         "impl": impl,
         "dtype": str(dtype).replace("torch.", ""),
         "ms": ms,
+        "flops": flops,
+        "bytes_moved": bytes_moved,
         "tflops": flops / ms / 1e9 if flops else None,
         "gbps": bytes_moved / ms / 1e6 if bytes_moved else None,
         "peak_mem_bytes": peak,
         "configs": configs or None,
         "gpu_state": gpu_state,
+        "run": _RUN_ID,
+        "commit": _git_commit(),
     }
-    peaks = device_peaks()
-    if record["tflops"] is not None:
-        record["pct_peak"] = 100 * record["tflops"] / peaks["peak_tflops"]
-    elif record["gbps"] is not None:
-        record["pct_peak"] = 100 * record["gbps"] / peaks["peak_gbps"]
+    record.update(rates_vs_peaks(flops, bytes_moved, ms, device_peaks()))
     benchmark.extra_info.update(record)
     RECORDS.append(record)
     write_results()  # after every record, so a run cut short still leaves its figures
     return record
+
+
+def rates_vs_peaks(flops: float | None, bytes_moved: float | None, ms: float, peaks: dict) -> dict:
+    """``pct_peak``: the achieved TFLOP/s as % of the measured matmul peak (GB/s as % of the copy
+    bandwidth when no FLOPs are given); ``pct_roofline`` (both given): the roofline time
+    ``max(bytes / bandwidth, flops / peak)`` as % of the measured time (100 = at the roofline)."""
+    out = {}
+    if flops:
+        out["pct_peak"] = 100 * flops / ms / 1e9 / peaks["peak_tflops"]
+    elif bytes_moved:
+        out["pct_peak"] = 100 * bytes_moved / ms / 1e6 / peaks["peak_gbps"]
+    if flops and bytes_moved:
+        roof_ms = max(bytes_moved / peaks["peak_gbps"] / 1e6, flops / peaks["peak_tflops"] / 1e9)
+        out["pct_roofline"] = 100 * roof_ms / ms
+    return out
 
 
 def _gpu_state() -> dict | None:
@@ -239,7 +254,10 @@ def write_results() -> Path | None:
     """Merge this run's records into ``<RESULTS_DIR>/<device>-<date>.json`` (default ``bench/results/``).
 
     Records of an (op, shape) pair measured in this run replace that pair's older records, so every
-    ratio inside one (op, shape) is between impls timed in the same run.
+    ratio inside one (op, shape) is between impls timed in the same run. Each record names its
+    ``run`` and ``commit``; ``runs`` maps every run whose records the file holds to its commit,
+    versions and measured peaks (the top-level ones are this run's); other top-level keys an
+    earlier run or a person left (a ``note``) are kept.
     """
     if not RECORDS or not torch.cuda.is_available():
         return None
@@ -258,15 +276,20 @@ def write_results() -> Path | None:
         chosen = {" ".join(map(str, key)): _config_dict(cfg) for key, cfg in getattr(tuner, "cache", {}).items()}
         if chosen:
             autotune[name] = {**autotune.get(name, {}), **chosen}
+    this_run = {"commit": _git_commit(), "torch": torch.__version__, "triton": triton.__version__,
+                **device_peaks()}
+    records = kept + RECORDS
+    live = {r.get("run") for r in records}
+    runs = {k: v for k, v in (old.get("runs") or {}).items() if k in live}
+    runs[_RUN_ID] = this_run
     doc = {
+        **old,
         "device": torch.cuda.get_device_name(),
-        "commit": _git_commit(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
         "date": date,
-        **device_peaks(),
+        **this_run,
         "run_id": _RUN_ID,
-        "records": kept + RECORDS,
+        "runs": runs,
+        "records": records,
         "autotune": autotune,
     }
     path.write_text(json.dumps(doc, indent=1) + "\n")

@@ -20,8 +20,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
-OURS = ("triton", "auto")  # impl names of this project's kernels / fast model
+OURS = ("triton", "auto")  # impl names (and name prefixes: triton_recompute, ...) of this project's kernels
 BASELINES = ("naive", "reference")
+
+
+def is_ours(impl: str) -> bool:
+    return impl in OURS or impl.startswith(tuple(o + "_" for o in OURS))
 
 
 def newest_results(results_dir: Path = RESULTS) -> Path:
@@ -101,9 +105,10 @@ def render(doc: dict, source: str) -> str:
     e2e = [k for k in by if k[0] in ("model_step", "caption")]
     if e2e:
         lines += ["**End to end** (bf16; `video` = no text stream, against diffusers' `WanTransformer3DModel`):", "",
-                  "| op | shape | mode | fast (ms) | reference (ms) | diffusers (ms) | vs reference | vs diffusers "
+                  "| op | shape | mode | fast (ms) | fast: rate (% of peak) | reference (ms) | diffusers (ms) "
+                  "| vs reference | vs diffusers | extra peak MiB: fast / reference "
                   "| max abs error vs fp32: fast / reference |",
-                  "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+                  "| --- | --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
         modes = ("joint", "understanding", "generation", "video", "train")
         for op, shape, mode in sorted(e2e, key=lambda k: (k[0] != "model_step", k[1], _order([k[2]], modes) and
                                                          (modes.index(k[2]) if k[2] in modes else 99))):
@@ -115,8 +120,11 @@ def render(doc: dict, source: str) -> str:
                 # the issue's goal: a joint step against diffusers on the same video alone
                 dif = by.get((op, shape, "video"), {}).get("diffusers", {}).get("ms")
             extra = [f"{i} {_ms(r['ms'])}" for i, r in impls.items() if i not in ("triton", "reference", "diffusers")]
-            lines.append(f"| {op} | {shape} | {mode}{' (' + ', '.join(extra) + ')' if extra else ''} | {_ms(fast)} | "
+            layers = next((r["layers"] for r in impls.values() if r.get("layers")), None)
+            label = mode + (f" ({layers} layers)" if layers else "") + (f" ({', '.join(extra)})" if extra else "")
+            lines.append(f"| {op} | {shape} | {label} | {_ms(fast)} | {_rate(impls.get('triton'), doc)} | "
                          f"{_ms(ref)} | {_ms(dif)} | {_ratio(ref, fast)} | {_ratio(fast, dif) if dif else '—'} | "
+                         f"{_mib(impls.get('triton'))} / {_mib(impls.get('reference'))} | "
                          f"{_error(impls.get('triton'), impls.get('reference'))} |")
         lines += ["", "(vs reference: reference / fast, higher is better; vs diffusers: fast / diffusers, "
                   "lower is better; a text-stream mode is compared with diffusers on the same video alone. "
@@ -134,13 +142,17 @@ def render(doc: dict, source: str) -> str:
         for key in sorted(kern):
             impls = by[key]
             naive = next((impls[b] for b in BASELINES if b in impls), None)
-            peers = {i: r for i, r in impls.items() if i not in OURS and i not in BASELINES}
-            best = min(peers.items(), key=lambda kv: kv[1]["ms"]) if peers else None
-            for ours_name in (i for i in OURS if i in impls):
+            ours_names = sorted((i for i in impls if is_ours(i)), key=lambda i: (i != "triton", i))
+            # an op of our variants only (rope: tables vs position ids): each row against the others
+            variants = not ours_names and naive is None
+            for ours_name in ours_names or list(impls):
+                peers = {i: r for i, r in impls.items()
+                         if (i != ours_name if variants else not is_ours(i) and i not in BASELINES)}
+                best = min(peers.items(), key=lambda kv: kv[1]["ms"]) if peers else None
                 ours = impls[ours_name]
                 label = "" if ours_name == "triton" else f" ({ours_name})"
                 lines.append(
-                f"| {key[0]}{label} | {key[1]} | {key[2]} | {_ms(ours['ms'])} | {_rate(ours, doc)} | "
+                    f"| {key[0]}{label} | {key[1]} | {key[2]} | {_ms(ours['ms'])} | {_rate(ours, doc)} | "
                     f"{_ms(naive['ms']) if naive else '—'} | {best[0] + ' ' + _ms(best[1]['ms']) if best else '—'} | "
                     f"{_ratio(naive['ms'], ours['ms']) if naive else '—'} | {_ratio(best[1]['ms'], ours['ms']) if best else '—'} | "
                     f"{_mib(ours)} / {_mib(naive)} / {_mib(best[1] if best else None)} |")

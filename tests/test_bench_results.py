@@ -28,8 +28,8 @@ def common(monkeypatch, tmp_path):
     sys.modules.pop("_common", None)
 
 
-def _record(op, shape, impl, ms):
-    return {"op": op, "shape": shape, "mode": "fwd", "impl": impl, "ms": ms}
+def _record(op, shape, impl, ms, run=None):
+    return {"op": op, "shape": shape, "mode": "fwd", "impl": impl, "ms": ms, "run": run}
 
 
 def _records(path):
@@ -42,11 +42,13 @@ def test_results_dir_from_environment(common, tmp_path):
 
 def test_each_write_keeps_earlier_runs_records_and_replaces_remeasured_pairs(common, tmp_path):
     path = tmp_path / f"h100-{common.datetime.date.today().isoformat()}.json"
-    path.write_text(json.dumps({"run_id": "an earlier run", "records": [
-        _record("ffn", "480p", "triton", 4.0), _record("ffn", "480p", "naive", 5.0),
-        _record("attention", "480p", "triton", 9.0)]}))
+    earlier = {"commit": "1" * 40, "peak_tflops": 790.0, "peak_gbps": 2900.0}
+    path.write_text(json.dumps({"run_id": "r0", "note": "kept", "runs": {"r0": earlier, "gone": earlier},
+                                "records": [
+        _record("ffn", "480p", "triton", 4.0, "r0"), _record("ffn", "480p", "naive", 5.0, "r0"),
+        _record("attention", "480p", "triton", 9.0, "r0")]}))
 
-    common.RECORDS.append(_record("ffn", "480p", "triton", 3.0))
+    common.RECORDS.append(_record("ffn", "480p", "triton", 3.0, common._RUN_ID))
     assert common.write_results() == path
     assert _records(path) == [("attention", "480p", "triton", 9.0), ("ffn", "480p", "triton", 3.0)]
 
@@ -57,6 +59,10 @@ def test_each_write_keeps_earlier_runs_records_and_replaces_remeasured_pairs(com
                               ("ffn", "480p", "triton", 3.0)]
     doc = json.loads(path.read_text())
     assert doc["run_id"] == common._RUN_ID and doc["peak_tflops"] == 800.0 and doc["commit"] == "0" * 40
+    # each kept record's run keeps its own peaks and commit (a run none of whose records is left is
+    # dropped), this run's are added, and a note left in the file survives
+    assert doc["runs"]["r0"] == earlier and "gone" not in doc["runs"] and doc["note"] == "kept"
+    assert doc["runs"][common._RUN_ID]["peak_tflops"] == 800.0 and doc["runs"][common._RUN_ID]["commit"] == "0" * 40
 
     # a later run that measures attention again replaces only that pair
     common.RECORDS.clear()
@@ -66,6 +72,18 @@ def test_each_write_keeps_earlier_runs_records_and_replaces_remeasured_pairs(com
     common.write_results()
     assert _records(path) == [("argmax", "n256", "triton", 1.0), ("attention", "480p", "auto", 7.0),
                               ("ffn", "480p", "triton", 3.0)]
+
+
+def test_rates_against_the_measured_peaks(common):
+    peaks = {"peak_tflops": 800.0, "peak_gbps": 2000.0}
+    # compute-bound: 8 TFLOP in 20 ms = 400 TFLOP/s = 50% of peak; the roofline (10 ms) is half the time
+    r = common.rates_vs_peaks(8e12, 1e9, 20.0, peaks)
+    assert r["pct_peak"] == pytest.approx(50.0) and r["pct_roofline"] == pytest.approx(50.0)
+    # memory-bound: 4 GB at 2000 GB/s is 2 ms; measured 2.5 ms -> 80% of the roofline
+    r = common.rates_vs_peaks(1e9, 4e9, 2.5, peaks)
+    assert r["pct_roofline"] == pytest.approx(80.0) and r["pct_peak"] == pytest.approx(0.05)
+    # bytes only: % of the copy bandwidth, no roofline
+    assert common.rates_vs_peaks(None, 4e9, 4.0, peaks) == {"pct_peak": pytest.approx(50.0)}
 
 
 class _FakeDeviceMemory:

@@ -29,16 +29,30 @@ def test_render_ratios_rates_and_memory():
                {**_rec("model_step", "wan1.3b-480p", "joint", "reference", 900.0),
                 "max_abs_err_vs_fp32": 0.2, "max_abs_fp32": 40.0},
                _rec("model_step", "wan1.3b-480p", "video", "diffusers", 580.0),
+               {**_rec("model_step", "wan1.3b-480p", "train", "triton", 300.0), "layers": 6},
+               _rec("joint_attention", "wan1.3b-480p", "fwd", "triton", 10.0),
+               _rec("joint_attention", "wan1.3b-480p", "fwd", "triton_qprologue", 8.0),
+               _rec("joint_attention", "wan1.3b-480p", "fwd", "sdpa", 11.0),
+               _rec("rope", "wan1.3b-480p", "fwd", "tables", 2.0),
+               _rec("rope", "wan1.3b-480p", "fwd", "position_ids", 1.0),
            ]}
     text = _module().render(doc, "bench/results/x.json")
-    rows = {line.split("|")[1].strip() + "/" + line.split("|")[3].strip(): [c.strip() for c in line.split("|")[1:-1]]
+    rows = {line.split("|")[1].strip() + "/" + line.split("|")[3].strip().split(" ")[0]:
+            [c.strip() for c in line.split("|")[1:-1]]
             for line in text.splitlines() if line.startswith("| ") and "---" not in line and "op |" not in line}
     ce = rows["linear_cross_entropy/fwd_bwd"]
     # ours 100 ms at 200 TFLOP/s = 25% of 800; naive 1.50x; best peer = the faster of liger / torch
     assert ce[3:] == ["100", "200 TFLOP/s (25%)", "150", "liger 125", "1.50x", "1.25x", "3 / 30 / 2"]
     joint = rows["model_step/joint"]
     # a text-stream mode is compared with diffusers on the same video alone (the goal)
-    assert joint[3:] == ["600", "900", "580", "1.50x", "1.03x", "0.25 / 0.2 (of 40)"]
+    assert joint[3:] == ["600", "—", "900", "580", "1.50x", "1.03x", "— / —", "0.25 / 0.2 (of 40)"]
+    assert rows["model_step/train"][2] == "train (6 layers)"
+    # our own variants are rows of their own, never "the best peer"
+    assert rows["joint_attention/fwd"][6:9] == ["sdpa 11", "—", "1.10x"]
+    assert rows["joint_attention (triton_qprologue)/fwd"][6:9] == ["sdpa 11", "—", "1.38x"]
+    # an op whose impls are all variants of ours (rope tables vs position ids): each against the other
+    assert rows["rope (tables)/fwd"][6:9] == ["position_ids 1", "—", "0.50x"]
+    assert rows["rope (position_ids)/fwd"][6:9] == ["tables 2", "—", "2.00x"]
 
 
 def test_readme_section_is_the_newest_results():

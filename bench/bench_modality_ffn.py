@@ -4,7 +4,7 @@ Records op ``modality_ffn``, modes ``fwd`` / ``fwd_bwd``, impls ``triton`` (grou
 epilogues; backward from the saved pre-activation), ``triton_recompute`` (fwd_bwd only: the backward
 recomputes the pre-activation instead, ``RECOMPUTE_PREACTIVATION = True``), ``naive`` (split + two dense calls + eager gated residual: the reference), ``compile``
 (``torch.compile`` of the naive), ``grouped_mm`` (PyTorch's native grouped matmul on rows sorted by
-expert, gather/scatter included), all computing ``residual + gate[seg] * FFN_e(x)``.
+expert, gather/scatter included; its weight and bias gradients go to stacked ``(E, ...)`` leaves), all computing ``residual + gate[seg] * FFN_e(x)``.
 FLOPs: ``4 T dim ffn`` forward, 3x that forward+backward.
 """
 import itertools
@@ -41,8 +41,10 @@ def _case(shape_name):
     return _CACHE
 
 
-def _grouped_mm_ffn(seg, seg_expert, experts):
-    """Peer: sort rows by expert, two torch grouped matmuls, scatter back."""
+def _grouped_mm_ffn(seg, seg_expert, experts, train):
+    """Peer: sort rows by expert, two torch grouped matmuls (per-expert weights stacked once into
+    ``(E, ...)`` leaves, as a grouped_mm model would hold them; gradients land there), bias added in
+    place per expert slice, scatter back."""
     gmm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
     if gmm is None:
         return None
@@ -52,23 +54,28 @@ def _grouped_mm_ffn(seg, seg_expert, experts):
     perm = torch.argsort(tok_expert, stable=True)
     counts = torch.bincount(tok_expert, minlength=len(experts))
     offs = torch.cumsum(counts, 0).to(torch.int32)
-    w1 = torch.stack([e[0] for e in experts]).transpose(1, 2)  # (E, dim, f), column-major per expert
-    w2 = torch.stack([e[2] for e in experts]).transpose(1, 2)  # (E, f, dim)
-    b1 = torch.stack([e[1] for e in experts])
-    b2 = torch.stack([e[3] for e in experts])
-    sorted_expert = tok_expert[perm]
+    bounds = list(itertools.pairwise([0, *offs.tolist()]))  # host copy once, outside the timed calls
+
+    def leaf(i):
+        return torch.stack([e[i] for e in experts]).detach().requires_grad_(train)
+    w1, b1, w2, b2 = (leaf(i) for i in range(4))  # (E, f, dim), (E, f), (E, dim, f), (E, dim)
+
+    def add_bias(h, b):
+        for e, (lo, hi) in enumerate(bounds):
+            h[lo:hi] += b[e]
+        return h
 
     def run(x, residual, gate):
         xs = x[perm]
-        h = F.gelu(gmm(xs, w1, offs=offs) + b1[sorted_expert], approximate="tanh")
-        y = gmm(h, w2, offs=offs) + b2[sorted_expert]
+        h = F.gelu(add_bias(gmm(xs, w1.transpose(1, 2), offs=offs), b1), approximate="tanh")
+        y = add_bias(gmm(h, w2.transpose(1, 2), offs=offs), b2)
         out = torch.empty_like(y)
         out[perm] = y
         return (residual.float() + out.float() * expand_segments(gate.float(), seg)).to(x.dtype)
     return run
 
 
-def _impl(name, c):
+def _impl(name, c, train):
     from univigu_fast.kernels.modality_ffn import modality_ffn, modality_ffn_reference
 
     seg, se, experts = c["seg"], c["seg_expert"], c["experts"]
@@ -90,7 +97,7 @@ def _impl(name, c):
         f = torch.compile(lambda x, res, gate: modality_ffn_reference(x, seg, se, experts, residual=res, gate=gate))
         return f
     if name == "grouped_mm":
-        return _grouped_mm_ffn(seg, se, experts)
+        return _grouped_mm_ffn(seg, se, experts, train)
     raise ValueError(name)
 
 
@@ -105,10 +112,10 @@ def test_bench_modality_ffn(benchmark, shape, mode, impl):
         pytest.skip("wan14b-720p: forward only and no torch.compile peer, to fit the bench time budget")
     c = _case(shape)
     try:
-        fn = _impl(impl, c)
+        train = mode == "fwd_bwd"
+        fn = _impl(impl, c, train)
         if fn is None:
             pytest.skip(f"{impl} is not available in this torch")
-        train = mode == "fwd_bwd"
         x, res, gate = (c[n].detach().requires_grad_(train) for n in ("x", "residual", "gate"))
         if train:
             for e in c["experts"]:

@@ -317,14 +317,15 @@ def text_step_flops(shape, config, decode: bool = True) -> dict[str, float]:
 
 def text_step_bytes(shape, config, element_size: int = 2) -> float:
     """Bytes one text-only step moves at least: per layer the attention reads the cached keys/values
-    of every joint row (the text rows are written in place) and the layer's attention and text-FFN
-    weights are read once. Activations of the few text rows are ignored. An estimate, not a
-    measurement."""
+    of every joint row (the text rows are written in place) and the layer's weights a text row
+    uses are read once (self-attention q/k/v/o, cross-attention q/o: the prompt's keys/values come
+    from the cache; the text FFN); then the text head once. Activations of the few text rows are
+    ignored. An estimate, not a measurement."""
     d, L = config.dim, config.num_layers
     rows = sum(shape.video_lens) + sum(shape.text_lens)
     kv = 2 * rows * d * element_size  # keys + values of one layer
-    weights = (8 * d * d + 2 * d * config.ffn_dim) * element_size
-    return L * (kv + weights)
+    weights = (6 * d * d + 2 * d * config.ffn_dim) * element_size
+    return L * (kv + weights) + config.text_out_dim * d * element_size
 
 
 def caption_cost(shape, config, steps: int, policy: str) -> dict:

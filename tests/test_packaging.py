@@ -72,6 +72,41 @@ def test_profile_cli_json_on_tiny():
     assert runner.invoke(app, ["profile", "--no-fast", "--no-reference"]).exit_code != 0
 
 
+def test_profile_cli_usage_errors(tmp_path):
+    """Bad options are usage errors (exit 2) that name the option, before any model is built."""
+    from typer.testing import CliRunner
+
+    from univigu_fast.cli import app
+
+    bad_json = tmp_path / "bad.json"
+    bad_json.write_text("{not json")
+    cases = [(["--layers", "0"], "--layers"), (["--layers", "-2"], "--layers"), (["--dtype", "foo"], "--dtype"),
+             (["--shape", "foo"], "--shape"), (["--mode", "foo"], "--mode"),
+             (["--config", str(tmp_path / "missing.json")], "--config"), (["--config", str(bad_json)], "--config"),
+             (["--no-fast", "--no-reference"], "nothing to profile")]
+    for args, named in cases:
+        result = CliRunner().invoke(app, ["profile", "--no-fast", *args])
+        assert result.exit_code == 2, (args, result.output[-1000:])
+        assert named in result.output, (args, result.output[-1000:])
+
+
+def test_profile_cli_embedding_flow_has_no_decode(tmp_path):
+    """The embedding flow's text output is a velocity: no decode row, no decode FLOPs."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from univigu_fast.cli import app
+    from univigu_fast.config import UniViGUConfig
+
+    cfg = tmp_path / "config.json"
+    UniViGUConfig.tiny(text_flow="embedding").save(cfg)
+    result = CliRunner().invoke(app, ["profile", "--json", "--no-fast", "--config", str(cfg)])
+    assert result.exit_code == 0, result.output[-2000:]
+    doc = json.loads(result.output[result.output.index("{"):])
+    assert "decode" not in doc["flops"] and doc["flops"]["attention"] > 0
+
+
 def test_profile_cli_compares_fast_with_reference():
     """With both models, ``profile`` runs one step of each on the same weights and inputs and reports
     how far the fast model's outputs are from the reference's (and the text argmax agreement)."""

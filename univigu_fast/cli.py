@@ -39,7 +39,7 @@ def profile(
                                           "Default: wan1.3b-480p on a GPU, tiny on CPU."),
     config: Optional[Path] = typer.Option(None, help="A UniViGUConfig JSON (e.g. a checkpoint's config.json) instead of the shape's model sizes."),
     mode: str = typer.Option("joint", help="joint | understanding | generation | video (no text stream)."),
-    layers: Optional[int] = typer.Option(None, help="Override the number of layers (FLOPs and times scale linearly)."),
+    layers: Optional[int] = typer.Option(None, min=1, help="Override the number of layers (FLOPs and times scale linearly)."),
     dtype: str = typer.Option("bf16", help="bf16 | fp16 | fp32 (CPU always runs fp32)."),
     reference: bool = typer.Option(True, help="Profile the reference model (pure PyTorch), side by side."),
     fast: bool = typer.Option(True, help="Profile the fast model (Triton kernels; on CPU they run in the slow interpreter)."),
@@ -49,6 +49,12 @@ def profile(
     side by side, and how far apart their outputs are (same weights, same inputs)."""
     import torch
 
+    # usage errors first (exit 2), before any model is built or the GPU's peak is measured
+    if not (fast or reference):
+        raise typer.BadParameter("nothing to profile: --no-fast and --no-reference together")
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    if dtype not in dtypes:
+        raise typer.BadParameter(f"expected one of {', '.join(dtypes)}, got {dtype!r}", param_hint="--dtype")
     on_gpu = torch.cuda.is_available()
     device = "cuda" if on_gpu else "cpu"
     if not on_gpu:  # the kernels run in Triton's interpreter on CPU (set before any kernel module is imported)
@@ -61,16 +67,25 @@ def profile(
     from .config import UniViGUConfig
     from .model import UniViGUModel
     from .reference import UniViGUModel as ReferenceModel
-    shape_obj = P.shape_by_name(shape or ("wan1.3b-480p" if on_gpu else "tiny"))
-    cfg = UniViGUConfig.load(config) if config else P.config_for(shape_obj)
-    if layers:
+    if mode not in P.MODES:
+        raise typer.BadParameter(f"expected one of {', '.join(P.MODES)}, got {mode!r}", param_hint="--mode")
+    try:
+        shape_obj = P.shape_by_name(shape or ("wan1.3b-480p" if on_gpu else "tiny"))
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--shape") from None
+    try:
+        cfg = UniViGUConfig.load(config) if config else P.config_for(shape_obj)
+    except (OSError, ValueError, TypeError) as e:  # missing file, bad JSON, unknown or bad fields
+        raise typer.BadParameter(f"cannot read a UniViGUConfig from {config}: {type(e).__name__}: {e}",
+                                 param_hint="--config") from None
+    if layers is not None:
         cfg.num_layers = layers
-    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype] if on_gpu else torch.float32
+    torch_dtype = dtypes[dtype] if on_gpu else torch.float32
     torch.manual_seed(0)
     with torch.device(device):
         fast_model = UniViGUModel(cfg).to(torch_dtype).eval()
     inputs = P.make_inputs(shape_obj, cfg, mode, device, torch_dtype)
-    decode = mode != "video"
+    decode = mode != "video" and cfg.text_flow == "discrete"  # the embedding flow outputs a velocity: no decode
     flops = P.component_flops(shape_obj, cfg, mode, decode=decode)
     peak_tflops = None
     if on_gpu:
@@ -87,8 +102,6 @@ def profile(
         peak_tflops = 10 * 2 * n**3 / (time.perf_counter() - t0) / 1e12
         del a
 
-    if not (fast or reference):
-        raise typer.BadParameter("nothing to profile: --no-fast and --no-reference together")
     # random weights; the text head starts at zero (as for training), so give it values: the decode
     # then picks ids from real logits and the fast/reference comparison below sees them
     with torch.no_grad():
@@ -96,8 +109,9 @@ def profile(
     results = {}
     models = [("triton", fast_model)] if fast else []
     if reference:
-        ref = ReferenceModel(cfg)
-        ref.load_state_dict(fast_model.state_dict(), assign=True)  # shares the weights
+        with torch.device("meta"):  # no second set of weights: it takes the fast model's tensors
+            ref = ReferenceModel(cfg)
+        ref.load_state_dict(fast_model.state_dict(), assign=True)
         models.append(("reference", ref.eval()))
     for name, model in models:
         if on_gpu:

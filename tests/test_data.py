@@ -40,6 +40,57 @@ def test_writer_reader_round_trip_and_length_constraints(tmp_path):
         LengthConstraints((5, 2))
 
 
+def _write_two(path, **writer_kwargs):
+    with ExampleWriter(path, text_dim=6, null_prompt=torch.randn(1, 6), lengths=LengthConstraints((0, 3), (0, 4)),
+                       **writer_kwargs) as w:
+        for _ in range(2):
+            w.add(torch.randn(4, 2, 3, 3), torch.randn(2, 6), torch.tensor([1, 2]), torch.tensor([3, 4]))
+
+
+def test_writer_refuses_bad_examples_and_options(tmp_path):
+    null = torch.randn(1, 6)
+    with pytest.raises(ValueError, match="shard_size"):
+        ExampleWriter(tmp_path / "a", text_dim=6, null_prompt=null, shard_size=0)
+    with pytest.raises(TypeError, match="two ints"):
+        LengthConstraints((0, 2.5))
+    w = ExampleWriter(tmp_path / "b", text_dim=6, null_prompt=null, lengths=LengthConstraints((0, 3), (5, 9)))
+    lat, emb = torch.randn(4, 2, 3, 3), torch.randn(2, 6)
+    for ids, match in ((torch.tensor([True, False]), "integer ids"), (torch.tensor([1, -3]), ">= 0")):
+        with pytest.raises(ValueError, match=match):
+            w.add(lat, emb, ids, torch.arange(6))
+    # an inconsistent example is refused even when its caption is too short to be kept
+    with pytest.raises(ValueError, match="3 rows for 2 prompt_ids"):
+        w.add(lat, torch.randn(3, 6), torch.tensor([1, 2]), torch.arange(2))
+    with pytest.warns(UserWarning, match="no example written"):
+        w.close()
+
+
+def test_reader_checks_meta_and_stored_tensors(tmp_path):
+    _write_two(tmp_path / "ok")
+    ds = VideoTextDataset(tmp_path / "ok")
+    # integer indices of any kind (a shuffled torch.randperm), not floats
+    torch.testing.assert_close(ds.latents[torch.tensor(1)], ds.latents[1])
+    assert [ds.caption_ids[i].tolist() for i in torch.randperm(2)] == [[3, 4], [3, 4]]
+    with pytest.raises(TypeError):
+        ds.get(1.0, "latents")
+    meta = json.loads((tmp_path / "ok" / "meta.json").read_text())
+    for change, match in (({"count": 3}, r"examples 0..1, count says 0..2"), ({"count": 1}, "count says 0..0"),
+                          ({"version": 99}, "version 99")):
+        (tmp_path / "ok" / "meta.json").write_text(json.dumps({**meta, **change}))
+        with pytest.raises(ValueError, match=match):
+            VideoTextDataset(tmp_path / "ok")
+    # a shard whose tensors do not match meta.json fails when read, naming the file and key
+    (tmp_path / "ok" / "meta.json").write_text(json.dumps({**meta, "text_dim": 8}))
+    with pytest.raises(ValueError, match=r"shard_00000.safetensors: 0.prompt_embeds is torch.float32 \(2, 6\)"):
+        VideoTextDataset(tmp_path / "ok").prompt_embeds[0]
+
+
+def test_load_video_refuses_float_frames_outside_unit_range(tmp_path):
+    torch.save(torch.rand(5, 8, 8, 3) * 255, tmp_path / "v.pt")
+    with pytest.raises(ValueError, match=r"float frames must lie in \[0, 1\]"):
+        load_video(tmp_path / "v.pt")
+
+
 @pytest.fixture(scope="module")
 def wan_dir(tmp_path_factory):
     """A tiny random Wan diffusers folder: vae/, text_encoder/ (umT5), tokenizer/."""
@@ -101,6 +152,12 @@ def test_preprocess_with_tiny_wan_vae_and_umt5(wan_dir, tmp_path):
     assert ds.null_prompt.shape == (1, 16)
     with pytest.raises(ValueError, match="model_path"):
         preprocess(tmp_path / "m.jsonl", tmp_path / "o2")
+    # sizes the VAE stride (2 here) x the 2 x 2 patch do not divide are refused with their manifest line
+    torch.save(torch.rand(5, 16, 18, 3, generator=g), tmp_path / "v2.pt")
+    (tmp_path / "m2.jsonl").write_text(json.dumps(dict(video="v2.pt", prompt="a cat", caption=rows[0]["caption"])))
+    with pytest.raises(ValueError, match=r"m2.jsonl line 1: video .*v2.pt has 5 frames of 16 x 18; .* multiples of 4"):
+        preprocess(tmp_path / "m2.jsonl", tmp_path / "o3", model_path=wan_dir, lengths=LengthConstraints((0, 4), (5, 8)),
+                   progress=False)
 
 
 def test_preprocess_refuses_bad_manifest_lines_before_loading(tmp_path):
@@ -116,6 +173,9 @@ def test_preprocess_refuses_bad_manifest_lines_before_loading(tmp_path):
             preprocess(tmp_path / "m.jsonl", tmp_path / "out")
     with pytest.raises(ValueError, match="max >= 1"):
         LengthConstraints((0, 0))
+    (tmp_path / "m.jsonl").write_text("\n\n")
+    with pytest.raises(ValueError, match="m.jsonl: no examples"):
+        preprocess(tmp_path / "m.jsonl", tmp_path / "out")
 
 
 def test_cli_text_front_end_pads_prompts_as_wan(wan_dir):

@@ -31,6 +31,8 @@ frame count is cut to the largest ``4k + 1`` (the Wan VAE's temporal stride).
 from __future__ import annotations
 
 import json
+import operator
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -49,6 +51,8 @@ class LengthConstraints:
     def __post_init__(self):
         for name in ("prompt", "caption"):
             lo, hi = getattr(self, name)
+            if not all(isinstance(v, int) and not isinstance(v, bool) for v in (lo, hi)):
+                raise TypeError(f"{name} token range must be two ints, got {(lo, hi)}")
             if not 0 <= lo <= hi or hi < 1:
                 raise ValueError(f"{name} token range must satisfy 0 <= min <= max, max >= 1, got {(lo, hi)}")
 
@@ -62,6 +66,8 @@ class ExampleWriter:
 
         self.out = Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
+        if not isinstance(shard_size, int) or shard_size < 1:
+            raise ValueError(f"shard_size must be an int >= 1, got {shard_size!r}")
         if null_prompt.dim() != 2 or null_prompt.shape[1] != text_dim:
             raise ValueError(f"null_prompt must be (L0, text_dim={text_dim}), got {tuple(null_prompt.shape)}")
         save_file({"null_prompt_embeds": null_prompt.detach().float().contiguous().cpu()}, str(self.out / "null_prompt.safetensors"))
@@ -86,14 +92,16 @@ class ExampleWriter:
         if prompt_embeds.dim() != 2 or prompt_embeds.shape[1] != self.text_dim:
             raise ValueError(f"prompt_embeds must be (L, text_dim={self.text_dim}), got {tuple(prompt_embeds.shape)}")
         for name, ids in (("prompt_ids", prompt_ids), ("caption_ids", caption_ids)):
-            if ids.dim() != 1 or ids.is_floating_point():
+            if ids.dim() != 1 or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
                 raise ValueError(f"{name} must be 1-D integer ids, got {ids.dtype} {tuple(ids.shape)}")
+            if ids.numel() and int(ids.min()) < 0:
+                raise ValueError(f"{name} must be >= 0, got min {int(ids.min())}")
+        if prompt_embeds.shape[0] != prompt_ids.numel():
+            raise ValueError(f"prompt_embeds has {prompt_embeds.shape[0]} rows for {prompt_ids.numel()} prompt_ids")
         if self.skips(prompt_ids.numel(), caption_ids.numel()):
             return False
         self.channels = latents.shape[0]
         (_, phi), (_, chi) = self.lengths.prompt, self.lengths.caption
-        if prompt_embeds.shape[0] != prompt_ids.numel():
-            raise ValueError(f"prompt_embeds has {prompt_embeds.shape[0]} rows for {prompt_ids.numel()} prompt_ids")
         if prompt_ids.numel() > phi:
             prompt_ids, prompt_embeds, prompt_truncated = prompt_ids[:phi], prompt_embeds[:phi], True
         if caption_ids.numel() > chi:
@@ -133,6 +141,9 @@ class ExampleWriter:
 
     def close(self) -> dict:
         self._flush()
+        if self.count == 0:
+            warnings.warn(f"{self.out}: no example written (skipped: {self.skipped}); a trainer cannot use it",
+                          stacklevel=2)
         meta = dict(format=FORMAT, version=VERSION, count=self.count, text_dim=self.text_dim,
                     latent_channels=self.channels, prompt_tokens=list(self.lengths.prompt),
                     caption_tokens=list(self.lengths.caption), shards=self.shards, skipped=self.skipped,
@@ -177,11 +188,16 @@ class VideoTextDataset:
         self.meta = json.loads(meta_path.read_text())
         if self.meta.get("format") != FORMAT:
             raise ValueError(f"{meta_path}: format {self.meta.get('format')!r}, expected {FORMAT!r}")
+        if self.meta.get("version") != VERSION:
+            raise ValueError(f"{meta_path}: version {self.meta.get('version')!r}, this univigu-fast reads {VERSION}")
         self.null_prompt = load_file(str(self.path / "null_prompt.safetensors"))["null_prompt_embeds"]
         self._where = {}
         for sh in self.meta["shards"]:
             for i in range(sh["first"], sh["first"] + sh["count"]):
                 self._where[i] = sh["file"]
+        if sorted(self._where) != list(range(self.meta["count"])):
+            raise ValueError(f"{meta_path}: its shards hold examples {_ranges(sorted(self._where))}, "
+                             f"count says 0..{self.meta['count'] - 1}")
         self._open: dict[str, object] = {}
         self.latents, self.prompt_embeds = _Field(self, "latents"), _Field(self, "prompt_embeds")
         self.prompt_ids, self.caption_ids = _Field(self, "prompt_ids"), _Field(self, "caption_ids")
@@ -190,18 +206,45 @@ class VideoTextDataset:
         return int(self.meta["count"])
 
     def get(self, i: int, key: str) -> torch.Tensor:
+        """Example ``i``'s ``key`` tensor, checked against ``meta.json`` (a corrupt or foreign shard fails
+        here, naming the file, not deep in a training step)."""
         from safetensors import safe_open
 
+        i = operator.index(i)  # ints and integer 0-d tensors (a shuffled torch.randperm index)
         if not -len(self) <= i < len(self):
             raise IndexError(f"example {i} out of range for {len(self)} examples")
         i = i % len(self)
         f = self._where[i]
         if f not in self._open:
             self._open[f] = safe_open(str(self.path / f), framework="pt")
-        return self._open[f].get_tensor(f"{i}.{key}")
+        t = self._open[f].get_tensor(f"{i}.{key}")
+        if key == "latents":
+            ok = t.dim() == 4 and t.is_floating_point() and t.shape[0] == self.meta.get("latent_channels", t.shape[0])
+            want = f"float (C={self.meta.get('latent_channels')}, F, H, W)"
+        elif key == "prompt_embeds":
+            ok = t.dim() == 2 and t.is_floating_point() and t.shape[1] == self.meta.get("text_dim", t.shape[1])
+            want = f"float (L, text_dim={self.meta.get('text_dim')})"
+        else:
+            ok = t.dim() == 1 and t.dtype == torch.long
+            want = "int64 (N,)"
+        if not ok:
+            raise ValueError(f"{self.path / f}: {i}.{key} is {t.dtype} {tuple(t.shape)}, expected {want}")
+        return t
 
     def __getitem__(self, i: int) -> dict:
         return {k: self.get(i, k) for k in ("latents", "prompt_embeds", "prompt_ids", "caption_ids")}
+
+
+def _ranges(ids: list[int]) -> str:
+    """[0, 1, 2, 5, 6] -> '0..2, 5..6'."""
+    if not ids:
+        return "none"
+    out, lo = [], ids[0]
+    for a, b in zip(ids, ids[1:] + [None]):
+        if b != a + 1:
+            out.append(f"{lo}..{a}")
+            lo = b
+    return ", ".join(out)
 
 
 # ---------------------------------------------------------------------------- preprocessing
@@ -231,7 +274,13 @@ def load_video(path: str | Path) -> torch.Tensor:
         v = torch.from_numpy(iio.imread(path))
     if not isinstance(v, torch.Tensor) or v.dim() != 4 or v.shape[-1] != 3:
         raise ValueError(f"{path}: expected frames (F, H, W, 3), got {getattr(v, 'shape', type(v).__name__)}")
-    v = v.float() / 255.0 if not v.is_floating_point() else v.float()
+    if v.is_floating_point():
+        v = v.float()
+        if v.numel() and (v.min() < 0 or v.max() > 1):
+            raise ValueError(f"{path}: float frames must lie in [0, 1], got [{v.min():.3g}, {v.max():.3g}] "
+                             "(give uint8 frames for 0..255)")
+    else:
+        v = v.float() / 255.0
     return (v.permute(3, 0, 1, 2) * 2 - 1).clamp(-1, 1)
 
 
@@ -260,6 +309,8 @@ def preprocess(manifest: str | Path, out: str | Path, *, model_path: str | Path 
         if not r["video"].is_file():  # checked before the first (slow) encode, not when the loop reaches it
             raise FileNotFoundError(f"{manifest} line {k + 1}: video {r['video']} not found")
         rows.append((k + 1, r))
+    if not rows:
+        raise ValueError(f"{manifest}: no examples (expected JSON lines of video, prompt, caption)")
     root = Path(model_path) if model_path else None
     if root is None and not (vae_path and text_encoder_path and tokenizer_path):
         raise ValueError("give model_path (a Wan diffusers folder) or all of vae_path, text_encoder_path, tokenizer_path")
@@ -269,6 +320,9 @@ def preprocess(manifest: str | Path, out: str | Path, *, model_path: str | Path 
     vae = AutoencoderKLWan.from_pretrained(vae_p, local_files_only=True).to(device, dtype).eval()
     te = UMT5EncoderModel.from_pretrained(te_p, local_files_only=True).to(device, dtype).eval()
     tok = AutoTokenizer.from_pretrained(tok_p, local_files_only=True)
+    # pixels per latent-patch side: the VAE's spatial stride (Wan's pipeline: 2 ** len(temperal_downsample))
+    # x the transformer's 2 x 2 patch; Wan's pipeline requires sizes divisible by it (16)
+    pixel_multiple = 2 ** len(vae.config.temperal_downsample) * 2
     mean = torch.tensor(vae.config.latents_mean).view(-1, 1, 1, 1)
     std = torch.tensor(vae.config.latents_std).view(-1, 1, 1, 1)
 
@@ -304,6 +358,10 @@ def preprocess(manifest: str | Path, out: str | Path, *, model_path: str | Path 
                 x = load_video(r["video"])
             except Exception as e:
                 raise ValueError(f"{manifest} line {line}: cannot read video {r['video']}: {e}") from e
+            _, frames, height, width = x.shape
+            if frames < 1 or height % pixel_multiple or width % pixel_multiple:
+                raise ValueError(f"{manifest} line {line}: video {r['video']} has {frames} frames of {height} x {width}; "
+                                 f"expected >= 1 frame, height and width multiples of {pixel_multiple}")
             f = (x.shape[1] - 1) // 4 * 4 + 1
             lat = vae.encode(x[None, :, :f].to(device, dtype)).latent_dist.mode()[0].float().cpu()
             lat = (lat - mean) / std

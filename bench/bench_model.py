@@ -48,8 +48,9 @@ def _models(shape_name, layers=None):
         fast = UniViGUModel(cfg).to(DTYPE).eval()
     with torch.no_grad():
         torch.nn.init.normal_(fast.text_head.linear.weight, std=0.02)
-    ref = ReferenceModel(cfg)
-    ref.load_state_dict(fast.state_dict(), assign=True)  # same tensors: no second copy of the weights
+    with torch.device("meta"):  # no second copy of the weights (nor its random init on the host)
+        ref = ReferenceModel(cfg)
+    ref.load_state_dict(fast.state_dict(), assign=True)  # same tensors
     _CACHE.update(key=key, shape=s, cfg=cfg, fast=fast, ref=ref.eval())
     return _CACHE
 

@@ -409,20 +409,29 @@ def demo(
     seed: int = typer.Option(0, help="Seed of the synthetic data, model and training."),
     out: Path = typer.Option(..., help="Output folder: metrics.json, stage logs and checkpoints."),
     text_flow: str = typer.Option("discrete", help="'discrete' (public implementation) or 'embedding' (paper Eq. 7-8)."),
-    threads: int = typer.Option(0, help="torch CPU threads (0 = default)."),
-    steps1: Optional[int] = typer.Option(None, help="Override Stage 1 steps."),
-    steps2: Optional[int] = typer.Option(None, help="Override Stage 2 steps."),
+    threads: int = typer.Option(0, min=0, help="torch CPU threads (0 = default)."),
+    steps1: Optional[int] = typer.Option(None, min=0, help="Override Stage 1 training steps."),
+    steps2: Optional[int] = typer.Option(None, min=0, help="Override Stage 2 training steps."),
+    n_train: Optional[int] = typer.Option(None, min=1, help="Override the number of training samples."),
+    n_test: Optional[int] = typer.Option(None, min=1, help="Override the number of held-out samples."),
+    caption_steps: Optional[int] = typer.Option(None, min=1, help="Override the caption sampler's steps."),
+    gen_steps: Optional[int] = typer.Option(None, min=1, help="Override the generation / joint sampler's steps."),
 ):
-    """Synthetic task end to end: data, Stage 1, Stage 2, held-out evaluation -> OUT/metrics.json."""
+    """Synthetic task end to end: data, Stage 1, Stage 2, held-out evaluation -> OUT/metrics.json.
+    (A quick smoke run: --steps1 2 --steps2 2 --n-train 64 --n-test 8 --caption-steps 2 --gen-steps 2.)"""
     from .demo import DemoConfig, run_demo
 
     if text_flow not in ("discrete", "embedding"):
         raise typer.BadParameter("--text-flow must be 'discrete' or 'embedding'")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise typer.BadParameter(f"cannot create {out}: {e}", param_hint="--out") from None
     cfg = DemoConfig(seed=seed, text_flow=text_flow, threads=threads)
-    if steps1 is not None:
-        cfg.steps1 = steps1
-    if steps2 is not None:
-        cfg.steps2 = steps2
+    for name, value in (("steps1", steps1), ("steps2", steps2), ("n_train", n_train), ("n_test", n_test),
+                        ("caption_steps", caption_steps), ("gen_steps", gen_steps)):
+        if value is not None:
+            setattr(cfg, name, value)
     m = run_demo(cfg, out, log=typer.echo)
     keys = ("understanding_attribute_accuracy", "understanding_caption_only_attribute_accuracy",
             "stage1_caption_only_attribute_accuracy", "generation_accuracy", "joint_agreement", "chance", "seconds")

@@ -146,3 +146,14 @@ def test_cli_preprocess_refuses_bad_token_ranges(tmp_path, option):
     (tmp_path / "m.jsonl").write_text("")
     r = CliRunner().invoke(app, ["preprocess", "--manifest", str(tmp_path / "m.jsonl"), "--out", str(tmp_path / "o"), *option])
     assert r.exit_code == 2 and isinstance(r.exception, SystemExit) and "Invalid value" in r.output, r.output
+
+
+def test_demo_cli_usage_errors(tmp_path):
+    """Bad demo options are usage errors (exit 2) naming the option, before any data is built."""
+    (tmp_path / "afile").write_text("")
+    for args, named in ((["--steps1", "-5"], "--steps1"), (["--threads", "-3"], "--threads"),
+                        (["--n-test", "0"], "--n-test"), (["--text-flow", "foo"], "--text-flow")):
+        result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "o"), *args])
+        assert result.exit_code == 2 and named in result.output, (args, result.output[-800:])
+    result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "afile" / "sub")])
+    assert result.exit_code == 2 and "--out" in result.output, result.output[-800:]

@@ -124,6 +124,8 @@ def measure(
     ``rounds`` / ``warmup_rounds`` are minimums: with ``warmup_rounds >= 1`` the warm-up goes on for
     at least ``WARMUP_S`` (GPU clocks ramp up from idle), and a fast op gets more rounds, up to
     ``MAX_ROUNDS``, so its timed part lasts about ``TIMED_S`` (10 rounds of a 0.2 ms op are noise).
+    Peak memory comes from one more call, except for a single-round measurement (a 50-step caption),
+    where the timed call itself is measured.
     Returns the record (also appended to :data:`RECORDS`).
     """
 
@@ -140,13 +142,20 @@ def measure(
         last_s, calls = time.perf_counter() - t0, calls + 1
     if last_s:
         rounds = max(rounds, min(MAX_ROUNDS, math.ceil(TIMED_S / last_s)))
-    benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=0)
+    tuners = _autotuners()
+    if rounds == 1:  # one long call (a 50-step caption): its memory is read from the timed call itself
+        for tuner in tuners.values():
+            tuner.best_config = None
+        peak = _extra_peak_memory(lambda: benchmark.pedantic(timed, rounds=1, iterations=1, warmup_rounds=0),
+                                  attempts=1)
+    else:
+        benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=0)
     ms = benchmark.stats.stats.median * 1e3
     gpu_state = _gpu_state()
-    tuners = _autotuners()
-    for tuner in tuners.values():  # set again by every launch: afterwards, the configs of this call
-        tuner.best_config = None
-    peak = _extra_peak_memory(timed)
+    if rounds != 1:
+        for tuner in tuners.values():  # set again by every launch: afterwards, the configs of this call
+            tuner.best_config = None
+        peak = _extra_peak_memory(timed)
     configs = {name: _config_dict(t.best_config) for name, t in tuners.items()
                if getattr(t, "best_config", None) is not None}
     record = {

@@ -14,6 +14,9 @@
 # Records of an (op, shape) measured again replace the older ones in the day's results file. That file
 # is written to $OUT after every record (UNIVIGU_RESULTS_DIR), starting from the committed results, so
 # a call stopped at the device's time limit still brings back what it measured.
+# Each pytest run stops itself (SIGINT: it still prints its summary) after UNIVIGU_BUDGET_S seconds
+# (default 540, under the device's 10-minute command limit); one test is stopped after 240 s. The
+# device copy of the tree has no .git: give the commit, UNIVIGU_COMMIT=<sha> bash bench/run_gpu.sh ...
 set -uo pipefail
 cd "$(dirname "$0")/.."
 what=${1:-all}
@@ -33,7 +36,13 @@ if ! python3 -c "import univigu_fast.kernels.modality_ffn" 2>/dev/null; then
   export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi
 timeout_opt=""
-python3 -c "import pytest_timeout" 2>/dev/null && timeout_opt="--timeout 900"
+python3 -c "import pytest_timeout" 2>/dev/null && timeout_opt="--timeout 240"
+workers=""
+python3 -c "import xdist" 2>/dev/null && workers="-n ${UNIVIGU_TEST_WORKERS:-8}"  # tests only: benches run alone
+budget=${UNIVIGU_BUDGET_S:-540}
+if [ -z "${UNIVIGU_COMMIT:-}" ] && ! git rev-parse HEAD >/dev/null 2>&1; then
+  echo "WARNING: no git here and UNIVIGU_COMMIT unset: the records' commit will be null"
+fi
 python3 - <<'PY' | tee "$out/env.txt"
 import torch, triton
 print("torch", torch.__version__, "triton", triton.__version__, torch.cuda.get_device_name())
@@ -48,11 +57,13 @@ print("F.grouped_mm", hasattr(F, "grouped_mm"), "torch._grouped_mm", hasattr(tor
 PY
 rc=0
 if [ "$what" = tests ] || [ "$what" = all ]; then
-  python3 -m pytest tests -q -x $timeout_opt ${kexpr:+-k "$kexpr"} -p no:cacheprovider 2>&1 | tee "$out/tests.log" | tail -40 || rc=1
+  timeout -s INT -k 15 "$budget" python3 -m pytest tests -q -x $workers $timeout_opt ${kexpr:+-k "$kexpr"} \
+    -p no:cacheprovider -rfEs --durations=15 2>&1 | tee -a "$out/tests.log" || rc=1
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
-  cp bench/results/*.json "$out/" 2>/dev/null
-  UNIVIGU_RESULTS_DIR="$out" python3 -m pytest bench --benchmark-only -q ${kexpr:+-k "$kexpr"} -p no:cacheprovider \
-    --benchmark-columns=median,rounds 2>&1 | tee "$out/bench.log" | tail -60 || rc=1
+  cp -n bench/results/*.json "$out/" 2>/dev/null  # -n: never over a file an earlier run in this call wrote
+  UNIVIGU_RESULTS_DIR="$out" timeout -s INT -k 15 "$budget" python3 -m pytest bench --benchmark-only -q $timeout_opt \
+    ${kexpr:+-k "$kexpr"} -p no:cacheprovider -rfEs --durations=15 --benchmark-columns=median,rounds 2>&1 \
+    | tee -a "$out/bench.log" || rc=1
 fi
 exit $rc

@@ -121,3 +121,35 @@ def test_extra_peak_memory_is_measured_again_when_the_call_frees_resident_memory
     mem = _FakeDeviceMemory(resident=1000, calls=[(300, 0, 0), (999, 0, 0)])
     mem.install(monkeypatch)
     assert common._extra_peak_memory(mem.call) == 300 and len(mem.calls) == 1
+
+
+class _FakeBenchmark:
+    """pytest-benchmark's fixture as ``measure`` uses it: ``pedantic`` runs the target ``rounds`` times."""
+
+    def __init__(self):
+        self.extra_info, self.stats = {}, None
+
+    def pedantic(self, target, rounds, iterations, warmup_rounds):
+        for _ in range(rounds):
+            result = target()
+        self.stats = type("S", (), {"stats": type("T", (), {"median": 2.0})()})()
+        return result
+
+
+def test_a_single_round_measurement_reads_memory_from_the_timed_call(common, monkeypatch):
+    """A 50-step caption (rounds=1, no warm-up) runs once: its peak memory is read from the timed call,
+    not from a second 40-second call."""
+    calls = []
+    mem = _FakeDeviceMemory(resident=1000, calls=[(500, 0, 10)] * 4)
+    mem.install(monkeypatch)
+    monkeypatch.setattr(common, "write_results", lambda: None)
+
+    def fn():
+        calls.append(1)
+        return mem.call()
+
+    rec = common.measure(_FakeBenchmark(), fn, op="caption", shape="s", mode="m", impl="i", rounds=1, warmup_rounds=0)
+    assert len(calls) == 1 and rec["peak_mem_bytes"] == 500 and rec["ms"] == 2000.0
+    calls.clear()
+    rec = common.measure(_FakeBenchmark(), fn, op="x", shape="s", mode="m", impl="i", rounds=2, warmup_rounds=0)
+    assert len(calls) == 3 and rec["peak_mem_bytes"] == 500  # two timed rounds, then one for memory

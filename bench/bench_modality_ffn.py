@@ -4,7 +4,8 @@ Records op ``modality_ffn``, modes ``fwd`` / ``fwd_bwd``, impls ``triton`` (grou
 epilogues; backward from the saved pre-activation), ``triton_recompute`` (fwd_bwd only: the backward
 recomputes the pre-activation instead, ``RECOMPUTE_PREACTIVATION = True``), ``naive`` (split + two dense calls + eager gated residual: the reference), ``compile``
 (``torch.compile`` of the naive), ``grouped_mm`` (PyTorch's native grouped matmul on rows sorted by
-expert, gather/scatter included; its weight and bias gradients go to stacked ``(E, ...)`` leaves), all computing ``residual + gate[seg] * FFN_e(x)``.
+expert, gather/scatter included; its weight and bias gradients go to stacked ``(E, ...)`` leaves),
+all computing ``residual + gate[seg] * FFN_e(x)``.
 FLOPs: ``4 T dim ffn`` forward, 3x that forward+backward.
 """
 import itertools

@@ -12,7 +12,7 @@
 #   bash bench/run_gpu.sh bench "joint_attention and not wan14b"
 #   bash bench/run_gpu.sh bench "model_step and 480p"            # then "caption or cached_text_step"
 # With 15 minutes of device time in all (start ~2-3 min), one call of ~580 s fits, e.g.
-#   UNIVIGU_COMMIT=<sha> UNIVIGU_BUDGET_S=220 bash bench/run_gpu.sh tests "" &&
+#   UNIVIGU_COMMIT=<sha> UNIVIGU_BUDGET_S=220 bash bench/run_gpu.sh tests "";
 #   UNIVIGU_COMMIT=<sha> UNIVIGU_BUDGET_S=330 bash bench/run_gpu.sh bench "linear_argmax or glue or modality_ffn"
 # and the other groups go to later sessions (copy the returned results JSON into bench/results/ first).
 # Records of an (op, shape) measured again replace the older ones in the day's results file. That file

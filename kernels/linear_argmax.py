@@ -134,8 +134,7 @@ def linear_sample_reference(logits: torch.Tensor, seed: int):
     group = SAMPLE_GROUP
     groups = -(-v // group)
     padded = torch.nn.functional.pad(logits, (0, groups * group - v), value=float("-inf")).view(n, groups, group)
-    g_max = padded.amax(-1)
-    lse = g_max + torch.log(torch.exp(padded - g_max[..., None]).sum(-1))
+    lse = torch.logsumexp(padded, -1)  # -inf for a group of only -inf logits (a masking bias), never NaN
     score = lse + _gumbel_reference(group_uniforms_reference(seed, n, groups, logits.device))
     win = score.argmax(-1)
     z = padded[torch.arange(n, device=logits.device), win]                     # (N, group)
@@ -279,10 +278,13 @@ if HAS_TRITON:
                     tile_max = tl.max(z, axis=1)
                 else:  # the argmax's max is also the softmax max: one reduction for both
                     tile_max, tile_arg = tl.max(z, axis=1, return_indices=True, return_indices_tie_break_left=True)
-                tile_sum = tl.sum(tl.exp(z - tile_max[:, None]), axis=1)  # masked columns: exp(-inf) = 0
+                # masked columns: exp(-inf) = 0. A max of -inf (a tile of only -inf logits: a bias masking
+                # ids) is shifted by 0 instead: exp(-inf - -inf) would be NaN
+                tile_sum = tl.sum(tl.exp(z - _finite_or_zero(tile_max)[:, None]), axis=1)
                 # online softmax statistics of z / T
                 m_new = tl.maximum(m_run, tile_max)
-                s_run = s_run * tl.exp(m_run - m_new) + tile_sum * tl.exp(tile_max - m_new)
+                m_shift = _finite_or_zero(m_new)
+                s_run = s_run * tl.exp(m_run - m_shift) + tile_sum * tl.exp(tile_max - m_shift)
                 m_run = m_new
                 if SAMPLE:
                     # level 1 of the two-level Gumbel-max (module docstring): this tile is one vocabulary
@@ -312,6 +314,11 @@ if HAS_TRITON:
             tl.store(tlogit_ptr + out, t_acc, mask=row_mask)
         if SUM_Z:
             tl.store(zsum_ptr + out, zs_acc, mask=row_mask)
+
+    @triton.jit
+    def _finite_or_zero(m):
+        """A running softmax max with -inf (nothing but -inf seen yet) replaced by 0, to shift exps by."""
+        return tl.where(m == float("-inf"), 0.0, m)
 
     @triton.jit
     def _uint_to_unit(bits):
@@ -346,7 +353,7 @@ if HAS_TRITON:
         sel = tl.sum(tl.where(pick, tl.load(sel_ptr + offs, mask=mask, other=0.0), 0.0), axis=1)
         m = tl.load(max_ptr + offs, mask=mask, other=float("-inf"))
         s = tl.load(sumexp_ptr + offs, mask=mask, other=0.0)
-        m_all = tl.max(m, axis=1)
+        m_all = _finite_or_zero(tl.max(m, axis=1))  # every logit -inf: lse = 0 + log(0) = -inf, not NaN
         total = tl.sum(tl.where(mask, s * tl.exp(m - m_all[:, None]), 0.0), axis=1)
         tl.store(ids_out + rows, ids.to(tl.int64), mask=row_mask)
         tl.store(sel_out + rows, sel, mask=row_mask)

@@ -129,7 +129,8 @@ if HAS_TRITON:
                 zs += tl.sum(tl.where(mask, z, 0.0), axis=1)
             z = tl.where(mask, z, float("-inf"))
             m_new = tl.maximum(m, tl.max(z, axis=1))
-            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
+            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # only -inf so far: exp(-inf - -inf) is NaN
+            s = s * tl.exp(m - m_shift) + tl.sum(tl.exp(z - m_shift[:, None]), axis=1)
             m = tl.where(row_mask, m_new, 0.0)
         tl.store(m_ptr + rows, m, mask=row_mask)
         tl.store(s_ptr + rows, s, mask=row_mask)

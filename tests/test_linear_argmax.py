@@ -56,6 +56,32 @@ def test_argmax_matches_reference(dtype, n, v, d, bias):
     torch.testing.assert_close(lse, rlse, **TOL[dtype])
 
 
+@pytest.mark.parametrize("masked", [slice(0, 128), slice(64, 128), slice(128, 200)])
+def test_bias_masking_whole_tiles_of_ids(masked):
+    """A bias of -inf over whole vocabulary tiles (masked ids; also the first tile, and every split's
+    last) gives the reference's logsumexp, not NaN; sampling never draws a masked id."""
+    x, w, b = _planted(9, 200, 24, torch.float32, margin=6.0)
+    b = b.clone()
+    b[masked] = float("-inf")
+    ids, mx, lse = linear_argmax(x, w, b)
+    rids, rmx, rlse = linear_argmax_reference(x, w, b)
+    torch.testing.assert_close(ids, rids, atol=0, rtol=0)
+    torch.testing.assert_close(lse, rlse, **TOL[torch.float32])
+    assert torch.isfinite(lse).all()
+    for splits in (1, 3):
+        _, _, lse2 = _linear_argmax_launch(x, w, b, num_splits=splits)[:3]
+        torch.testing.assert_close(lse2, rlse, **TOL[torch.float32])
+    sids, _, slse = linear_argmax(x, w, b, gumbel_seed=3)
+    rsids = linear_argmax_reference(x, w, b, gumbel_seed=3)[0]
+    keep = torch.ones(200, dtype=torch.bool)
+    keep[masked] = False
+    assert keep[sids.cpu()].all() and keep[rsids.cpu()].all()
+    torch.testing.assert_close(slse, rlse, **TOL[torch.float32])
+    # every id masked: logsumexp -inf, as torch.logsumexp
+    _, _, lse_all = linear_argmax(x, w, torch.full_like(b, float("-inf")))
+    assert (lse_all == float("-inf")).all()
+
+
 def test_grouped_launch_many_row_blocks():
     """More row blocks than GROUP_ROWS (10 blocks of 16 rows: a full group of 8 and a ragged one)."""
     x, w, b = _planted(150, 70, 32, torch.float32, seed=2)

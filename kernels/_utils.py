@@ -162,7 +162,7 @@ def tile_table(offsets, block: int, device) -> tuple[torch.Tensor, torch.Tensor]
 
 @functools.lru_cache(maxsize=64)
 def _one_segment_table(n: int, device: torch.device) -> torch.Tensor:
-    return torch.tensor([0, n], dtype=torch.int32).to(device)
+    return remember_host_values(torch.tensor([0, n], dtype=torch.int32).to(device), [0, n])
 
 
 def one_segment_table(n: int, device) -> torch.Tensor:
@@ -340,6 +340,21 @@ def check_segment_table(seg_offsets: torch.Tensor, total: int, name: str = "seg_
     if any(b < a for a, b in zip(offsets[:-1], offsets[1:])):
         raise ValueError(f"{name} must be non-decreasing, got {offsets}")
     return offsets
+
+
+def check_segments(seg_offsets, total: int, device: torch.device, name: str = "seg_offsets") -> list[int] | None:
+    """What a segment-table kernel checks before it launches: ``seg_offsets`` on ``device`` (the data's),
+    its structure and, except under ``torch.compile`` (a sync would break the graph), its values as
+    :func:`check_segment_table` does: a wrong table would make a kernel skip or overrun rows. The
+    values are read on the host: no device sync for the packer's tables, which remember them
+    (:func:`remember_host_values`); one sync for a table made elsewhere. Returns them (None when
+    compiling)."""
+    if isinstance(seg_offsets, torch.Tensor) and seg_offsets.device != torch.device(device):
+        raise ValueError(f"{name} must be on the data's device {device}, got {seg_offsets.device}")
+    if torch.compiler.is_compiling():
+        check_offsets_tensor(seg_offsets)
+        return None
+    return check_segment_table(seg_offsets, total, name)
 
 
 def segment_lengths(seg_offsets: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ._utils import HAS_TRITON, check_offsets_tensor, custom_op, describe, expand_segments, log_once, use_triton
+from ._utils import HAS_TRITON, check_segments, custom_op, describe, expand_segments, log_once, use_triton
 from .modulated_layer_norm import geometry
 
 if HAS_TRITON:
@@ -131,7 +131,8 @@ def gated_residual(h: torch.Tensor, y: torch.Tensor, seg_offsets: torch.Tensor, 
             raise ValueError(f"{name} must be a floating (T, dim) tensor, got {describe(t)}")
     if h.shape != y.shape:
         raise ValueError(f"h and y must both be (T, dim), got {tuple(h.shape)} and {tuple(y.shape)}")
-    S = check_offsets_tensor(seg_offsets)
+    check_segments(seg_offsets, h.shape[0], h.device)
+    S = seg_offsets.numel() - 1
     if not isinstance(gate, torch.Tensor) or gate.shape != (S, h.shape[1]) or not gate.is_floating_point():
         raise ValueError(f"gate must be a floating (S={S}, dim={h.shape[1]}) tensor, got {describe(gate)}")
     if not use_triton(h, y, seg_offsets, gate):

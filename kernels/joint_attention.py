@@ -792,23 +792,34 @@ def _choose_backend(backend: str, q: torch.Tensor) -> str:
 # ----------------------------------------------------------------------------------------------
 # Entry point
 # ----------------------------------------------------------------------------------------------
-def _check_cu_seqlens(cu: torch.Tensor, total: int, name: str) -> None:
+def _check_cu_seqlens(cu: torch.Tensor, x: torch.Tensor, name: str, max_seqlen, max_name: str) -> None:
+    """``cu`` int32 (B+1,) on x's device, 0 first, non-decreasing, ``x.shape[0]`` last; ``max_seqlen``
+    an int >= its longest sequence (the kernels read lengths from ``cu``; a smaller bound, as
+    flash-attn takes it, is a caller's error)."""
     if not isinstance(cu, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(cu).__name__}")
     if cu.dtype != torch.int32:
         raise TypeError(f"{name} must be int32, got {cu.dtype}")
     if cu.dim() != 1 or cu.numel() < 2:
         raise ValueError(f"{name} must be 1-D with batch+1 >= 2 entries, got shape {tuple(cu.shape)}")
+    if cu.device != x.device:
+        raise ValueError(f"{name} must be on the device of the tensors it indexes ({x.device}), got {cu.device}")
     check_contiguous(cu, name)
+    if isinstance(max_seqlen, bool) or not hasattr(max_seqlen, "__index__"):  # int, SymInt, numpy int
+        raise TypeError(f"{max_name} must be an int, got {type(max_seqlen).__name__}")
     if torch.compiler.is_compiling():  # value checks would sync and break the graph; eager calls do them
         return
     vals = host_list(cu)
+    total = x.shape[0]
     if vals[0] != 0:
         raise ValueError(f"{name}[0] must be 0, got {vals[0]}")
     if any(b < a for a, b in zip(vals[:-1], vals[1:])):
         raise ValueError(f"{name} must be non-decreasing, got {vals}")
     if vals[-1] != total:
         raise ValueError(f"{name}[-1] must equal the number of packed tokens {total}, got {vals[-1]}")
+    longest = _max_len(vals)
+    if int(max_seqlen) < longest:
+        raise ValueError(f"{max_name} = {int(max_seqlen)} is below the longest sequence in {name} ({longest})")
 
 
 def _check_rope(rope, x: torch.Tensor, name: str) -> None:
@@ -818,6 +829,9 @@ def _check_rope(rope, x: torch.Tensor, name: str) -> None:
         raise TypeError(f"{name} must be a tuple (cos, sin, interleaved), got {type(rope).__name__}")
     cos, sin, il = rope
     T, _, D = x.shape
+    for t, nm in ((cos, "cos"), (sin, "sin"), (il, "interleaved")):
+        if not isinstance(t, torch.Tensor) or t.device != x.device:
+            raise ValueError(f"{name}.{nm} must be a tensor on {x.device}, got {getattr(t, 'device', type(t).__name__)}")
     for t, nm in ((cos, "cos"), (sin, "sin")):
         if t.shape != (T, D // 2) or t.dtype != torch.float32:
             raise ValueError(f"{name}.{nm} must be float32 of shape ({T}, {D // 2}), got {t.dtype} {tuple(t.shape)}")
@@ -868,8 +882,10 @@ def joint_attention(
     D = q.shape[-1]
     if D not in SUPPORTED_HEAD_DIMS:
         raise ValueError(f"head_dim {D} is not supported: expected one of {SUPPORTED_HEAD_DIMS}")
-    _check_cu_seqlens(cu_seqlens_q, q.shape[0], "cu_seqlens_q")
-    _check_cu_seqlens(cu_seqlens_k, k.shape[0], "cu_seqlens_k")
+    if not q.device == k.device == v.device:
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    _check_cu_seqlens(cu_seqlens_q, q, "cu_seqlens_q", max_seqlen_q, "max_seqlen_q")
+    _check_cu_seqlens(cu_seqlens_k, k, "cu_seqlens_k", max_seqlen_k, "max_seqlen_k")
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
         raise ValueError(f"cu_seqlens_q ({cu_seqlens_q.numel()}) and cu_seqlens_k ({cu_seqlens_k.numel()}) "
                          "must describe the same batch size")

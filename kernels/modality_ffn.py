@@ -12,7 +12,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from ._utils import (HAS_TRITON, TensorDescriptor, cdiv, check_contiguous, check_offsets_tensor, check_segment_table,
+from ._utils import (HAS_TRITON, TensorDescriptor, cdiv, check_contiguous, check_segments,
                      custom_op, expand_segments, host_list, interpreting, log_once, segment_sum, tile_table,
                      tma_compatible, token_segments, use_triton)
 
@@ -512,14 +512,14 @@ def _validate(x, seg_offsets, seg_expert, experts, residual, gate) -> None:
     if not isinstance(x, torch.Tensor) or x.dim() != 2:
         raise ValueError(f"x must be a (T, dim) tensor, got {getattr(x, 'shape', type(x).__name__)}")
     T, dim = x.shape
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"x must be float16, bfloat16 or float32, got {x.dtype}")
     if not isinstance(seg_expert, torch.Tensor) or seg_expert.dtype != torch.int32:
         raise TypeError(f"seg_expert must be an int32 tensor, got {getattr(seg_expert, 'dtype', type(seg_expert).__name__)}")
+    if seg_expert.device != x.device:
+        raise ValueError(f"seg_expert must be on x's device {x.device}, got {seg_expert.device}")
     check_contiguous(seg_expert, "seg_expert")
-    if torch.compiler.is_compiling():  # values would need a sync: the structure only
-        check_offsets_tensor(seg_offsets)
-        offsets = None
-    else:
-        offsets = check_segment_table(seg_offsets, T, "seg_offsets")
+    offsets = check_segments(seg_offsets, T, x.device)  # None under torch.compile (values need a sync)
     S = seg_offsets.numel() - 1
     if seg_expert.shape != (S,):
         raise ValueError(f"seg_expert must have shape ({S},) (one expert per segment), got {tuple(seg_expert.shape)}")

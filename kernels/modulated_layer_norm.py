@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._utils import (HAS_TRITON, cdiv, check_offsets_tensor, custom_op, expand_segments, log_once, next_power_of_2,
+from ._utils import (HAS_TRITON, cdiv, check_segments, custom_op, expand_segments, log_once, next_power_of_2,
                      num_sms, use_triton)
 
 if HAS_TRITON:
@@ -225,7 +225,8 @@ def _check(x, seg_offsets, shift, scale):
         raise ValueError(f"x must be a (T, dim) tensor, got shape {tuple(getattr(x, 'shape', ()))}")
     if not x.is_floating_point():
         raise TypeError(f"x must be floating point, got {x.dtype}")
-    S = check_offsets_tensor(seg_offsets)
+    check_segments(seg_offsets, x.shape[0], x.device)
+    S = seg_offsets.numel() - 1
     for name, t in (("shift", shift), ("scale", scale)):
         if t.shape != (S, x.shape[1]):
             raise ValueError(f"{name} must be (S={S}, dim={x.shape[1]}), got {tuple(t.shape)}")
@@ -240,7 +241,7 @@ def modulated_layer_norm(
 
     fp32 math, result in ``x.dtype``. Differentiable in x, shift and scale. Triton on CUDA / under the
     interpreter, else the reference (logged once). ``seg_offsets`` must be a valid table (0 first, T
-    last, non-decreasing): it is not re-checked here, the packer builds it.
+    last, non-decreasing), on x's device; checked (``_utils.check_segments``: no sync for the packer's tables).
     """
     _check(x, seg_offsets, shift, scale)
     if not use_triton(x, seg_offsets, shift, scale):

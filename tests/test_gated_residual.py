@@ -51,7 +51,7 @@ def test_bad_inputs():
     x = torch.randn(5, 8, device=DEVICE)
     seg = seg_table([2, 3])
     gate = torch.zeros(2, 8, device=DEVICE)
-    with pytest.raises(TypeError, match="seg_offsets must be a 1-D int32"):
+    with pytest.raises(TypeError, match="seg_offsets must be .*int32"):
         gr.gated_residual(x, x, seg.long(), gate)
     with pytest.raises(ValueError, match="seg_offsets must be contiguous"):  # a strided view was misread
         gr.gated_residual(x, x, seg.repeat_interleave(2)[::2], gate)
@@ -59,6 +59,14 @@ def test_bad_inputs():
         gr.gated_residual(x, x[:4], seg, gate)
     with pytest.raises(ValueError, match=r"gate must be a floating \(S=2, dim=8\)"):
         gr.gated_residual(x, x, seg, torch.zeros(3, 8, device=DEVICE))
+    # the table's values: a wrong one left rows unwritten (values of 1e25) or read past h's end
+    for bad, match in (([0, 3, 4], r"\[-1\] must equal the number of tokens 5"), ([1, 3, 5], r"\[0\] must be 0"),
+                       ([0, 4, 3, 5], "non-decreasing")):
+        table = torch.tensor(bad, dtype=torch.int32, device=DEVICE)
+        with pytest.raises(ValueError, match=match):
+            gr.gated_residual(x, x, table, torch.zeros(len(bad) - 1, 8, device=DEVICE))
+    with pytest.raises(ValueError, match="seg_offsets must be on the data's device"):
+        gr.gated_residual(x, x, torch.empty(3, dtype=torch.int32, device="meta"), gate)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled kernels at the real width need CUDA")

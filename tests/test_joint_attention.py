@@ -283,6 +283,26 @@ def test_bad_shapes_and_head_dims():
         joint_attention(q, q, q, _cu([9]), _cu([9]), 9, 9, rope_q=_rope(8, 16, 0))
 
 
+def test_bad_max_seqlen_and_devices():
+    """max_seqlen must be an int no smaller than the longest sequence (flash-attn's contract; the
+    kernels read the lengths from cu_seqlens, so a wrong bound would otherwise pass unnoticed), and
+    every table must be on q's device."""
+    q, k = torch.randn(12, 2, 16, device=DEVICE), torch.randn(9, 2, 16, device=DEVICE)
+    cu_q, cu_k = _cu([5, 7]), _cu([4, 5])
+    for mq, mk, exc, match in ((6, 5, ValueError, r"max_seqlen_q = 6 is below the longest sequence in cu_seqlens_q \(7\)"),
+                               (7, 4, ValueError, "max_seqlen_k = 4 is below"),
+                               (None, 5, TypeError, "max_seqlen_q must be an int, got NoneType"),
+                               (7, 5.0, TypeError, "max_seqlen_k must be an int, got float")):
+        with pytest.raises(exc, match=match):
+            joint_attention(q, k, k, cu_q, cu_k, mq, mk)
+    torch.testing.assert_close(joint_attention(q, k, k, cu_q, cu_k, 100, 100),  # a loose bound is fine
+                               joint_attention_reference(q, k, k, cu_q, cu_k, 7, 5))
+    with pytest.raises(ValueError, match="cu_seqlens_k must be on the device"):
+        joint_attention(q, k, k, cu_q, torch.empty(3, dtype=torch.int32, device="meta"), 7, 5)
+    with pytest.raises(ValueError, match="q, k, v must be on one device"):
+        joint_attention(q, k, k.to("meta"), cu_q, cu_k, 7, 5)
+
+
 def test_strided_tables_are_refused():
     """cu_seqlens and the RoPE tables are read through raw pointers: a strided view was read as if
     contiguous (errors of 1-6 against the reference), so it is refused by name."""

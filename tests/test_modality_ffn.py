@@ -157,6 +157,13 @@ def test_bad_segment_tables_and_dims():
         modality_ffn(x[:, 0], seg, seg_expert, experts)
     with pytest.raises(TypeError, match="must match x.dtype"):
         modality_ffn(x, seg, seg_expert, [[t.half() for t in e] for e in experts])
+    with pytest.raises(TypeError, match="x must be float16, bfloat16 or float32, got torch.int64"):
+        modality_ffn(x.long(), seg, seg_expert, [[t.long() for t in e] for e in experts])
+    meta = torch.empty(3, dtype=torch.int32, device="meta")
+    with pytest.raises(ValueError, match="seg_offsets must be on the data's device"):
+        modality_ffn(x, meta, seg_expert, experts)
+    with pytest.raises(ValueError, match="seg_expert must be on x's device"):
+        modality_ffn(x, seg, meta[:2], experts)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled-kernel (bf16) check needs a GPU")

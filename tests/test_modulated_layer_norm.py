@@ -96,7 +96,7 @@ def test_bad_inputs():
         mln.modulated_layer_norm(x, seg, torch.zeros(3, 8, device=DEVICE), ok)
     with pytest.raises(ValueError, match=r"scale must be \(S=2, dim=8\)"):
         mln.modulated_layer_norm(x, seg, ok, torch.zeros(2, 7, device=DEVICE))
-    with pytest.raises(TypeError, match="seg_offsets must be a 1-D int32"):
+    with pytest.raises(TypeError, match="seg_offsets must be .*int32"):
         mln.modulated_layer_norm(x, seg.long(), ok, ok)
     with pytest.raises(ValueError, match="seg_offsets must be contiguous"):  # a strided view was misread
         mln.modulated_layer_norm(x, seg.repeat_interleave(2)[::2], ok, ok)
@@ -104,6 +104,15 @@ def test_bad_inputs():
         mln.modulated_layer_norm(x[None], seg, ok, ok)
     with pytest.raises(TypeError, match="x must be floating"):
         mln.modulated_layer_norm(x.long(), seg, ok, ok)
+    # the table's values: a wrong one left rows unwritten (values of 1e20) or read past x's end
+    for bad, match in (([0, 3, 4], r"\[-1\] must equal the number of tokens 5"), ([0, 3, 9], "tokens 5, got 9"),
+                       ([1, 3, 5], r"\[0\] must be 0"), ([0, 4, 3, 5], "non-decreasing")):
+        table = torch.tensor(bad, dtype=torch.int32, device=DEVICE)
+        mod = torch.zeros(len(bad) - 1, 8, device=DEVICE)
+        with pytest.raises(ValueError, match=match):
+            mln.modulated_layer_norm(x, table, mod, mod)
+    with pytest.raises(ValueError, match="seg_offsets must be on the data's device"):
+        mln.modulated_layer_norm(x, torch.empty(3, dtype=torch.int32, device="meta"), ok, ok)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled kernels at the real width need CUDA")

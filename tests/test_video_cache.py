@@ -323,6 +323,35 @@ def test_fast_model_text_step_matches_reference(device):
         torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
 
 
+def test_fast_model_reads_index_tables_without_a_device_sync(monkeypatch):
+    """Every int32 index table the fast model's kernels check or launch from (cu_seqlens, segment
+    tables, the one-segment table of its norms) is read from the host copy the packer remembered: a
+    ``.tolist()`` of a device tensor would sync the GPU every layer and fail inside a CUDA graph."""
+    from univigu_fast.model import UniViGUModel as FastModel
+
+    ref = tiny_reference(seed=8)
+    fast = FastModel(ref.config).eval()
+    fast.load_state_dict(ref.state_dict())
+    videos, prompts = _inputs(ref.config, seed=4)
+    text = [torch.randint(0, ref.config.vocab_size, (n,)) for n in (5, 3)]
+    reads = []
+    tolist = torch.Tensor.tolist
+
+    def recording_tolist(t):
+        if t.dtype == torch.int32:
+            reads.append(tuple(t.shape))
+        return tolist(t)
+
+    with torch.no_grad():
+        cache = VideoCache(fast)
+        fast(videos, torch.ones(2), prompts, text=text, tau_text=torch.tensor([0.0, 0.1]), video_cache=cache)
+        monkeypatch.setattr(torch.Tensor, "tolist", recording_tolist)
+        fast(videos, torch.ones(2), prompts, text=text, tau_text=torch.tensor([0.2, 0.1]))
+        fast.text_step(cache, text, torch.tensor([0.4, 0.6]))
+        cache.release()
+    assert reads == []
+
+
 def test_cost_model_counts():
     """The FLOP estimate: with no video rows a text-only step is the exact step (same rows, same
     GEMMs) less the prompt's key/value projections the cache keeps; step counts per policy; every:1

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from _common import measure, requires_cuda
+from univigu_fast.kernels._utils import remember_host_values
 from univigu_fast.shapes import SHAPES
 
 DTYPE = torch.bfloat16
@@ -22,7 +23,9 @@ DTYPE = torch.bfloat16
 def _case(shape_name):
     s = SHAPES[shape_name]
     segs = [n for pair in zip(s.video_lens, s.text_lens) for n in pair]
-    seg = torch.tensor([0, *itertools.accumulate(segs)], dtype=torch.int32, device="cuda")
+    offsets = [0, *itertools.accumulate(segs)]
+    # a table that remembers its host values, as the model's packer builds it (no sync per call)
+    seg = remember_host_values(torch.tensor(offsets, dtype=torch.int32, device="cuda"), offsets)
     T, dim = sum(segs), s.dim
     return seg, T, dim, len(segs)
 

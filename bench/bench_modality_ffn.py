@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from _common import measure, requires_cuda
+from univigu_fast.kernels._utils import remember_host_values
 from univigu_fast.shapes import SHAPES
 
 DTYPE = torch.bfloat16
@@ -35,9 +36,11 @@ def _case(shape_name):
         return (torch.randn(*shape, device="cuda", generator=g) * scale).to(DTYPE)
 
     experts = [(r(f, dim, scale=dim**-0.5), r(f, scale=0.1), r(dim, f, scale=f**-0.5), r(dim, scale=0.1)) for _ in range(2)]
+    offsets, experts_of = [0, *itertools.accumulate(lens)], [0, 1] * s.batch
+    # tables that remember their host values, as the model's packer builds them (no sync per call)
     _CACHE.update(key=shape_name, x=r(T, dim), residual=r(T, dim), gate=r(len(lens), dim, scale=0.1),
-                  seg=torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32, device="cuda"),
-                  seg_expert=torch.tensor([0, 1] * s.batch, dtype=torch.int32, device="cuda"),
+                  seg=remember_host_values(torch.tensor(offsets, dtype=torch.int32, device="cuda"), offsets),
+                  seg_expert=remember_host_values(torch.tensor(experts_of, dtype=torch.int32, device="cuda"), experts_of),
                   experts=experts, flops=4 * T * dim * f)
     return _CACHE
 

@@ -728,6 +728,10 @@ def apply_rope(x: torch.Tensor, rope: Rope) -> torch.Tensor:
     if not isinstance(x, torch.Tensor) or x.dim() != 3:
         raise ValueError(f"x must be a (T, H, D) tensor, got {describe(x)}")
     _check_rope(rope, x, "rope")
+    if x.shape[-1] not in SUPPORTED_HEAD_DIMS:  # the kernel's tiles need a power-of-two head_dim
+        log_once(f"apply_rope: head_dim {x.shape[-1]} has no Triton kernel (supported: {SUPPORTED_HEAD_DIMS}); "
+                 "using the PyTorch reference")
+        return apply_rope_reference(x, rope)
     if not use_triton(x):
         return apply_rope_reference(x, rope)
     return _Rope.apply(x, *rope)
@@ -754,7 +758,7 @@ def apply_rope_positions(x: torch.Tensor, pos: torch.Tensor, freq: torch.Tensor,
         shape, dtype = want[name]
         if tuple(t.shape) != shape or t.dtype != dtype or not t.is_contiguous():
             raise ValueError(f"{name} must be contiguous {dtype} of shape {shape}, got {t.dtype} {tuple(t.shape)}")
-    if not use_triton(x):
+    if not use_triton(x) or D not in SUPPORTED_HEAD_DIMS:  # the kernel's tiles need a power-of-two head_dim
         return apply_rope_reference(x, rope_tables_from_positions(pos, freq, axis, interleaved))
     return _rotate(x.contiguous(), freq, freq, interleaved, inverse=False, positions=(pos, freq, axis))
 

@@ -78,6 +78,32 @@ def test_training_step_gradients_match():
         torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-4, rtol=1e-4, msg=lambda m: f"{name}: {m}")
 
 
+def test_head_dim_without_a_kernel_runs_the_reference_attention():
+    """head_dim 24 (the synthetic demo's: 8 heads x 24) has no attention / RoPE kernel: the fast model
+    runs their references instead of refusing, so a demo-trained model works with the CLI (forward,
+    the cached text step, gradients), and the other ops stay on the kernels."""
+    from univigu_fast.video_cache import VideoCache
+
+    ref, fast = _pair(attention_head_dim=24)
+    videos, prompts, texts, tau_v, tau_t = _batch(ref.config, "joint", torch.float32)
+    got = []
+    for model in (ref, fast):
+        with torch.no_grad():
+            out = model(videos, tau_v, prompts, text=texts, tau_text=tau_t)
+            cache = VideoCache(model)
+            model(videos, torch.ones_like(tau_v), prompts, text=texts, tau_text=torch.zeros_like(tau_t),
+                  video_cache=cache)
+            step = model.text_step(cache, texts, tau_t)
+            cache.release()
+        model.train()
+        x = [v.clone().requires_grad_() for v in videos]
+        model(x, tau_v, prompts, text=texts, tau_text=tau_t).video_velocity[0].float().pow(2).mean().backward()
+        model.eval()
+        got.append(out.video_velocity + out.text_out + list(step) + [x[0].grad])
+    for a, b in zip(*got):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+
+
 def test_torch_compile_traces_the_kernels():
     """Dynamo through the whole model (graph breaks at host-side packing are expected); the kernels are
     opaque custom ops. ``aot_eager`` on CPU (one layer: tracing is the slow part); the CUDA test below runs inductor."""

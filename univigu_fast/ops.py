@@ -18,6 +18,7 @@ from .kernels import linear_argmax as _la
 from .kernels import modality_ffn as _mf
 from .kernels import modulated_layer_norm as _mln
 from .kernels import rms_norm as _rn
+from .kernels._utils import log_once as _log_once
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,12 @@ def _fast_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqle
     """``joint_attention``, backend ``auto`` (on CUDA half precision: Triton RoPE + PyTorch's flash/cuDNN
     SDPA per sample, measured fastest). Under ``torch.compile`` that per-sample loop runs eagerly at a
     graph break, so compiled models keep the fastest attention."""
-    fn = _attention_eager if torch.compiler.is_compiling() else _ja.joint_attention
+    if q.shape[-1] not in _ja.SUPPORTED_HEAD_DIMS:  # e.g. the synthetic demo's 24: the kernels' tiles need 2^k
+        _log_once(f"joint_attention: head_dim {q.shape[-1]} has no Triton kernel (supported: "
+                  f"{_ja.SUPPORTED_HEAD_DIMS}); the model uses the per-sample SDPA reference")
+        fn = _ja.joint_attention_reference
+    else:
+        fn = _attention_eager if torch.compiler.is_compiling() else _ja.joint_attention
     return fn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale=softmax_scale,
               rope_q=rope_q, rope_k=rope_k)
 

@@ -230,6 +230,59 @@ def test_from_wan_refuses_configs_that_disagree_with_the_weights(wan, tmp_path):
         UniViGUModel.from_wan(tmp_path / "i2v")
 
 
+def test_bad_checkpoints_get_clear_errors(wan, tmp_path):
+    """What a user plausibly passes by mistake is named, not a bare KeyError / NotADirectoryError."""
+    from safetensors.torch import save_file
+
+    model_wan, config = wan
+    sd = model_wan.state_dict()
+    # a single weights file (a common download form) loads like its state dict
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "wan.safetensors"))
+    torch.save(sd, tmp_path / "wan.pt")
+    want = UniViGUModel.from_wan(sd, attention_head_dim=16, vocab_size=50).state_dict()
+    for f in ("wan.safetensors", "wan.pt"):
+        got = UniViGUModel.from_wan(tmp_path / f, attention_head_dim=16, vocab_size=50).state_dict()
+        assert all(torch.equal(got[k], want[k]) for k in want if "text" not in k and "vocab" not in k and "_t" not in k)
+    # a truncated file names itself
+    (tmp_path / "cut.safetensors").write_bytes((tmp_path / "wan.safetensors").read_bytes()[:100])
+    with pytest.raises(ValueError, match="cannot read weights from .*cut.safetensors"):
+        UniViGUModel.from_wan(tmp_path / "cut.safetensors", attention_head_dim=16)
+    # a missing video-path weight, no blocks, a stray block index
+    no_text_embedder = {k: v for k, v in sd.items() if not k.startswith("condition_embedder.text_embedder")}
+    with pytest.raises(ValueError, match="Wan checkpoint lacks video-path weight 'cond_text_embedder.linear_1.weight'"):
+        UniViGUModel.from_wan(no_text_embedder, attention_head_dim=16)
+    with pytest.raises(ValueError, match=r"no blocks.N.\* weights"):
+        UniViGUModel.from_wan({k: v for k, v in sd.items() if not k.startswith("blocks.")}, attention_head_dim=16)
+    stray = {**sd, "blocks.5.ffn.net.0.proj.weight": sd["blocks.0.ffn.net.0.proj.weight"]}
+    with pytest.raises(ValueError, match=r"block indices are not 0..2: it has blocks \[5\] but lacks \[2, 3, 4\]"):
+        UniViGUModel.from_wan(stray, attention_head_dim=16)
+    # from_uni_vigu: a Wan checkpoint, nested weights, the head-dim hint of a state dict without RoPE buffer
+    with pytest.raises(ValueError, match="Wan2.1 checkpoint .*from_wan"):
+        UniViGUModel.from_uni_vigu(sd)
+    public = _public_state_dict(UniViGUConfig.tiny(num_layers=1))
+    for key in ("state_dict", "module"):
+        assert UniViGUModel.from_uni_vigu({key: public, "step": 1}).config.num_layers == 1
+    with pytest.raises(ValueError, match=r"not a Uni-ViGU state dict .*\['ema', 'step'\]"):
+        UniViGUModel.from_uni_vigu({"ema": public, "step": 1})
+    no_rope = {k: v for k, v in public.items() if k != "rotary_emb_text.inv_freq"}
+    with pytest.raises(ValueError, match="attention_head_dim None does not divide"):
+        UniViGUModel.from_uni_vigu(no_rope)
+    with pytest.raises(RuntimeError, match="Missing key.*rotary_emb_text.inv_freq"):  # the hint is used now
+        UniViGUModel.from_uni_vigu(no_rope, attention_head_dim=16)
+
+
+def test_config_rope_base_must_match_the_stored_frequencies(tmp_path):
+    public = _public_state_dict(UniViGUConfig.tiny(num_layers=1, text_rope_base=500.0))
+    with pytest.raises(ValueError, match="base 500, the config says text_rope_base=10000"):
+        UniViGUModel.from_uni_vigu(public, config=UniViGUConfig.tiny(num_layers=1))
+    model = UniViGUModel.from_uni_vigu(public)
+    model.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "text_rope_base": 10000.0}))
+    with pytest.raises(ValueError, match="base 500, the config says text_rope_base=10000"):
+        UniViGUModel.from_pretrained(tmp_path)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("base", [10000.0, 500000.0, 1000000.0, 123.5])
 def test_text_rope_base_read_back_from_any_buffer_dtype(dtype, base):

@@ -121,7 +121,10 @@ def _config_from_wan_state(ours: dict, wan_config: dict | None, text_fields: dic
         # sizes the config.json leaves out (the original release lists only some) are read off the weights
         shapes = _shape_config(ours, fields.get("attention_head_dim", 128))
         return UniViGUConfig(**{**{k: getattr(shapes, k) for k in _SHAPE_FIELDS}, **fields}, **text_fields)
-    return _infer_config(ours, text_fields, head_dim=text_fields.pop("attention_head_dim", 128))
+    try:
+        return _infer_config(ours, text_fields, head_dim=text_fields.pop("attention_head_dim", 128))
+    except KeyError as e:
+        raise ValueError(f"Wan checkpoint lacks video-path weight {e.args[0]!r} (univigu-fast's name)") from None
 
 
 _SHAPE_FIELDS = ("patch_size", "num_attention_heads", "attention_head_dim", "in_channels", "out_channels", "text_dim",
@@ -132,7 +135,7 @@ def _shape_config(ours: dict, head_dim: int) -> UniViGUConfig:
     try:
         return _infer_config(ours, {}, head_dim=head_dim)
     except KeyError as e:
-        raise ValueError(f"Wan checkpoint lacks video-path weight {e.args[0]!r}") from None
+        raise ValueError(f"Wan checkpoint lacks video-path weight {e.args[0]!r} (univigu-fast's name)") from None
 
 
 def _check_config_against_weights(config: UniViGUConfig, ours: dict) -> None:
@@ -148,8 +151,6 @@ def _load_folder_state(folder: Path, variant: str | None = None) -> tuple[dict, 
     """``config.json`` and the weights of a diffusers-style folder: the shards its
     ``*.safetensors.index[.variant].json`` names, else ``diffusion_pytorch_model[.variant].safetensors``
     or the folder's one other ``.safetensors`` file (diffusers' file naming; other variants ignored)."""
-    from safetensors.torch import load_file
-
     cfg = json.loads((folder / "config.json").read_text())
     tag = f".{variant}" if variant else ""
     index = folder / f"diffusion_pytorch_model.safetensors.index{tag}.json"
@@ -166,8 +167,28 @@ def _load_folder_state(folder: Path, variant: str | None = None) -> tuple[dict, 
             raise FileNotFoundError(f"{folder}: expected {want}; found {[f.name for f in present]}")
     sd = {}
     for f in files:
-        sd.update(load_file(str(f)))
+        sd.update(_read_safetensors(f))
     return sd, cfg
+
+
+def _read_safetensors(path: Path) -> dict:
+    """``load_file`` naming the file when it cannot be read (a truncated download, say)."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as e:  # noqa: BLE001 - safetensors' errors do not name the file
+        raise ValueError(f"cannot read weights from {path}: {type(e).__name__}: {e}") from e
+
+
+def _read_state_file(path: Path) -> dict:
+    """A single weights file: ``.safetensors``, else a ``torch.save`` file (``.pt`` / ``.pth`` / ``.bin``)."""
+    if path.suffix == ".safetensors":
+        return _read_safetensors(path)
+    obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    if not isinstance(obj, dict):
+        raise TypeError(f"{path} holds a {type(obj).__name__}, expected a state dict")
+    return obj
 
 
 def from_wan(cls, source, config: UniViGUConfig | None = None, *, variant: str | None = None, **text_fields):
@@ -179,6 +200,10 @@ def from_wan(cls, source, config: UniViGUConfig | None = None, *, variant: str |
     if isinstance(source, torch.nn.Module):
         sd = source.state_dict()
         wan_config = dict(source.config)
+    elif isinstance(source, (str, Path)) and Path(source).is_file():  # one weights file, no config.json
+        if variant is not None:
+            raise ValueError("variant applies to a folder source only")
+        sd = _read_state_file(Path(source))
     elif isinstance(source, (str, Path)):
         folder = Path(source)
         if (folder / "transformer" / "config.json").exists():
@@ -251,7 +276,14 @@ def _infer_config(sd: dict, overrides: dict, head_dim: int | None = None) -> Uni
         base = 10000.0
     if not head_dim or dim % head_dim:
         raise ValueError(f"attention_head_dim {head_dim} does not divide the weights' dim {dim}: pass attention_head_dim")
-    layers = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    blocks = sorted({int(k.split(".")[1]) for k in sd if k.startswith("blocks.") and k.split(".")[1].isdigit()})
+    if not blocks:
+        raise ValueError("the checkpoint has no blocks.N.* weights")
+    if blocks != list(range(len(blocks))):
+        stray = sorted(set(blocks) - set(range(len(blocks))))
+        raise ValueError(f"the checkpoint's block indices are not 0..{len(blocks) - 1}: it has blocks {stray} "
+                         f"but lacks {sorted(set(range(max(blocks) + 1)) - set(blocks))}")
+    layers = len(blocks)
     text_rows = sd["vocab_embed.weight"].shape[0] if "vocab_embed.weight" in sd else None
     head_out = sd["text_head.linear.weight"].shape[0] if "text_head.linear.weight" in sd else None
     fields = dict(
@@ -283,15 +315,37 @@ def from_uni_vigu(cls, ckpt, config: UniViGUConfig | None = None, **overrides):
         ckpt = torch.load(str(ckpt), map_location="cpu", weights_only=True)
     if not isinstance(ckpt, dict):
         raise TypeError(f"ckpt must be a path or a dict, got {type(ckpt).__name__}")
-    sd = ckpt["model"] if "model" in ckpt and isinstance(ckpt["model"], dict) else ckpt
+    sd = next((ckpt[k] for k in ("model", "state_dict", "module") if isinstance(ckpt.get(k), dict)), ckpt)
     sd = {_strip(k): v for k, v in sd.items()}
+    if any(k.startswith(("condition_embedder.", "head.head.", "text_embedding.")) for k in sd):
+        raise ValueError("this is a Wan2.1 checkpoint (diffusers' or the original release's names): "
+                         "load it with from_wan")
     if config is None:
-        config = _infer_config(sd, overrides)
+        if "patch_embedding.weight" not in sd:
+            raise ValueError(f"not a Uni-ViGU state dict (no patch_embedding.weight); its top-level keys: "
+                             f"{sorted(map(str, ckpt))[:8]}")
+        try:
+            config = _infer_config(sd, overrides, head_dim=overrides.get("attention_head_dim"))
+        except KeyError as e:
+            raise ValueError(f"checkpoint lacks weight {e.args[0]!r}") from None
     elif overrides:
         raise ValueError("pass either config or overrides, not both")
     model = cls(config)
     model.load_state_dict(sd, strict=True)
+    check_text_rope_base(model)
     return model
+
+
+def check_text_rope_base(model) -> None:
+    """The loaded RoPE frequencies are the ones ``config.text_rope_base`` gives (the forward uses the
+    stored buffer: a config saying otherwise would misdescribe the model)."""
+    inv_freq = model.state_dict().get("rotary_emb_text.inv_freq")
+    if inv_freq is None or inv_freq.numel() < 2:
+        return
+    stored, said = _rope_base(inv_freq), model.config.text_rope_base
+    if abs(stored - said) > 1e-3 * said:
+        raise ValueError(f"the weights' text RoPE frequencies have base {stored:g}, the config says "
+                         f"text_rope_base={said:g}")
 
 
 def save_pretrained(model, path) -> None:
@@ -305,9 +359,8 @@ def save_pretrained(model, path) -> None:
 
 
 def from_pretrained(cls, path, *, device=None, dtype=None):
-    from safetensors.torch import load_file
-
     path = Path(path)
     model = cls(UniViGUConfig.load(path / "config.json"))
-    model.load_state_dict(load_file(str(path / "model.safetensors")), strict=True)
+    model.load_state_dict(_read_safetensors(path / "model.safetensors"), strict=True)
+    check_text_rope_base(model)
     return model.to(device=device, dtype=dtype) if (device or dtype) else model

@@ -1,11 +1,12 @@
 """Checkpoint conversion and IO (DESIGN §3).
 
 * ``from_wan``: a diffusers ``WanTransformer3DModel`` (object or folder with config.json + safetensors
-  shards), an original Wan2.1 release folder (its ``WanModel`` config.json and weights) or a state dict
-  in either layout -> our names; the text stream is initialised as the
-  config says (``init_text_stream``).
+  shards), an original Wan2.1 release folder (its ``WanModel`` config.json and weights), a state dict
+  in either layout or a single weights file (``.safetensors`` / ``torch.save``; sizes read off the
+  weights, ``attention_head_dim`` 128 unless given) -> our names; the text stream is initialised as
+  the config says (``init_text_stream``).
 * ``from_uni_vigu``: a checkpoint of the public implementation (``torch.save``d dict, weights under
-  ``"model"``, prefixes ``_fsdp_wrapped_module.`` / ``_orig_mod.`` stripped), config inferred from
+  ``"model"`` (or ``"state_dict"`` / ``"module"``), prefixes ``_fsdp_wrapped_module.`` / ``_orig_mod.`` stripped), config inferred from
   the weight shapes when not given. Its names are ours, so it is a plain ``load_state_dict``.
 * ``save_pretrained`` / ``from_pretrained``: ``config.json`` + ``model.safetensors``.
 """

@@ -143,19 +143,22 @@ def measure(
     if last_s:
         rounds = max(rounds, min(MAX_ROUNDS, math.ceil(TIMED_S / last_s)))
     tuners = _autotuners()
-    if rounds == 1:  # one long call (a 50-step caption): its memory is read from the timed call itself
+
+    def forget_configs():  # set again by every launch: afterwards, the configs of the next call
         for tuner in tuners.values():
             tuner.best_config = None
+
+    if rounds == 1:  # one long call (a 50-step caption): its memory is read from the timed call itself
+        forget_configs()
         peak = _extra_peak_memory(lambda: benchmark.pedantic(timed, rounds=1, iterations=1, warmup_rounds=0),
                                   attempts=1)
+        gpu_state = _gpu_state()
     else:
         benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=0)
-    ms = benchmark.stats.stats.median * 1e3
-    gpu_state = _gpu_state()
-    if rounds != 1:
-        for tuner in tuners.values():  # set again by every launch: afterwards, the configs of this call
-            tuner.best_config = None
+        gpu_state = _gpu_state()
+        forget_configs()
         peak = _extra_peak_memory(timed)
+    ms = benchmark.stats.stats.median * 1e3
     configs = {name: _config_dict(t.best_config) for name, t in tuners.items()
                if getattr(t, "best_config", None) is not None}
     record = {

@@ -122,19 +122,18 @@ def _config_from_wan_state(ours: dict, wan_config: dict | None, text_fields: dic
         # sizes the config.json leaves out (the original release lists only some) are read off the weights
         shapes = _shape_config(ours, fields.get("attention_head_dim", 128))
         return UniViGUConfig(**{**{k: getattr(shapes, k) for k in _SHAPE_FIELDS}, **fields}, **text_fields)
-    try:
-        return _infer_config(ours, text_fields, head_dim=text_fields.pop("attention_head_dim", 128))
-    except KeyError as e:
-        raise ValueError(f"Wan checkpoint lacks video-path weight {e.args[0]!r} (univigu-fast's name)") from None
+    head_dim = text_fields.pop("attention_head_dim", 128)
+    return _shape_config(ours, head_dim, text_fields)
 
 
 _SHAPE_FIELDS = ("patch_size", "num_attention_heads", "attention_head_dim", "in_channels", "out_channels", "text_dim",
                  "freq_dim", "ffn_dim", "num_layers", "cross_attn_norm")
 
 
-def _shape_config(ours: dict, head_dim: int) -> UniViGUConfig:
+def _shape_config(ours: dict, head_dim: int, overrides: dict | None = None) -> UniViGUConfig:
+    """``_infer_config`` of a Wan checkpoint (our names), a missing weight reported as such."""
     try:
-        return _infer_config(ours, {}, head_dim=head_dim)
+        return _infer_config(ours, overrides or {}, head_dim=head_dim)
     except KeyError as e:
         raise ValueError(f"Wan checkpoint lacks video-path weight {e.args[0]!r} (univigu-fast's name)") from None
 
@@ -340,7 +339,7 @@ def from_uni_vigu(cls, ckpt, config: UniViGUConfig | None = None, **overrides):
 def check_text_rope_base(model) -> None:
     """The loaded RoPE frequencies are the ones ``config.text_rope_base`` gives (the forward uses the
     stored buffer: a config saying otherwise would misdescribe the model)."""
-    inv_freq = model.state_dict().get("rotary_emb_text.inv_freq")
+    inv_freq = dict(model.named_buffers()).get("rotary_emb_text.inv_freq")
     if inv_freq is None or inv_freq.numel() < 2:
         return
     stored, said = _rope_base(inv_freq), model.config.text_rope_base

@@ -362,7 +362,7 @@ def preprocess(manifest: str | Path, out: str | Path, *, model_path: str | Path 
             if frames < 1 or height % pixel_multiple or width % pixel_multiple:
                 raise ValueError(f"{manifest} line {line}: video {r['video']} has {frames} frames of {height} x {width}; "
                                  f"expected >= 1 frame, height and width multiples of {pixel_multiple}")
-            f = (x.shape[1] - 1) // 4 * 4 + 1
+            f = (frames - 1) // 4 * 4 + 1
             lat = vae.encode(x[None, :, :f].to(device, dtype)).latent_dist.mode()[0].float().cpu()
             lat = (lat - mean) / std
             writer.add(lat, embed(pids), torch.tensor(pids, dtype=torch.long), torch.tensor(cids, dtype=torch.long),

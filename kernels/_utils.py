@@ -88,7 +88,8 @@ def quiet_interpreter_warnings() -> None:
 
 
 def use_triton(*tensors: torch.Tensor | None) -> bool:
-    """Whether the Triton path can run on ``tensors``: all on CUDA, or all on CPU under the interpreter."""
+    """Whether the Triton path can run on ``tensors``: all on CUDA, or all on CPU under the interpreter
+    and none bfloat16 (the interpreter's bf16 matmul is broken, DESIGN §7: those run the references)."""
     if not HAS_TRITON:
         return False
     ts = [t for t in tensors if t is not None]  # (is_cuda / is_cpu: no torch.device objects; called per launch)
@@ -96,7 +97,13 @@ def use_triton(*tensors: torch.Tensor | None) -> bool:
         return False
     if all(t.is_cuda for t in ts):
         return True
-    return all(t.is_cpu for t in ts) and interpreting()
+    if not (all(t.is_cpu for t in ts) and interpreting()):
+        return False
+    if any(t.dtype == torch.bfloat16 for t in ts):  # DESIGN §7: the interpreter's bf16 tl.dot is wrong
+        log_once("TRITON_INTERPRET=1: Triton's interpreter computes bfloat16 wrongly; bf16 CPU tensors run "
+                 "the PyTorch references (test the kernels in fp32 / fp16 there)")
+        return False
+    return True
 
 
 # Host-side launch arithmetic on Python ints. ``triton.cdiv`` / ``triton.next_power_of_2`` are

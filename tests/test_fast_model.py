@@ -220,3 +220,24 @@ def test_cuda_torch_compile_matches_eager():
     with torch.no_grad():
         eager, comp = flat_outputs(fast(**b16)), flat_outputs(compiled(**b16))
     torch.testing.assert_close(comp, eager, atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_dtypes_without_a_kernel_run_the_reference_ops(dtype):
+    """float64 (no kernel takes it) and, under the interpreter, bfloat16 (its ``tl.dot`` computes bf16
+    wrongly, DESIGN §7) run the reference ops: the fast model equals the reference in that dtype.
+    On CUDA bf16 runs the kernels and is checked within bf16 error (``test_cuda_bf16_*``)."""
+    if dtype == torch.bfloat16 and DEVICE == "cuda":
+        pytest.skip("bf16 on CUDA runs the kernels; the test_cuda_bf16_* tests check them")
+    ref, fast = _pair(dtype)
+    videos, prompts, texts, tau_v, tau_t = _batch(ref.config, "joint", dtype)
+    with torch.no_grad():
+        a = ref(videos, tau_v, prompts, text=texts, tau_text=tau_t)
+        b = fast(videos, tau_v, prompts, text=texts, tau_text=tau_t)
+        ids_a = ref(videos, tau_v, prompts, text=texts, tau_text=tau_t, text_output="argmax").text_out.ids
+        ids_b = fast(videos, tau_v, prompts, text=texts, tau_text=tau_t, text_output="argmax").text_out.ids
+    for x, y in zip(a.video_velocity + a.text_out, b.video_velocity + b.text_out):
+        assert y.dtype == dtype
+        # float64: the modulation / timestep math is float32 by design (as Wan's), so fp32-level agreement
+        torch.testing.assert_close(y, x, **(TOL[torch.float32] if dtype == torch.float64 else dict(atol=0, rtol=0)))
+    assert all(torch.equal(i, j) for i, j in zip(ids_a, ids_b))

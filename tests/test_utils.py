@@ -141,3 +141,24 @@ def test_broken_interpreter_falls_back_to_the_references_and_says_why(monkeypatc
     torch.testing.assert_close(rms_norm(x, w), rms_norm_reference(x, w), rtol=0, atol=0)
     monkeypatch.undo()
     assert _utils._probe_interpreter() is None and _utils.use_triton(x)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's bf16 rule concerns CPU tensors")
+def test_interpreter_sends_bf16_to_the_references(caplog):
+    """Triton's interpreter computes bf16 ``tl.dot`` wrongly (DESIGN §7): bf16 CPU tensors take the
+    references, with a log line, instead of returning wrong numbers; fp32 / fp16 keep the kernels."""
+    from univigu_fast.kernels import _utils
+    from univigu_fast.kernels.modality_ffn import modality_ffn, modality_ffn_reference
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 32, generator=g)
+    experts = [(torch.randn(48, 32, generator=g), torch.randn(48, generator=g), torch.randn(32, 48, generator=g),
+                torch.randn(32, generator=g)) for _ in range(2)]
+    seg, seg_expert = torch.tensor([0, 30, 40], dtype=torch.int32), torch.tensor([0, 1], dtype=torch.int32)
+    assert _utils.use_triton(x) and _utils.use_triton(x.half())
+    with caplog.at_level("WARNING", logger="univigu_fast"):
+        assert not _utils.use_triton(x.bfloat16())
+    assert "bfloat16" in caplog.text
+    xb, eb = x.bfloat16(), [tuple(t.bfloat16() for t in e) for e in experts]
+    torch.testing.assert_close(modality_ffn(xb, seg, seg_expert, eb),
+                               modality_ffn_reference(xb, seg, seg_expert, eb), atol=0, rtol=0)

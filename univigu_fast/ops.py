@@ -73,12 +73,30 @@ def _fast_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqle
               rope_q=rope_q, rope_k=rope_k)
 
 
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _kernel_dtypes_only(name: str, fast: Callable, reference: Callable) -> Callable:
+    """``fast``, or ``reference`` when the first argument's dtype has no kernel (e.g. a model in float64):
+    the kernels refuse such inputs; the model should still run."""
+    def op(x, *args, **kwargs):
+        if x.dtype not in _KERNEL_DTYPES:
+            _log_once(f"{name}: the kernels take float16 / bfloat16 / float32, got {x.dtype}; "
+                      "the model uses the reference op")
+            return reference(x, *args, **kwargs)
+        return fast(x, *args, **kwargs)
+    op.__name__ = op.__qualname__ = name
+    op.__doc__ = fast.__doc__
+    return op
+
+
 FAST_OPS = Ops(
     name="triton",
-    modulated_layer_norm=_mln.modulated_layer_norm,
-    gated_residual=_gr.gated_residual,
-    rms_norm=_rn.rms_norm,
-    attention=_fast_attention,
-    modality_ffn=_fast_modality_ffn,
-    linear_argmax=_la.linear_argmax,
+    modulated_layer_norm=_kernel_dtypes_only("modulated_layer_norm", _mln.modulated_layer_norm,
+                                             _mln.modulated_layer_norm_reference),
+    gated_residual=_kernel_dtypes_only("gated_residual", _gr.gated_residual, _gr.gated_residual_reference),
+    rms_norm=_kernel_dtypes_only("rms_norm", _rn.rms_norm, _rn.rms_norm_reference),
+    attention=_kernel_dtypes_only("joint_attention", _fast_attention, _ja.joint_attention_reference),
+    modality_ffn=_kernel_dtypes_only("modality_ffn", _fast_modality_ffn, _mf.modality_ffn_reference),
+    linear_argmax=_kernel_dtypes_only("linear_argmax", _la.linear_argmax, _la.linear_argmax_reference),
 )

@@ -155,6 +155,23 @@ def test_save_pretrained_round_trip_is_exact(tmp_path):
         assert k == k2 and torch.equal(a, b)
 
 
+def test_from_pretrained_takes_diffusers_arguments(tmp_path):
+    """``subfolder=``, ``torch_dtype=`` (diffusers' name for ``dtype``), eval mode, and a clear error for a
+    folder that is not ours."""
+    model = tiny_reference(seed=6)
+    model.save_pretrained(tmp_path / "pipe" / "transformer")
+    back = UniViGUModel.from_pretrained(tmp_path / "pipe", subfolder="transformer", torch_dtype=torch.float16)
+    assert not back.training and not UniViGUModel.from_uni_vigu(model.state_dict()).training
+    assert back.patch_embedding.weight.dtype == torch.float16
+    assert torch.equal(back.patch_embedding.weight, model.patch_embedding.weight.half())
+    with pytest.raises(ValueError, match="not both"):
+        UniViGUModel.from_pretrained(tmp_path / "pipe/transformer", dtype=torch.float32, torch_dtype=torch.float16)
+    with pytest.raises(TypeError, match="dtype must be a torch.dtype"):
+        UniViGUModel.from_pretrained(tmp_path / "pipe/transformer", torch_dtype="bf16")
+    with pytest.raises(FileNotFoundError, match="has no config.json.*from_wan"):
+        UniViGUModel.from_pretrained(tmp_path / "pipe")
+
+
 def _original_release_folder(model_wan, config, folder):
     """An original Wan2.1 release folder: weights in Wan's own layout and a ``WanModel`` config.json
     that, like the released 1.3B one, leaves out text_dim, patch_size, qk_norm and cross_attn_norm."""

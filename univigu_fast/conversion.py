@@ -9,6 +9,8 @@
   ``"model"`` (or ``"state_dict"`` / ``"module"``), prefixes ``_fsdp_wrapped_module.`` / ``_orig_mod.`` stripped), config inferred from
   the weight shapes when not given. Its names are ours, so it is a plain ``load_state_dict``.
 * ``save_pretrained`` / ``from_pretrained``: ``config.json`` + ``model.safetensors``.
+
+Every loader returns the model in eval mode (diffusers' convention; ``.train()`` before training).
 """
 from __future__ import annotations
 
@@ -230,7 +232,7 @@ def from_wan(cls, source, config: UniViGUConfig | None = None, *, variant: str |
     not_text = [k for k in missing if not any(t in k or k.startswith(t) for t in text_stream)]
     if not_text:
         raise ValueError(f"Wan checkpoint lacks video-path weights: {not_text[:8]}")
-    return model
+    return model.eval()
 
 
 def _strip(key: str) -> str:
@@ -333,7 +335,7 @@ def from_uni_vigu(cls, ckpt, config: UniViGUConfig | None = None, **overrides):
     model = cls(config)
     model.load_state_dict(sd, strict=True)
     check_text_rope_base(model)
-    return model
+    return model.eval()
 
 
 def check_text_rope_base(model) -> None:
@@ -358,9 +360,21 @@ def save_pretrained(model, path) -> None:
     save_file(sd, str(path / "model.safetensors"))
 
 
-def from_pretrained(cls, path, *, device=None, dtype=None):
-    path = Path(path)
+def from_pretrained(cls, path, *, subfolder: str | None = None, device=None, dtype: torch.dtype | None = None,
+                    torch_dtype: torch.dtype | None = None):
+    """A folder written by ``save_pretrained`` (``path / subfolder`` when given), in eval mode as in
+    diffusers; ``torch_dtype`` is diffusers' name for ``dtype``."""
+    if torch_dtype is not None:
+        if dtype is not None and dtype != torch_dtype:
+            raise ValueError(f"pass dtype or torch_dtype (diffusers' name for it), not both: got {dtype} and {torch_dtype}")
+        dtype = torch_dtype
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype such as torch.bfloat16, got {dtype!r}")
+    path = Path(path) / subfolder if subfolder else Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} has no config.json: from_pretrained reads a folder written by "
+                                "save_pretrained; a Wan2.1 or Uni-ViGU checkpoint loads with from_wan / from_uni_vigu")
     model = cls(UniViGUConfig.load(path / "config.json"))
     model.load_state_dict(_read_safetensors(path / "model.safetensors"), strict=True)
     check_text_rope_base(model)
-    return model.to(device=device, dtype=dtype) if (device or dtype) else model
+    return model.to(device=device, dtype=dtype).eval()

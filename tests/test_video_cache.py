@@ -41,6 +41,20 @@ def test_every_1_equals_exact_caption_and_logits():
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
 
 
+def test_text_step_names_out_of_range_ids():
+    """Host ids outside the vocabulary get forward's error (a bare IndexError from the embedding before)."""
+    model = tiny_reference(seed=3)
+    videos, prompts = _inputs(model.config)
+    V = model.config.text_vocab_size
+    text = [torch.zeros(7, dtype=torch.long), torch.zeros(2, dtype=torch.long)]
+    with torch.no_grad():
+        cache = VideoCache(model)
+        model(videos, torch.ones(2), prompts, text=text, tau_text=torch.zeros(2), video_cache=cache)
+        for bad in (V, -1):
+            with pytest.raises(ValueError, match=rf"text\[1\] has token ids outside \[0, text_vocab_size={V}\)"):
+                model.text_step(cache, [text[0], torch.full((2,), bad)], torch.tensor([0.3, 0.7]))
+
+
 @pytest.mark.parametrize("source", ["uniform", "mask"])
 def test_default_off_is_the_exact_loop(source):
     """The default policy is the plain Euler loop, bit for bit: a hand-written loop of full forwards

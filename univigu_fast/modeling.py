@@ -182,13 +182,8 @@ class UniViGUModelBase(nn.Module):
             else:
                 raise TypeError(f"text must be a tensor or a list of B={B} tensors, got {type(text).__name__}")
             self._check_text_rows(texts, dtype)
-            if discrete and any(t.numel() for t in texts):  # one host sync for the whole batch
-                lo, hi = torch.stack(torch.aminmax(torch.cat([t.reshape(-1) for t in texts]))).tolist()
-                if lo < 0 or hi >= c.text_vocab_size:
-                    bad = next(i for i, t in enumerate(texts)
-                               if t.numel() and (int(t.min()) < 0 or int(t.max()) >= c.text_vocab_size))
-                    raise ValueError(f"text[{bad}] has token ids outside [0, text_vocab_size={c.text_vocab_size}): "
-                                     f"min {int(texts[bad].min())}, max {int(texts[bad].max())}")
+            if discrete:
+                self._check_token_range(texts)
             tau_text = self._check_tau(tau_text, B, "tau_text")
         return dict(videos=videos, grids=grids, batched_video=batched_video, tau_video=tau_video, prompts=prompts,
                     texts=texts, batched_text=batched_text, has_text=text is not None, tau_text=tau_text,
@@ -303,19 +298,32 @@ class UniViGUModelBase(nn.Module):
                 if dtype is not None and t.dtype != dtype:
                     raise TypeError(f"text dtype {t.dtype} does not match video_latents dtype {dtype}")
 
+    def _check_token_range(self, texts) -> None:
+        """Token ids in ``[0, text_vocab_size)`` (one host sync for the whole batch when on a GPU)."""
+        n = self.config.text_vocab_size
+        if not any(t.numel() for t in texts):
+            return
+        lo, hi = torch.stack(torch.aminmax(torch.cat([t.reshape(-1) for t in texts]))).tolist()
+        if lo < 0 or hi >= n:
+            bad = next(i for i, t in enumerate(texts) if t.numel() and (int(t.min()) < 0 or int(t.max()) >= n))
+            raise ValueError(f"text[{bad}] has token ids outside [0, text_vocab_size={n}): "
+                             f"min {int(texts[bad].min())}, max {int(texts[bad].max())}")
+
     def text_step(self, video_cache, text, tau_text, *, text_output: str = "full", sample_seed: int | None = None,
                   temperature: float = 1.0):
         """A text-only denoising step on a filled video-stream cache (understanding, ``tau_video = 1``).
 
         Only the text tokens run: per layer their queries attend to the cached video keys/values plus
         their own fresh ones, then cross-attention and the text expert FFN. ``text``: a list of
-        per-sample ids / embeddings of the lengths the cache was built for (ids are not range-checked
-        here, which would cost a host sync per step; ``forward`` checks them). Returns ``text_out`` as
+        per-sample ids / embeddings of the lengths the cache was built for (ids on the CPU are range-checked;
+        ids on a GPU are not, which would cost a host sync per step: ``forward`` checks them). Returns ``text_out`` as
         ``forward`` does (list form). The layers run as a CUDA graph replay when the cache was made
         with ``cuda_graph=True`` (``VideoCache.run_text_layers``); the decode head runs eagerly."""
         c, dev, dtype = self.config, self.device, self.dtype
         texts = list(text)
         self._check_text_rows(texts, None)
+        if c.text_flow == "discrete" and all(t.is_cpu for t in texts):
+            self._check_token_range(texts)
         lens = [t.shape[0] for t in texts]
         view = video_cache.text_view(lens)
         tau_text = self._check_tau(tau_text, len(texts), "tau_text")

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from _models import randomize
 from univigu_fast.config import UniViGUConfig
 from univigu_fast.flow import generation_taus
 from univigu_fast.modeling import TextDecoded, UniViGUOutput
@@ -188,9 +189,44 @@ def test_cuda_bf16_samplers_keep_fp32_state(text_flow):
     assert [i.shape for i in ids] == [(5,), (3,)]
 
 
+@pytest.mark.parametrize("fast", [False, True])
+def test_mask_column_is_never_decoded(fast):
+    """The mask source's [MASK] column (id V) is the source, never a target: every decode (``text.decode``,
+    ``decode_features``, ``text_output="argmax"`` / ``"sample"``) and the samplers pick among the V real
+    tokens even when that column's logit dominates (they returned the [MASK] id before)."""
+    from univigu_fast.model import UniViGUModel as FastModel
+    from univigu_fast.text import decode, decode_features
+
+    cfg = UniViGUConfig.tiny(discrete_source="mask", vocab_size=20)
+    ref = randomize(UniViGUModel(cfg).eval(), seed=2)
+    V = cfg.vocab_size
+    with torch.no_grad():
+        ref.text_head.linear.bias[V] = 1e3
+    m = ref
+    if fast:
+        m = FastModel(cfg).eval()
+        m.load_state_dict(ref.state_dict())
+    vids, prompts = [torch.randn(4, 1, 2, 2), torch.randn(4, 2, 2, 2)], [torch.randn(2, cfg.text_dim)] * 2
+    text, tau = [torch.full((3,), V), torch.randint(0, V, (4,))], torch.tensor([0.0, 0.5])
+    with torch.no_grad():
+        logits = m(vids, torch.ones(2), prompts, text=text, tau_text=tau).text_out
+        assert all((lg.argmax(-1) == V).all() for lg in logits)  # the column does dominate
+        want = [lg[:, :V].argmax(-1) for lg in logits]
+        am = m(vids, torch.ones(2), prompts, text=text, tau_text=tau, text_output="argmax").text_out
+        sm = m(vids, torch.ones(2), prompts, text=text, tau_text=tau, text_output="sample", sample_seed=3).text_out
+        feats = torch.randn(6, cfg.dim)
+        assert int(decode_features(m, feats).max()) < V
+    assert all(torch.equal(a, b) for a, b in zip(decode(m, logits), want))
+    assert all(torch.equal(a, b) for a, b in zip(am.ids, want))
+    torch.testing.assert_close(torch.cat(list(am.logsumexp)), torch.cat([lg[:, :V].logsumexp(-1) for lg in logits]))
+    assert all(int(i.max()) < V for i in sm.ids)
+    ids = caption(m, vids, prompts, [5, 3], steps=3, seed=1)
+    _, jids = joint(m, prompts, (4, 1, 2, 2), [5, 3], steps=2, seed=1)
+    assert all(i.numel() and int(i.max()) < V for i in ids + jids)
+
+
 def test_sampler_arguments_are_checked():
-    """Invalid temperatures, lengths and step counts are refused by name (the mask source draws on the
-    host, so nothing downstream would have refused a temperature of 0 or NaN)."""
+    """Invalid temperatures, lengths and step counts are refused by name, before the first forward."""
     cfg = UniViGUConfig.tiny(discrete_source="mask")
     torch.manual_seed(0)
     m = UniViGUModel(cfg).eval()
@@ -210,6 +246,52 @@ def test_sampler_arguments_are_checked():
             caption(m, vids, prompts, [1, 1], steps=steps)
     ids = caption(m, vids, prompts, [np.int64(2), torch.tensor(1)], steps=1)  # any integer scalar
     assert [i.shape for i in ids] == [(2,), (1,)]
+    for kappa_power in (0, -1.0, float("nan"), float("inf"), "2"):
+        with pytest.raises(ValueError, match="kappa_power must be a positive finite number"):
+            caption(m, vids, prompts, [1, 1], steps=1, kappa_power=kappa_power)
+    with pytest.raises(TypeError, match="text_lens must be a list"):
+        caption(m, vids, prompts, 3, steps=1)
+
+
+def test_sampler_inputs_are_checked_by_name():
+    """A single sample's tensor is refused (iterating it split a video along its channels), a batched
+    tensor is taken; prompt ids and video shapes are checked by name before the first forward."""
+    cfg = UniViGUConfig.tiny()
+    torch.manual_seed(0)
+    m = UniViGUModel(cfg).eval()
+    m.init_text_stream()
+    vids, prompts = [torch.randn(4, 1, 2, 2)] * 2, [torch.randn(2, cfg.text_dim)] * 2
+    with pytest.raises(ValueError, match=r"videos must be a list of \(C, F, H, W\) tensors or one \(B, C, F, H, W\)"):
+        caption(m, vids[0], prompts[:1], [3], steps=1)
+    with pytest.raises(ValueError, match=r"prompts must be a list of \(L, text_dim\) tensors"):
+        caption(m, vids[:1], torch.randn(1, cfg.text_dim), [3], steps=1)
+    with pytest.raises(ValueError, match=r"videos\[1\] must be a \(C, F, H, W\) tensor"):
+        caption(m, [vids[0], vids[1][None]], prompts, [3, 2], steps=1)
+    a, b = caption(m, vids, prompts, [3, 2], steps=2), caption(m, torch.stack(vids), torch.stack(prompts), [3, 2], steps=2)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    ids = [torch.tensor([1, 2, 3]), torch.tensor([4])]
+    for bad, match in (([torch.tensor([cfg.vocab_size]), ids[1]], r"prompt_ids\[0\] has token ids outside \[0, vocab_size="),
+                       ([ids[0], torch.tensor([-1])], r"prompt_ids\[1\] has token ids outside"),
+                       ([ids[0], torch.tensor([1.0])], r"prompt_ids\[1\] must be 1-D integer token ids"),
+                       ([torch.tensor([[1, 2]]), ids[1]], r"prompt_ids\[0\] must be 1-D integer token ids"),
+                       (ids[:1], r"prompts \(2\) and prompt_ids \(1\) must have the same length"),
+                       (torch.tensor([[1, 2, 3], [4, 0, 0]]), "pass prompt_lens")):
+        with pytest.raises(ValueError, match=match):
+            generate(m, prompts, bad, (4, 1, 2, 2), steps=1)
+    padded = generate(m, prompts, torch.tensor([[1, 2, 3], [4, 0, 0]]), (4, 1, 2, 2), steps=2, prompt_lens=[3, 1])
+    listed = generate(m, prompts, ids, (4, 1, 2, 2), steps=2)
+    assert all(torch.equal(x, y) for x, y in zip(padded, listed))
+    with pytest.raises(ValueError, match="prompt_lens is only for a padded"):
+        generate(m, prompts, ids, (4, 1, 2, 2), steps=1, prompt_lens=[3, 1])
+    for shape, match in (((4, 1, 3, 2), r"must be multiples of patch_size"), ((16, 1, 2, 2), "expected in_channels=4"),
+                         ((1, 2, 2), "video_shape must be 4 positive ints"), (4, "video_shape must be 4 positive ints"),
+                         ((4, 0, 2, 2), "video_shape must be 4 positive ints")):
+        with pytest.raises(ValueError, match=match):
+            generate(m, prompts, ids, shape, steps=1)
+        with pytest.raises(ValueError, match=match):
+            joint(m, prompts, shape, [2, 2], steps=1)
+    with pytest.raises(ValueError, match="null_prompt must be one"):
+        joint(m, prompts, (4, 1, 2, 2), [2, 2], steps=1, guidance=2.0, null_prompt=torch.randn(1, 1, cfg.text_dim))
 
 
 @pytest.mark.parametrize("text_flow", ["discrete", "embedding"])

@@ -18,7 +18,8 @@ Forward contract::
   per-sample tensors; ``None`` means no text stream (then the model is exactly Wan2.1).
 * ``text_out``: logits ``(.., V)`` / velocity ``(.., dim)``; with ``text_output="argmax"`` or
   ``"sample"`` (``sample_seed``, ``temperature``) a ``TextDecoded(ids, max_logit, logsumexp)`` from the
-  fused decode op instead (discrete flow: the head's linear; embedding flow: the row's embedding
+  fused decode op instead (discrete flow: the head's linear over the V real tokens, the [MASK] column
+  of the mask source is never decoded and not in the two statistics; embedding flow: the row's embedding
   velocity is returned unchanged, decode it with ``decode_embeddings``). Outputs mirror the input
   form (batched tensors or lists).
 """
@@ -274,7 +275,8 @@ class UniViGUModelBase(nn.Module):
         lin = self.text_head.linear
         if text_output == "full" or c.text_flow == "embedding":
             return self._shape_text(list(torch.split(lin(feats), text_lens_list)), inp)
-        ids, mx, lse = ops.linear_argmax(feats, lin.weight, lin.bias,
+        V = c.vocab_size  # the mask source's [MASK] column (index V) is never a decoded token
+        ids, mx, lse = ops.linear_argmax(feats, lin.weight[:V], None if lin.bias is None else lin.bias[:V],
                                          gumbel_seed=sample_seed if text_output == "sample" else None,
                                          temperature=temperature)
         parts = [list(torch.split(t, text_lens_list)) for t in (ids, mx, lse)]

@@ -18,13 +18,16 @@ Discrete text flow: the discrete Euler solver of the mixture path ``kappa(t) = t
 logits materialised), and each token jumps to ``x1_hat`` with probability
 ``1 - exp(-h kappa'(t) / (1 - kappa(t)))``, as Meta's ``MixtureDiscreteEulerSolver`` with which the
 public implementation captions; the last step lands on ``x1_hat``. With the [MASK] source, ``x1_hat``
-is drawn from the full logits with the [MASK] column dropped (never a target). Embedding text flow:
+is drawn over the V real tokens (the model's decode leaves the [MASK] column out: never a target).
+Embedding text flow:
 Euler on the embeddings, then ``argmax_v z . E_v`` (Eq. 8) with the fused ``linear_argmax`` op against
 ``vocab_embed``.
 All functions return token ids; detokenise with the tokenizer (``univigu_fast.text``/synthetic).
 """
 from __future__ import annotations
 
+import math
+import numbers
 import operator
 from typing import Sequence
 
@@ -33,6 +36,7 @@ import torch
 from .flow import PolynomialScheduler, generation_taus
 from .kernels._utils import host_to_device
 from .kernels.linear_argmax import check_decode_args
+from .packing import padded_lengths
 from .video_cache import VideoCache, is_full_step, parse_policy
 
 
@@ -46,14 +50,86 @@ def _source_tokens(config, n: int, generator: torch.Generator, device) -> torch.
     return torch.randint(0, config.vocab_size, (n,), generator=generator).to(device)
 
 
-def _check_common(steps, videos_or_prompts, name):
+def _check_steps(steps) -> None:
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
-    if not isinstance(videos_or_prompts, (list, tuple)) or not videos_or_prompts:
-        raise TypeError(f"{name} must be a non-empty list of tensors, got {type(videos_or_prompts).__name__}")
+
+
+def _per_sample(x, name: str, form: str) -> list[torch.Tensor]:
+    """A list of per-sample ``form`` tensors from a list / tuple of them or one batched tensor with a
+    leading B axis. A single sample's tensor is refused: iterating it would split it along its first axis."""
+    ndim = form.count(",") + 1
+    if isinstance(x, torch.Tensor):
+        if x.dim() != ndim + 1:
+            raise ValueError(f"{name} must be a list of {form} tensors or one (B, {form[1:]} tensor, got a tensor "
+                             f"of shape {tuple(x.shape)} (a single sample goes in a list: [{name}_0])")
+        return list(x.unbind(0))
+    if not isinstance(x, (list, tuple)) or not x:
+        raise TypeError(f"{name} must be a non-empty list of {form} tensors, got {type(x).__name__}")
+    for i, t in enumerate(x):
+        if not isinstance(t, torch.Tensor) or t.dim() != ndim:
+            raise ValueError(f"{name}[{i}] must be a {form} tensor, got {getattr(t, 'shape', type(t).__name__)}")
+    return list(x)
+
+
+def _check_video_shape(config, video_shape) -> tuple[int, int, int, int]:
+    """``(C, F, H, W)`` of the latents to generate: C = in_channels, F, H, W positive multiples of the patch."""
+    try:
+        shape = tuple(operator.index(n) for n in video_shape)
+    except TypeError:
+        shape = ()
+    if len(shape) != 4 or min(shape) < 1 or any(isinstance(n, bool) for n in video_shape):
+        raise ValueError(f"video_shape must be 4 positive ints (C, F, H, W), got {video_shape!r}")
+    if shape[0] != config.in_channels:
+        raise ValueError(f"video_shape {shape} has C={shape[0]} channels, expected in_channels={config.in_channels}")
+    if any(n % p for n, p in zip(shape[1:], config.patch_size)):
+        raise ValueError(f"video_shape (F, H, W) = {shape[1:]} must be multiples of patch_size {config.patch_size}")
+    return shape
+
+
+def _check_null_prompt(null_prompt, guidance) -> None:
+    if guidance != 1.0 and null_prompt is None:
+        raise ValueError("guidance != 1 needs null_prompt (the empty-prompt condition)")
+    if null_prompt is not None and (not isinstance(null_prompt, torch.Tensor) or null_prompt.dim() != 2):
+        raise ValueError(f"null_prompt must be one (L0, text_dim) tensor, got {getattr(null_prompt, 'shape', type(null_prompt).__name__)}")
+
+
+def _check_prompt_ids(prompt_ids, prompt_lens, batch: int, vocab_size: int) -> list[torch.Tensor]:
+    """Per-prompt 1-D token ids in ``[0, vocab_size)``, from a list or a right-padded ``(B, N)`` tensor with
+    ``prompt_lens`` (padding must not enter the text stream)."""
+    if isinstance(prompt_ids, torch.Tensor) and prompt_ids.dim() == 2:
+        if prompt_lens is None:
+            raise ValueError(f"prompt_ids is a padded {tuple(prompt_ids.shape)} tensor: pass prompt_lens (tokens per "
+                             "prompt) or a list of 1-D id tensors (the padding would enter the text stream)")
+        if prompt_ids.shape[0] != batch:
+            raise ValueError(f"prompt_ids must have one row per prompt ({batch}), got shape {tuple(prompt_ids.shape)}")
+        lens = padded_lengths(prompt_lens, batch, prompt_ids.shape[1], name="prompt_lens")
+        ids = [row[:n] for row, n in zip(prompt_ids, lens)]
+    elif prompt_lens is not None:
+        raise ValueError("prompt_lens is only for a padded (B, N) prompt_ids tensor; a list carries its lengths")
+    elif isinstance(prompt_ids, (list, tuple)):
+        ids = list(prompt_ids)
+    else:
+        raise TypeError(f"prompt_ids must be a list of 1-D token id tensors or a padded (B, N) tensor with "
+                        f"prompt_lens, got {type(prompt_ids).__name__}")
+    if len(ids) != batch:
+        raise ValueError(f"prompts ({batch}) and prompt_ids ({len(ids)}) must have the same length")
+    for i, t in enumerate(ids):
+        if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.is_floating_point() or t.is_complex() \
+                or t.dtype == torch.bool:
+            raise ValueError(f"prompt_ids[{i}] must be 1-D integer token ids, got "
+                             f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
+        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= vocab_size):
+            raise ValueError(f"prompt_ids[{i}] has token ids outside [0, vocab_size={vocab_size}): "
+                             f"min {int(t.min())}, max {int(t.max())}")
+    return ids
 
 
 def _check_text_lens(text_lens, batch: int, batch_name: str) -> list[int]:
+    if isinstance(text_lens, torch.Tensor) and text_lens.dim() != 1 or \
+            not isinstance(text_lens, (list, tuple, torch.Tensor)):
+        raise TypeError(f"text_lens must be a list (or 1-D tensor) of tokens per sample of {batch_name}, got "
+                        f"{getattr(text_lens, 'shape', None) or type(text_lens).__name__}")
     lens = list(text_lens)
     if len(lens) != batch:
         raise ValueError(f"text_lens has {len(lens)} entries, expected one per sample of {batch_name} ({batch})")
@@ -91,7 +167,9 @@ class _TextState:
     """The text stream during sampling: ids (discrete) or embeddings (embedding flow)."""
 
     def __init__(self, model, text_lens, g, kappa_power, temperature):
-        check_decode_args(temperature, None)  # the mask source samples here, not in the decode kernel
+        check_decode_args(temperature, None)  # before the first (expensive) forward
+        if isinstance(kappa_power, bool) or not isinstance(kappa_power, numbers.Real) or not 0 < kappa_power < math.inf:
+            raise ValueError(f"kappa_power must be a positive finite number (kappa(t) = t^kappa_power), got {kappa_power!r}")
         c = model.config
         self.model, self.c, self.g = model, c, g
         self.sched = PolynomialScheduler(kappa_power)
@@ -105,23 +183,13 @@ class _TextState:
     def forward_kwargs(self):
         dtype = self.model.dtype
         kw = dict(text=self.x if self.c.text_flow == "discrete" else [zi.to(dtype) for zi in self.x])
-        if self.c.text_flow == "discrete" and self.c.discrete_source != "mask":
+        if self.c.text_flow == "discrete":
             kw.update(text_output="sample", sample_seed=_rng_seed(self.g), temperature=self.temperature)
         return kw
 
-    def _sample_without_mask(self, logits):
-        """Mask source: the [MASK] column is never a target, so x1_hat is drawn over the V real tokens
-        only (Gumbel-max on the full logits with that column dropped)."""
-        out = []
-        for lg in logits:
-            lg = lg[:, : self.c.vocab_size].float() / self.temperature
-            u = host_to_device(torch.rand(lg.shape, generator=self.g), lg.device).clamp_(1e-20, 1.0)
-            out.append((lg - torch.log(-torch.log(u))).argmax(-1))
-        return out
-
     def step(self, text_out, t: float, t_next: float, last: bool):
         if self.c.text_flow == "discrete":
-            x1_hat = self._sample_without_mask(text_out) if self.c.discrete_source == "mask" else text_out.ids
+            x1_hat = text_out.ids
             p = 1.0 if last else self.sched.jump_probability(t, t_next - t)
             self.x = [torch.where(host_to_device(torch.rand(xi.shape, generator=self.g), xi.device) < p, yi, xi)
                       for xi, yi in zip(self.x, x1_hat)]
@@ -160,7 +228,8 @@ def caption(model, videos, prompts, text_lens, *, steps: int = 50, seed: int = 0
     if cuda_graph and policy[0] == "off":
         raise ValueError("cuda_graph=True replays the text-only steps of a cached caption; video_cache='off' has "
                          "none (use 'once' or 'every:r')")
-    _check_common(steps, list(videos), "videos")
+    _check_steps(steps)
+    videos, prompts = _per_sample(videos, "videos", "(C, F, H, W)"), _per_sample(prompts, "prompts", "(L, text_dim)")
     if len(prompts) != len(videos):
         raise ValueError(f"videos ({len(videos)}) and prompts ({len(prompts)}) must have the same length")
     text_lens = _check_text_lens(text_lens, len(videos), "videos")
@@ -223,23 +292,25 @@ def _guided(model, x, tau_v, prompts, null_prompts, guidance, **kw):
 
 @torch.no_grad()
 def generate(model, prompts, prompt_ids, video_shape: Sequence[int], *, null_prompt: torch.Tensor | None = None,
-             steps: int = 50, shift: float = 3.0, guidance: float = 1.0, seed: int = 0) -> list[torch.Tensor]:
+             steps: int = 50, shift: float = 3.0, guidance: float = 1.0, seed: int = 0,
+             prompt_lens=None) -> list[torch.Tensor]:
     """Generation (``tau_text = 1``): video latents from N(0, I) given the prompt.
 
-    prompts: list of (L, text_dim) prompt embeddings; prompt_ids: list of (N,) prompt token ids
-    (the clean text stream; a length-0 tensor gives an empty text segment);
+    prompts: list of (L, text_dim) prompt embeddings (or a (B, L, text_dim) tensor); prompt_ids: list
+    of (N,) prompt token ids (the clean text stream; a length-0 tensor gives an empty text segment), or
+    a right-padded (B, N) tensor with ``prompt_lens`` (B,);
     video_shape: (C, F, H, W); null_prompt: (L0, text_dim) empty-prompt condition, needed when
     ``guidance != 1``; shift: Wan's flow shift; guidance: classifier-free guidance scale.
     Returns a list of fp32 (C, F, H, W) latents (the Euler state is kept in fp32 whatever the model dtype).
     """
-    _check_common(steps, list(prompts), "prompts")
-    if guidance != 1.0 and null_prompt is None:
-        raise ValueError("guidance != 1 needs null_prompt (the empty-prompt condition)")
-    if len(prompt_ids) != len(prompts):
-        raise ValueError(f"prompts ({len(prompts)}) and prompt_ids ({len(prompt_ids)}) must have the same length")
+    _check_steps(steps)
+    prompts = _per_sample(prompts, "prompts", "(L, text_dim)")
+    _check_null_prompt(null_prompt, guidance)
+    prompt_ids = _check_prompt_ids(prompt_ids, prompt_lens, len(prompts), model.config.vocab_size)
+    video_shape = _check_video_shape(model.config, video_shape)
     g = torch.Generator().manual_seed(seed)
     B, dev = len(prompts), model.device
-    x = [torch.randn(tuple(video_shape), generator=g).to(dev) for _ in range(B)]  # fp32 Euler state
+    x = [torch.randn(video_shape, generator=g).to(dev) for _ in range(B)]  # fp32 Euler state
     taus = generation_taus(steps, shift)
     text = _clean_text(model, prompt_ids)
     prompts = _model_inputs(model, prompts)
@@ -263,13 +334,14 @@ def joint(model, prompts, video_shape: Sequence[int], text_lens, *, null_prompt:
     sampled token with probability ``i / (steps - 1)`` and ends with an argmax pass at ``tau_text = 1``.)
     Returns ``(latents list of (C, F, H, W), ids list of (text_lens[i],))``.
     """
-    _check_common(steps, list(prompts), "prompts")
-    if guidance != 1.0 and null_prompt is None:
-        raise ValueError("guidance != 1 needs null_prompt (the empty-prompt condition)")
+    _check_steps(steps)
+    prompts = _per_sample(prompts, "prompts", "(L, text_dim)")
+    _check_null_prompt(null_prompt, guidance)
     text_lens = _check_text_lens(text_lens, len(prompts), "prompts")
+    video_shape = _check_video_shape(model.config, video_shape)
     g = torch.Generator().manual_seed(seed)
     B, dev = len(prompts), model.device
-    x = [torch.randn(tuple(video_shape), generator=g).to(dev) for _ in range(B)]  # fp32 Euler state
+    x = [torch.randn(video_shape, generator=g).to(dev) for _ in range(B)]  # fp32 Euler state
     state = _TextState(model, text_lens, g, kappa_power, temperature)
     taus = generation_taus(steps, shift)
     prompts = _model_inputs(model, prompts)

@@ -132,7 +132,8 @@ def detokenize(tokenizer, ids: torch.Tensor | Sequence[torch.Tensor], text_lens:
 def decode(model, text_out: torch.Tensor | Sequence[torch.Tensor], text_lens: torch.Tensor | None = None):
     """The model's ``text_out`` -> token ids, with ``model.ops.linear_argmax``.
 
-    Discrete flow: ``text_out`` are logits ``(.., V)``; the id is their argmax (to decode without
+    Discrete flow: ``text_out`` are logits ``(.., text_vocab_size)``; the id is their argmax over the
+    V real tokens (the mask source's [MASK] column is never decoded; to decode without
     forming the logits, call the model with ``text_output="argmax"``, or :func:`decode_features`,
     which go through ``ops.linear_argmax``). Embedding flow:
     ``text_out`` are embeddings ``(.., dim)`` (e.g. the final ``z`` of the text flow); the id is
@@ -157,7 +158,7 @@ def decode(model, text_out: torch.Tensor | Sequence[torch.Tensor], text_lens: to
         want = c.text_vocab_size
         if any(r.dim() != 2 or r.shape[-1] != want for r in rows):
             raise ValueError(f"text_out must be logits with width text_vocab_size={want} for text_flow='discrete'")
-        ids = [r.float().argmax(-1) for r in rows]
+        ids = [r[:, : c.vocab_size].float().argmax(-1) for r in rows]  # the [MASK] column is never a token
     else:
         if any(r.dim() != 2 or r.shape[-1] != c.dim for r in rows):
             raise ValueError(f"text_out must be embeddings with width dim={c.dim} for text_flow='embedding'")
@@ -178,6 +179,6 @@ def decode_features(model, features: torch.Tensor) -> torch.Tensor:
         raise ValueError("decode_features is for text_flow='discrete' (the head outputs logits)")
     if features.dim() != 2 or features.shape[-1] != c.dim:
         raise ValueError(f"features must be (N, dim={c.dim}), got shape {tuple(features.shape)}")
-    lin = model.text_head.linear
-    ids, _, _ = model.ops.linear_argmax(features, lin.weight, lin.bias)
+    lin, V = model.text_head.linear, c.vocab_size  # the [MASK] row (mask source) is never a token
+    ids, _, _ = model.ops.linear_argmax(features, lin.weight[:V], None if lin.bias is None else lin.bias[:V])
     return ids

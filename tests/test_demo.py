@@ -107,6 +107,49 @@ def test_cli_train_caption_generate_joint(tmp_path, monkeypatch):
     assert r.exit_code != 0 and "--synthetic" in r.output
 
 
+def test_cli_inference_and_train_option_checks(tmp_path, monkeypatch):
+    """Bad sampler options are usage errors naming the option (they raised internal-argument errors);
+    ``joint`` passes --temperature / --kappa-power on; ``train --text-flow`` / ``--kappa-power`` that would
+    be ignored are refused."""
+    from univigu_fast import sampling
+    from univigu_fast.config import UniViGUConfig
+    from univigu_fast.reference import UniViGUModel
+
+    cfg = UniViGUConfig.tiny(in_channels=16, out_channels=16, text_dim=8, vocab_size=len(S.SyntheticTokenizer()))
+    torch.manual_seed(0)
+    UniViGUModel(cfg).save_pretrained(tmp_path / "m")
+    cfg.save(tmp_path / "cfg.json")
+    UniViGUModel(UniViGUConfig.tiny(text_flow="embedding")).save_pretrained(tmp_path / "emb")
+    model = ["--model", str(tmp_path / "m"), "--synthetic"]
+    base = ["--prompt", "a red square", "--frames", "1", "--height", "2", "--width", "2", "--steps", "1",
+            "--out", str(tmp_path / "o.pt")]
+    runner = CliRunner()
+    for cmd, args, named in (("caption", ["--latents", "x.pt", "--length", "-1"], "--length"),
+                             ("caption", ["--latents", "x.pt", "--kappa-power", "0"], "--kappa-power"),
+                             ("caption", ["--latents", "x.pt", "--temperature", "nan"], "--temperature"),
+                             ("caption", ["--latents", "x.pt", "--steps", "0"], "--steps"),
+                             ("generate", base + ["--height", "5"], "--height"),
+                             ("generate", base + ["--shift", "0"], "--shift"),
+                             ("joint", base + ["--width", "0"], "--width"),
+                             ("joint", base + ["--kappa-power", "-1"], "--kappa-power")):
+        r = runner.invoke(app, [cmd, *model, *args])
+        assert r.exit_code == 2 and named in r.output and "Invalid value" in r.output, (cmd, args, r.output)
+    seen = {}
+
+    def spy(*a, **k):
+        seen.update(k)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(sampling, "joint", spy)
+    r = runner.invoke(app, ["joint", *model, *base, "--temperature", "0.7", "--kappa-power", "2"])
+    assert r.exit_code == 0 and seen["temperature"] == 0.7 and seen["kappa_power"] == 2.0, r.output
+    for args, named in ((["--model", str(tmp_path / "m"), "--text-flow", "embedding"], "--text-flow"),
+                        (["--config", str(tmp_path / "cfg.json"), "--text-flow", "discrete"], "--text-flow"),
+                        (["--model", str(tmp_path / "emb"), "--kappa-power", "2"], "--kappa-power")):
+        r = runner.invoke(app, ["train", "--out", str(tmp_path / "t"), "--synthetic", "4", "--steps", "1", *args])
+        assert r.exit_code == 2 and named in r.output, (args, r.output)
+
+
 def test_demo_model_config_patch_and_heads():
     """DemoConfig's patch / heads reach the model: a (3, 2, 2) patch gives one token per 2 x 2 latent
     area over all frames, and the video velocity comes back at the latent shape."""

@@ -22,12 +22,26 @@ SEED_HELP = "Random seed (noise, sampling)."
 # Options with the same default and help in several inference commands (typer copies an OptionInfo at each use).
 _MODEL_OPTION = typer.Option(..., help="save_pretrained folder of a trained model.")
 _PROMPT_OPTION = typer.Option(..., help="The prompt.")
-_STEPS_OPTION = typer.Option(50, help=STEPS_HELP)
+_STEPS_OPTION = typer.Option(50, min=1, help=STEPS_HELP)
 _SYNTHETIC_VIDEO_OPTION = typer.Option(False, help="Synthetic task front end; also decodes and reads the video.")
 _TOKENIZER_OPTION = typer.Option(None, help="Local umT5 tokenizer folder.")
 _TEXT_ENCODER_OPTION = typer.Option(None, help="Local umT5 encoder folder.")
 _SEED_OPTION = typer.Option(0, help=SEED_HELP)
 _DEVICE_OPTION = typer.Option(None, help="cuda / cpu.")
+
+
+def _positive_finite(value: float) -> float:
+    if not 0 < value < float("inf"):
+        raise typer.BadParameter(f"must be a positive finite number, got {value}")
+    return value
+
+
+_TEMPERATURE_OPTION = typer.Option(1.0, callback=_positive_finite,
+                                   help="Discrete text: sampling temperature of x1 from the logits.")
+_KAPPA_POWER_OPTION = typer.Option(1.0, callback=_positive_finite,
+                                   help="Discrete text: scheduler exponent n of kappa(t) = t^n (as in training).")
+_SHIFT_OPTION = typer.Option(3.0, callback=_positive_finite,
+                             help="Wan flow shift: sigma' = shift sigma / (1 + (shift - 1) sigma).")
 _PROMPT_LENGTH_OPTION = typer.Option(None, help="Rows the prompt embeddings are zero-padded to (0 = unpadded); "
                                                 "default 512 as Wan's pipeline for umT5, 0 with --synthetic.")
 
@@ -148,7 +162,8 @@ def train(
     model: Optional[Path] = typer.Option(None, help="Start from a save_pretrained folder (e.g. stage 1's OUT/model)."),
     wan: Optional[Path] = typer.Option(None, help="Start from a diffusers Wan2.1 transformer folder (text stream initialised)."),
     config: Optional[Path] = typer.Option(None, help="Start from random weights with this UniViGUConfig JSON."),
-    text_flow: str = typer.Option("discrete", help="With --wan: 'discrete' (released checkpoints) or 'embedding' (paper Eq. 7-8)."),
+    text_flow: Optional[str] = typer.Option(None, help="With --wan: 'discrete' (released checkpoints, the default) or "
+                                                       "'embedding' (paper Eq. 7-8); --model / --config fix it."),
     steps: int = typer.Option(1000, help="Optimiser steps (total, including resumed ones)."),
     batch_size: int = typer.Option(8, help="Global batch size (split over torchrun ranks)."),
     lr: Optional[float] = typer.Option(None, help="Learning rate; default 2e-4 (stage 1) / 5e-5 (stage 2), the paper's."),
@@ -157,7 +172,8 @@ def train(
     grad_clip: float = typer.Option(1.0, help="Gradient-norm clip (0 = off)."),
     cond_dropout: float = typer.Option(0.5, help="Probability of replacing the prompt by the empty prompt."),
     mode_mix: str = typer.Option("joint=1,understanding=1,generation=1", help="Mode weights, e.g. 'joint=1,understanding=2'."),
-    kappa_power: float = typer.Option(1.0, help="Discrete text: scheduler exponent n of kappa(t) = t^n (public code: 1)."),
+    kappa_power: Optional[float] = typer.Option(None, help="Discrete text: scheduler exponent n of kappa(t) = t^n "
+                                                           "(default 1, the public code's)."),
     prompt_length: Optional[int] = typer.Option(None, help="Rows the prompt embeddings are zero-padded to (0 = "
                                                            "unpadded); default 512 as Wan's pipeline with --data, "
                                                            "0 with --synthetic."),
@@ -185,11 +201,15 @@ def train(
                           schedule=schedule, grad_clip=grad_clip, seed=seed, save_every=save_every, out_dir=str(out),
                           prompt_length=_prompt_length(prompt_length, synthetic=data is None),
                           flow=FlowConfig(mode_mix=_mode_mix(mode_mix), cond_dropout=cond_dropout,
-                                          kappa_power=kappa_power, loss_unit=loss_unit))
+                                          kappa_power=1.0 if kappa_power is None else kappa_power,
+                                          loss_unit=loss_unit))
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
-    if text_flow not in ("discrete", "embedding"):
+    if text_flow not in (None, "discrete", "embedding"):
         raise typer.BadParameter(f"--text-flow must be 'discrete' or 'embedding', got {text_flow!r}")
+    if text_flow is not None and wan is None:
+        raise typer.BadParameter("only initialises a Wan checkpoint's text stream (with --wan); the model of "
+                                 "--model / --config has its text flow in its config", param_hint="--text-flow")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     dev = _device(device)
     if world > 1:
@@ -203,11 +223,14 @@ def train(
     if model is not None:
         m = UniViGUModel.from_pretrained(model)
     elif wan is not None:
-        m = UniViGUModel.from_wan(wan, text_flow=text_flow)
+        m = UniViGUModel.from_wan(wan, text_flow=text_flow or "discrete")
     else:
         torch.manual_seed(seed)
         m = UniViGUModel(UniViGUConfig.load(config))
         m.init_text_stream()
+    if kappa_power is not None and m.config.text_flow != "discrete":
+        raise typer.BadParameter(f"shapes the discrete text path; this model's text_flow is {m.config.text_flow!r}",
+                                 param_hint="--kappa-power")
     m = m.to(dev)
     if data is not None:
         from .data import VideoTextDataset
@@ -264,10 +287,10 @@ def caption(
     latents: Optional[Path] = typer.Option(None, help="A .pt tensor (C, F, H, W) of VAE latents to caption."),
     data: Optional[Path] = typer.Option(None, help="Or: an examples folder; caption example --index."),
     index: int = typer.Option(0, help="With --data: which example."),
-    length: int = typer.Option(256, help="Caption length in tokens (the model writes exactly this many)."),
+    length: int = typer.Option(256, min=1, help="Caption length in tokens (the model writes exactly this many)."),
     steps: int = _STEPS_OPTION,
-    temperature: float = typer.Option(1.0, help="Discrete text: sampling temperature of x1 from the logits."),
-    kappa_power: float = typer.Option(1.0, help="Discrete text: scheduler exponent (as in training)."),
+    temperature: float = _TEMPERATURE_OPTION,
+    kappa_power: float = _KAPPA_POWER_OPTION,
     synthetic: bool = typer.Option(False, help="Use the synthetic task's tokenizer/prompt encoder."),
     tokenizer: Optional[Path] = _TOKENIZER_OPTION,
     text_encoder: Optional[Path] = typer.Option(None, help="Local umT5 encoder folder (for the empty-prompt condition)."),
@@ -316,11 +339,11 @@ def generate(
     model: Path = _MODEL_OPTION,
     prompt: str = _PROMPT_OPTION,
     out: Path = typer.Option(Path("video_latents.pt"), help="Where to save the generated latents (C, F, H, W)."),
-    frames: int = typer.Option(21, help="Latent frames F (Wan: 21 for 81 video frames)."),
-    height: int = typer.Option(60, help="Latent height H (Wan 480p: 60)."),
-    width: int = typer.Option(104, help="Latent width W (Wan 480p: 104)."),
+    frames: int = typer.Option(21, min=1, help="Latent frames F (Wan: 21 for 81 video frames)."),
+    height: int = typer.Option(60, min=1, help="Latent height H (Wan 480p: 60)."),
+    width: int = typer.Option(104, min=1, help="Latent width W (Wan 480p: 104)."),
     steps: int = _STEPS_OPTION,
-    shift: float = typer.Option(3.0, help="Wan flow shift: sigma' = shift sigma / (1 + (shift - 1) sigma)."),
+    shift: float = _SHIFT_OPTION,
     guidance: float = typer.Option(5.0, help="Classifier-free guidance scale (1 = off); uncond = the empty prompt."),
     synthetic: bool = _SYNTHETIC_VIDEO_OPTION,
     tokenizer: Optional[Path] = _TOKENIZER_OPTION,
@@ -333,7 +356,7 @@ def generate(
     from .sampling import generate as run_generate
 
     m, fe, emb, ids = _prompted_model(model, device, tokenizer, text_encoder, synthetic, prompt, prompt_length)
-    lat = run_generate(m, [emb], [ids], (m.config.in_channels, frames, height, width), null_prompt=fe.null(),
+    lat = run_generate(m, [emb], [ids], _video_shape(m, frames, height, width), null_prompt=fe.null(),
                        steps=steps, shift=shift, guidance=guidance, seed=seed)[0]
     typer.echo(json.dumps(_save_latents(lat, out, synthetic)))
 
@@ -342,13 +365,15 @@ def joint(
     model: Path = _MODEL_OPTION,
     prompt: str = _PROMPT_OPTION,
     out: Path = typer.Option(Path("video_latents.pt"), help="Where to save the generated latents."),
-    length: int = typer.Option(256, help="Caption length in tokens."),
-    frames: int = typer.Option(21, help="Latent frames F."),
-    height: int = typer.Option(60, help="Latent height H."),
-    width: int = typer.Option(104, help="Latent width W."),
+    length: int = typer.Option(256, min=1, help="Caption length in tokens."),
+    frames: int = typer.Option(21, min=1, help="Latent frames F."),
+    height: int = typer.Option(60, min=1, help="Latent height H."),
+    width: int = typer.Option(104, min=1, help="Latent width W."),
     steps: int = _STEPS_OPTION,
-    shift: float = typer.Option(3.0, help="Wan flow shift."),
+    shift: float = _SHIFT_OPTION,
     guidance: float = typer.Option(5.0, help="CFG scale on the video velocity (1 = off)."),
+    temperature: float = _TEMPERATURE_OPTION,
+    kappa_power: float = _KAPPA_POWER_OPTION,
     synthetic: bool = _SYNTHETIC_VIDEO_OPTION,
     tokenizer: Optional[Path] = _TOKENIZER_OPTION,
     text_encoder: Optional[Path] = _TEXT_ENCODER_OPTION,
@@ -360,11 +385,21 @@ def joint(
     from .sampling import joint as run_joint
 
     m, fe, emb, _ = _prompted_model(model, device, tokenizer, text_encoder, synthetic, prompt, prompt_length)
-    lat, ids = run_joint(m, [emb], (m.config.in_channels, frames, height, width), [length], null_prompt=fe.null(),
-                         steps=steps, shift=shift, guidance=guidance, seed=seed)
+    lat, ids = run_joint(m, [emb], _video_shape(m, frames, height, width), [length], null_prompt=fe.null(),
+                         steps=steps, shift=shift, guidance=guidance, seed=seed, temperature=temperature,
+                         kappa_power=kappa_power)
     info = _save_latents(lat[0], out, synthetic)
     info["caption"] = fe.decode(ids[0])
     typer.echo(json.dumps(info))
+
+
+def _video_shape(m, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+    """(C, F, H, W) to generate; F, H, W must be multiples of the model's patch (a usage error otherwise)."""
+    for option, n, p in zip(("--frames", "--height", "--width"), (frames, height, width), m.config.patch_size):
+        if n % p:
+            raise typer.BadParameter(f"must be a multiple of the model's patch size {p} "
+                                     f"(patch_size {tuple(m.config.patch_size)}), got {n}", param_hint=option)
+    return m.config.in_channels, frames, height, width
 
 
 def _token_range(option: str, text: str) -> tuple[int, int]:

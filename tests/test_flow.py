@@ -180,3 +180,48 @@ def test_matches_flow_matching_library_if_installed():
     torch.testing.assert_close(out.alpha_t, PolynomialScheduler(2.0).kappa(t))
     torch.testing.assert_close(out.d_alpha_t, PolynomialScheduler(2.0).dkappa(t))
     assert MixtureDiscreteProbPath is not None and fm is not None
+
+
+def test_draw_sample_checks_and_precision():
+    """Unknown modes and mismatched batch lists are refused (zip dropped samples; a typo trained as
+    joint); any int seed seeds the per-sample generator; bf16 latents get a float32 path and target."""
+    from univigu_fast.flow import draw_batch
+
+    cfg = UniViGUConfig.tiny()
+    video, prompt, null, y = torch.randn(4, 2, 4, 4), torch.randn(3, cfg.text_dim), torch.zeros(1, cfg.text_dim), torch.tensor([1, 2])
+    fc = FlowConfig()
+    with pytest.raises(ValueError, match="mode must be one of"):
+        draw_sample(video, prompt, null, y, sample_generator(0, 0, 0), fc, cfg, mode="understand")
+    for kw, name in ((dict(prompts=[prompt]), "prompts"), (dict(text_ids=[y]), "text_ids"),
+                     (dict(modes=["joint"]), "modes"), (dict(generation_texts=[y]), "generation_texts")):
+        args = {**dict(videos=[video, video], prompts=[prompt, prompt], null_prompt=null, text_ids=[y, y]), **kw}
+        with pytest.raises(ValueError, match=rf"{name} has 1 entries, expected one per video \(2\)"):
+            draw_batch(**args, cfg=fc, model_config=cfg)
+    for seed in (20240601, 2**40, -3):  # (seed * 1e6 + step) * 1e6 + index passed manual_seed's 2^64
+        a = draw_sample(video, prompt, null, y, sample_generator(seed, 5, 1), fc, cfg, mode="joint")
+        b = draw_sample(video, prompt, null, y, sample_generator(seed, 5, 1), fc, cfg, mode="joint")
+        assert torch.equal(a.video_in, b.video_in)
+    assert sample_generator(1, 2, 3).initial_seed() == (1 * 1_000_003 + 2) * 1_000_033 + 3  # small seeds unchanged
+    vb = video.bfloat16()
+    s32 = draw_sample(vb.float(), prompt, null, y, sample_generator(0, 0, 0), fc, cfg, mode="joint")
+    s16 = draw_sample(vb, prompt, null, y, sample_generator(0, 0, 0), fc, cfg, mode="joint")
+    assert s16.video_in.dtype == s16.video_target.dtype == torch.float32
+    assert torch.equal(s16.video_in, s32.video_in) and torch.equal(s16.video_target, s32.video_target)
+
+
+def test_nothing_counted_still_backpropagates():
+    """A batch whose samples count no token (understanding with empty captions) gives a zero loss that
+    backward accepts (it raised 'element 0 of tensors does not require grad')."""
+    from _models import tiny_reference
+    from univigu_fast.flow import uniflow_loss
+
+    model = tiny_reference(seed=1).train()
+    c = model.config
+    videos = [torch.randn(c.in_channels, 1, 4, 4), torch.randn(c.in_channels, 1, 2, 2)]
+    prompts = [torch.randn(2, c.text_dim)] * 2
+    empty = [torch.zeros(0, dtype=torch.long)] * 2
+    loss, terms, _ = uniflow_loss(model, videos, prompts, torch.zeros(1, c.text_dim), empty, cfg=FlowConfig(),
+                                  modes=["understanding", "understanding"])
+    assert loss.item() == 0 and terms["video_count"].item() == terms["text_count"].item() == 0
+    loss.backward()
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())

@@ -68,6 +68,73 @@ def test_config_refuses_bad_settings(bad):
         TrainConfig(**bad)
 
 
+def test_config_checks_betas_types_and_warns_on_long_warmup():
+    for betas in ((0.9,), (0.9, 1.0), "ab", (0.9, -0.1)):
+        with pytest.raises(ValueError, match="betas must be two numbers in"):
+            TrainConfig(betas=betas)
+    for bad in (dict(steps=2.5), dict(batch_size=True), dict(warmup_steps=1.5)):
+        with pytest.raises(TypeError, match=f"{next(iter(bad))} must be an int"):
+            TrainConfig(**bad)
+    with pytest.raises(ValueError, match="weight_decay must be a finite number"):
+        TrainConfig(weight_decay=float("inf"))
+    with pytest.warns(UserWarning, match="warmup_steps=10 >= steps=5: the learning rate never reaches"):
+        TrainConfig(steps=5, warmup_steps=10)
+
+
+def _examples(data, n=8, **replace):
+    """The first n examples of ``data`` as an ExampleSet, with ``replace={field: {index: tensor}}``."""
+    from univigu_fast.training import ExampleSet
+
+    fields = {k: list(getattr(data, k)[:n]) for k in ("latents", "prompt_embeds", "prompt_ids", "caption_ids")}
+    for k, changes in replace.items():
+        for i, t in changes.items():
+            fields[k][i] = t
+    return ExampleSet(null_prompt=data.null_prompt, **fields)
+
+
+def test_bad_examples_are_named_before_any_step(data):
+    """A bad example is refused by index when first drawn, before the weights move: NaN latents (one ruined
+    every weight), ids outside the vocabulary (an IndexError inside the step), float ids; int32 ids train
+    as int64 ids do (F.cross_entropy refused them)."""
+    V = _cfg().vocab_size
+    cfg = TrainConfig(stage=2, steps=1, batch_size=8, warmup_steps=0, progress=False)
+    nan = data.latents[3].clone()
+    nan[0, 0, 0, 0] = float("nan")
+    for replace, match in ((dict(latents={3: nan}), "example 3: latents holds NaN or Inf"),
+                           (dict(caption_ids={5: torch.tensor([1, V])}), rf"example 5: caption_ids has ids outside \[0, vocab_size={V}\)"),
+                           (dict(prompt_ids={2: torch.tensor([-1])}), "example 2: prompt_ids has ids outside"),
+                           (dict(caption_ids={1: torch.tensor([1.0, 2.0])}), "example 1: caption_ids must be 1-D integer token ids"),
+                           (dict(prompt_embeds={4: torch.randn(3, TEXT_DIM + 1)}), "example 4: prompt_embeds must be a floating point")):
+        m = _model()
+        before = {k: v.clone() for k, v in m.state_dict().items()}
+        with pytest.raises(ValueError, match=match):
+            Trainer(m, _examples(data, **replace), cfg).train()
+        assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())
+    int32 = {i: data.caption_ids[i].int() for i in range(8)}
+    a = Trainer(_model(), _examples(data), cfg).train()[0]
+    b = Trainer(_model(), _examples(data, caption_ids=int32), cfg).train()[0]
+    assert a["loss"] == b["loss"]
+
+
+def test_divergence_stops_before_the_update(data, tmp_path):
+    """A non-finite loss stops the step with an error naming it and leaves the weights as they were;
+    a batch that counts no text logs text_loss / text_acc None (they read 0.0); save() needs a place."""
+    m = _model()
+    with torch.no_grad():
+        m.blocks[0].ffn.net[2].bias.fill_(float("inf"))
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    tr = Trainer(m, data, TrainConfig(steps=1, batch_size=4, warmup_steps=0, progress=False))
+    with pytest.raises(FloatingPointError, match="step 1: non-finite loss .* the weights were not updated"):
+        tr.train()
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items()) and tr.step == 0
+    (rec,) = Trainer(_model(), data, TrainConfig(steps=1, batch_size=4, warmup_steps=0, progress=False,
+                                                 flow=FlowConfig(mode_mix={"generation": 1.0}))).train()
+    assert rec["text_loss"] is None and rec["text_acc"] is None and rec["video_loss"] > 0
+    with pytest.raises(ValueError, match=r"save\(\) needs a path, or TrainConfig\(out_dir=...\)"):
+        tr.save()
+    assert tr.save(tmp_path / "c.pt").exists()
+
+
 def test_batches_are_deterministic_epoch_permutations():
     seen = sum((batch_indices(10, 4, s, 0) for s in range(5)), [])
     assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:20]) == list(range(10))

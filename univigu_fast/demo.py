@@ -256,9 +256,8 @@ def run_demo(cfg: DemoConfig, out: str | Path, *, progress: bool = True, log=pri
         recs = Trainer(model, train, tcfg).train()
         stage_seconds[stage] = time.time() - t0
         tail = recs[-50:]
-        metrics[f"stage{stage}_final_text_loss"] = S.mean(r["text_loss"] for r in tail)
-        metrics[f"stage{stage}_final_text_token_accuracy"] = S.mean(r["text_acc"] for r in tail)
-        metrics[f"stage{stage}_final_video_loss"] = S.mean(r["video_loss"] for r in tail if r["video_loss"] is not None)
+        for name, key in (("text_loss", "text_loss"), ("text_token_accuracy", "text_acc"), ("video_loss", "video_loss")):
+            metrics[f"stage{stage}_final_{name}"] = S.mean(r[key] for r in tail if r[key] is not None)
         if stage == 1:
             u1 = evaluate_understanding(model, test, text_len=len(test.prompt_ids[0]), steps=cfg.caption_steps,
                                         seed=cfg.seed, temperature=cfg.caption_temperature)

@@ -125,8 +125,9 @@ def source_tokens(n: int, vocab_size: int, source: str, generator: torch.Generat
 
 # ---------------------------------------------------------------------------- per-sample randomness
 def sample_generator(seed: int, step: int, index: int) -> torch.Generator:
-    """A generator for global sample ``index`` of training step ``step`` (sharding-invariant)."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_000_033 + index)
+    """A generator for global sample ``index`` of training step ``step`` (sharding-invariant). The mix is
+    reduced modulo 2^64 (``manual_seed``'s range), so any int seed works (20240601 overflowed it)."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1_000_033 + index) % 2**64)
 
 
 @dataclass
@@ -187,8 +188,11 @@ def draw_sample(video: torch.Tensor, prompt: torch.Tensor, null_prompt: torch.Te
     text_ids (N,) the target text; generation_text: the clean text the stream carries in
     ``generation`` mode (default ``text_ids``; the trainer passes the prompt's ids, what T2V inference
     feeds, as the public code does). Embedding-flow ``text_in`` is returned as noise + ids: the caller
-    builds ``z_t = (1 - tau) z0 + tau E[y]`` with the live ``vocab_embed`` (``text_inputs``).
+    builds ``z_t = (1 - tau) z0 + tau E[y]`` with the live ``vocab_embed`` (``text_inputs``). The video
+    path and target are float32 whatever ``video``'s dtype (the forward casts to the model's).
     """
+    if mode is not None and mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     mode = mode or cfg.draw_mode(g)
     if mode == "generation" and generation_text is not None:
         text_ids = generation_text
@@ -197,14 +201,14 @@ def draw_sample(video: torch.Tensor, prompt: torch.Tensor, null_prompt: torch.Te
         tau_v = 1.0
     elif mode == "generation":
         tau_t = 1.0
-    z0 = torch.randn(video.shape, generator=g).to(video.dtype)
-    v_in, v_target = video_path(video, z0, torch.tensor(tau_v))
+    z0 = torch.randn(video.shape, generator=g).to(video.device)  # float32: a bf16 path would round tau and z0
+    v_in, v_target = video_path(video.float(), z0, torch.tensor(tau_v))
     dropped = bool(torch.rand((), generator=g) < cfg.cond_dropout)
     text_noise = None
     if model_config.text_flow == "discrete":
         x0 = source_tokens(text_ids.numel(), model_config.vocab_size, model_config.discrete_source, g,
                            model_config.mask_token_id)
-        t_in = discrete_path(text_ids, x0, tau_t, PolynomialScheduler(cfg.kappa_power), g)
+        t_in = discrete_path(text_ids, x0.to(text_ids.device), tau_t, PolynomialScheduler(cfg.kappa_power), g)
     else:
         text_noise = torch.randn(text_ids.numel(), model_config.dim, generator=g)
         t_in = text_ids
@@ -275,6 +279,8 @@ def loss_terms(model, samples: Sequence[NoisedSample], out, loss_unit: str = "to
                     ids = (z1_hat @ E[: c.vocab_size].float().T).argmax(-1)
                     corr = corr + (ids == y).sum().float()
     vc, tc = loss_counts(samples, c, loss_unit)
+    if vc == 0 and tc == 0:  # nothing counted (e.g. understanding with empty captions): a zero loss that is
+        vs = vs + 0.0 * sum(v.float().sum() for v in v_pred)  # still a graph, so backward runs (and DDP syncs)
     return dict(video_sum=vs, video_count=torch.tensor(float(vc), device=dev), text_sum=ts,
                 text_count=torch.tensor(float(tc), device=dev), text_correct=corr,
                 text_tokens=torch.tensor(float(loss_counts(samples, c)[1]), device=dev))
@@ -295,6 +301,10 @@ def draw_batch(videos, prompts, null_prompt, text_ids, *, cfg: FlowConfig, model
                generation_texts=None) -> list[NoisedSample]:
     """``draw_sample`` for each sample of a (local) batch, sample ``i`` drawing from the generator of
     global index ``index_offset + i`` (so a batch split over ranks draws what one process draws)."""
+    n = len(videos)
+    for name, xs in (("prompts", prompts), ("text_ids", text_ids), ("modes", modes), ("generation_texts", generation_texts)):
+        if xs is not None and len(xs) != n:
+            raise ValueError(f"{name} has {len(xs)} entries, expected one per video ({n})")
     return [draw_sample(v, p, null_prompt, y, sample_generator(seed, step, index_offset + i), cfg, model_config,
                         mode=None if modes is None else modes[i],
                         generation_text=None if generation_texts is None else generation_texts[i])

@@ -16,7 +16,12 @@ Checkpoints (``OUT/checkpoint.pt``; ``save_every`` steps and at the end) hold mo
 scheduler, RNG states, the step and the data position; they are written to a temporary file and
 renamed, so an interruption leaves the previous checkpoint intact. Batches are a deterministic
 function of ``(seed, step)`` (an epoch-wise permutation), so resuming at step k replays exactly the
-batches an uninterrupted run would see. Losses go to ``OUT/log.jsonl``; a tqdm bar shows progress.
+batches an uninterrupted run would see. Losses go to ``OUT/log.jsonl``; a tqdm bar shows progress
+(``text_loss`` / ``text_acc`` are None for a step that counts no text token).
+
+Each example is checked the first time a batch draws it (finite latents and prompt embeddings, integer
+ids inside the vocabulary: an error names its index); a step whose loss or gradient norm is not finite
+raises ``FloatingPointError`` before the optimiser moves any weight.
 
 **Distributed** (``torchrun``): the global batch is split over ranks in order. On CUDA the model
 is sharded with FSDP2 (``torch.distributed.fsdp.fully_shard`` on every block, then the root); on
@@ -31,6 +36,7 @@ import math
 import os
 import random
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -79,9 +85,16 @@ class TrainConfig:
             raise ValueError(f"schedule must be 'constant' or 'cosine', got {self.schedule!r}")
         if self.shard not in ("auto", "fsdp"):
             raise ValueError(f"shard must be 'auto' or 'fsdp', got {self.shard!r}")
+        for name in ("steps", "batch_size", "warmup_steps", "save_every", "log_every", "seed", "prompt_length"):
+            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int):
+                raise TypeError(f"{name} must be an int, got {getattr(self, name)!r}")
         for name in ("warmup_steps", "save_every", "grad_clip", "weight_decay"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+            if not 0 <= getattr(self, name) < math.inf:
+                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
+        betas = tuple(self.betas) if isinstance(self.betas, (list, tuple)) else ()
+        if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"betas must be two numbers in [0, 1) (Adam's beta1, beta2), got {self.betas!r}")
+
         if self.prompt_length < 0:
             raise ValueError(f"prompt_length must be >= 0 (0: unpadded prompts), got {self.prompt_length}")
         if self.log_every < 1:
@@ -94,6 +107,9 @@ class TrainConfig:
             self.flow = FlowConfig(**self.flow)
         if self.lr is None:
             self.lr = STAGE_LR[self.stage]
+        if self.steps and self.warmup_steps >= self.steps:
+            warnings.warn(f"warmup_steps={self.warmup_steps} >= steps={self.steps}: the learning rate never reaches "
+                          f"lr={self.lr:g} (it ends at {self.steps / self.warmup_steps:.2g} x lr)", stacklevel=3)
 
 
 class ExampleSet:
@@ -188,6 +204,7 @@ class Trainer:
                                      foreach=False)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _lr_lambda(cfg))
         self.step = 0
+        self._checked: set[int] = set()  # example indices whose tensors passed ``example``
         self.closed = False
         self.history: list[dict] = []
         self.out = Path(cfg.out_dir) if cfg.out_dir else None
@@ -195,9 +212,44 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
 
     # ------------------------------------------------------------------ one step
+    def example(self, i: int) -> dict[str, torch.Tensor]:
+        """Example ``i``'s tensors, checked the first time it is drawn (a bad example is named here, not by
+        its batch position inside a step): latents ``(C, F, H, W)`` and prompt embeddings ``(L, text_dim)``
+        floating point and finite, ids 1-D integers in ``[0, vocab_size)`` (returned as int64)."""
+        c, d = self.model.config, self.data
+        ex = dict(latents=d.latents[i], prompt_embeds=d.prompt_embeds[i], prompt_ids=d.prompt_ids[i],
+                  caption_ids=d.caption_ids[i])
+        if i in self._checked:
+            return {k: v.long() if k.endswith("_ids") else v for k, v in ex.items()}
+        for key, ndim, width in (("latents", 4, None), ("prompt_embeds", 2, c.text_dim)):
+            t = ex[key]
+            if not isinstance(t, torch.Tensor) or t.dim() != ndim or not t.is_floating_point() or \
+                    (width is not None and t.shape[-1] != width):
+                form = "(C, F, H, W)" if ndim == 4 else f"(L, text_dim={c.text_dim})"
+                raise ValueError(f"example {i}: {key} must be a floating point {form} tensor, got "
+                                 f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
+            if not torch.isfinite(t).all():
+                raise ValueError(f"example {i}: {key} holds NaN or Inf values ({int((~torch.isfinite(t)).sum())} of "
+                                 f"{t.numel()}); fix or drop the example")
+        if ex["latents"].shape[0] != c.in_channels:
+            raise ValueError(f"example {i}: latents have {ex['latents'].shape[0]} channels, expected "
+                             f"in_channels={c.in_channels}")
+        for key in ("prompt_ids", "caption_ids"):
+            t = ex[key]
+            if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.is_floating_point() or t.is_complex() or \
+                    t.dtype == torch.bool:
+                raise ValueError(f"example {i}: {key} must be 1-D integer token ids, got "
+                                 f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
+            if t.numel() and (int(t.min()) < 0 or int(t.max()) >= c.vocab_size):
+                raise ValueError(f"example {i}: {key} has ids outside [0, vocab_size={c.vocab_size}): min "
+                                 f"{int(t.min())}, max {int(t.max())}")
+            ex[key] = t.long()
+        self._checked.add(i)
+        return ex
+
     def targets(self, idx: Sequence[int]) -> list[torch.Tensor]:
-        src = self.data.prompt_ids if self.cfg.stage == 1 else self.data.caption_ids
-        return [src[i] for i in idx]
+        key = "prompt_ids" if self.cfg.stage == 1 else "caption_ids"
+        return [self.example(i)[key] for i in idx]
 
     def train_step(self) -> dict:
         cfg, model = self.cfg, self.model
@@ -207,12 +259,13 @@ class Trainer:
         per = cfg.batch_size // self.world
         lo = self.rank * per
         mine = idx[lo:lo + per]
-        ys = self.targets(mine)
-        prompts = [pad_prompt(self.data.prompt_embeds[i], cfg.prompt_length) for i in mine]
-        samples = draw_batch([self.data.latents[i] for i in mine], prompts,
+        exs = [self.example(i) for i in mine]
+        ys = [e["prompt_ids" if cfg.stage == 1 else "caption_ids"] for e in exs]
+        prompts = [pad_prompt(e["prompt_embeds"], cfg.prompt_length) for e in exs]
+        samples = draw_batch([e["latents"] for e in exs], prompts,
                              pad_prompt(self.data.null_prompt, cfg.prompt_length), ys, cfg=cfg.flow,
                              model_config=model.config, seed=cfg.seed,
-                             step=self.step, index_offset=lo, generation_texts=[self.data.prompt_ids[i] for i in mine])
+                             step=self.step, index_offset=lo, generation_texts=[e["prompt_ids"] for e in exs])
         # global token counts first (they depend only on modes and lengths)
         counts = torch.tensor([float(c) for c in loss_counts(samples, model.config, cfg.flow.loss_unit)],
                               device=model.device)
@@ -226,6 +279,17 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip else None
+        # one host sync: a NaN / Inf loss or gradient must not reach the weights (one would ruin them all)
+        finite = torch.isfinite(loss.detach()) & (torch.isfinite(gnorm) if gnorm is not None else True)
+        if self.world > 1:
+            finite = finite.to(torch.float32)
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # every rank skips the update together
+        if not bool(finite):
+            self.opt.zero_grad(set_to_none=True)
+            raise FloatingPointError(f"step {self.step + 1}: non-finite loss ({float(loss.detach()):g}) or gradient norm "
+                                     f"({None if gnorm is None else float(gnorm)}) on examples {mine} (their inputs "
+                                     "are finite: the model diverged); the weights were not updated. Resume from "
+                                     "the last checkpoint with a lower lr or grad_clip")
         lr = self.opt.param_groups[0]["lr"]  # this step's (the scheduler moves it on for the next one)
         self.opt.step()
         self.sched.step()
@@ -236,8 +300,8 @@ class Trainer:
         vloss = float(stats[0] / counts[0].clamp_min(1))
         tloss = float(stats[1] / counts[1].clamp_min(1))
         rec = dict(step=self.step + 1, loss=cfg.flow.video_weight * vloss + cfg.flow.text_weight * tloss,
-                   video_loss=vloss if counts[0] > 0 else None, text_loss=tloss,
-                   text_acc=float(stats[2] / stats[3].clamp_min(1)), lr=lr,
+                   video_loss=vloss if counts[0] > 0 else None, text_loss=tloss if counts[1] > 0 else None,
+                   text_acc=float(stats[2] / stats[3]) if stats[3] > 0 else None, lr=lr,
                    grad_norm=None if gnorm is None else float(gnorm),
                    modes={m: sum(s.mode == m for s in samples) for m in ("joint", "understanding", "generation")},
                    dropped=sum(s.dropped for s in samples))
@@ -264,7 +328,7 @@ class Trainer:
                 self.history.append(rec)
                 if bar:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec['text_acc']:.2f}")
+                    bar.set_postfix(loss=f"{rec['loss']:.3f}", acc="-" if rec["text_acc"] is None else f"{rec['text_acc']:.2f}")
                 if log and (self.step % self.cfg.log_every == 0 or self.step == end):
                     log.write(json.dumps({k: v for k, v in rec.items()}) + "\n")
                     log.flush()
@@ -323,6 +387,8 @@ class Trainer:
 
     def save(self, path: str | Path | None = None) -> Path | None:
         """Atomic save (temporary file + rename) by rank 0; every rank must call it (collective)."""
+        if path is None and self.out is None:
+            raise ValueError("Trainer.save() needs a path, or TrainConfig(out_dir=...) to save OUT/checkpoint.pt in")
         path = Path(path) if path else (self.out / "checkpoint.pt")
         sd = self.state_dict()
         if self.rank == 0:

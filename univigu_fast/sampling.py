@@ -62,7 +62,7 @@ def _per_sample(x, name: str, form: str) -> list[torch.Tensor]:
     if isinstance(x, torch.Tensor):
         if x.dim() != ndim + 1:
             raise ValueError(f"{name} must be a list of {form} tensors or one (B, {form[1:]} tensor, got a tensor "
-                             f"of shape {tuple(x.shape)} (a single sample goes in a list: [{name}_0])")
+                             f"of shape {tuple(x.shape)} (wrap a single sample in a list)")
         return list(x.unbind(0))
     if not isinstance(x, (list, tuple)) or not x:
         raise TypeError(f"{name} must be a non-empty list of {form} tensors, got {type(x).__name__}")

@@ -279,17 +279,20 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip else None
-        # one host sync: a NaN / Inf loss or gradient must not reach the weights (one would ruin them all)
-        finite = torch.isfinite(loss.detach()) & (torch.isfinite(gnorm) if gnorm is not None else True)
-        if self.world > 1:
-            finite = finite.to(torch.float32)
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # every rank skips the update together
-        if not bool(finite):
+        # a host sync: a NaN / Inf loss or gradient must not reach the weights (one would ruin them all).
+        # (Host floats: under FSDP2 the norm is a DTensor, which does not mix with the local loss.)
+        loss_value, gnorm_value = float(loss.detach()), None if gnorm is None else float(gnorm)
+        finite = math.isfinite(loss_value) and (gnorm_value is None or math.isfinite(gnorm_value))
+        if self.world > 1:  # the loss is each rank's share: every rank skips the update together
+            flag = torch.tensor(float(finite), device=model.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            finite = bool(flag)
+        if not finite:
             self.opt.zero_grad(set_to_none=True)
-            raise FloatingPointError(f"step {self.step + 1}: non-finite loss ({float(loss.detach()):g}) or gradient norm "
-                                     f"({None if gnorm is None else float(gnorm)}) on examples {mine} (their inputs "
-                                     "are finite: the model diverged); the weights were not updated. Resume from "
-                                     "the last checkpoint with a lower lr or grad_clip")
+            raise FloatingPointError(f"step {self.step + 1}: non-finite loss ({loss_value:g} on this rank) or gradient "
+                                     f"norm ({gnorm_value}) on examples {mine} (their inputs are finite: the model "
+                                     "diverged); the weights were not updated. Resume from the last checkpoint with "
+                                     "a lower lr or grad_clip")
         lr = self.opt.param_groups[0]["lr"]  # this step's (the scheduler moves it on for the next one)
         self.opt.step()
         self.sched.step()
@@ -302,7 +305,7 @@ class Trainer:
         rec = dict(step=self.step + 1, loss=cfg.flow.video_weight * vloss + cfg.flow.text_weight * tloss,
                    video_loss=vloss if counts[0] > 0 else None, text_loss=tloss if counts[1] > 0 else None,
                    text_acc=float(stats[2] / stats[3]) if stats[3] > 0 else None, lr=lr,
-                   grad_norm=None if gnorm is None else float(gnorm),
+                   grad_norm=gnorm_value,
                    modes={m: sum(s.mode == m for s in samples) for m in ("joint", "understanding", "generation")},
                    dropped=sum(s.dropped for s in samples))
         self.step += 1

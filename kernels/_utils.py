@@ -307,6 +307,18 @@ def describe(t) -> str:
     return f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}"
 
 
+def check_devices(x: torch.Tensor, **tensors) -> None:
+    """Each named tensor (None skipped) on ``x``'s device; a mix would otherwise fail inside the reference
+    op with an error that names no argument."""
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor or None, got {type(t).__name__}")
+        if t.device != x.device:
+            raise ValueError(f"{name} ({t.device}) must be on x's device ({x.device})")
+
+
 def check_contiguous(t: torch.Tensor, name: str) -> None:
     """Tables the kernels index through a raw pointer (offsets, cu_seqlens, RoPE masks) must be
     contiguous: a strided view would be read as if it were not."""

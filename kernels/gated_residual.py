@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ._utils import HAS_TRITON, check_segments, custom_op, describe, expand_segments, log_once, use_triton
+from ._utils import HAS_TRITON, check_devices, check_segments, custom_op, describe, expand_segments, log_once, use_triton
 from .modulated_layer_norm import geometry
 
 if HAS_TRITON:
@@ -135,6 +135,7 @@ def gated_residual(h: torch.Tensor, y: torch.Tensor, seg_offsets: torch.Tensor, 
     S = seg_offsets.numel() - 1
     if not isinstance(gate, torch.Tensor) or gate.shape != (S, h.shape[1]) or not gate.is_floating_point():
         raise ValueError(f"gate must be a floating (S={S}, dim={h.shape[1]}) tensor, got {describe(gate)}")
+    check_devices(h, y=y, gate=gate)
     if not use_triton(h, y, seg_offsets, gate):
         log_once("gated_residual: Triton unavailable for these tensors; using the PyTorch reference")
         return gated_residual_reference(h, y, seg_offsets, gate)

@@ -830,7 +830,8 @@ def _check_rope(rope, x: torch.Tensor, name: str) -> None:
     if rope is None:
         return
     if not (isinstance(rope, (tuple, list)) and len(rope) == 3):
-        raise TypeError(f"{name} must be a tuple (cos, sin, interleaved), got {type(rope).__name__}")
+        what = f"a {type(rope).__name__} of length {len(rope)}" if isinstance(rope, (tuple, list)) else type(rope).__name__
+        raise TypeError(f"{name} must be a tuple (cos, sin, interleaved), got {what}")
     cos, sin, il = rope
     T, _, D = x.shape
     for t, nm in ((cos, "cos"), (sin, "sin"), (il, "interleaved")):
@@ -899,6 +900,11 @@ def joint_attention(
     if not scale > 0 or scale == float("inf"):  # the kernels fold the scale into max / exp2 (needs > 0)
         raise ValueError(f"softmax_scale must be a finite positive number, got {softmax_scale!r}")
     chosen = _choose_backend(backend, q)
+    if torch.is_grad_enabled() and any(t.requires_grad for r in (rope_q, rope_k) if r is not None for t in r[:2]):
+        log_once("joint_attention: RoPE tables that require grad take the per-sample SDPA reference (the "
+                 "kernels differentiate in q, k, v only)")
+        return joint_attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                         softmax_scale=scale, rope_q=rope_q, rope_k=rope_k)
     if not use_triton(q, k, v):
         log_once("joint_attention: Triton unavailable for these tensors; using the per-sample SDPA reference")
         return joint_attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,

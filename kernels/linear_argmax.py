@@ -273,13 +273,15 @@ if HAS_TRITON:
                 if SUM_Z:
                     zs_acc += tl.sum(tl.where(col_mask[None, :], acc, 0.0), axis=1)
                 z = tl.where(col_mask[None, :], acc * inv_temp, float("-inf"))
-
+                # a NaN logit ranks as +inf, as torch.argmax ranks it (the first NaN id wins); the sum-exp
+                # below keeps the NaN, so the row's logsumexp is NaN like the reference's
+                z_rank = tl.where(z != z, float("inf"), z)
                 if SAMPLE:
-                    tile_max = tl.max(z, axis=1)
+                    tile_max = tl.max(z_rank, axis=1)
                 else:  # the argmax's max is also the softmax max: one reduction for both
-                    tile_max, tile_arg = tl.max(z, axis=1, return_indices=True, return_indices_tie_break_left=True)
+                    tile_max, tile_arg = tl.max(z_rank, axis=1, return_indices=True, return_indices_tie_break_left=True)
                 # masked columns: exp(-inf) = 0. A max of -inf (a tile of only -inf logits: a bias masking
-                # ids) is shifted by 0 instead: exp(-inf - -inf) would be NaN
+                # ids) or +inf is shifted by 0 instead: exp(-inf - -inf) or exp(inf - inf) would be NaN
                 tile_sum = tl.sum(tl.exp(z - _finite_or_zero(tile_max)[:, None]), axis=1)
                 # online softmax statistics of z / T
                 m_new = tl.maximum(m_run, tile_max)
@@ -294,6 +296,7 @@ if HAS_TRITON:
                     zero = tl.zeros((BLOCK_N,), tl.uint32)
                     u_grp, _w1, _w2, _w3 = tl.philox(seed, grp, rows.to(tl.uint32), zero, zero, N_ROUNDS)
                     tile_best = tile_max + tl.log(tile_sum) + _gumbel(u_grp)
+                    tile_best = tl.where(tile_best != tile_best, float("inf"), tile_best)  # a NaN logit wins
                     tile_arg = tl.zeros((BLOCK_N,), tl.int32)  # the group's first id
                     tile_sel = tile_max
                 else:
@@ -317,8 +320,9 @@ if HAS_TRITON:
 
     @triton.jit
     def _finite_or_zero(m):
-        """A running softmax max with -inf (nothing but -inf seen yet) replaced by 0, to shift exps by."""
-        return tl.where(m == float("-inf"), 0.0, m)
+        """A running softmax max with -inf (nothing but -inf seen yet) or +inf (an infinite logit: the
+        sum-exp is then inf, the logsumexp inf) replaced by 0, to shift exps by."""
+        return tl.where((m == float("-inf")) | (m == float("inf")), 0.0, m)
 
     @triton.jit
     def _uint_to_unit(bits):
@@ -355,9 +359,11 @@ if HAS_TRITON:
         s = tl.load(sumexp_ptr + offs, mask=mask, other=0.0)
         m_all = _finite_or_zero(tl.max(m, axis=1))  # every logit -inf: lse = 0 + log(0) = -inf, not NaN
         total = tl.sum(tl.where(mask, s * tl.exp(m - m_all[:, None]), 0.0), axis=1)
+        lse = m_all + tl.log(total)
+        sel = tl.where(lse != lse, float("nan"), sel)  # NaN logits (ranked as +inf): the max is NaN, as torch's
         tl.store(ids_out + rows, ids.to(tl.int64), mask=row_mask)
         tl.store(sel_out + rows, sel, mask=row_mask)
-        tl.store(lse_out + rows, m_all + tl.log(total), mask=row_mask)
+        tl.store(lse_out + rows, lse, mask=row_mask)
         if HAS_TARGET:
             t = tl.sum(tl.load(tlogit_ptr + offs, mask=mask, other=0.0), axis=1)
             tl.store(tlogit_out + rows, t, mask=row_mask)
@@ -399,6 +405,7 @@ if HAS_TRITON:
         word = offs % 4
         bits = tl.where(word == 0, r0, tl.where(word == 1, r1, tl.where(word == 2, r2, r3)))
         score = tl.where(col_mask, z + _gumbel(bits), float("-inf"))
+        score = tl.where(score != score, float("inf"), score)  # a NaN logit wins, as in torch.argmax
         _, j = tl.max(score, axis=0, return_indices=True, return_indices_tie_break_left=True)
         tl.store(ids_ptr + row, (g_start + j).to(tl.int64))
         tl.store(sel_ptr + row, tl.sum(tl.where(offs == j, z, 0.0), axis=0))

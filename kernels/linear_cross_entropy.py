@@ -129,7 +129,8 @@ if HAS_TRITON:
                 zs += tl.sum(tl.where(mask, z, 0.0), axis=1)
             z = tl.where(mask, z, float("-inf"))
             m_new = tl.maximum(m, tl.max(z, axis=1))
-            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # only -inf so far: exp(-inf - -inf) is NaN
+            # only -inf so far, or an infinite logit: exp(-inf - -inf) / exp(inf - inf) would be NaN
+            m_shift = tl.where((m_new == float("-inf")) | (m_new == float("inf")), 0.0, m_new)
             s = s * tl.exp(m - m_shift) + tl.sum(tl.exp(z - m_shift[:, None]), axis=1)
             m = tl.where(row_mask, m_new, 0.0)
         tl.store(m_ptr + rows, m, mask=row_mask)
@@ -346,6 +347,10 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        # create_graph=True (eager): the chunked backward writes into buffers (out=), it has no graph
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            raise RuntimeError("linear_cross_entropy has no double backward (create_graph=True); use "
+                               "linear_cross_entropy_reference where second derivatives are needed")
         x, weight, bias, tgt, lse, count = ctx.saved_tensors
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
         if x.shape[0] == 0 or not (need_dx or need_dw or need_db):

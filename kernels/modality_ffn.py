@@ -12,7 +12,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from ._utils import (HAS_TRITON, TensorDescriptor, cdiv, check_contiguous, check_segments,
+from ._utils import (HAS_TRITON, TensorDescriptor, cdiv, check_contiguous, check_devices, check_segments,
                      custom_op, expand_segments, host_list, interpreting, log_once, segment_sum, tile_table,
                      tma_compatible, token_segments, use_triton)
 
@@ -530,13 +530,19 @@ def _validate(x, seg_offsets, seg_expert, experts, residual, gate) -> None:
     for i, e in enumerate(experts):
         if len(e) != 4:
             raise ValueError(f"experts[{i}] must be (w1, b1, w2, b2), got {len(e)} items")
+        for nm, t in zip(("w1", "b1", "w2", "b2"), e):
+            if not isinstance(t, torch.Tensor):
+                hint = " (an nn.Linear(bias=False) has none: pass zeros)" if nm[0] == "b" and t is None else ""
+                raise TypeError(f"experts[{i}] {nm} must be a tensor, got {type(t).__name__}{hint}")
         w1, b1, w2, b2 = e
+        check_devices(x, **{f"experts[{i}] {nm}": t for nm, t in zip(("w1", "b1", "w2", "b2"), e)})
         f = w1.shape[0] if w1.dim() == 2 else -1
         if w1.shape != (f, dim) or b1.shape != (f,) or w2.shape != (dim, f) or b2.shape != (dim,):
             raise ValueError(f"experts[{i}] shapes {tuple(w1.shape)}, {tuple(b1.shape)}, {tuple(w2.shape)}, {tuple(b2.shape)} "
                              f"do not match (F, dim={dim}), (F,), (dim, F), (dim,)")
         if any(t.dtype != x.dtype for t in e):
             raise TypeError(f"experts[{i}] dtypes {[t.dtype for t in e]} must match x.dtype {x.dtype}")
+    check_devices(x, residual=residual, gate=gate)
     if residual is not None and residual.shape != x.shape:
         raise ValueError(f"residual must be (T, dim) = {tuple(x.shape)}, got {tuple(residual.shape)}")
     if gate is not None and gate.shape != (S, dim):

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._utils import (HAS_TRITON, cdiv, check_segments, custom_op, expand_segments, log_once, next_power_of_2,
+from ._utils import (HAS_TRITON, cdiv, check_devices, check_segments, custom_op, expand_segments, log_once, next_power_of_2,
                      num_sms, use_triton)
 
 if HAS_TRITON:
@@ -228,10 +228,13 @@ def _check(x, seg_offsets, shift, scale):
     check_segments(seg_offsets, x.shape[0], x.device)
     S = seg_offsets.numel() - 1
     for name, t in (("shift", shift), ("scale", scale)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a (S={S}, dim={x.shape[1]}) tensor, got {type(t).__name__}")
         if t.shape != (S, x.shape[1]):
             raise ValueError(f"{name} must be (S={S}, dim={x.shape[1]}), got {tuple(t.shape)}")
         if not t.is_floating_point():
             raise TypeError(f"{name} must be floating point, got {t.dtype}")
+    check_devices(x, shift=shift, scale=scale)
 
 
 def modulated_layer_norm(

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ._utils import HAS_TRITON, custom_op, log_once, use_triton
+from ._utils import HAS_TRITON, check_devices, custom_op, log_once, use_triton
 from .modulated_layer_norm import geometry
 
 if HAS_TRITON:
@@ -135,6 +135,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
                          f"{tuple(getattr(x, 'shape', ()))}")
     if not isinstance(weight, torch.Tensor) or weight.shape != (x.shape[-1],):
         raise ValueError(f"weight must be (dim={x.shape[-1]},), got {tuple(getattr(weight, 'shape', ()))}")
+    check_devices(x, weight=weight)
     if not use_triton(x, weight):
         log_once("rms_norm: Triton unavailable for these tensors; using the PyTorch reference")
         return rms_norm_reference(x, weight, eps)

@@ -55,6 +55,9 @@ def test_bad_inputs():
         gr.gated_residual(x, x, seg.long(), gate)
     with pytest.raises(ValueError, match="seg_offsets must be contiguous"):  # a strided view was misread
         gr.gated_residual(x, x, seg.repeat_interleave(2)[::2], gate)
+    for kw, name in ((dict(y=x.to("meta")), "y"), (dict(gate=gate.to("meta")), "gate")):  # torch named nothing
+        with pytest.raises(ValueError, match=rf"{name} \(meta\) must be on x's device"):
+            gr.gated_residual(x, kw.get("y", x), seg, kw.get("gate", gate))
     with pytest.raises(ValueError, match=r"h and y must both be \(T, dim\), got \(5, 8\) and \(4, 8\)"):
         gr.gated_residual(x, x[:4], seg, gate)
     with pytest.raises(ValueError, match=r"gate must be a floating \(S=2, dim=8\)"):

@@ -303,6 +303,23 @@ def test_bad_max_seqlen_and_devices():
         joint_attention(q, k, k.to("meta"), cu_q, cu_k, 7, 5)
 
 
+def test_rope_tables_that_need_grad_and_short_tuples():
+    """RoPE tables that require grad take the reference (the kernels gave them no gradient); a tuple of
+    the wrong length is named with its length."""
+    q = torch.randn(12, 2, 16, device=DEVICE, requires_grad=True)
+    cu = _cu([5, 7])
+    cos, sin, il = _rope(12, 16, seed=3)
+    got, want = [], []
+    for out, fn in ((got, joint_attention), (want, joint_attention_reference)):
+        c = cos.clone().requires_grad_()
+        o = fn(q, q, q, cu, cu, 7, 7, rope_q=(c, sin, il), rope_k=(c, sin, il))
+        out += [o, *torch.autograd.grad(o.square().sum(), (q, c))]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    with pytest.raises(TypeError, match="rope_q must be a tuple \\(cos, sin, interleaved\\), got a tuple of length 2"):
+        joint_attention(q, q, q, cu, cu, 7, 7, rope_q=(cos, sin))
+
+
 def test_strided_tables_are_refused():
     """cu_seqlens and the RoPE tables are read through raw pointers: a strided view was read as if
     contiguous (errors of 1-6 against the reference), so it is refused by name."""

@@ -82,6 +82,35 @@ def test_bias_masking_whole_tiles_of_ids(masked):
     assert (lse_all == float("-inf")).all()
 
 
+def test_infinite_and_nan_logits_rank_as_torch_does():
+    """A +inf logit (a bias forcing ids 7 and 250) wins, with max_logit and logsumexp inf (exp(inf - inf)
+    gave a NaN logsumexp, and sampling drew ids of probability 0). NaN logits rank as torch.argmax ranks
+    them, the first NaN id, with NaN max_logit and logsumexp, when sampling too (the kernel skipped
+    them; a whole NaN row made the interpreter raise 'All-NaN slice')."""
+    x, w, b = _planted(6, 300, 24, torch.float32, margin=6.0)
+    b_inf, w_nan, x_nan = b.clone(), w.clone(), x.clone()
+    b_inf[[7, 250]] = float("inf")
+    w_nan[140, 0] = float("nan")  # id 140's logit is NaN in every row
+    x_nan[2, 0] = float("nan")    # row 2's logits are all NaN
+    close = dict(atol=1e-4, rtol=1e-5, equal_nan=True)
+    for xx, ww, bb, want in ((x, w, b_inf, 7), (x, w_nan, b, 140), (x_nan, w, b, None)):
+        for seed in (None, 3):
+            got = linear_argmax(xx, ww, bb, gumbel_seed=seed)
+            ref = linear_argmax_reference(xx, ww, bb, gumbel_seed=seed)
+            torch.testing.assert_close(got[0], ref[0], atol=0, rtol=0)
+            torch.testing.assert_close(got[1], ref[1], **close)
+            torch.testing.assert_close(got[2], ref[2], **close)
+            if want is not None:
+                assert (got[0] == want).all()
+        for splits in (1, 3):
+            ids, mx, lse = _linear_argmax_launch(xx, ww, bb, num_splits=splits)[:3]
+            ref = linear_argmax_reference(xx, ww, bb)
+            torch.testing.assert_close(ids, ref[0], atol=0, rtol=0)
+            torch.testing.assert_close(mx, ref[1], **close)
+            torch.testing.assert_close(lse, ref[2], **close)
+    assert linear_argmax(x_nan, w, b)[0][2] == 0 and linear_argmax(x_nan, w, b)[2][2].isnan()
+
+
 def test_grouped_launch_many_row_blocks():
     """More row blocks than GROUP_ROWS (10 blocks of 16 rows: a full group of 8 and a ragged one)."""
     x, w, b = _planted(150, 70, 32, torch.float32, seed=2)

@@ -172,6 +172,41 @@ def test_bias_masking_whole_chunks_of_ids(method):
     _check(x, w, b, t, chunk_v=64, grads=(True, True, False))
 
 
+@pytest.mark.parametrize("method", ["fused", "chunked"])
+def test_nan_rows_that_are_ignored_and_infinite_logits(method):
+    """A row of NaN logits whose target is ignore_index leaves the loss as the reference's (the fused kernel
+    raised 'All-NaN slice' in the interpreter); a +inf logit on a non-target id gives the loss's exact
+    value, inf (torch's log_softmax gives NaN there)."""
+    x, w, b, t = _data(8, 200, 24, torch.float32)
+    x = x.clone()
+    x[1, 0] = float("nan")
+    t = t.clone()
+    t[1] = -100
+    got = linear_cross_entropy(x, w, t, b, chunk_v=64, forward_method=method)
+    want = linear_cross_entropy_reference(x, w, t, b)
+    assert torch.isfinite(want)
+    torch.testing.assert_close(got, want, **LOSS_TOL[torch.float32])
+    x[1, 0] = 0.0
+    b = b.clone()
+    b[150] = float("inf")
+    t = torch.where(t == 150, 151, t)
+    got = linear_cross_entropy(x, w, t, b, chunk_v=64, forward_method=method, reduction="none")
+    assert torch.isinf(got[t != -100]).all() and (got[t == -100] == 0).all()
+
+
+def test_double_backward_is_refused_clearly():
+    """create_graph=True gave 'mm(): functions with out=... arguments don't support automatic
+    differentiation' from inside the backward; it is refused by name (a gradient without a graph would
+    silently drop a gradient penalty's second-order term)."""
+    x, w, b, t = _data(6, 80, 16, torch.float32)
+    x = x.clone().requires_grad_()
+    with pytest.raises(RuntimeError, match="linear_cross_entropy has no double backward"):
+        torch.autograd.grad(linear_cross_entropy(x, w, t, b), x, create_graph=True)
+    (gx,) = torch.autograd.grad(linear_cross_entropy(x, w, t, b), x)
+    torch.testing.assert_close(gx, torch.autograd.grad(linear_cross_entropy_reference(x, w, t, b), x)[0],
+                               atol=1e-5, rtol=1e-4)
+
+
 def test_strided_bias_and_transposed_weight():
     """The cuBLAS-chunked statistics read the bias through a pointer (a bias[::2] view gave a loss off by
     1.35), and dW of a transposed fp16 weight over several vocabulary chunks failed on a view."""

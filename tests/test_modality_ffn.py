@@ -149,6 +149,15 @@ def test_bad_segment_tables_and_dims():
             modality_ffn(x, s.to(DEVICE), se.to(DEVICE), experts)
     with pytest.raises(ValueError, match="do not match"):
         modality_ffn(x[:, :15], seg, seg_expert, experts)
+    no_bias = [(w1, None, w2, None) for w1, _, w2, _ in experts]  # nn.Linear(bias=False): an AttributeError before
+    with pytest.raises(TypeError, match=r"experts\[0\] b1 must be a tensor, got NoneType .*pass zeros"):
+        modality_ffn(x, seg, seg_expert, no_bias)
+    for kw, name in ((dict(gate=gate.to("meta")), "gate"), (dict(residual=residual.to("meta")), "residual"),
+                     (dict(residual=1.0), "residual")):
+        with pytest.raises((ValueError, TypeError), match=rf"{name} (\(meta\) must be on x's device|must be a tensor)"):
+            modality_ffn(x, seg, seg_expert, experts, **kw)
+    with pytest.raises(ValueError, match=r"experts\[1\] w2 \(meta\) must be on x's device"):
+        modality_ffn(x, seg, seg_expert, [experts[0], (*experts[1][:2], experts[1][2].to("meta"), experts[1][3])])
     with pytest.raises(ValueError, match="gate must be"):
         modality_ffn(x, seg, seg_expert, experts, gate=gate[:1])
     with pytest.raises(ValueError, match="residual must be"):

@@ -92,6 +92,11 @@ def test_bad_inputs():
     x = torch.randn(5, 8, device=DEVICE)
     seg = seg_table([2, 3])
     ok = torch.zeros(2, 8, device=DEVICE)
+    with pytest.raises(ValueError, match=r"scale \(meta\) must be on x's device"):  # torch's error named nothing
+        mln.modulated_layer_norm(x, seg, ok, ok.to("meta"))
+    for bad in (None, 0.0):  # an AttributeError before
+        with pytest.raises(TypeError, match=r"shift must be a \(S=2, dim=8\) tensor, got"):
+            mln.modulated_layer_norm(x, seg, bad, ok)
     with pytest.raises(ValueError, match=r"shift must be \(S=2, dim=8\), got \(3, 8\)"):
         mln.modulated_layer_norm(x, seg, torch.zeros(3, 8, device=DEVICE), ok)
     with pytest.raises(ValueError, match=r"scale must be \(S=2, dim=8\)"):

@@ -34,6 +34,8 @@ def test_bad_inputs():
         rn.rms_norm(x, torch.ones(7, device=DEVICE))
     with pytest.raises(ValueError, match=r"x must be a floating \(T, dim\)"):
         rn.rms_norm(x[None], torch.ones(8, device=DEVICE))
+    with pytest.raises(ValueError, match=r"weight \(meta\) must be on x's device"):  # torch's error named nothing
+        rn.rms_norm(x, torch.ones(8, device="meta"))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled kernels at the real width need CUDA")

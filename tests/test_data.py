@@ -85,10 +85,53 @@ def test_reader_checks_meta_and_stored_tensors(tmp_path):
         VideoTextDataset(tmp_path / "ok").prompt_embeds[0]
 
 
+def test_reader_names_corrupt_meta_and_shards(tmp_path):
+    """A meta.json without count / shards, overlapping shard ranges, a shard missing a declared example
+    and an example whose prompt rows do not match its ids are named (bare KeyErrors and a safetensors
+    error without the file before)."""
+    _write_two(tmp_path / "d", shard_size=1)
+    meta = json.loads((tmp_path / "d" / "meta.json").read_text())
+    for change, match in (({"shards": None}, "'shards' must be a list"), ({"count": "2"}, "'count' must be an int"),
+                          ({"shards": [meta["shards"][0], {**meta["shards"][1], "first": 0}]},
+                           "example 0 is in both shard_00000.safetensors and shard_00001.safetensors"),
+                          ({"shards": [{**meta["shards"][0], "count": 2}]}, "")):
+        (tmp_path / "d" / "meta.json").write_text(json.dumps({**meta, **change}))
+        if match:
+            with pytest.raises(ValueError, match=match):
+                VideoTextDataset(tmp_path / "d")
+        else:  # example 1 declared in shard 0, which does not hold it
+            with pytest.raises(ValueError, match=r"shard_00000.safetensors: has no 1.latents"):
+                VideoTextDataset(tmp_path / "d").latents[1]
+    from safetensors.torch import load_file, save_file
+    (tmp_path / "d" / "meta.json").write_text(json.dumps(meta))
+    shard = load_file(str(tmp_path / "d" / "shard_00001.safetensors"))
+    save_file({**shard, "1.prompt_ids": torch.tensor([1, 2, 3])}, str(tmp_path / "d" / "shard_00001.safetensors"))
+    with pytest.raises(ValueError, match="example 1 has 2 prompt_embeds rows for 3 prompt_ids"):
+        VideoTextDataset(tmp_path / "d")[1]
+
+
+def test_rewriting_a_folder_never_mixes_two_datasets(tmp_path):
+    """A writer opening a folder that holds examples removes its meta.json first: an interrupted rewrite
+    leaves an unreadable folder, not the new shard 0 beside the old shard 1 under the old meta."""
+    _write_two(tmp_path / "d", shard_size=1)
+    w = ExampleWriter(tmp_path / "d", text_dim=6, null_prompt=torch.randn(1, 6), shard_size=1,
+                      lengths=LengthConstraints((0, 3), (0, 4)))
+    w.add(torch.randn(4, 2, 3, 3), torch.randn(1, 6), torch.tensor([7]), torch.tensor([8]))  # flushes shard 0
+    with pytest.raises(FileNotFoundError, match="not a univigu-fast examples directory"):  # the run "died"
+        VideoTextDataset(tmp_path / "d")
+    w.close()
+    ds = VideoTextDataset(tmp_path / "d")
+    assert len(ds) == 1 and ds.caption_ids[0].tolist() == [8]
+
+
 def test_load_video_refuses_float_frames_outside_unit_range(tmp_path):
     torch.save(torch.rand(5, 8, 8, 3) * 255, tmp_path / "v.pt")
     with pytest.raises(ValueError, match=r"float frames must lie in \[0, 1\]"):
         load_video(tmp_path / "v.pt")
+    for frames in (torch.full((2, 8, 8, 3), 1000, dtype=torch.int16), torch.ones(2, 8, 8, 3, dtype=torch.bool)):
+        torch.save(frames, tmp_path / "i.pt")  # 10-bit frames / 255 saturated; bool frames became -0.99
+        with pytest.raises(ValueError, match=f"frames must be uint8 .* or float in \\[0, 1\\], got {frames.dtype}"):
+            load_video(tmp_path / "i.pt")
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +210,10 @@ def test_preprocess_refuses_bad_manifest_lines_before_loading(tmp_path):
     good = json.dumps(dict(video="v0.pt", prompt="a cat", caption="a cat runs"))
     for bad, error, match in ((json.dumps(dict(video="gone.pt", prompt="a", caption="b")), FileNotFoundError,
                                r"m.jsonl line 3: video .*gone.pt not found"),
-                              ("{video: v0.pt}", ValueError, "m.jsonl line 3: not JSON")):
+                              ("{video: v0.pt}", ValueError, "m.jsonl line 3: not JSON"),
+                              ("5", ValueError, "m.jsonl line 3: expected a JSON object"),
+                              (json.dumps(dict(video="v0.pt", prompt=None, caption=["x"])), ValueError,
+                               "m.jsonl line 3: prompt, caption must be strings, got NoneType, list")):
         (tmp_path / "m.jsonl").write_text("\n".join([good, "", bad, good]) + "\n")
         with pytest.raises(error, match=match):
             preprocess(tmp_path / "m.jsonl", tmp_path / "out")

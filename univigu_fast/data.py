@@ -58,7 +58,10 @@ class LengthConstraints:
 
 
 class ExampleWriter:
-    """Writes examples in shards of ``shard_size``; ``close()`` writes ``meta.json`` (context manager)."""
+    """Writes examples in shards of ``shard_size``; ``close()`` writes ``meta.json`` (context manager).
+
+    Writing into a folder that already holds examples first removes its ``meta.json``: until ``close()``
+    the folder is not readable, so an interrupted rewrite cannot leave new shards under the old meta."""
 
     def __init__(self, out: str | Path, *, text_dim: int, null_prompt: torch.Tensor,
                  lengths: LengthConstraints = LengthConstraints(), shard_size: int = 256, sources: dict | None = None):
@@ -70,6 +73,7 @@ class ExampleWriter:
             raise ValueError(f"shard_size must be an int >= 1, got {shard_size!r}")
         if null_prompt.dim() != 2 or null_prompt.shape[1] != text_dim:
             raise ValueError(f"null_prompt must be (L0, text_dim={text_dim}), got {tuple(null_prompt.shape)}")
+        (self.out / "meta.json").unlink(missing_ok=True)  # the folder is a dataset again at close()
         save_file({"null_prompt_embeds": null_prompt.detach().float().contiguous().cpu()}, str(self.out / "null_prompt.safetensors"))
         self.text_dim, self.lengths, self.shard_size = text_dim, lengths, shard_size
         self.buf: dict[str, torch.Tensor] = {}
@@ -186,14 +190,24 @@ class VideoTextDataset:
         if not meta_path.exists():
             raise FileNotFoundError(f"{meta_path} not found: not a univigu-fast examples directory")
         self.meta = json.loads(meta_path.read_text())
-        if self.meta.get("format") != FORMAT:
-            raise ValueError(f"{meta_path}: format {self.meta.get('format')!r}, expected {FORMAT!r}")
+        if not isinstance(self.meta, dict) or self.meta.get("format") != FORMAT:
+            fmt = self.meta.get("format") if isinstance(self.meta, dict) else type(self.meta).__name__
+            raise ValueError(f"{meta_path}: format {fmt!r}, expected {FORMAT!r}")
         if self.meta.get("version") != VERSION:
             raise ValueError(f"{meta_path}: version {self.meta.get('version')!r}, this univigu-fast reads {VERSION}")
+        for key, kind in (("count", int), ("shards", list)):
+            if not isinstance(self.meta.get(key), kind):
+                raise ValueError(f"{meta_path}: {key!r} must be a{'n' if kind is int else ''} {kind.__name__}, "
+                                 f"got {self.meta.get(key)!r}")
         self.null_prompt = load_file(str(self.path / "null_prompt.safetensors"))["null_prompt_embeds"]
         self._where = {}
         for sh in self.meta["shards"]:
+            if not (isinstance(sh, dict) and isinstance(sh.get("file"), str) and isinstance(sh.get("first"), int)
+                    and isinstance(sh.get("count"), int)):
+                raise ValueError(f"{meta_path}: a shard entry must be {{file, first, count}}, got {sh!r}")
             for i in range(sh["first"], sh["first"] + sh["count"]):
+                if i in self._where:
+                    raise ValueError(f"{meta_path}: example {i} is in both {self._where[i]} and {sh['file']}")
                 self._where[i] = sh["file"]
         if sorted(self._where) != list(range(self.meta["count"])):
             raise ValueError(f"{meta_path}: its shards hold examples {_ranges(sorted(self._where))}, "
@@ -217,6 +231,8 @@ class VideoTextDataset:
         f = self._where[i]
         if f not in self._open:
             self._open[f] = safe_open(str(self.path / f), framework="pt")
+        if f"{i}.{key}" not in self._open[f].keys():
+            raise ValueError(f"{self.path / f}: has no {i}.{key} (meta.json places example {i} in it)")
         t = self._open[f].get_tensor(f"{i}.{key}")
         if key == "latents":
             ok = t.dim() == 4 and t.is_floating_point() and t.shape[0] == self.meta.get("latent_channels", t.shape[0])
@@ -225,14 +241,18 @@ class VideoTextDataset:
             ok = t.dim() == 2 and t.is_floating_point() and t.shape[1] == self.meta.get("text_dim", t.shape[1])
             want = f"float (L, text_dim={self.meta.get('text_dim')})"
         else:
-            ok = t.dim() == 1 and t.dtype == torch.long
-            want = "int64 (N,)"
+            ok = t.dim() == 1 and t.dtype == torch.long and (t.numel() == 0 or int(t.min()) >= 0)
+            want = "int64 (N,) ids >= 0"
         if not ok:
             raise ValueError(f"{self.path / f}: {i}.{key} is {t.dtype} {tuple(t.shape)}, expected {want}")
         return t
 
     def __getitem__(self, i: int) -> dict:
-        return {k: self.get(i, k) for k in ("latents", "prompt_embeds", "prompt_ids", "caption_ids")}
+        ex = {k: self.get(i, k) for k in ("latents", "prompt_embeds", "prompt_ids", "caption_ids")}
+        if ex["prompt_embeds"].shape[0] != ex["prompt_ids"].numel():
+            raise ValueError(f"{self.path / self._where[i % len(self)]}: example {i} has {ex['prompt_embeds'].shape[0]} "
+                             f"prompt_embeds rows for {ex['prompt_ids'].numel()} prompt_ids")
+        return ex
 
 
 def _ranges(ids: list[int]) -> str:
@@ -279,8 +299,10 @@ def load_video(path: str | Path) -> torch.Tensor:
         if v.numel() and (v.min() < 0 or v.max() > 1):
             raise ValueError(f"{path}: float frames must lie in [0, 1], got [{v.min():.3g}, {v.max():.3g}] "
                              "(give uint8 frames for 0..255)")
-    else:
+    elif v.dtype == torch.uint8:
         v = v.float() / 255.0
+    else:
+        raise ValueError(f"{path}: frames must be uint8 (0..255) or float in [0, 1], got {v.dtype}")
     return (v.permute(3, 0, 1, 2) * 2 - 1).clamp(-1, 1)
 
 
@@ -301,9 +323,16 @@ def preprocess(manifest: str | Path, out: str | Path, *, model_path: str | Path 
             r = json.loads(line)
         except ValueError as e:
             raise ValueError(f"{manifest} line {k + 1}: not JSON ({e})") from None
+        if not isinstance(r, dict):
+            raise ValueError(f"{manifest} line {k + 1}: expected a JSON object {{video, prompt, caption}}, "
+                             f"got {type(r).__name__}")
         missing = {"video", "prompt", "caption"} - set(r)
         if missing:
             raise ValueError(f"{manifest} line {k + 1}: missing {sorted(missing)}")
+        bad = [f for f in ("video", "prompt", "caption") if not isinstance(r[f], str)]
+        if bad:
+            raise ValueError(f"{manifest} line {k + 1}: {', '.join(bad)} must be strings, got "
+                             f"{', '.join(type(r[f]).__name__ for f in bad)}")
         vp = Path(r["video"])
         r["video"] = vp if vp.is_absolute() else base / vp
         if not r["video"].is_file():  # checked before the first (slow) encode, not when the loop reaches it

@@ -55,6 +55,27 @@ def test_text_step_names_out_of_range_ids():
                 model.text_step(cache, [text[0], torch.full((2,), bad)], torch.tensor([0.3, 0.7]))
 
 
+def test_cache_belongs_to_its_model_and_text_step_needs_no_no_grad():
+    """Another model (same config) reading a cache is refused (its text step gave logits off by 6.8; a
+    deeper model an IndexError); text_step called with autograd on works (a view error deep in autograd
+    before); max_cache_bytes without a cache is refused like cuda_graph."""
+    model, other = tiny_reference(seed=3), tiny_reference(seed=4)
+    videos, prompts = _inputs(model.config)
+    text, tau = [torch.zeros(7, dtype=torch.long), torch.zeros(2, dtype=torch.long)], torch.tensor([0.3, 0.7])
+    cache = VideoCache(model)
+    with torch.no_grad():
+        full = model(videos, torch.ones(2), prompts, text=text, tau_text=tau, video_cache=cache).text_out
+    for call in (lambda: other.text_step(cache, text, tau),
+                 lambda: other(videos, torch.ones(2), prompts, text=text, tau_text=tau, video_cache=cache)):
+        with pytest.raises(ValueError, match="video_cache was made for another model"):
+            call()
+    step = model.text_step(cache, text, tau)  # autograd on
+    for a, b in zip(full, step):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="max_cache_bytes is the budget of a cached caption"):
+        caption(model, videos, prompts, [7, 2], steps=2, max_cache_bytes=10**9)
+
+
 @pytest.mark.parametrize("source", ["uniform", "mask"])
 def test_default_off_is_the_exact_loop(source):
     """The default policy is the plain Euler loop, bit for bit: a hand-written loop of full forwards
@@ -464,8 +485,8 @@ def test_cuda_graph_text_steps_equal_eager_steps(fake_graphs):
 
 def test_cuda_graph_caption_and_fallbacks(fake_graphs, monkeypatch, caplog):
     """``caption(cuda_graph=True)``: the same ids as without, one capture for the whole caption (the
-    refreshes write into the same buffers); a failing capture logs why and runs the text steps eagerly (same ids); with autograd on
-    nothing is captured."""
+    refreshes write into the same buffers), also for a text_step called with autograd on (it runs under
+    no_grad); a failing capture logs why and runs the text steps eagerly (same ids)."""
     import univigu_fast.video_cache as vc
 
     model = tiny_reference(seed=7)
@@ -477,6 +498,12 @@ def test_cuda_graph_caption_and_fallbacks(fake_graphs, monkeypatch, caplog):
     assert all(torch.equal(a, b) for a, b in zip(got, want))
     assert stats["graph_captures"] == 1 and stats["graph_error"] is None and len(fake_graphs) == 1  # refreshes in place
 
+    cache = VideoCache(model, cuda_graph=True)
+    text = [torch.zeros(4, dtype=torch.long)]
+    model(videos[:1], torch.ones(1), prompts[:1], text=text, tau_text=torch.zeros(1), video_cache=cache)
+    model.text_step(cache, text, torch.tensor([0.5]))  # autograd on: text_step is inference only (no_grad)
+    assert cache.graph_captures == 1 and cache.graph_error is None
+
     def broken(fn, device):
         raise RuntimeError("operation not permitted when stream is capturing")
 
@@ -486,12 +513,6 @@ def test_cuda_graph_caption_and_fallbacks(fake_graphs, monkeypatch, caplog):
     assert all(torch.equal(a, b) for a, b in zip(got, want))
     assert stats["graph_captures"] == 0 and "not permitted" in stats["graph_error"]
     assert "CUDA graph capture of the text step failed" in caplog.text
-
-    cache = VideoCache(model, cuda_graph=True)
-    text = [torch.zeros(4, dtype=torch.long)]
-    model(videos[:1], torch.ones(1), prompts[:1], text=text, tau_text=torch.zeros(1), video_cache=cache)
-    model.text_step(cache, text, torch.tensor([0.5]))  # autograd on: eager
-    assert cache.graph_captures == 0 and cache.graph is None and cache.graph_error is None
 
 
 def test_cuda_graph_refused_where_it_cannot_run():

@@ -232,6 +232,7 @@ class UniViGUModelBase(nn.Module):
         x = packed.pack(video_tokens, text_tokens)
         context = self.cond_text_embedder(torch.cat([p.to(dev, dtype) for p in inp["prompts"]]))
         if video_cache is not None:
+            video_cache.check_owner(self)
             video_cache.context = context
 
         # Wan's time convention at the boundary (DESIGN §2)
@@ -311,6 +312,7 @@ class UniViGUModelBase(nn.Module):
             raise ValueError(f"text[{bad}] has token ids outside [0, text_vocab_size={n}): "
                              f"min {int(texts[bad].min())}, max {int(texts[bad].max())}")
 
+    @torch.no_grad()
     def text_step(self, video_cache, text, tau_text, *, text_output: str = "full", sample_seed: int | None = None,
                   temperature: float = 1.0):
         """A text-only denoising step on a filled video-stream cache (understanding, ``tau_video = 1``).
@@ -320,8 +322,10 @@ class UniViGUModelBase(nn.Module):
         per-sample ids / embeddings of the lengths the cache was built for (ids on the CPU are range-checked;
         ids on a GPU are not, which would cost a host sync per step: ``forward`` checks them). Returns ``text_out`` as
         ``forward`` does (list form). The layers run as a CUDA graph replay when the cache was made
-        with ``cuda_graph=True`` (``VideoCache.run_text_layers``); the decode head runs eagerly."""
+        with ``cuda_graph=True`` (``VideoCache.run_text_layers``); the decode head runs eagerly. Inference
+        only: it runs under ``torch.no_grad()`` (it writes into the cache's buffers)."""
         c, dev, dtype = self.config, self.device, self.dtype
+        video_cache.check_owner(self)
         texts = list(text)
         self._check_text_rows(texts, None)
         if c.text_flow == "discrete" and all(t.is_cpu for t in texts):

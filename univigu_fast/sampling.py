@@ -228,6 +228,9 @@ def caption(model, videos, prompts, text_lens, *, steps: int = 50, seed: int = 0
     if cuda_graph and policy[0] == "off":
         raise ValueError("cuda_graph=True replays the text-only steps of a cached caption; video_cache='off' has "
                          "none (use 'once' or 'every:r')")
+    if max_cache_bytes is not None and policy[0] == "off":
+        raise ValueError("max_cache_bytes is the budget of a cached caption; video_cache='off' keeps no cache "
+                         "(use 'once' or 'every:r')")
     _check_steps(steps)
     videos, prompts = _per_sample(videos, "videos", "(C, F, H, W)"), _per_sample(prompts, "prompts", "(L, text_dim)")
     if len(prompts) != len(videos):

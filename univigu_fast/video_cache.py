@@ -199,6 +199,13 @@ class VideoCache:
 
         self.rotate = apply_rope_reference if model.ops.attention is joint_attention_reference else apply_rope
 
+    def check_owner(self, model) -> None:
+        """The cache holds ``self.model``'s keys / values: another model (even of the same config) must not
+        read them (its text steps would mix two models' layers)."""
+        if model is not self.model:
+            raise ValueError(f"video_cache was made for another model (VideoCache({type(self.model).__name__}) at "
+                             f"{id(self.model):#x}); make one per model: VideoCache(model)")
+
     def check_fits(self, video_lens, text_lens, prompt_lens=()) -> int:
         need = cache_bytes(self.model.config, video_lens, text_lens, self.model.dtype, prompt_lens)
         budget = self.max_bytes

@@ -60,3 +60,17 @@ def test_json_round_trip_keeps_unknown_keys(tmp_path):
 def test_invalid_fields_raise_naming_the_field(field, value, exc):
     with pytest.raises(exc, match=field):
         UniViGUConfig.tiny(**{field: value})
+
+
+def test_strict_load_names_unknown_keys(tmp_path):
+    """A config a user wrote is read strictly (profile / train --config): a misspelt field is named with
+    the nearest one instead of being kept in ``extra`` while the default is used."""
+    import pytest
+
+    from univigu_fast.config import UniViGUConfig
+
+    path = tmp_path / "c.json"
+    path.write_text('{"num_layer": 2, "dim": 64, "_class_name": "X"}')
+    assert UniViGUConfig.load(path).extra == {"num_layer": 2, "dim": 64}  # lenient: checkpoints' extra keys kept
+    with pytest.raises(ValueError, match=r"'num_layer' \(did you mean 'num_layers'\?\), 'dim'"):
+        UniViGUConfig.load(path, strict=True)

@@ -74,7 +74,7 @@ def profile(
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="--shape") from None
     try:
-        cfg = UniViGUConfig.load(config) if config else P.config_for(shape_obj)
+        cfg = UniViGUConfig.load(config, strict=True) if config else P.config_for(shape_obj)
     except (OSError, ValueError, TypeError) as e:  # missing file, bad JSON, unknown or bad fields
         raise typer.BadParameter(f"cannot read a UniViGUConfig from {config}: {type(e).__name__}: {e}",
                                  param_hint="--config") from None
@@ -88,9 +88,9 @@ def profile(
     decode = mode != "video" and cfg.text_flow == "discrete"  # the embedding flow outputs a velocity: no decode
     flops = P.component_flops(shape_obj, cfg, mode, decode=decode)
     peak_tflops = None
-    if on_gpu:
+    if on_gpu:  # the matmul peak of the run's dtype (a bf16 peak made fp32 runs look 10x below it)
         n = 8192
-        a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+        a = torch.randn(n, n, device="cuda", dtype=torch_dtype)
         a @ a
         torch.cuda.synchronize()
         import time
@@ -123,16 +123,19 @@ def profile(
             "seconds": comps,
             "peak_mem_bytes": torch.cuda.max_memory_allocated() if on_gpu else None,
             "instrumented_total_seconds": instrumented,
-            "peak_rss_bytes": _peak_rss_bytes(),  # whole process, so on CPU it bounds both models together
+            "process_peak_rss_bytes": _peak_rss_bytes(),  # the whole process so far: bounds both models on CPU
         }
     agreement = P.compare_outputs(fast_model, ref, inputs) if fast and reference else None
     total_flops = sum(flops.values())
+    doc_dtype = str(torch_dtype).replace("torch.", "")
     doc = {
         "shape": shape_obj.name, "mode": mode, "device": torch.cuda.get_device_name() if on_gpu else "cpu",
-        "dtype": str(torch_dtype).replace("torch.", ""), "layers": cfg.num_layers,
+        "dtype": doc_dtype, "layers": cfg.num_layers,
         "timings": "GPU" if on_gpu else "CPU (Triton interpreter: not representative of GPU speed)",
-        "fast_kernel_path": fast_model.kernel_path(),
-        "peak_tflops_measured": peak_tflops, "flops": {**flops, "total": total_flops}, "results": results,
+        **({"fast_kernel_path": fast_model.kernel_path()} if fast else {}),
+        "peak_tflops_measured": peak_tflops, "peak_tflops_dtype": doc_dtype if peak_tflops else None,
+        "seconds_note": "components: medians of op-by-op synchronised steps ('other' = the rest of such a step; "
+                        "they add up to instrumented_total_seconds); total: the median plain step", "flops": {**flops, "total": total_flops}, "results": results,
         "fast_vs_reference": agreement,
         **({"nvml": _nvml()} if on_gpu else {}),
     }
@@ -168,8 +171,8 @@ def profile(
         pm = results[name]["peak_mem_bytes"]
         if pm is not None:
             typer.echo(f"peak memory ({name}): {pm / 2**30:.2f} GiB")
-    if not on_gpu and results[models[-1][0]]["peak_rss_bytes"]:
-        typer.echo(f"peak memory (process RSS, CPU): {results[models[-1][0]]['peak_rss_bytes'] / 2**20:.1f} MiB")
+    if not on_gpu and results[models[-1][0]]["process_peak_rss_bytes"]:
+        typer.echo(f"peak memory (process RSS, CPU): {results[models[-1][0]]['process_peak_rss_bytes'] / 2**20:.1f} MiB")
     if doc.get("nvml"):
         typer.echo(f"NVML: memory used {doc['nvml']['nvml_memory_used_bytes'] / 2**30:.2f} GiB, power {doc['nvml']['nvml_power_w']:.0f} W")
     if "reference" in results and "triton" in results:

@@ -226,7 +226,11 @@ def train(
         m = UniViGUModel.from_wan(wan, text_flow=text_flow or "discrete")
     else:
         torch.manual_seed(seed)
-        m = UniViGUModel(UniViGUConfig.load(config))
+        try:
+            cfg_model = UniViGUConfig.load(config, strict=True)
+        except (OSError, TypeError, ValueError) as e:
+            raise typer.BadParameter(f"cannot read a UniViGUConfig from {config}: {e}", param_hint="--config") from None
+        m = UniViGUModel(cfg_model)
         m.init_text_stream()
     if kappa_power is not None and m.config.text_flow != "discrete":
         raise typer.BadParameter(f"shapes the discrete text path; this model's text_flow is {m.config.text_flow!r}",

@@ -92,18 +92,28 @@ class UniViGUConfig:
         return {**extra, **d}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "UniViGUConfig":
+    def from_dict(cls, d: dict, strict: bool = False) -> "UniViGUConfig":
+        """Fields from ``d``; other keys (``_``-prefixed ones dropped) are kept in ``extra``, or, with
+        ``strict=True`` (a config a user wrote), refused with the nearest field names."""
+        if not isinstance(d, dict):
+            raise TypeError(f"a UniViGUConfig is a JSON object of its fields, got {type(d).__name__}")
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         known = {k: v for k, v in d.items() if k in names}
         extra = {k: v for k, v in d.items() if k not in names and not k.startswith("_")}
+        if strict and extra:
+            import difflib
+
+            hints = [f"{k!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, names, 1)) else repr(k)
+                     for k in extra]
+            raise ValueError(f"unknown UniViGUConfig keys: {', '.join(hints)}")
         return cls(**known, extra=extra)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
-    def load(cls, path: str | Path) -> "UniViGUConfig":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+    def load(cls, path: str | Path, strict: bool = False) -> "UniViGUConfig":
+        return cls.from_dict(json.loads(Path(path).read_text()), strict=strict)
 
     def wan_config(self) -> dict:
         """The ``WanTransformer3DModel`` constructor kwargs of the video path."""

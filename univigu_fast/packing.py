@@ -19,7 +19,10 @@ from .kernels._utils import host_list, remember_host_values
 def padded_lengths(lengths, batch: int, max_len: int, name: str = "text_lens") -> list[int]:
     """Per-sample lengths ``(B,)`` of a right-padded ``(B, N, ...)`` tensor -> Python ints in ``[0, N]``;
     errors name ``name``, its dtype / shape and what was expected."""
-    t = torch.as_tensor(lengths)
+    try:
+        t = torch.as_tensor(lengths)
+    except (TypeError, RuntimeError, ValueError) as e:
+        raise TypeError(f"{name} must hold integer lengths, got {lengths!r} ({e})") from None
     if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
         raise TypeError(f"{name} must hold integer lengths, got dtype {t.dtype}")
     if t.shape != (batch,):

@@ -34,6 +34,8 @@ def pad_prompt(embeds: torch.Tensor, length: int = WAN_TEXT_LEN) -> torch.Tensor
     are not zero). ``length = 0`` returns the embedding unchanged."""
     if embeds.dim() != 2:
         raise ValueError(f"prompt embedding must be (L, text_dim), got {tuple(embeds.shape)}")
+    if isinstance(length, bool) or not isinstance(length, int) or length < 0:
+        raise ValueError(f"length must be an int >= 0 (0: unpadded), got {length!r}")
     if length == 0:
         return embeds
     if embeds.shape[0] > length:
@@ -124,6 +126,12 @@ def detokenize(tokenizer, ids: torch.Tensor | Sequence[torch.Tensor], text_lens:
         if text_lens is not None:
             raise ValueError("text_lens is only for a padded (B, N) ids tensor")
         rows = list(ids)
+    for i, r in enumerate(rows):  # logits or float "ids" were truncated to ints and decoded to nonsense
+        if not isinstance(r, torch.Tensor) or r.dim() != 1 or r.is_floating_point() or r.is_complex() \
+                or r.dtype == torch.bool:
+            raise ValueError(f"ids[{i}] must be 1-D integer token ids, got "
+                             f"{getattr(r, 'dtype', type(r).__name__)} {tuple(getattr(r, 'shape', ()))} (decode "
+                             "logits with univigu_fast.text.decode first)")
     known = tokenizer_vocab_size(tokenizer)
     return [tokenizer.decode([int(i) for i in r.tolist() if 0 <= int(i) < known], skip_special_tokens=skip_special_tokens)
             for r in rows]

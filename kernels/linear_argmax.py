@@ -223,6 +223,7 @@ if HAS_TRITON:
         s_run = tl.zeros((BLOCK_N,), tl.float32)                   # running sum exp(z / T - m_run)
         best = tl.full((BLOCK_N,), float("-inf"), tl.float32)      # best (noised) score so far
         best_id = tl.zeros((BLOCK_N,), tl.int32)
+        best_nan = tl.zeros((BLOCK_N,), tl.int32)                  # 1 once best_id is a NaN logit's id
         # un-noised z / T of best_id (sampling: the winning group's max, replaced by level 2's draw)
         best_sel = tl.full((BLOCK_N,), float("-inf"), tl.float32)
         if HAS_TARGET:
@@ -273,9 +274,13 @@ if HAS_TRITON:
                 if SUM_Z:
                     zs_acc += tl.sum(tl.where(col_mask[None, :], acc, 0.0), axis=1)
                 z = tl.where(col_mask[None, :], acc * inv_temp, float("-inf"))
-                # a NaN logit ranks as +inf, as torch.argmax ranks it (the first NaN id wins); the sum-exp
-                # below keeps the NaN, so the row's logsumexp is NaN like the reference's
-                z_rank = tl.where(z != z, float("inf"), z)
+                # NaN logits rank above everything, +inf included, as in torch.argmax: the first NaN id
+                # wins (a flag, not a value: no float ranks above +inf). The max / shift are over the
+                # other logits; the sum-exp keeps the NaN, so the row's logsumexp is NaN like torch's.
+                is_nan = z != z
+                first_nan = tl.min(tl.where(is_nan, offs_v[None, :], BLOCK_V), axis=1)
+                tile_nan = (first_nan < BLOCK_V).to(tl.int32)
+                z_rank = tl.where(is_nan, float("-inf"), z)
                 if SAMPLE:
                     tile_max = tl.max(z_rank, axis=1)
                 else:  # the argmax's max is also the softmax max: one reduction for both
@@ -295,20 +300,22 @@ if HAS_TRITON:
                     grp = tl.zeros((BLOCK_N,), tl.uint32) + (v0 // BLOCK_V).to(tl.uint32)
                     zero = tl.zeros((BLOCK_N,), tl.uint32)
                     u_grp, _w1, _w2, _w3 = tl.philox(seed, grp, rows.to(tl.uint32), zero, zero, N_ROUNDS)
-                    tile_best = tile_max + tl.log(tile_sum) + _gumbel(u_grp)
-                    tile_best = tl.where(tile_best != tile_best, float("inf"), tile_best)  # a NaN logit wins
+                    tile_best = tile_max + tl.log(tile_sum) + _gumbel(u_grp)  # NaN with a NaN logit: flagged
                     tile_arg = tl.zeros((BLOCK_N,), tl.int32)  # the group's first id
                     tile_sel = tile_max
                 else:
+                    tile_arg = tl.where(tile_nan > 0, first_nan, tile_arg)
                     tile_best, tile_sel = tile_max, tile_max
-                upd = tile_best > best  # strict: an earlier (lower) id wins ties
+                # strict: an earlier (lower) id wins ties; once a NaN has won, nothing later replaces it
+                upd = (best_nan == 0) & ((tile_nan > 0) | (tile_best > best))
+                best_nan = tl.maximum(best_nan, tile_nan)
                 best = tl.where(upd, tile_best, best)
                 best_id = tl.where(upd, v0 + tile_arg.to(tl.int32), best_id)
                 best_sel = tl.where(upd, tile_sel, best_sel)
                 acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
 
         out = rows.to(tl.int64) * S + pid_s
-        tl.store(best_ptr + out, best, mask=row_mask)
+        tl.store(best_ptr + out, tl.where(best_nan > 0, float("nan"), best), mask=row_mask)  # NaN: the flag
         tl.store(id_ptr + out, best_id, mask=row_mask)
         tl.store(sel_ptr + out, best_sel, mask=row_mask)
         tl.store(max_ptr + out, m_run, mask=row_mask)
@@ -350,8 +357,13 @@ if HAS_TRITON:
         mask = row_mask[:, None] & (sp[None, :] < S)
         offs = rows[:, None].to(tl.int64) * S + sp[None, :]
         best = tl.load(best_ptr + offs, mask=mask, other=float("-inf"))
-        # splits are in increasing id order: the leftmost best split holds the lowest id
-        _, arg = tl.max(best, axis=1, return_indices=True, return_indices_tie_break_left=True)
+        # splits are in increasing id order: the leftmost best split holds the lowest id; a NaN best
+        # (a split whose winner is a NaN logit) outranks every number, the leftmost such split first
+        is_nan = best != best
+        first_nan = tl.min(tl.where(is_nan, sp[None, :], BLOCK_S), axis=1)
+        _, arg = tl.max(tl.where(is_nan, float("-inf"), best), axis=1, return_indices=True,
+                        return_indices_tie_break_left=True)
+        arg = tl.where(first_nan < BLOCK_S, first_nan, arg)
         pick = sp[None, :] == arg[:, None]
         ids = tl.sum(tl.where(pick, tl.load(id_ptr + offs, mask=mask, other=0), 0), axis=1)
         sel = tl.sum(tl.where(pick, tl.load(sel_ptr + offs, mask=mask, other=0.0), 0.0), axis=1)
@@ -405,8 +417,11 @@ if HAS_TRITON:
         word = offs % 4
         bits = tl.where(word == 0, r0, tl.where(word == 1, r1, tl.where(word == 2, r2, r3)))
         score = tl.where(col_mask, z + _gumbel(bits), float("-inf"))
-        score = tl.where(score != score, float("inf"), score)  # a NaN logit wins, as in torch.argmax
-        _, j = tl.max(score, axis=0, return_indices=True, return_indices_tie_break_left=True)
+        is_nan = score != score  # a NaN logit outranks every number (+inf too), as in torch.argmax
+        first_nan = tl.min(tl.where(is_nan, offs, GROUP), axis=0)
+        _, j = tl.max(tl.where(is_nan, float("-inf"), score), axis=0, return_indices=True,
+                      return_indices_tie_break_left=True)
+        j = tl.where(first_nan < GROUP, first_nan, j)
         tl.store(ids_ptr + row, (g_start + j).to(tl.int64))
         tl.store(sel_ptr + row, tl.sum(tl.where(offs == j, z, 0.0), axis=0))
 

@@ -85,15 +85,16 @@ def test_bias_masking_whole_tiles_of_ids(masked):
 def test_infinite_and_nan_logits_rank_as_torch_does():
     """A +inf logit (a bias forcing ids 7 and 250) wins, with max_logit and logsumexp inf (exp(inf - inf)
     gave a NaN logsumexp, and sampling drew ids of probability 0). NaN logits rank as torch.argmax ranks
-    them, the first NaN id, with NaN max_logit and logsumexp, when sampling too (the kernel skipped
-    them; a whole NaN row made the interpreter raise 'All-NaN slice')."""
+    them, the first NaN id even beside a +inf, with NaN max_logit and logsumexp, when sampling too (the
+    kernel skipped them; a whole NaN row made the interpreter raise 'All-NaN slice')."""
     x, w, b = _planted(6, 300, 24, torch.float32, margin=6.0)
     b_inf, w_nan, x_nan = b.clone(), w.clone(), x.clone()
     b_inf[[7, 250]] = float("inf")
     w_nan[140, 0] = float("nan")  # id 140's logit is NaN in every row
     x_nan[2, 0] = float("nan")    # row 2's logits are all NaN
     close = dict(atol=1e-4, rtol=1e-5, equal_nan=True)
-    for xx, ww, bb, want in ((x, w, b_inf, 7), (x, w_nan, b, 140), (x_nan, w, b, None)):
+    # both in one row (an overflowed hidden state gives +inf and inf - inf = NaN logits): NaN outranks +inf
+    for xx, ww, bb, want in ((x, w, b_inf, 7), (x, w_nan, b, 140), (x_nan, w, b, None), (x, w_nan, b_inf, 140)):
         for seed in (None, 3):
             got = linear_argmax(xx, ww, bb, gumbel_seed=seed)
             ref = linear_argmax_reference(xx, ww, bb, gumbel_seed=seed)

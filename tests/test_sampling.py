@@ -249,8 +249,10 @@ def test_sampler_arguments_are_checked():
     for kappa_power in (0, -1.0, float("nan"), float("inf"), "2"):
         with pytest.raises(ValueError, match="kappa_power must be a positive finite number"):
             caption(m, vids, prompts, [1, 1], steps=1, kappa_power=kappa_power)
-    with pytest.raises(TypeError, match="text_lens must be a list"):
+    with pytest.raises(TypeError, match="text_lens must be a sequence"):
         caption(m, vids, prompts, 3, steps=1)
+    for lens in (np.array([2, 1]), range(2, 0, -1), torch.tensor([2, 1])):  # sequences of any kind
+        assert [i.shape for i in caption(m, vids, prompts, lens, steps=1)] == [(2,), (1,)]
 
 
 def test_sampler_inputs_are_checked_by_name():

@@ -73,6 +73,8 @@ def test_detokenize_drops_mask_and_unknown_ids(tok_dir):
     config = UniViGUConfig.tiny(vocab_size=20, discrete_source="mask")
     ids = [torch.tensor([5, config.mask_token_id, 6, 17, 1])]  # 17: a padded-vocabulary row the tokenizer lacks
     assert detokenize(tok, ids) == ["cat dog"]
+    import numpy as np
+    assert detokenize(tok, [ids[0].numpy()]) == ["cat dog"]  # NumPy rows decode as tensors do
     # logits (one sample's (N, V), or the model's list form) or float ids were decoded to nonsense
     for bad in (torch.randn(3, 20), [torch.randn(3, 20)], [torch.tensor([3.7, 4.2])]):
         with pytest.raises(ValueError, match=r"ids\[0\] must be 1-D integer token ids"):
@@ -86,6 +88,8 @@ def test_pad_prompt_and_lengths_name_bad_values():
     for length in (5.0, -1, True):
         with pytest.raises(ValueError, match="length must be an int >= 0"):
             pad_prompt(torch.zeros(2, 4), length)
+    import numpy as np
+    assert pad_prompt(torch.zeros(2, 4), np.int64(3)).shape == (3, 4)
     with pytest.raises(TypeError, match="text_lens must hold integer lengths"):
         padded_lengths([1, None], 2, 3)
 

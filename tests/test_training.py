@@ -77,8 +77,15 @@ def test_config_checks_betas_types_and_warns_on_long_warmup():
             TrainConfig(**bad)
     with pytest.raises(ValueError, match="weight_decay must be a finite number"):
         TrainConfig(weight_decay=float("inf"))
-    with pytest.warns(UserWarning, match="warmup_steps=10 >= steps=5: the learning rate never reaches"):
+    with pytest.warns(UserWarning, match="warmup_steps=10 > steps=5: the learning rate never reaches"):
         TrainConfig(steps=5, warmup_steps=10)
+    import warnings
+
+    import numpy as np
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warm-up == steps: the last step runs at lr, nothing to warn about
+        cfg = TrainConfig(steps=np.int64(10), warmup_steps=10, betas=(np.float32(0.9), np.float64(0.95)))
+    assert cfg.steps == 10 and type(cfg.steps) is int and cfg.betas == (0.8999999761581421, 0.95)
 
 
 def _examples(data, n=8, **replace):
@@ -130,6 +137,14 @@ def test_divergence_stops_before_the_update(data, tmp_path):
     (rec,) = Trainer(_model(), data, TrainConfig(steps=1, batch_size=4, warmup_steps=0, progress=False,
                                                  flow=FlowConfig(mode_mix={"generation": 1.0}))).train()
     assert rec["text_loss"] is None and rec["text_acc"] is None and rec["video_loss"] > 0
+    # without clipping the gradient norm is still checked (an overflowed bf16 backward reached the weights)
+    m = _model()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    tr0 = Trainer(m, data, TrainConfig(steps=1, batch_size=4, warmup_steps=0, grad_clip=0.0, progress=False))
+    m.blocks[0].ffn.net[2].bias.register_hook(lambda g: torch.full_like(g, float("inf")))
+    with pytest.raises(FloatingPointError, match=r"gradient norm \(inf\)"):
+        tr0.train()
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())
     with pytest.raises(ValueError, match=r"save\(\) needs a path, or TrainConfig\(out_dir=...\)"):
         tr.save()
     assert tr.save(tmp_path / "c.pt").exists()

@@ -126,10 +126,10 @@ def _check_prompt_ids(prompt_ids, prompt_lens, batch: int, vocab_size: int) -> l
 
 
 def _check_text_lens(text_lens, batch: int, batch_name: str) -> list[int]:
-    if isinstance(text_lens, torch.Tensor) and text_lens.dim() != 1 or \
-            not isinstance(text_lens, (list, tuple, torch.Tensor)):
-        raise TypeError(f"text_lens must be a list (or 1-D tensor) of tokens per sample of {batch_name}, got "
-                        f"{getattr(text_lens, 'shape', None) or type(text_lens).__name__}")
+    if isinstance(text_lens, (str, bytes, numbers.Number)) or not hasattr(text_lens, "__iter__") or \
+            getattr(text_lens, "ndim", 1) != 1:  # a list, tuple, range, 1-D tensor or NumPy array
+        raise TypeError(f"text_lens must be a sequence of tokens per sample of {batch_name}, got "
+                        f"{type(text_lens).__name__} {tuple(getattr(text_lens, 'shape', ()))}")
     lens = list(text_lens)
     if len(lens) != batch:
         raise ValueError(f"text_lens has {len(lens)} entries, expected one per sample of {batch_name} ({batch})")

@@ -15,6 +15,7 @@
 """
 from __future__ import annotations
 
+import numbers
 import os
 from pathlib import Path
 from typing import Sequence
@@ -34,8 +35,9 @@ def pad_prompt(embeds: torch.Tensor, length: int = WAN_TEXT_LEN) -> torch.Tensor
     are not zero). ``length = 0`` returns the embedding unchanged."""
     if embeds.dim() != 2:
         raise ValueError(f"prompt embedding must be (L, text_dim), got {tuple(embeds.shape)}")
-    if isinstance(length, bool) or not isinstance(length, int) or length < 0:
+    if isinstance(length, bool) or not isinstance(length, numbers.Integral) or length < 0:
         raise ValueError(f"length must be an int >= 0 (0: unpadded), got {length!r}")
+    length = int(length)
     if length == 0:
         return embeds
     if embeds.shape[0] > length:
@@ -126,6 +128,7 @@ def detokenize(tokenizer, ids: torch.Tensor | Sequence[torch.Tensor], text_lens:
         if text_lens is not None:
             raise ValueError("text_lens is only for a padded (B, N) ids tensor")
         rows = list(ids)
+    rows = [r if isinstance(r, torch.Tensor) else torch.as_tensor(r) for r in rows]  # lists / NumPy rows too
     for i, r in enumerate(rows):  # logits or float "ids" were truncated to ints and decoded to nonsense
         if not isinstance(r, torch.Tensor) or r.dim() != 1 or r.is_floating_point() or r.is_complex() \
                 or r.dtype == torch.bool:

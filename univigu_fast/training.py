@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import random
 import time
@@ -86,14 +87,18 @@ class TrainConfig:
         if self.shard not in ("auto", "fsdp"):
             raise ValueError(f"shard must be 'auto' or 'fsdp', got {self.shard!r}")
         for name in ("steps", "batch_size", "warmup_steps", "save_every", "log_every", "seed", "prompt_length"):
-            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int):
-                raise TypeError(f"{name} must be an int, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise TypeError(f"{name} must be an int, got {value!r}")
+            setattr(self, name, int(value))  # NumPy ints too (sweeps), stored as Python ints
         for name in ("warmup_steps", "save_every", "grad_clip", "weight_decay"):
             if not 0 <= getattr(self, name) < math.inf:
                 raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
         betas = tuple(self.betas) if isinstance(self.betas, (list, tuple)) else ()
-        if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in betas):
+        if len(betas) != 2 or not all(isinstance(b, numbers.Real) and not isinstance(b, bool) and 0.0 <= b < 1.0
+                                      for b in betas):
             raise ValueError(f"betas must be two numbers in [0, 1) (Adam's beta1, beta2), got {self.betas!r}")
+        self.betas = tuple(float(b) for b in betas)
 
         if self.prompt_length < 0:
             raise ValueError(f"prompt_length must be >= 0 (0: unpadded prompts), got {self.prompt_length}")
@@ -107,8 +112,8 @@ class TrainConfig:
             self.flow = FlowConfig(**self.flow)
         if self.lr is None:
             self.lr = STAGE_LR[self.stage]
-        if self.steps and self.warmup_steps >= self.steps:
-            warnings.warn(f"warmup_steps={self.warmup_steps} >= steps={self.steps}: the learning rate never reaches "
+        if self.steps and self.warmup_steps > self.steps:  # (== steps: the last step runs at lr)
+            warnings.warn(f"warmup_steps={self.warmup_steps} > steps={self.steps}: the learning rate never reaches "
                           f"lr={self.lr:g} (it ends at {self.steps / self.warmup_steps:.2g} x lr)", stacklevel=3)
 
 
@@ -278,11 +283,12 @@ class Trainer:
         loss = combine(terms, cfg.flow, counts[0], counts[1]) * self.world  # DDP/FSDP average the grads
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip else None
+        # the norm also without clipping (max inf: a no-op scale), for the finite check and the log
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
         # a host sync: a NaN / Inf loss or gradient must not reach the weights (one would ruin them all).
         # (Host floats: under FSDP2 the norm is a DTensor, which does not mix with the local loss.)
-        loss_value, gnorm_value = float(loss.detach()), None if gnorm is None else float(gnorm)
-        finite = math.isfinite(loss_value) and (gnorm_value is None or math.isfinite(gnorm_value))
+        loss_value, gnorm_value = float(loss.detach()), float(gnorm)
+        finite = math.isfinite(loss_value) and math.isfinite(gnorm_value)
         if self.world > 1:  # the loss is each rank's share: every rank skips the update together
             flag = torch.tensor(float(finite), device=model.device)
             dist.all_reduce(flag, op=dist.ReduceOp.MIN)

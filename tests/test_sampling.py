@@ -244,6 +244,11 @@ def test_sampler_arguments_are_checked():
     for steps in (0, True, 2.0):
         with pytest.raises(ValueError, match="steps must be an int >= 1"):
             caption(m, vids, prompts, [1, 1], steps=steps)
+    for seed in (2**64, -2**63 - 1, 1.5):  # torch's own error said 'Overflow when unpacking long long'
+        with pytest.raises(ValueError, match=r"seed must be an int in \[-2\*\*63, 2\*\*64\)"):
+            caption(m, vids, prompts, [1, 1], steps=1, seed=seed)
+    a, b = caption(m, vids, prompts, [2, 1], steps=np.int64(2), seed=np.int64(5)), caption(m, vids, prompts, [2, 1], steps=2, seed=5)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))  # NumPy ints (a sweep) work as ints
     ids = caption(m, vids, prompts, [np.int64(2), torch.tensor(1)], steps=1)  # any integer scalar
     assert [i.shape for i in ids] == [(2,), (1,)]
     for kappa_power in (0, -1.0, float("nan"), float("inf"), "2"):

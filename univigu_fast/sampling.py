@@ -50,9 +50,17 @@ def _source_tokens(config, n: int, generator: torch.Generator, device) -> torch.
     return torch.randint(0, config.vocab_size, (n,), generator=generator).to(device)
 
 
-def _check_steps(steps) -> None:
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+def _check_steps(steps) -> int:
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    return int(steps)
+
+
+def _generator(seed) -> torch.Generator:
+    """The sampler's host generator; ``seed`` any int ``manual_seed`` takes, in [-2^63, 2^64)."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not -2**63 <= seed < 2**64:
+        raise ValueError(f"seed must be an int in [-2**63, 2**64), got {seed!r}")
+    return torch.Generator().manual_seed(int(seed))
 
 
 def _per_sample(x, name: str, form: str) -> list[torch.Tensor]:
@@ -231,13 +239,13 @@ def caption(model, videos, prompts, text_lens, *, steps: int = 50, seed: int = 0
     if max_cache_bytes is not None and policy[0] == "off":
         raise ValueError("max_cache_bytes is the budget of a cached caption; video_cache='off' keeps no cache "
                          "(use 'once' or 'every:r')")
-    _check_steps(steps)
+    steps = _check_steps(steps)
     videos, prompts = _per_sample(videos, "videos", "(C, F, H, W)"), _per_sample(prompts, "prompts", "(L, text_dim)")
     if len(prompts) != len(videos):
         raise ValueError(f"videos ({len(videos)}) and prompts ({len(prompts)}) must have the same length")
     text_lens = _check_text_lens(text_lens, len(videos), "videos")
     videos, prompts = _model_inputs(model, videos), _model_inputs(model, prompts)
-    g = torch.Generator().manual_seed(seed)
+    g = _generator(seed)
     B = len(videos)
     state = _TextState(model, text_lens, g, kappa_power, temperature)
     ones = torch.ones(B)
@@ -306,12 +314,12 @@ def generate(model, prompts, prompt_ids, video_shape: Sequence[int], *, null_pro
     ``guidance != 1``; shift: Wan's flow shift; guidance: classifier-free guidance scale.
     Returns a list of fp32 (C, F, H, W) latents (the Euler state is kept in fp32 whatever the model dtype).
     """
-    _check_steps(steps)
+    steps = _check_steps(steps)
     prompts = _per_sample(prompts, "prompts", "(L, text_dim)")
     _check_null_prompt(null_prompt, guidance)
     prompt_ids = _check_prompt_ids(prompt_ids, prompt_lens, len(prompts), model.config.vocab_size)
     video_shape = _check_video_shape(model.config, video_shape)
-    g = torch.Generator().manual_seed(seed)
+    g = _generator(seed)
     B, dev = len(prompts), model.device
     x = [torch.randn(video_shape, generator=g).to(dev) for _ in range(B)]  # fp32 Euler state
     taus = generation_taus(steps, shift)
@@ -337,12 +345,12 @@ def joint(model, prompts, video_shape: Sequence[int], text_lens, *, null_prompt:
     sampled token with probability ``i / (steps - 1)`` and ends with an argmax pass at ``tau_text = 1``.)
     Returns ``(latents list of (C, F, H, W), ids list of (text_lens[i],))``.
     """
-    _check_steps(steps)
+    steps = _check_steps(steps)
     prompts = _per_sample(prompts, "prompts", "(L, text_dim)")
     _check_null_prompt(null_prompt, guidance)
     text_lens = _check_text_lens(text_lens, len(prompts), "prompts")
     video_shape = _check_video_shape(model.config, video_shape)
-    g = torch.Generator().manual_seed(seed)
+    g = _generator(seed)
     B, dev = len(prompts), model.device
     x = [torch.randn(video_shape, generator=g).to(dev) for _ in range(B)]  # fp32 Euler state
     state = _TextState(model, text_lens, g, kappa_power, temperature)

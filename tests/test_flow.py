@@ -197,6 +197,11 @@ def test_draw_sample_checks_and_precision():
         args = {**dict(videos=[video, video], prompts=[prompt, prompt], null_prompt=null, text_ids=[y, y]), **kw}
         with pytest.raises(ValueError, match=rf"{name} has 1 entries, expected one per video \(2\)"):
             draw_batch(**args, cfg=fc, model_config=cfg)
+    for bad, match in (([y, torch.tensor([cfg.vocab_size])], r"text_ids\[1\] has ids outside \[0, vocab_size="),
+                       ([y, torch.tensor([1.0])], r"text_ids\[1\] must be 1-D integer token ids")):
+        with pytest.raises(ValueError, match=match):  # the loss failed on them with a bare IndexError
+            draw_batch([video, video], [prompt, prompt], null, bad, cfg=fc, model_config=cfg)
+    torch.testing.assert_close(video_path(video, video * 0, 0.25)[0], 0.25 * video)  # a float tau too
     for seed in (20240601, 2**40, -3):  # (seed * 1e6 + step) * 1e6 + index passed manual_seed's 2^64
         a = draw_sample(video, prompt, null, y, sample_generator(seed, 5, 1), fc, cfg, mode="joint")
         b = draw_sample(video, prompt, null, y, sample_generator(seed, 5, 1), fc, cfg, mode="joint")

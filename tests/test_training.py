@@ -117,6 +117,9 @@ def test_bad_examples_are_named_before_any_step(data):
         with pytest.raises(ValueError, match=match):
             Trainer(m, _examples(data, **replace), cfg).train()
         assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())
+    with pytest.raises(ValueError, match=r"null_prompt \(the empty prompt's embedding\) must be a \(L0, text_dim=24\)"):
+        from univigu_fast.training import ExampleSet
+        Trainer(_model(), ExampleSet(data.latents, data.prompt_embeds, data.prompt_ids, data.caption_ids, None), cfg)
     int32 = {i: data.caption_ids[i].int() for i in range(8)}
     a = Trainer(_model(), _examples(data), cfg).train()[0]
     b = Trainer(_model(), _examples(data, caption_ids=int32), cfg).train()[0]

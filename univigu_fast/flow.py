@@ -98,6 +98,7 @@ def generation_taus(steps: int, shift: float = 1.0) -> list[float]:
 # ---------------------------------------------------------------------------- paths
 def video_path(z1: torch.Tensor, z0: torch.Tensor, tau: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Paper Eq. 2-3: ``z_tau = (1 - tau) z0 + tau z1`` and ``u = z1 - z0``; tau broadcasts from the left."""
+    tau = torch.as_tensor(tau, device=z1.device)
     t = tau.reshape(tau.shape + (1,) * (z1.dim() - tau.dim())).to(z1.dtype)
     return (1 - t) * z0 + t * z1, z1 - z0
 
@@ -296,6 +297,15 @@ def combine(terms: dict[str, torch.Tensor], cfg: FlowConfig, video_count=None, t
     return cfg.video_weight * lv + cfg.text_weight * lt
 
 
+def _check_ids(t, name: str, vocab_size: int) -> None:
+    if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.is_floating_point() or t.is_complex() \
+            or t.dtype == torch.bool:
+        raise ValueError(f"{name} must be 1-D integer token ids, got {getattr(t, 'dtype', type(t).__name__)} "
+                         f"{tuple(getattr(t, 'shape', ()))}")
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= vocab_size):
+        raise ValueError(f"{name} has ids outside [0, vocab_size={vocab_size}): min {int(t.min())}, max {int(t.max())}")
+
+
 def draw_batch(videos, prompts, null_prompt, text_ids, *, cfg: FlowConfig, model_config, seed: int = 0,
                step: int = 0, index_offset: int = 0, modes: Sequence[str] | None = None,
                generation_texts=None) -> list[NoisedSample]:
@@ -305,6 +315,9 @@ def draw_batch(videos, prompts, null_prompt, text_ids, *, cfg: FlowConfig, model
     for name, xs in (("prompts", prompts), ("text_ids", text_ids), ("modes", modes), ("generation_texts", generation_texts)):
         if xs is not None and len(xs) != n:
             raise ValueError(f"{name} has {len(xs)} entries, expected one per video ({n})")
+        if name in ("text_ids", "generation_texts") and xs is not None:
+            for i, t in enumerate(xs):  # the loss would fail on them with a bare IndexError
+                _check_ids(t, f"{name}[{i}]", model_config.vocab_size)
     return [draw_sample(v, p, null_prompt, y, sample_generator(seed, step, index_offset + i), cfg, model_config,
                         mode=None if modes is None else modes[i],
                         generation_text=None if generation_texts is None else generation_texts[i])

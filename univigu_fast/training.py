@@ -201,6 +201,10 @@ class Trainer:
         self.rank, self.world = _dist()
         if cfg.batch_size % self.world:
             raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the world size {self.world}")
+        null = self.data.null_prompt
+        if not isinstance(null, torch.Tensor) or null.dim() != 2 or null.shape[1] != model.config.text_dim:
+            raise ValueError(f"null_prompt (the empty prompt's embedding) must be a (L0, text_dim="
+                             f"{model.config.text_dim}) tensor, got {getattr(null, 'shape', type(null).__name__)}")
         if model.config.text_flow == "embedding":  # E is the fixed codebook of Eq. 7-8 (see flow.py)
             model.vocab_embed.weight.requires_grad_(False)
         self.wrapped = wrap_distributed(model, cfg.shard)

@@ -277,8 +277,8 @@ def test_sampler_inputs_are_checked_by_name():
     a, b = caption(m, vids, prompts, [3, 2], steps=2), caption(m, torch.stack(vids), torch.stack(prompts), [3, 2], steps=2)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     ids = [torch.tensor([1, 2, 3]), torch.tensor([4])]
-    for bad, match in (([torch.tensor([cfg.vocab_size]), ids[1]], r"prompt_ids\[0\] has token ids outside \[0, vocab_size="),
-                       ([ids[0], torch.tensor([-1])], r"prompt_ids\[1\] has token ids outside"),
+    for bad, match in (([torch.tensor([cfg.vocab_size]), ids[1]], r"prompt_ids\[0\] has ids outside \[0, vocab_size="),
+                       ([ids[0], torch.tensor([-1])], r"prompt_ids\[1\] has ids outside"),
                        ([ids[0], torch.tensor([1.0])], r"prompt_ids\[1\] must be 1-D integer token ids"),
                        ([torch.tensor([[1, 2]]), ids[1]], r"prompt_ids\[0\] must be 1-D integer token ids"),
                        (ids[:1], r"prompts \(2\) and prompt_ids \(1\) must have the same length"),

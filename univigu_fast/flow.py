@@ -297,7 +297,8 @@ def combine(terms: dict[str, torch.Tensor], cfg: FlowConfig, video_count=None, t
     return cfg.video_weight * lv + cfg.text_weight * lt
 
 
-def _check_ids(t, name: str, vocab_size: int) -> None:
+def check_token_ids(t, name: str, vocab_size: int) -> None:
+    """``t`` 1-D integer token ids in ``[0, vocab_size)``; errors name it as ``name``."""
     if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.is_floating_point() or t.is_complex() \
             or t.dtype == torch.bool:
         raise ValueError(f"{name} must be 1-D integer token ids, got {getattr(t, 'dtype', type(t).__name__)} "
@@ -317,7 +318,7 @@ def draw_batch(videos, prompts, null_prompt, text_ids, *, cfg: FlowConfig, model
             raise ValueError(f"{name} has {len(xs)} entries, expected one per video ({n})")
         if name in ("text_ids", "generation_texts") and xs is not None:
             for i, t in enumerate(xs):  # the loss would fail on them with a bare IndexError
-                _check_ids(t, f"{name}[{i}]", model_config.vocab_size)
+                check_token_ids(t, f"{name}[{i}]", model_config.vocab_size)
     return [draw_sample(v, p, null_prompt, y, sample_generator(seed, step, index_offset + i), cfg, model_config,
                         mode=None if modes is None else modes[i],
                         generation_text=None if generation_texts is None else generation_texts[i])

@@ -33,7 +33,7 @@ from typing import Sequence
 
 import torch
 
-from .flow import PolynomialScheduler, generation_taus
+from .flow import PolynomialScheduler, check_token_ids, generation_taus
 from .kernels._utils import host_to_device
 from .kernels.linear_argmax import check_decode_args
 from .packing import padded_lengths
@@ -123,13 +123,7 @@ def _check_prompt_ids(prompt_ids, prompt_lens, batch: int, vocab_size: int) -> l
     if len(ids) != batch:
         raise ValueError(f"prompts ({batch}) and prompt_ids ({len(ids)}) must have the same length")
     for i, t in enumerate(ids):
-        if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.is_floating_point() or t.is_complex() \
-                or t.dtype == torch.bool:
-            raise ValueError(f"prompt_ids[{i}] must be 1-D integer token ids, got "
-                             f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
-        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= vocab_size):
-            raise ValueError(f"prompt_ids[{i}] has token ids outside [0, vocab_size={vocab_size}): "
-                             f"min {int(t.min())}, max {int(t.max())}")
+        check_token_ids(t, f"prompt_ids[{i}]", vocab_size)
     return ids
 
 

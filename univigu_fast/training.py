@@ -45,7 +45,7 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
-from .flow import FlowConfig, combine, draw_batch, forward_samples, loss_counts, loss_terms
+from .flow import FlowConfig, check_token_ids, combine, draw_batch, forward_samples, loss_counts, loss_terms
 from .text import pad_prompt
 
 STAGE_LR = {1: 2e-4, 2: 5e-5}
@@ -244,15 +244,8 @@ class Trainer:
             raise ValueError(f"example {i}: latents have {ex['latents'].shape[0]} channels, expected "
                              f"in_channels={c.in_channels}")
         for key in ("prompt_ids", "caption_ids"):
-            t = ex[key]
-            if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.is_floating_point() or t.is_complex() or \
-                    t.dtype == torch.bool:
-                raise ValueError(f"example {i}: {key} must be 1-D integer token ids, got "
-                                 f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
-            if t.numel() and (int(t.min()) < 0 or int(t.max()) >= c.vocab_size):
-                raise ValueError(f"example {i}: {key} has ids outside [0, vocab_size={c.vocab_size}): min "
-                                 f"{int(t.min())}, max {int(t.max())}")
-            ex[key] = t.long()
+            check_token_ids(ex[key], f"example {i}: {key}", c.vocab_size)
+            ex[key] = ex[key].long()
         self._checked.add(i)
         return ex
 

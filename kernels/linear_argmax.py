@@ -46,8 +46,8 @@ import math
 
 import torch
 
-from ._utils import (HAS_TRITON, TensorDescriptor, cdiv, custom_op, log_once, next_power_of_2, num_sms, tma_compatible,
-                     use_triton)
+from ._utils import (HAS_TRITON, TensorDescriptor, cdiv, check_devices, custom_op, log_once, next_power_of_2, num_sms,
+                     tma_compatible, use_triton)
 
 if HAS_TRITON:
     import triton
@@ -554,8 +554,7 @@ def _check_inputs(x, weight, bias, temperature=1.0, gumbel_seed=None):
             raise ValueError(f"bias must be (V={weight.shape[0]},), got shape {tuple(bias.shape)}")
         if bias.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"bias must be a float tensor, got {bias.dtype}")
-        if bias.device != x.device:
-            raise ValueError(f"bias ({bias.device}) must be on x's device ({x.device})")
+        check_devices(x, bias=bias)
     check_decode_args(temperature, gumbel_seed)
 
 

@@ -38,12 +38,14 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from ._utils import HAS_TRITON, cdiv, log_once, next_power_of_2, pick_fastest, use_triton
+from ._utils import HAS_TRITON, cdiv, check_devices, log_once, next_power_of_2, pick_fastest, use_triton
 from .linear_argmax import _check_inputs, _linear_argmax_launch
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
+
+    from .linear_argmax import _finite_or_zero
 
 _REDUCTIONS = ("mean", "sum", "none")
 
@@ -129,8 +131,7 @@ if HAS_TRITON:
                 zs += tl.sum(tl.where(mask, z, 0.0), axis=1)
             z = tl.where(mask, z, float("-inf"))
             m_new = tl.maximum(m, tl.max(z, axis=1))
-            # only -inf so far, or an infinite logit: exp(-inf - -inf) / exp(inf - inf) would be NaN
-            m_shift = tl.where((m_new == float("-inf")) | (m_new == float("inf")), 0.0, m_new)
+            m_shift = _finite_or_zero(m_new)  # exp(-inf - -inf) / exp(inf - inf) would be NaN
             s = s * tl.exp(m - m_shift) + tl.sum(tl.exp(z - m_shift[:, None]), axis=1)
             m = tl.where(row_mask, m_new, 0.0)
         tl.store(m_ptr + rows, m, mask=row_mask)
@@ -377,8 +378,7 @@ def _check_ce_inputs(x, weight, target, bias, ignore_index, reduction, label_smo
         raise TypeError(f"target must be int64 or int32, got {target.dtype}")
     if target.shape != (x.shape[0],):
         raise ValueError(f"target must be (N={x.shape[0]},), got shape {tuple(target.shape)}")
-    if target.device != x.device:
-        raise ValueError(f"target ({target.device}) must be on x's device ({x.device})")
+    check_devices(x, target=target)
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):

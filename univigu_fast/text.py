@@ -130,10 +130,8 @@ def detokenize(tokenizer, ids: torch.Tensor | Sequence[torch.Tensor], text_lens:
         rows = list(ids)
     rows = [r if isinstance(r, torch.Tensor) else torch.as_tensor(r) for r in rows]  # lists / NumPy rows too
     for i, r in enumerate(rows):  # logits or float "ids" were truncated to ints and decoded to nonsense
-        if not isinstance(r, torch.Tensor) or r.dim() != 1 or r.is_floating_point() or r.is_complex() \
-                or r.dtype == torch.bool:
-            raise ValueError(f"ids[{i}] must be 1-D integer token ids, got "
-                             f"{getattr(r, 'dtype', type(r).__name__)} {tuple(getattr(r, 'shape', ()))} (decode "
+        if r.dim() != 1 or r.is_floating_point() or r.is_complex() or r.dtype == torch.bool:
+            raise ValueError(f"ids[{i}] must be 1-D integer token ids, got {r.dtype} {tuple(r.shape)} (decode "
                              "logits with univigu_fast.text.decode first)")
     known = tokenizer_vocab_size(tokenizer)
     return [tokenizer.decode([int(i) for i in r.tolist() if 0 <= int(i) < known], skip_special_tokens=skip_special_tokens)

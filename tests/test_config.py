@@ -56,6 +56,10 @@ def test_json_round_trip_keeps_unknown_keys(tmp_path):
     ("text_ffn_init", "zero", ValueError), ("patch_size", (1, 2), ValueError),
     ("attention_head_dim", 15, ValueError), ("image_dim", 1280, NotImplementedError),
     ("qk_norm", "rms_norm", NotImplementedError),
+    ("num_layers", -1, ValueError), ("num_layers", "2", TypeError), ("num_attention_heads", 0, ValueError),
+    ("attention_head_dim", -16, ValueError), ("vocab_size", 0, ValueError), ("ffn_dim", 2.5, TypeError),
+    ("patch_size", (0, 2, 2), ValueError), ("patch_size", (1, 2.5, 2), TypeError),
+    ("text_rope_base", -1.0, ValueError), ("eps", float("nan"), ValueError), ("cross_attn_norm", 1, TypeError),
 ])
 def test_invalid_fields_raise_naming_the_field(field, value, exc):
     with pytest.raises(exc, match=field):
@@ -74,3 +78,9 @@ def test_strict_load_names_unknown_keys(tmp_path):
     assert UniViGUConfig.load(path).extra == {"num_layer": 2, "dim": 64}  # lenient: checkpoints' extra keys kept
     with pytest.raises(ValueError, match=r"'num_layer' \(did you mean 'num_layers'\?\), 'dim'"):
         UniViGUConfig.load(path, strict=True)
+
+
+def test_integer_fields_take_numpy_integers():
+    np = pytest.importorskip("numpy")
+    c = UniViGUConfig.tiny(num_layers=np.int64(3), patch_size=(np.int32(1), 2, 2))
+    assert c.num_layers == 3 and type(c.num_layers) is int and c.patch_size == (1, 2, 2)

@@ -4,6 +4,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
+import operator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,6 +13,8 @@ TEXT_FLOWS = ("discrete", "embedding")
 DISCRETE_SOURCES = ("uniform", "mask")
 TEXT_FFN_INITS = ("copy", "new")
 UMT5_VOCAB_SIZE = 256_384
+_POSITIVE_INTS = ("num_attention_heads", "attention_head_dim", "in_channels", "out_channels", "text_dim", "freq_dim",
+                  "ffn_dim", "num_layers", "rope_max_seq_len", "vocab_size")
 
 
 @dataclass
@@ -41,9 +45,25 @@ class UniViGUConfig:
     extra: dict = field(default_factory=dict)  # unknown keys kept on round trips
 
     def __post_init__(self):
-        self.patch_size = tuple(int(p) for p in self.patch_size)
-        if len(self.patch_size) != 3:
-            raise ValueError(f"patch_size must have 3 entries (t, h, w), got {self.patch_size}")
+        try:
+            self.patch_size = tuple(operator.index(p) for p in self.patch_size)
+        except TypeError:
+            raise TypeError(f"patch_size must be 3 positive integers (t, h, w), got {self.patch_size!r}") from None
+        if len(self.patch_size) != 3 or min(self.patch_size) < 1:
+            raise ValueError(f"patch_size must be 3 positive integers (t, h, w), got {self.patch_size}")
+        for name in _POSITIVE_INTS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise TypeError(f"{name} must be a positive integer, got {value!r} ({type(value).__name__})")
+            if value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value}")
+            setattr(self, name, int(value))
+        for name in ("eps", "text_rope_base"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:
+                raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+        if not isinstance(self.cross_attn_norm, bool):
+            raise TypeError(f"cross_attn_norm must be a bool, got {self.cross_attn_norm!r}")
         if self.text_flow not in TEXT_FLOWS:
             raise ValueError(f"text_flow must be one of {TEXT_FLOWS}, got {self.text_flow!r}")
         if self.discrete_source not in DISCRETE_SOURCES:

@@ -1,4 +1,5 @@
 """Checkpoint conversion: three Wan sources agree; public-implementation checkpoints load; IO round trip."""
+import argparse
 import json
 
 import pytest
@@ -6,6 +7,7 @@ import torch
 
 from _models import randomize, tiny_reference
 from univigu_fast.config import UniViGUConfig
+from univigu_fast.conversion import _TEXT_STREAM as TEXT_STREAM
 from univigu_fast.conversion import _WAN_ORIGINAL  # noqa: F401  (the mapping under test)
 from univigu_fast.reference import UniViGUModel
 
@@ -166,7 +168,7 @@ def test_from_pretrained_takes_diffusers_arguments(tmp_path):
     assert torch.equal(back.patch_embedding.weight, model.patch_embedding.weight.half())
     with pytest.raises(ValueError, match="not both"):
         UniViGUModel.from_pretrained(tmp_path / "pipe/transformer", dtype=torch.float32, torch_dtype=torch.float16)
-    with pytest.raises(TypeError, match="dtype must be a torch.dtype"):
+    with pytest.raises(TypeError, match="dtype must be a floating torch.dtype"):
         UniViGUModel.from_pretrained(tmp_path / "pipe/transformer", torch_dtype="bf16")
     with pytest.raises(FileNotFoundError, match="has no config.json.*from_wan"):
         UniViGUModel.from_pretrained(tmp_path / "pipe")
@@ -259,7 +261,13 @@ def test_bad_checkpoints_get_clear_errors(wan, tmp_path):
     want = UniViGUModel.from_wan(sd, attention_head_dim=16, vocab_size=50).state_dict()
     for f in ("wan.safetensors", "wan.pt"):
         got = UniViGUModel.from_wan(tmp_path / f, attention_head_dim=16, vocab_size=50).state_dict()
-        assert all(torch.equal(got[k], want[k]) for k in want if "text" not in k and "vocab" not in k and "_t" not in k)
+        video_path = [k for k in want if not any(t in k for t in TEXT_STREAM)]
+        assert "scale_shift_table_v" in video_path and "cond_text_embedder.linear_1.weight" in video_path
+        assert all(torch.equal(got[k], want[k]) for k in video_path), f
+    # the ComfyUI single-file prefix is diffusers' too
+    comfy = UniViGUModel.from_wan({"model.diffusion_model." + k: v for k, v in sd.items()}, attention_head_dim=16,
+                                  vocab_size=50).state_dict()
+    assert all(torch.equal(comfy[k], want[k]) for k in video_path)
     # a truncated file names itself
     (tmp_path / "cut.safetensors").write_bytes((tmp_path / "wan.safetensors").read_bytes()[:100])
     with pytest.raises(ValueError, match="cannot read weights from .*cut.safetensors"):
@@ -313,3 +321,101 @@ def test_text_rope_base_read_back_from_any_buffer_dtype(dtype, base):
         assert got == base
     else:  # a value with more digits than the buffer resolves: close, not exact
         assert abs(got - base) < 0.01 * base
+
+
+def test_loaders_take_device_and_dtype_and_keep_rope_in_float32(wan, tmp_path):
+    """Every loader takes ``device`` / ``dtype`` / ``torch_dtype``; the text RoPE frequencies stay float32
+    under any cast (in bf16 they would be off by up to 0.4%)."""
+    model_wan, config = wan
+    model = tiny_reference(seed=6)
+    exact = model.rotary_emb_text.inv_freq.clone()
+    model.save_pretrained(tmp_path / "m")
+    wan_dir = tmp_path / "pipe"
+    model_wan.save_pretrained(wan_dir / "transformer")
+    loaded = {
+        "from_pretrained": UniViGUModel.from_pretrained(tmp_path / "m", torch_dtype=torch.bfloat16, device="cpu"),
+        "from_uni_vigu": UniViGUModel.from_uni_vigu(model.state_dict(), torch_dtype=torch.bfloat16, device="cpu"),
+        "from_wan": UniViGUModel.from_wan(model_wan, vocab_size=50, dtype=torch.bfloat16),
+        "from_wan folder": UniViGUModel.from_wan(wan_dir, subfolder="transformer", vocab_size=50, torch_dtype=torch.bfloat16),
+        ".to(bfloat16)": tiny_reference(seed=6).to(torch.bfloat16),
+        ".half()": tiny_reference(seed=6).half(),
+    }
+    for how, m in loaded.items():
+        assert m.patch_embedding.weight.dtype != torch.float32, how
+        assert m.rotary_emb_text.inv_freq.dtype == torch.float32, how
+        assert torch.equal(m.rotary_emb_text.inv_freq, exact), how
+    with pytest.raises(TypeError, match="dtype must be a floating torch.dtype"):
+        UniViGUModel.from_wan(model_wan, vocab_size=50, torch_dtype=torch.int8)
+
+
+def test_assigned_weights_are_parameters_and_not_the_callers(tmp_path):
+    """from_uni_vigu / from_pretrained build on the meta device and take the tensors: the result is an
+    ordinary trainable model, and a dict the caller passed is copied, not aliased."""
+    model = tiny_reference(seed=6)
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    back = UniViGUModel.from_uni_vigu(sd)
+    assert all(isinstance(p, torch.nn.Parameter) and p.requires_grad for p in back.parameters())
+    assert {p.device.type for p in back.parameters()} | {b.device.type for b in back.buffers()} == {"cpu"}
+    with torch.no_grad():
+        back.patch_embedding.weight.add_(1.0)
+    assert torch.equal(sd["patch_embedding.weight"], model.patch_embedding.weight)
+    model.save_pretrained(tmp_path / "m")
+    again = UniViGUModel.from_pretrained(tmp_path / "m")
+    for k, v in again.state_dict().items():
+        assert v.is_contiguous() and torch.equal(v, model.state_dict()[k]), k
+
+
+def test_save_pretrained_shards_over_max_shard_size(tmp_path):
+    """Over ``max_shard_size`` the weights go to ``model-0000i-of-0000n.safetensors`` with the Hugging Face
+    index; from_pretrained reads them; a later single-file save removes the old shards."""
+    model = tiny_reference(seed=6, discrete_source="mask")
+    model.save_pretrained(tmp_path / "m", max_shard_size="20KB")
+    files = sorted(p.name for p in (tmp_path / "m").iterdir())
+    shards = [f for f in files if f.startswith("model-")]
+    assert len(shards) > 2 and "model.safetensors" not in files and "model.safetensors.index.json" in files
+    index = json.loads((tmp_path / "m" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(model.state_dict()) and set(index["weight_map"].values()) == set(shards)
+    back = UniViGUModel.from_pretrained(tmp_path / "m")
+    assert all(torch.equal(back.state_dict()[k], v) for k, v in model.state_dict().items())
+    model.save_pretrained(tmp_path / "m")  # default 10GB: one file, stale shards and index gone
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors"]
+    model.save_pretrained(tmp_path / "m", max_shard_size=30_000)
+    sorted((tmp_path / "m").glob("model-*.safetensors"))[1].unlink()
+    with pytest.raises(FileNotFoundError, match="names shards that are not there"):
+        UniViGUModel.from_pretrained(tmp_path / "m")
+    with pytest.raises(ValueError, match="max_shard_size '10 gigs'"):
+        model.save_pretrained(tmp_path / "m", max_shard_size="10 gigs")
+
+
+def test_loaders_name_the_right_loader_for_the_wrong_source(wan, tmp_path):
+    """A source meant for another loader, or not a checkpoint at all, is refused naming what was expected."""
+    model_wan, config = wan
+    model = tiny_reference(seed=6)
+    model.save_pretrained(tmp_path / "ours")
+    model_wan.save_pretrained(tmp_path / "wan")
+    with pytest.raises(TypeError, match="expects a diffusers WanTransformer3DModel .* got a Linear"):
+        UniViGUModel.from_wan(torch.nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="already a UniViGUModel .* from_uni_vigu"):
+        UniViGUModel.from_wan(model)
+    for source in (model.state_dict(), tmp_path / "ours" / "model.safetensors"):
+        with pytest.raises(ValueError, match="Uni-ViGU checkpoint .* from_uni_vigu"):
+            UniViGUModel.from_wan(source)
+    with pytest.raises(FileNotFoundError, match="does not exist .*local files only"):
+        UniViGUModel.from_wan("Wan-AI/Wan2.1-T2V-1.3B-Diffusers")
+    (tmp_path / "bare").mkdir()
+    with pytest.raises(FileNotFoundError, match="bare has no config.json"):
+        UniViGUModel.from_wan(tmp_path / "bare")
+    with pytest.raises(ValueError, match="is a folder; from_uni_vigu reads one checkpoint file"):
+        UniViGUModel.from_uni_vigu(tmp_path / "ours")
+    with pytest.raises(ValueError, match="WanTransformer3DModel config, not one save_pretrained wrote.*from_wan"):
+        UniViGUModel.from_pretrained(tmp_path / "wan")
+    # a config.json path, or a training checkpoint's {"model": state dict}, is read as what it points to
+    want = UniViGUModel.from_wan(model_wan, vocab_size=50).state_dict()
+    video_path = [k for k in want if not any(t in k for t in TEXT_STREAM)]
+    for source in (tmp_path / "wan" / "config.json", {"model": model_wan.state_dict()}):
+        got = UniViGUModel.from_wan(source, config=config).state_dict()
+        assert all(torch.equal(got[k], want[k]) for k in video_path)
+    # a checkpoint with pickled objects: the way round it is named
+    torch.save({"model": model.state_dict(), "args": argparse.Namespace(lr=1.0)}, tmp_path / "public.pth")
+    with pytest.raises(ValueError, match=r"weights_only=True.*torch.load\(path, weights_only=False\)"):
+        UniViGUModel.from_uni_vigu(tmp_path / "public.pth")

@@ -365,3 +365,15 @@ def test_fsdp2_cuda_matches_unsharded_and_resumes(data, tmp_path, text_flow):
                                    rtol=2e-3, atol=2e-3)
     finally:
         dist.destroy_process_group()
+
+
+def test_training_checkpoint_loads_with_its_stored_config(data, tmp_path):
+    """from_uni_vigu reads ``model_config`` from a Trainer checkpoint: a mask-source model with another
+    vocabulary than umT5's, eps and text_ffn_init are not re-guessed from the shapes."""
+    m = _model(discrete_source="mask", eps=1e-5, text_ffn_init="new")
+    path = Trainer(m, data, TrainConfig(steps=1, batch_size=4, warmup_steps=0, progress=False)).save(tmp_path / "ck.pt")
+    back = UniViGUModel.from_uni_vigu(path)
+    assert back.config == m.config and back.config.mask_token_id == len(SyntheticTokenizer())
+    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), back.state_dict().values()))
+    # overrides apply on top of the stored config
+    assert UniViGUModel.from_uni_vigu(path, eps=1e-6).config.eps == 1e-6

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -60,7 +61,9 @@ _WAN_ORIGINAL = [
     (r"\.ffn\.0\.", ".ffn.net.0.proj."),
     (r"\.ffn\.2\.", ".ffn.net.2."),
 ]
-_PREFIXES = ("_fsdp_wrapped_module.", "_orig_mod.", "module.")
+_PREFIXES = ("_fsdp_wrapped_module.", "_orig_mod.", "module.", "model.diffusion_model.")  # the last: ComfyUI single files
+# names only a Uni-ViGU checkpoint has (the text stream)
+_TEXT_STREAM = ("vocab_embed.", "time_embedding_t.", "scale_shift_table_t", "text_head.", "rotary_emb_text.", ".ffn_t.")
 
 
 def wan_original_to_diffusers(state_dict: dict) -> dict:
@@ -183,56 +186,136 @@ def _read_safetensors(path: Path) -> dict:
         raise ValueError(f"cannot read weights from {path}: {type(e).__name__}: {e}") from e
 
 
+def _torch_load(path: Path):
+    """``torch.load(weights_only=True)``; a file that needs more (arbitrary pickled objects) is named, with
+    the way round it for a trusted file."""
+    import pickle
+
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"cannot read {path} with torch.load(weights_only=True) (it holds more than tensors and "
+                         "plain containers). If you trust the file, load it yourself with "
+                         "torch.load(path, weights_only=False) and pass the dict") from e
+
+
 def _read_state_file(path: Path) -> dict:
     """A single weights file: ``.safetensors``, else a ``torch.save`` file (``.pt`` / ``.pth`` / ``.bin``)."""
     if path.suffix == ".safetensors":
         return _read_safetensors(path)
-    obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    obj = _torch_load(path)
     if not isinstance(obj, dict):
         raise TypeError(f"{path} holds a {type(obj).__name__}, expected a state dict")
     return obj
 
 
-def from_wan(cls, source, config: UniViGUConfig | None = None, *, variant: str | None = None, **text_fields):
+def _weights(ckpt: dict) -> dict:
+    """The state dict of a training checkpoint (under ``model`` / ``state_dict`` / ``module``) or ``ckpt``."""
+    return next((ckpt[k] for k in ("model", "state_dict", "module") if isinstance(ckpt.get(k), dict)), ckpt)
+
+
+def _dtype_arg(dtype, torch_dtype):
+    """``dtype`` or diffusers' name for it, ``torch_dtype``."""
+    if torch_dtype is not None:
+        if dtype is not None and dtype != torch_dtype:
+            raise ValueError(f"pass dtype or torch_dtype (diffusers' name for it), not both: got {dtype} and {torch_dtype}")
+        dtype = torch_dtype
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating torch.dtype such as torch.bfloat16, got {dtype!r}")
+    return dtype
+
+
+def _load_assigned(cls, config: UniViGUConfig, sd: dict, dtype, *, owned: bool):
+    """``cls(config)`` with ``sd``'s weights (strict), built on the meta device and given the tensors (cast
+    to ``dtype``, default the default dtype) instead of random-initialised then overwritten: peak memory is
+    the weights once, not a float32 model beside them. The text RoPE frequencies stay float32. ``owned``:
+    ``sd``'s tensors may become the model's (else they are copied)."""
+    dtype = dtype or torch.get_default_dtype()
+    tensors = {}
+    for k, v in sd.items():
+        if isinstance(v, torch.Tensor) and v.is_floating_point():
+            t = v.detach().to(dtype=torch.float32 if k == "rotary_emb_text.inv_freq" else dtype,
+                              memory_format=torch.contiguous_format)
+            if not owned and t.data_ptr() == v.data_ptr():
+                t = t.clone()
+            v = t
+        tensors[k] = v
+    with torch.device("meta"):
+        model = cls(config)
+    model.load_state_dict(tensors, strict=True, assign=True)
+    check_text_rope_base(model)
+    return model
+
+
+def _source_kind_error(sd: dict) -> None:
+    """Refuse (naming the right loader) a Uni-ViGU state dict passed to ``from_wan``."""
+    text = next((k for k in sd if any(t in k for t in _TEXT_STREAM)), None)
+    if text is not None:
+        raise ValueError(f"this is a Uni-ViGU checkpoint (it has text-stream weights such as {text!r}): load it "
+                         "with from_uni_vigu (a save_pretrained folder: from_pretrained)")
+
+
+def from_wan(cls, source, config: UniViGUConfig | None = None, *, variant: str | None = None,
+             subfolder: str | None = None, device=None, dtype: torch.dtype | None = None,
+             torch_dtype: torch.dtype | None = None, **text_fields):
     """Build ``cls`` from Wan2.1 weights; see the module docstring for the sources. ``variant``: a
-    folder's weight variant as diffusers names it (``"fp16"`` loads ``*.fp16.safetensors``)."""
+    folder's weight variant as diffusers names it (``"fp16"`` loads ``*.fp16.safetensors``);
+    ``subfolder``: the folder under ``source`` (``"transformer"`` of a pipeline is found without it);
+    ``device`` / ``dtype`` (``torch_dtype``): where and in what the model is returned (default: the
+    default dtype, on the CPU). Other keywords are the config's text-stream fields."""
+    dtype = _dtype_arg(dtype, torch_dtype)
     wan_config = None
-    if variant is not None and not isinstance(source, (str, Path)):
-        raise ValueError("variant applies to a folder source only")
+    if (variant is not None or subfolder is not None) and not isinstance(source, (str, Path)):
+        raise ValueError("variant / subfolder apply to a folder source only")
     if isinstance(source, torch.nn.Module):
-        sd = source.state_dict()
-        wan_config = dict(source.config)
-    elif isinstance(source, (str, Path)) and Path(source).is_file():  # one weights file, no config.json
-        if variant is not None:
-            raise ValueError("variant applies to a folder source only")
-        sd = _read_state_file(Path(source))
+        wan_config = getattr(source, "config", None)
+        if isinstance(wan_config, UniViGUConfig):
+            raise TypeError(f"source is already a {type(source).__name__} (a Uni-ViGU model); to copy it use "
+                            "from_uni_vigu(source.state_dict(), config=source.config)")
+        if not isinstance(wan_config, Mapping):
+            raise TypeError(f"from_wan expects a diffusers WanTransformer3DModel (a module with a .config dict), a "
+                            f"folder, a weights file or a state dict; got a {type(source).__name__} without one")
+        sd, wan_config = source.state_dict(), dict(wan_config)
     elif isinstance(source, (str, Path)):
-        folder = Path(source)
-        if (folder / "transformer" / "config.json").exists():
-            folder = folder / "transformer"
-        sd, wan_config = _load_folder_state(folder, variant)
+        path = Path(source) / subfolder if subfolder else Path(source)
+        if path.is_file() and path.suffix == ".json":  # its config.json or shard index: the folder
+            path = path.parent
+        if path.is_file():  # one weights file, no config.json
+            if variant is not None:
+                raise ValueError("variant applies to a folder source only")
+            sd = _weights(_read_state_file(path))
+        elif path.is_dir():
+            if (path / "transformer" / "config.json").exists():
+                path = path / "transformer"
+            if not (path / "config.json").is_file():
+                raise FileNotFoundError(f"{path} has no config.json: from_wan reads a diffusers or original Wan2.1 "
+                                        "folder (config.json + weights), a single weights file or a state dict")
+            sd, wan_config = _load_folder_state(path, variant)
+        else:
+            raise FileNotFoundError(f"{path} does not exist (from_wan reads local files only)")
     elif isinstance(source, dict):
-        sd = source
+        sd = _weights(source)
     else:
         raise TypeError(f"from_wan expects a WanTransformer3DModel, a folder path or a state dict, got {type(source).__name__}")
     # wrapper prefixes (torch.compile, DDP, FSDP) off; the original release's names -> diffusers' (a no-op
     # on those) -> ours
-    ours = diffusers_to_ours(wan_original_to_diffusers({_strip(k): v for k, v in sd.items()}))
+    sd = {_strip(k): v for k, v in sd.items()}
+    _source_kind_error(sd)
+    ours = diffusers_to_ours(wan_original_to_diffusers(sd))
     if config is None:
         config = _config_from_wan_state(ours, wan_config, dict(text_fields))
     elif text_fields:
-        raise ValueError("pass either config or text-stream fields, not both")
+        raise ValueError(f"pass either config or text-stream fields ({sorted(text_fields)}), not both")
     _check_config_against_weights(config, ours)
     model = cls(config)
     missing, unexpected = model.load_state_dict(ours, strict=False)
     if unexpected:
         raise ValueError(f"unexpected keys from the Wan checkpoint: {unexpected[:8]}")
     model.init_text_stream()
-    text_stream = ("vocab_embed.", "time_embedding_t.", "scale_shift_table_t", "text_head.", "rotary_emb_text.", ".ffn_t.")
-    not_text = [k for k in missing if not any(t in k or k.startswith(t) for t in text_stream)]
+    not_text = [k for k in missing if not any(t in k or k.startswith(t) for t in _TEXT_STREAM)]
     if not_text:
         raise ValueError(f"Wan checkpoint lacks video-path weights: {not_text[:8]}")
-    return model.eval()
+    return model.to(device=device, dtype=dtype).eval()
 
 
 def _strip(key: str) -> str:
@@ -307,22 +390,37 @@ def _infer_config(sd: dict, overrides: dict, head_dim: int | None = None) -> Uni
     return UniViGUConfig(**fields)
 
 
-def from_uni_vigu(cls, ckpt, config: UniViGUConfig | None = None, **overrides):
+def from_uni_vigu(cls, ckpt, config: UniViGUConfig | None = None, *, device=None, dtype: torch.dtype | None = None,
+                  torch_dtype: torch.dtype | None = None, **overrides):
     """Load a public-implementation checkpoint (path or dict) into ``cls``; strict key match.
 
-    Shapes alone cannot tell the ``mask`` source (``vocab_embed`` has V + 1 rows) from ``uniform`` (V
-    rows): a table of umT5's 256,384 + 1 rows is read as ``mask``; for another vocabulary pass
-    ``discrete_source="mask"`` for a checkpoint trained with the mask source."""
-    if isinstance(ckpt, (str, Path)):
-        ckpt = torch.load(str(ckpt), map_location="cpu", weights_only=True)
+    The config: ``config``, else the one a univigu-fast training checkpoint stores (``model_config``,
+    with ``overrides`` applied), else inferred from the weight shapes. Shapes alone cannot tell the
+    ``mask`` source (``vocab_embed`` has V + 1 rows) from ``uniform`` (V rows): a table of umT5's
+    256,384 + 1 rows is read as ``mask``; for another vocabulary pass ``discrete_source="mask"`` for a
+    checkpoint trained with the mask source. ``device`` / ``dtype`` (``torch_dtype``) as in
+    ``from_pretrained``."""
+    dtype = _dtype_arg(dtype, torch_dtype)
+    owned = isinstance(ckpt, (str, Path))
+    if owned:
+        path = Path(ckpt)
+        if path.is_dir():
+            raise ValueError(f"ckpt {path} is a folder; from_uni_vigu reads one checkpoint file (or a dict): a "
+                             "save_pretrained folder loads with from_pretrained, a Wan2.1 folder with from_wan")
+        ckpt = _read_safetensors(path) if path.suffix == ".safetensors" else _torch_load(path)
     if not isinstance(ckpt, dict):
         raise TypeError(f"ckpt must be a path or a dict, got {type(ckpt).__name__}")
-    sd = next((ckpt[k] for k in ("model", "state_dict", "module") if isinstance(ckpt.get(k), dict)), ckpt)
-    sd = {_strip(k): v for k, v in sd.items()}
+    sd = {_strip(k): v for k, v in _weights(ckpt).items()}
     if any(k.startswith(("condition_embedder.", "head.head.", "text_embedding.")) for k in sd):
         raise ValueError("this is a Wan2.1 checkpoint (diffusers' or the original release's names): "
                          "load it with from_wan")
-    if config is None:
+    stored = ckpt.get("model_config")
+    if config is not None:
+        if overrides:
+            raise ValueError(f"pass either config or overrides ({sorted(overrides)}), not both")
+    elif isinstance(stored, dict):
+        config = UniViGUConfig.from_dict({**stored, **overrides})
+    else:
         if "patch_embedding.weight" not in sd:
             raise ValueError(f"not a Uni-ViGU state dict (no patch_embedding.weight); its top-level keys: "
                              f"{sorted(map(str, ckpt))[:8]}")
@@ -330,12 +428,7 @@ def from_uni_vigu(cls, ckpt, config: UniViGUConfig | None = None, **overrides):
             config = _infer_config(sd, overrides, head_dim=overrides.get("attention_head_dim"))
         except KeyError as e:
             raise ValueError(f"checkpoint lacks weight {e.args[0]!r}") from None
-    elif overrides:
-        raise ValueError("pass either config or overrides, not both")
-    model = cls(config)
-    model.load_state_dict(sd, strict=True)
-    check_text_rope_base(model)
-    return model.eval()
+    return _load_assigned(cls, config, sd, dtype, owned=owned).to(device=device).eval()
 
 
 def check_text_rope_base(model) -> None:
@@ -350,31 +443,87 @@ def check_text_rope_base(model) -> None:
                          f"text_rope_base={said:g}")
 
 
-def save_pretrained(model, path) -> None:
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def _size_bytes(size) -> int:
+    """``max_shard_size``: bytes (an int) or a string such as ``"10GB"`` / ``"500MiB"``."""
+    if isinstance(size, str):
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", size)
+        if m and m.group(2).upper() in _SIZE_UNITS:
+            size = float(m.group(1)) * _SIZE_UNITS[m.group(2).upper()]
+        else:
+            raise ValueError(f"max_shard_size {size!r} is not a size such as '10GB', '500MiB' or a number of bytes")
+    if isinstance(size, bool) or not isinstance(size, (int, float)) or not size > 0:
+        raise ValueError(f"max_shard_size must be a positive number of bytes or a string such as '10GB', got {size!r}")
+    return int(size)
+
+
+_WEIGHTS, _INDEX = "model.safetensors", "model.safetensors.index.json"
+_SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+
+
+def save_pretrained(model, path, *, max_shard_size="10GB") -> None:
+    """``config.json`` and the weights: ``model.safetensors``, or, over ``max_shard_size`` (diffusers'
+    default 10 GB), shards ``model-0000i-of-0000n.safetensors`` named by ``model.safetensors.index.json``
+    (the Hugging Face layout). Weight files of an earlier save into the folder are removed first."""
     from safetensors.torch import save_file
 
+    limit = _size_bytes(max_shard_size)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    model.config.save(path / "config.json")
     sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(sd, str(path / "model.safetensors"))
+    shards, size = [{}], 0
+    for k, v in sd.items():
+        nbytes = v.numel() * v.element_size()
+        if shards[-1] and size + nbytes > limit:
+            shards.append({})
+            size = 0
+        shards[-1][k] = v
+        size += nbytes
+    for old in path.iterdir():
+        if old.name in (_WEIGHTS, _INDEX) or _SHARD.fullmatch(old.name):
+            old.unlink()
+    model.config.save(path / "config.json")
+    if len(shards) == 1:
+        save_file(shards[0], str(path / _WEIGHTS))
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(path / name))
+        weight_map.update(dict.fromkeys(shard, name))
+    total = sum(v.numel() * v.element_size() for v in sd.values())
+    (path / _INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
 
 
 def from_pretrained(cls, path, *, subfolder: str | None = None, device=None, dtype: torch.dtype | None = None,
                     torch_dtype: torch.dtype | None = None):
     """A folder written by ``save_pretrained`` (``path / subfolder`` when given), in eval mode as in
-    diffusers; ``torch_dtype`` is diffusers' name for ``dtype``."""
-    if torch_dtype is not None:
-        if dtype is not None and dtype != torch_dtype:
-            raise ValueError(f"pass dtype or torch_dtype (diffusers' name for it), not both: got {dtype} and {torch_dtype}")
-        dtype = torch_dtype
-    if dtype is not None and not isinstance(dtype, torch.dtype):
-        raise TypeError(f"dtype must be a torch.dtype such as torch.bfloat16, got {dtype!r}")
+    diffusers; ``torch_dtype`` is diffusers' name for ``dtype`` (default: the default dtype; the text
+    RoPE frequencies stay float32). The model is built without a random initialisation and given the
+    file's tensors, so loading needs about the model's size in memory once."""
+    dtype = _dtype_arg(dtype, torch_dtype)
     path = Path(path) / subfolder if subfolder else Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} has no config.json: from_pretrained reads a folder written by "
                                 "save_pretrained; a Wan2.1 or Uni-ViGU checkpoint loads with from_wan / from_uni_vigu")
-    model = cls(UniViGUConfig.load(path / "config.json"))
-    model.load_state_dict(_read_safetensors(path / "model.safetensors"), strict=True)
-    check_text_rope_base(model)
-    return model.to(device=device, dtype=dtype).eval()
+    raw = json.loads((path / "config.json").read_text())
+    if not isinstance(raw, dict) or "text_flow" not in raw:
+        kind = raw.get("_class_name", "another model's") if isinstance(raw, dict) else "another model's"
+        raise ValueError(f"{path / 'config.json'} is a {kind} config, not one save_pretrained wrote (it has no "
+                         "text-stream fields): a Wan2.1 folder loads with from_wan")
+    config = UniViGUConfig.from_dict(raw)
+    if (path / _INDEX).is_file():
+        weight_map = json.loads((path / _INDEX).read_text())["weight_map"]
+        files = sorted(set(weight_map.values()))
+        lacking = [f for f in files if not (path / f).is_file()]
+        if lacking:
+            raise FileNotFoundError(f"{path / _INDEX} names shards that are not there: {lacking}")
+        sd = {}
+        for f in files:
+            sd.update(_read_safetensors(path / f))
+    else:
+        sd = _read_safetensors(path / _WEIGHTS)
+    return _load_assigned(cls, config, sd, dtype, owned=True).to(device=device).eval()

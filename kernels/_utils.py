@@ -128,8 +128,23 @@ def custom_op(name: str):
     launcher runs directly, without the dispatcher's ~10 us per call: a text-only step of the video
     cache makes ~300 such calls for a few milliseconds of GPU work. ``.op`` is the registered op."""
     def wrap(fn):
+        fn = on_input_device(fn)
         return _EagerCustomOp(torch.library.custom_op(name, mutates_args=())(fn), fn)
     return wrap
+
+
+def on_input_device(fn):
+    """Run ``fn`` with its first argument's CUDA device current. Triton launches on the current device
+    and stream, not the tensors': without this a model on ``cuda:1`` while ``cuda:0`` is current would
+    launch its kernels on the wrong device. One ``get_device`` call when the devices agree."""
+    @functools.wraps(fn)
+    def guarded(*args, **kwargs):
+        index = args[0].get_device()
+        if index >= 0 and index != torch.cuda.current_device():
+            with torch.cuda.device(index):
+                return fn(*args, **kwargs)
+        return fn(*args, **kwargs)
+    return guarded
 
 
 class _EagerCustomOp:
@@ -266,9 +281,15 @@ def pick_fastest(choices: dict, key, candidates: dict, what: str, device: torch.
     return choices[key]
 
 
-@functools.lru_cache(maxsize=None)
 def log_once(message: str) -> None:
-    """Log ``message`` at WARNING level the first time it is seen (e.g. which path an op takes)."""
+    """Log ``message`` at WARNING level the first time it is seen (e.g. which path an op takes); nothing
+    while ``torch.compile`` traces (Dynamo cannot trace a logger call: a fallback would break the graph)."""
+    if not torch.compiler.is_compiling():
+        _log_once(message)
+
+
+@functools.lru_cache(maxsize=None)
+def _log_once(message: str) -> None:
     logger.warning(message)
 
 

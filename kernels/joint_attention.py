@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ._utils import (HAS_TRITON, cdiv, check_contiguous, custom_op, describe, host_list, interpreting, log_once,
-                     next_power_of_2, num_sms, pick_fastest, tile_table, use_triton)
+                     next_power_of_2, num_sms, on_input_device, pick_fastest, tile_table, use_triton)
 
 if HAS_TRITON:
     import triton
@@ -521,6 +521,7 @@ def _rope_tensors(rope: Rope | None, ref: torch.Tensor):
     return cos, sin, il.view(torch.uint8) if il.dtype == torch.bool else il
 
 
+@on_input_device
 def _rotate(x: torch.Tensor, cos, sin, il, inverse: bool, positions=None) -> torch.Tensor:
     """R x (or R^T x) for ``x (T, H, D)`` with per-token tables, by ``_rope_kernel``; ``positions``
     = ``(pos, freq, axis)`` computes the angles from position ids instead (``cos`` / ``sin`` unused)."""
@@ -573,12 +574,12 @@ def _attention_forward(q, k, v, cu_q, cu_k, scale, rope_q, rope_k, num_splits=No
     cos, sin, il = _rope_tensors(rope_q, q)
     max_k = _max_len(host_list(cu_k))
     splits = num_splits if num_splits is not None else _kv_splits(tile_seq.numel() * H, max_k, granule, q.device)
-    if splits > 1:  # partials in O's layout (one contiguous (Tq, H, D) slab per split), fp32
-        o_part = torch.empty((splits, Tq, H, D), device=q.device, dtype=torch.float32)
+    out = torch.empty_like(q)  # q's layout (dense), as the registered fake says
+    if splits > 1:  # fp32 partials, one (Tq, H, D) slab per split in O's layout (the kernels index both alike)
         lse_part = torch.empty((splits, H, Tq), device=q.device, dtype=torch.float32)
-        out = torch.empty((Tq, H, D), device=q.device, dtype=q.dtype)  # contiguous: the partials' layout
+        o_part = torch.empty_strided((splits, Tq, H, D), (Tq * H * D, *out.stride()), device=q.device,
+                                     dtype=torch.float32)
     else:
-        out = torch.empty_like(q)
         o_part, lse_part = out, lse  # dummies, never touched (SPLIT=False)
     args = (q, k, v, out, lse, cu_q, cu_k, tile_seq, tile_start, cos, sin, il, o_part, lse_part, scale * _LOG2E,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),

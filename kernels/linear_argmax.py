@@ -47,7 +47,7 @@ import math
 import torch
 
 from ._utils import (HAS_TRITON, TensorDescriptor, cdiv, check_devices, custom_op, log_once, next_power_of_2, num_sms,
-                     tma_compatible, use_triton)
+                     on_input_device, tma_compatible, use_triton)
 
 if HAS_TRITON:
     import triton
@@ -562,7 +562,7 @@ def check_decode_args(temperature, gumbel_seed):
     """The scalar arguments, checked by the kernel's entry point and the reference alike."""
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
         raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
-    if not (math.isfinite(temperature) and temperature > 0):
+    if not 0 < temperature < math.inf:  # (comparisons, not math.isfinite: they trace with a symbolic float)
         raise ValueError(f"temperature must be finite and > 0, got {temperature}")
     if gumbel_seed is not None:
         if isinstance(gumbel_seed, bool) or not isinstance(gumbel_seed, int):
@@ -571,6 +571,7 @@ def check_decode_args(temperature, gumbel_seed):
             raise ValueError(f"gumbel_seed must be in [0, 2**63), got {gumbel_seed}")
 
 
+@on_input_device
 def _linear_argmax_launch(
     x: torch.Tensor,
     weight: torch.Tensor,

@@ -38,7 +38,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from ._utils import HAS_TRITON, cdiv, check_devices, log_once, next_power_of_2, pick_fastest, use_triton
+from ._utils import (HAS_TRITON, cdiv, check_devices, log_once, next_power_of_2, on_input_device, pick_fastest,
+                     use_triton)
 from .linear_argmax import _check_inputs, _linear_argmax_launch
 
 if HAS_TRITON:
@@ -141,6 +142,7 @@ if HAS_TRITON:
             tl.store(zs_ptr + rows, tl.load(zs_ptr + rows, mask=row_mask, other=0.0) + zs, mask=row_mask)
 
 
+@on_input_device
 def _forward_stats_chunked(x, weight, bias, tgt, chunk_v, sum_logits):
     """Forward statistics with cuBLAS: per chunk of ``Vc`` columns one GEMM into an (N, Vc) buffer
     (fp32 where torch can write fp32 from 16-bit inputs), then an online max / sum-exp update.
@@ -190,6 +192,7 @@ def _pick_forward(x, weight, bias, tgt, chunk_v, sum_logits) -> str:
                         repeats=1)
 
 
+@on_input_device
 def _ce_grad_inplace(z, lse, tgt, scale, v0, label_smoothing, v_total):
     n, vc = z.shape
     if use_triton(z):

@@ -389,7 +389,10 @@ def _ffn_forward(x, seg_offsets, seg_expert, flat, residual, gate, save: bool, r
     f_max = max(w1.shape[0] for w1, _, _, _ in experts)
     plan = _Plan(seg_offsets, seg_expert, offsets, max(f_max, dim))
     keep_pre = save and not recompute
-    pre = torch.empty((T, f_max), device=x.device, dtype=x.dtype) if keep_pre else x.new_empty(0)
+    # zeros where the experts' inner sizes differ: a smaller expert's rows leave columns unwritten, and an
+    # op's output must not depend on leftover memory (opcheck / AOT compare it)
+    ragged = len({w1.shape[0] for w1, _, _, _ in experts}) > 1
+    pre = x.new_empty(0) if not keep_pre else (x.new_zeros if ragged else x.new_empty)((T, f_max))
     h = _grouped_gemm(plan, x, [e[0] for e in experts], [e[1] for e in experts], True, f_max,
                       epilogue=EPI_BIAS_GELU, aux=pre if keep_pre else None, write_aux=keep_pre)
     y_save = torch.empty((T, dim), device=x.device, dtype=x.dtype) if (save and gate is not None) else x.new_empty(0)

@@ -395,3 +395,24 @@ def test_backends_agree_with_reference(backend):
         torch.testing.assert_close(a, b, **TOL[torch.float32])
     with pytest.raises(ValueError, match="backend must be one of"):
         joint_attention(q, k, v, cu_q, cu_k, 30, 30, backend="flash")
+
+
+def test_split_kv_output_keeps_q_layout_as_the_registered_fake():
+    """Few query rows over many keys take the split-KV path; its output has q's layout (a permuted,
+    dense q here), as the op's fake says, so torch.compile's stride assertions hold, and the values
+    match the reference."""
+    from univigu_fast.kernels import joint_attention as ja
+
+    torch.manual_seed(0)
+    H, D, Tq, Tk = 2, 16, 8, 256
+    q = torch.randn(H, Tq, D, device=DEVICE).transpose(0, 1)  # (Tq, H, D), strides (D, Tq * D, 1)
+    k, v = torch.randn(Tk, H, D, device=DEVICE), torch.randn(Tk, H, D, device=DEVICE)
+    cu_q = torch.tensor([0, Tq], dtype=torch.int32, device=DEVICE)
+    cu_k = torch.tensor([0, Tk], dtype=torch.int32, device=DEVICE)
+    assert ja._kv_splits(H, Tk, ja._blocks(ja.interpreting())[1], q.device) > 1  # the path under test
+    args = (q, k, v, cu_q, cu_k, 0.25, None, None, None, None, None, None)
+    out, _ = ja._joint_attention_fwd_op.op(*args)
+    assert out.stride() == q.stride()
+    torch.library.opcheck(ja._joint_attention_fwd_op.op, args, test_utils=("test_faketensor",))
+    torch.testing.assert_close(out, joint_attention_reference(q, k, v, cu_q, cu_k, Tq, Tk, softmax_scale=0.25),
+                               atol=2e-5, rtol=2e-5)

@@ -413,3 +413,18 @@ def test_sample_distribution_gpu():
     p = torch.softmax((x[:1].float() @ w.float().t()).double().cpu()[0] / 1.3, 0)
     expected = rows * p
     assert ((counts - expected) ** 2 / expected).sum().item() < CHI2_CRIT[36]
+
+
+def test_temperature_change_keeps_one_fullgraph_trace():
+    """A second temperature makes Dynamo's float symbolic: the argument check must still trace."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(6, 16, generator=g), torch.randn(37, 16, generator=g)
+    f = torch.compile(lambda x, w, t: la.linear_argmax(x, w, gumbel_seed=3, temperature=t)[0], fullgraph=True,
+                      backend="eager")
+    for t in (1.0, 0.7):
+        assert torch.equal(f(x, w, t), la.linear_argmax(x, w, gumbel_seed=3, temperature=t)[0])
+    with pytest.raises(ValueError, match="temperature must be finite and > 0"):
+        la.linear_argmax(x, w, temperature=float("nan"))

@@ -267,3 +267,20 @@ def test_cuda_bf16_text_step_small_tiles():
         ref = modality_ffn_reference(x.float(), seg, seg_expert, [[t.float() for t in e] for e in experts],
                                      residual=residual.float(), gate=gate.float())
     assert ((out - ref).norm() / ref.norm()) < 1e-2
+
+
+def test_forward_op_is_deterministic_when_expert_sizes_differ():
+    """The saved pre-activation is (T, F_max): the smaller expert's rows must not carry leftover memory
+    in the columns it does not use (opcheck compares the op's eager and AOT-traced outputs)."""
+    from univigu_fast.kernels import modality_ffn as mf
+
+    g = torch.Generator().manual_seed(0)
+    T, D, F1, F2 = 13, 16, 24, 8
+    seg = torch.tensor([0, 9, 9, 13], dtype=torch.int32)
+    seg_expert = torch.tensor([0, 1, 1], dtype=torch.int32)
+    x = torch.randn(T, D, generator=g)
+    flat = [torch.randn(*s, generator=g) for s in ((F1, D), (F1,), (D, F1), (D,), (F2, D), (F2,), (D, F2), (D,))]
+    args = (x, seg, seg_expert, flat, None, None, True, False)
+    pre = mf._modality_ffn_fwd_op.op(*args)[1]
+    assert pre.shape == (T, F1) and torch.equal(pre[9:, F2:], torch.zeros(T - 9, F1 - F2))
+    torch.library.opcheck(mf._modality_ffn_fwd_op.op, args, test_utils=("test_aot_dispatch_dynamic",))

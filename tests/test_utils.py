@@ -156,10 +156,52 @@ def test_interpreter_sends_bf16_to_the_references(caplog):
                 torch.randn(32, generator=g)) for _ in range(2)]
     seg, seg_expert = torch.tensor([0, 30, 40], dtype=torch.int32), torch.tensor([0, 1], dtype=torch.int32)
     assert _utils.use_triton(x) and _utils.use_triton(x.half())
-    _utils.log_once.cache_clear()  # (an earlier test may have logged the line already)
+    _utils._log_once.cache_clear()  # (an earlier test may have logged the line already)
     with caplog.at_level("WARNING", logger="univigu_fast"):
         assert not _utils.use_triton(x.bfloat16())
     assert "bfloat16" in caplog.text
     xb, eb = x.bfloat16(), [tuple(t.bfloat16() for t in e) for e in experts]
     torch.testing.assert_close(modality_ffn(xb, seg, seg_expert, eb),
                                modality_ffn_reference(xb, seg, seg_expert, eb), atol=0, rtol=0)
+
+
+def test_reference_fallbacks_trace_with_fullgraph():
+    """A fallback logs which path runs; under torch.compile(fullgraph=True) that log must not break the
+    graph (Dynamo cannot trace a logger call)."""
+    import torch._dynamo
+
+    from univigu_fast.kernels.rms_norm import rms_norm, rms_norm_reference
+    from univigu_fast.ops import FAST_OPS
+
+    w = torch.linspace(0.5, 1.5, 8)
+    for fn, x in ((lambda x: rms_norm(x, w.bfloat16()), torch.randn(4, 8, dtype=torch.bfloat16)),  # bf16 on CPU
+                  (lambda x: FAST_OPS.rms_norm(x, w.double(), 1e-6), torch.randn(4, 8, dtype=torch.float64))):
+        torch._dynamo.reset()
+        torch.testing.assert_close(torch.compile(fn, fullgraph=True, backend="eager")(x),
+                                   rms_norm_reference(x, w.to(x.dtype), 1e-6))
+
+
+def test_launchers_make_the_inputs_cuda_device_current(monkeypatch):
+    """Triton launches on the current CUDA device: a launcher whose first argument lives on another
+    device enters that device for the call (emulated: no GPU here), and does nothing when they agree."""
+    import contextlib
+
+    from univigu_fast.kernels._utils import on_input_device
+
+    entered = []
+
+    @contextlib.contextmanager
+    def device(index):
+        entered.append(index)
+        yield
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", device)
+    launcher = on_input_device(lambda x, *, scale: x * scale)
+    x = torch.ones(2)
+    assert torch.equal(launcher(x, scale=2.0), torch.full((2,), 2.0)) and entered == []  # CPU: untouched
+    monkeypatch.setattr(torch.Tensor, "get_device", lambda self: 1)
+    assert torch.equal(launcher(x, scale=3.0), torch.full((2,), 3.0)) and entered == [1]
+    monkeypatch.setattr(torch.Tensor, "get_device", lambda self: 0)
+    launcher(x, scale=1.0)
+    assert entered == [1]

@@ -59,7 +59,8 @@ def test_json_round_trip_keeps_unknown_keys(tmp_path):
     ("num_layers", -1, ValueError), ("num_layers", "2", TypeError), ("num_attention_heads", 0, ValueError),
     ("attention_head_dim", -16, ValueError), ("vocab_size", 0, ValueError), ("ffn_dim", 2.5, TypeError),
     ("patch_size", (0, 2, 2), ValueError), ("patch_size", (1, 2.5, 2), TypeError),
-    ("text_rope_base", -1.0, ValueError), ("eps", float("nan"), ValueError), ("cross_attn_norm", 1, TypeError),
+    ("text_rope_base", -1.0, ValueError), ("eps", float("nan"), ValueError), ("kappa_power", 0.0, ValueError),
+    ("cross_attn_norm", 1, TypeError),
 ])
 def test_invalid_fields_raise_naming_the_field(field, value, exc):
     with pytest.raises(exc, match=field):

@@ -321,3 +321,30 @@ def test_samplers_take_conditions_of_any_float_dtype(text_flow):
     (la, ia), (lb, ib) = (joint(m, p, (4, 2, 4, 4), [3, 1], null_prompt=n, steps=2, guidance=2.0)
                           for p, n in ((prompts, null), (half[1], half[2])))
     assert all(torch.equal(a, b) for a, b in zip(la + ia, lb + ib))
+
+
+def test_samplers_default_to_the_kappa_power_the_model_was_trained_with(tmp_path, monkeypatch):
+    """``kappa_power`` lives in the model config (the Trainer records the one it trains with, the
+    checkpoint keeps it); caption / joint default to it instead of 1."""
+    from univigu_fast import sampling
+    from univigu_fast.synthetic import make_dataset
+    from univigu_fast.training import TrainConfig, Trainer
+
+    cfg = UniViGUConfig.tiny(vocab_size=20, in_channels=16, out_channels=16, text_dim=8)
+    m = randomize(UniViGUModel(cfg), seed=3)
+    data = make_dataset(4, 0, text_dim=8, frames=2, size=8)
+    data.caption_ids = [i % 20 for i in data.caption_ids]
+    data.prompt_ids = [i % 20 for i in data.prompt_ids]
+    Trainer(m, data, TrainConfig(steps=1, batch_size=2, warmup_steps=0, progress=False, flow=dict(kappa_power=3.0)))
+    assert m.config.kappa_power == 3.0 and cfg.kappa_power == 1.0  # recorded on the model, the caller's config kept
+    m.save_pretrained(tmp_path / "m")
+    m = UniViGUModel.from_pretrained(tmp_path / "m")
+    assert m.config.kappa_power == 3.0
+    used = []
+    monkeypatch.setattr(sampling, "PolynomialScheduler",
+                        lambda n, cls=sampling.PolynomialScheduler: used.append(n) or cls(n))
+    vids, prompts = [torch.randn(16, 2, 2, 2), torch.randn(16, 1, 2, 2)], [torch.randn(2, 8)] * 2
+    caption(m, vids, prompts, [6, 4], steps=2, seed=1)
+    joint(m, prompts, (16, 1, 2, 2), [6, 4], steps=2, seed=1)
+    caption(m, vids, prompts, [6, 4], steps=2, seed=1, kappa_power=1.0)
+    assert used == [3.0, 3.0, 1.0]

@@ -38,8 +38,9 @@ def _positive_finite(value: float) -> float:
 
 _TEMPERATURE_OPTION = typer.Option(1.0, callback=_positive_finite,
                                    help="Discrete text: sampling temperature of x1 from the logits.")
-_KAPPA_POWER_OPTION = typer.Option(1.0, callback=_positive_finite,
-                                   help="Discrete text: scheduler exponent n of kappa(t) = t^n (as in training).")
+_KAPPA_POWER_OPTION = typer.Option(None, callback=lambda v: v if v is None else _positive_finite(v),
+                                   help="Discrete text: scheduler exponent n of kappa(t) = t^n (default: the "
+                                        "model config's kappa_power, the one it was trained with).")
 _SHIFT_OPTION = typer.Option(3.0, callback=_positive_finite,
                              help="Wan flow shift: sigma' = shift sigma / (1 + (shift - 1) sigma).")
 _PROMPT_LENGTH_OPTION = typer.Option(None, help="Rows the prompt embeddings are zero-padded to (0 = unpadded); "
@@ -173,7 +174,8 @@ def train(
     cond_dropout: float = typer.Option(0.5, help="Probability of replacing the prompt by the empty prompt."),
     mode_mix: str = typer.Option("joint=1,understanding=1,generation=1", help="Mode weights, e.g. 'joint=1,understanding=2'."),
     kappa_power: Optional[float] = typer.Option(None, help="Discrete text: scheduler exponent n of kappa(t) = t^n "
-                                                           "(default 1, the public code's)."),
+                                                           "(default: the model config's, 1 as the public code's for "
+                                                           "a Wan checkpoint); saved in the model's config."),
     prompt_length: Optional[int] = typer.Option(None, help="Rows the prompt embeddings are zero-padded to (0 = "
                                                            "unpadded); default 512 as Wan's pipeline with --data, "
                                                            "0 with --synthetic."),
@@ -201,7 +203,7 @@ def train(
                           schedule=schedule, grad_clip=grad_clip, seed=seed, save_every=save_every, out_dir=str(out),
                           prompt_length=_prompt_length(prompt_length, synthetic=data is None),
                           flow=FlowConfig(mode_mix=_mode_mix(mode_mix), cond_dropout=cond_dropout,
-                                          kappa_power=1.0 if kappa_power is None else kappa_power,
+                                          kappa_power=kappa_power,
                                           loss_unit=loss_unit))
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
@@ -294,7 +296,7 @@ def caption(
     length: int = typer.Option(256, min=1, help="Caption length in tokens (the model writes exactly this many)."),
     steps: int = _STEPS_OPTION,
     temperature: float = _TEMPERATURE_OPTION,
-    kappa_power: float = _KAPPA_POWER_OPTION,
+    kappa_power: Optional[float] = _KAPPA_POWER_OPTION,
     synthetic: bool = typer.Option(False, help="Use the synthetic task's tokenizer/prompt encoder."),
     tokenizer: Optional[Path] = _TOKENIZER_OPTION,
     text_encoder: Optional[Path] = typer.Option(None, help="Local umT5 encoder folder (for the empty-prompt condition)."),
@@ -377,7 +379,7 @@ def joint(
     shift: float = _SHIFT_OPTION,
     guidance: float = typer.Option(5.0, help="CFG scale on the video velocity (1 = off)."),
     temperature: float = _TEMPERATURE_OPTION,
-    kappa_power: float = _KAPPA_POWER_OPTION,
+    kappa_power: Optional[float] = _KAPPA_POWER_OPTION,
     synthetic: bool = _SYNTHETIC_VIDEO_OPTION,
     tokenizer: Optional[Path] = _TOKENIZER_OPTION,
     text_encoder: Optional[Path] = _TEXT_ENCODER_OPTION,

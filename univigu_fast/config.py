@@ -42,6 +42,7 @@ class UniViGUConfig:
     discrete_source: str = "uniform"  # "mask" adds one [MASK] token (id = vocab_size)
     text_ffn_init: str = "copy"  # ffn_t starts as a copy of ffn ("copy", public code) or newly initialised ("new", paper)
     text_rope_base: float = 10000.0
+    kappa_power: float = 1.0  # discrete text: the exponent n of kappa(t) = t^n the model is trained with (samplers' default)
     extra: dict = field(default_factory=dict)  # unknown keys kept on round trips
 
     def __post_init__(self):
@@ -58,7 +59,7 @@ class UniViGUConfig:
             if value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value}")
             setattr(self, name, int(value))
-        for name in ("eps", "text_rope_base"):
+        for name in ("eps", "text_rope_base", "kappa_power"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:
                 raise ValueError(f"{name} must be a positive finite number, got {value!r}")

@@ -136,7 +136,7 @@ class FlowConfig:
     """Uni-flow training options."""
 
     mode_mix: dict = field(default_factory=lambda: {"joint": 1.0, "understanding": 1.0, "generation": 1.0})
-    kappa_power: float = 1.0  # polynomial scheduler exponent (public code default 1)
+    kappa_power: float | None = None  # scheduler exponent n of kappa(t) = t^n; None: the model config's (default 1)
     cond_dropout: float = 0.5  # probability of replacing the prompt by the empty-prompt condition
     video_weight: float = 1.0  # lambda_v
     text_weight: float = 1.0  # multiplies the per-token text mean (1 = the paper's token-count normalisation)
@@ -150,7 +150,7 @@ class FlowConfig:
                              f"got {self.mode_mix}")
         if not 0.0 <= self.cond_dropout <= 1.0:
             raise ValueError(f"cond_dropout must lie in [0, 1], got {self.cond_dropout}")
-        if not 0.0 < self.kappa_power < math.inf:
+        if self.kappa_power is not None and not 0.0 < self.kappa_power < math.inf:
             raise ValueError(f"kappa_power must be a positive finite number, got {self.kappa_power}")
         if self.loss_unit not in ("token", "element"):
             raise ValueError(f"loss_unit must be 'token' or 'element', got {self.loss_unit!r}")
@@ -209,7 +209,8 @@ def draw_sample(video: torch.Tensor, prompt: torch.Tensor, null_prompt: torch.Te
     if model_config.text_flow == "discrete":
         x0 = source_tokens(text_ids.numel(), model_config.vocab_size, model_config.discrete_source, g,
                            model_config.mask_token_id)
-        t_in = discrete_path(text_ids, x0.to(text_ids.device), tau_t, PolynomialScheduler(cfg.kappa_power), g)
+        n = model_config.kappa_power if cfg.kappa_power is None else cfg.kappa_power
+        t_in = discrete_path(text_ids, x0.to(text_ids.device), tau_t, PolynomialScheduler(n), g)
     else:
         text_noise = torch.randn(text_ids.numel(), model_config.dim, generator=g)
         t_in = text_ids

@@ -170,6 +170,8 @@ class _TextState:
 
     def __init__(self, model, text_lens, g, kappa_power, temperature):
         check_decode_args(temperature, None)  # before the first (expensive) forward
+        if kappa_power is None:  # the exponent the model was trained with
+            kappa_power = model.config.kappa_power
         if isinstance(kappa_power, bool) or not isinstance(kappa_power, numbers.Real) or not 0 < kappa_power < math.inf:
             raise ValueError(f"kappa_power must be a positive finite number (kappa(t) = t^kappa_power), got {kappa_power!r}")
         c = model.config
@@ -205,7 +207,7 @@ class _TextState:
 
 
 @torch.no_grad()
-def caption(model, videos, prompts, text_lens, *, steps: int = 50, seed: int = 0, kappa_power: float = 1.0,
+def caption(model, videos, prompts, text_lens, *, steps: int = 50, seed: int = 0, kappa_power: float | None = None,
             temperature: float = 1.0, video_cache: str = "off", max_cache_bytes: int | None = None,
             cuda_graph: bool = False, stats: dict | None = None) -> list[torch.Tensor]:
     """Understanding (``tau_video = 1``): integrate the text flow from its source to ids, per sample.
@@ -213,6 +215,8 @@ def caption(model, videos, prompts, text_lens, *, steps: int = 50, seed: int = 0
     videos: list of clean latents (C, F, H, W); prompts: list of (L, text_dim) conditions (the
     empty-prompt embedding for plain captioning); text_lens: tokens per caption. Returns a list of
     int64 id tensors ``(text_lens[i],)``. ``model`` is a reference or fast ``UniViGUModel``.
+    ``kappa_power``: the discrete scheduler's exponent n, default the model config's (what it was
+    trained with).
 
     ``video_cache`` (``univigu_fast.video_cache``): ``"off"`` (exact, the default: every step is a
     full forward), ``"every:r"`` (a full forward that refills the video-stream cache every r-th step,
@@ -330,14 +334,14 @@ def generate(model, prompts, prompt_ids, video_shape: Sequence[int], *, null_pro
 
 @torch.no_grad()
 def joint(model, prompts, video_shape: Sequence[int], text_lens, *, null_prompt: torch.Tensor | None = None,
-          steps: int = 50, shift: float = 3.0, guidance: float = 1.0, seed: int = 0, kappa_power: float = 1.0,
+          steps: int = 50, shift: float = 3.0, guidance: float = 1.0, seed: int = 0, kappa_power: float | None = None,
           temperature: float = 1.0) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Joint generation: video and text from noise, coupled every step (``tau_text = tau_video``).
 
     Guidance (if any) is applied to the video velocity; the text uses the conditional pass and the
     same discrete Euler solver as ``caption`` (DESIGN §4). (The public T2VT script instead keeps each
     sampled token with probability ``i / (steps - 1)`` and ends with an argmax pass at ``tau_text = 1``.)
-    Returns ``(latents list of (C, F, H, W), ids list of (text_lens[i],))``.
+    ``kappa_power`` defaults to the model config's. Returns ``(latents list of (C, F, H, W), ids list of (text_lens[i],))``.
     """
     steps = _check_steps(steps)
     prompts = _per_sample(prompts, "prompts", "(L, text_dim)")

@@ -38,7 +38,7 @@ import os
 import random
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -207,6 +207,10 @@ class Trainer:
                              f"{model.config.text_dim}) tensor, got {getattr(null, 'shape', type(null).__name__)}")
         if model.config.text_flow == "embedding":  # E is the fixed codebook of Eq. 7-8 (see flow.py)
             model.vocab_embed.weight.requires_grad_(False)
+        n = cfg.flow.kappa_power
+        if n is not None and n != model.config.kappa_power:
+            # the model's config records the scheduler it is trained with: the samplers' default exponent
+            model.config = replace(model.config, kappa_power=float(n))
         self.wrapped = wrap_distributed(model, cfg.shard)
         params = [p for p in model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
@@ -413,6 +417,9 @@ class Trainer:
         # settings a resume would silently override (the optimizer state carries the old lr / betas) or
         # mix with the old run's (stage targets, schedule): refuse instead. steps may grow.
         saved, now = sd.get("train_config", {}), _jsonable(asdict(self.cfg))
+        for c in (saved, now):  # flow.kappa_power None means the model's (the exponent a run trains with)
+            if isinstance(c.get("flow"), dict) and c["flow"].get("kappa_power") is None:
+                c["flow"] = {**c["flow"], "kappa_power": self.model.config.kappa_power}
         changed = {k: (saved[k], now[k]) for k in _RESUME_FIXED if k in saved and saved[k] != now[k]}
         if changed:
             diff = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in changed.items())

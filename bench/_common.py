@@ -28,6 +28,7 @@ import math
 import os
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -39,6 +40,7 @@ RESULTS_DIR = Path(os.environ.get("UNIVIGU_RESULTS_DIR") or Path(__file__).paren
 RECORDS: list[dict] = []
 _RUN_ID = datetime.datetime.now().isoformat()
 _EARLIER: dict[Path, list[dict]] = {}  # results file -> the records earlier runs left in it
+_WARNED: set = set()  # dropped earlier records already reported
 _PEAKS: dict[str, float] = {}
 WARMUP_S = 0.3  # minimum warm-up per measurement (when it has one), seconds
 TIMED_S = 0.5  # target length of the timed rounds of a fast op, seconds
@@ -262,11 +264,17 @@ def _git_commit() -> str | None:
         return None
 
 
+def _identity(record: dict) -> tuple:
+    return tuple(record.get(k) for k in ("op", "shape", "mode", "impl", "dtype"))
+
+
 def write_results() -> Path | None:
     """Merge this run's records into ``<RESULTS_DIR>/<device>-<date>.json`` (default ``bench/results/``).
 
     Records of an (op, shape) pair measured in this run replace that pair's older records, so every
-    ratio inside one (op, shape) is between impls timed in the same run. Each record names its
+    ratio inside one (op, shape) is between impls timed in the same run: measure an (op, shape)'s
+    records in one run (``-k`` selections that split them drop the other part, which is reported on
+    stderr, as ``model_step`` / ``wan1.3b-480p`` split from its ``cached`` text step). Each record names its
     ``run`` and ``commit``; ``runs`` maps every run whose records the file holds to its commit,
     versions and measured peaks (the top-level ones are this run's); other top-level keys an
     earlier run or a person left (a ``note``) are kept.
@@ -283,6 +291,12 @@ def write_results() -> Path | None:
         _EARLIER[path] = old.get("records", [])
     fresh = {(r["op"], r["shape"]) for r in RECORDS}
     kept = [r for r in _EARLIER[path] if (r["op"], r["shape"]) not in fresh]
+    measured = {_identity(r) for r in RECORDS}
+    dropped = [_identity(r) for r in _EARLIER[path] if (r["op"], r["shape"]) in fresh and _identity(r) not in measured]
+    if set(dropped) - _WARNED:
+        _WARNED.update(dropped)
+        sys.stderr.write(f"write_results: {path.name}: records of an earlier run dropped because this run measures "
+                         f"their (op, shape) again without them: {sorted(set(dropped), key=str)}\n")
     autotune = dict(old.get("autotune") or {})
     for name, tuner in _autotuners().items():  # every key tuned in this process, merged over older runs
         chosen = {" ".join(map(str, key)): _config_dict(cfg) for key, cfg in getattr(tuner, "cache", {}).items()}

@@ -10,7 +10,8 @@
 #   bash bench/run_gpu.sh bench "linear_cross_entropy"           # vs Liger: time and peak memory
 #   bash bench/run_gpu.sh bench "modality_ffn"                   # fwd, fwd_bwd, varlen
 #   bash bench/run_gpu.sh bench "joint_attention and not wan14b"
-#   bash bench/run_gpu.sh bench "model_step and 480p"            # then "caption or cached_text_step"
+#   bash bench/run_gpu.sh bench "model_step and 480p or cached_text_step"   # then "caption"
+# (the cached text step is a model_step / wan1.3b-480p record: it must run with that pair's others)
 # With 15 minutes of device time in all (start ~2-3 min), one call of ~580 s fits, e.g.
 #   UNIVIGU_COMMIT=<sha> UNIVIGU_BUDGET_S=220 bash bench/run_gpu.sh tests "";
 #   UNIVIGU_COMMIT=<sha> UNIVIGU_BUDGET_S=330 bash bench/run_gpu.sh bench "linear_argmax or glue or modality_ffn"

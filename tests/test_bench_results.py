@@ -153,3 +153,18 @@ def test_a_single_round_measurement_reads_memory_from_the_timed_call(common, mon
     calls.clear()
     rec = common.measure(_FakeBenchmark(), fn, op="x", shape="s", mode="m", impl="i", rounds=2, warmup_rounds=0)
     assert len(calls) == 3 and rec["peak_mem_bytes"] == 500  # two timed rounds, then one for memory
+
+
+def test_dropping_records_a_run_did_not_remeasure_is_reported(common, tmp_path, capsys):
+    """A -k selection that measures only part of an (op, shape) drops the rest (the pair's ratios come
+    from one run): that is said on stderr, naming the dropped records, once."""
+    path = tmp_path / f"h100-{common.datetime.date.today().isoformat()}.json"
+    path.write_text(json.dumps({"records": [_record("model_step", "480p", "triton", 9.0, "r0"),
+                                            _record("model_step", "480p", "cached", 1.0, "r0")]}))
+    common.RECORDS.append(_record("model_step", "480p", "cached", 0.9))
+    common.write_results()
+    err = capsys.readouterr().err
+    assert "dropped" in err and "'triton'" in err and "'cached'" not in err
+    common.RECORDS.append(_record("argmax", "n256", "triton", 1.0))
+    common.write_results()
+    assert capsys.readouterr().err == ""

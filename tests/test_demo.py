@@ -10,7 +10,8 @@ from univigu_fast.cli import app
 from univigu_fast.demo import DemoConfig, evaluate_understanding, load_run, run_demo
 
 REQUIRED = ("understanding_attribute_accuracy", "understanding_caption_only_attribute_accuracy",
-            "stage1_caption_only_attribute_accuracy", "generation_accuracy", "joint_agreement", "chance", "seconds")
+            "stage1_caption_only_attribute_accuracy", "generation_accuracy", "joint_agreement",
+            "joint_background_agreement", "joint_background_agreement_shuffled", "chance", "seconds")
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: tiny models, one torch thread
 
@@ -21,7 +22,7 @@ def test_synthetic_task_is_consistent():
     for s, z in zip(data.samples, data.latents):
         px = vae.decode(z)
         torch.testing.assert_close(vae.encode(px), z, rtol=1e-4, atol=1e-4)  # the "VAE" is invertible
-        assert S.read_video(px) == {"color": s.color, "direction": s.direction}  # evaluator reads ground truth
+        assert S.read_video(px) == {"color": s.color, "direction": s.direction, "background": s.background}
         assert all(S.attribute_scores(s.caption, s).values())
         assert S.parse_caption(s.prompt)["size"] is None  # the prompt lacks caption-only attributes
     tok = S.SyntheticTokenizer()
@@ -200,3 +201,24 @@ def test_demo_cli_usage_errors(tmp_path):
         assert result.exit_code == 2 and named in result.output, (args, result.output[-800:])
     result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "afile" / "sub")])
     assert result.exit_code == 2 and "--out" in result.output, result.output[-800:]
+
+
+def test_background_agreement_needs_the_streams_to_agree():
+    """The coupling metric: a caption agrees on the background with its own video, not with one whose
+    background differs; the prompt never states the background, so copying it scores nothing."""
+    vae = S.SyntheticVAE()
+    data = S.make_dataset(40, 5, text_dim=8)
+    a = data.samples[0]
+    b = next(s for s in data.samples if s.background != a.background)
+    px_a = vae.decode(data.latents[0])
+    assert S.agreement(a.caption, px_a, ("background",)) == 1.0
+    assert S.agreement(b.caption, px_a, ("background",)) == 0.0
+    assert S.agreement(a.prompt, px_a, ("background",)) == 0.0
+    assert S.agreement(a.prompt, px_a) == 1.0  # colour / direction: the prompt alone agrees
+
+
+def test_background_agreement_control_pairs_every_other_video():
+    from univigu_fast.demo import background_agreement
+
+    own, others = background_agreement(["black", "white", None], ["black", "white", "black"])
+    assert own == 2 / 3 and others == 1 / 6  # of the 6 cross pairs only caption 0 / video 2 agree; None never does

@@ -475,7 +475,8 @@ def demo(
             setattr(cfg, name, value)
     m = run_demo(cfg, out, log=typer.echo)
     keys = ("understanding_attribute_accuracy", "understanding_caption_only_attribute_accuracy",
-            "stage1_caption_only_attribute_accuracy", "generation_accuracy", "joint_agreement", "chance", "seconds")
+            "stage1_caption_only_attribute_accuracy", "generation_accuracy", "joint_agreement",
+            "joint_background_agreement", "joint_background_agreement_shuffled", "chance", "seconds")
     typer.echo(json.dumps({k: m[k] for k in keys}, indent=1))
 
 

@@ -15,7 +15,9 @@ Stage 1 (Knowledge Recall: target = the brief prompt) then Stage 2 (Capability R
   fraction of videos whose dominant colour and motion direction both match the prompt.
 * **joint** (``evaluate_joint``): video and caption from noise together, conditioned on the prompt
   (captions sampled at the understanding's temperature); mean agreement of the caption's
-  colour/direction with what the video shows.
+  colour/direction with what the video shows (both are stated by the prompt: following it is enough),
+  and the coupling measure: agreement on the background, which the prompt does not state, beside the
+  same agreement of each caption with every other sample's video (the level without coupling).
 
 Generation and joint are conditioned on the brief prompt alone (colour, shape, direction: 72
 triples, all of which occur in training); what is held out for them is the video, not the prompt.
@@ -179,14 +181,15 @@ def evaluate_generation(model, data: S.SyntheticData, *, steps: int = 20, shift:
 def evaluate_joint(model, data: S.SyntheticData, *, steps: int = 20, shift: float = 1.0, guidance: float = 3.0,
                    seed: int = 0, batch: int = 64, text_len: int | None = None, vae: S.SyntheticVAE | None = None,
                    tokenizer=None, temperature: float = 1.0) -> dict:
-    """Joint generation from the prompts; caption-video agreement on colour and direction, and how
-    often the joint video itself matches the prompt."""
+    """Joint generation from the prompts; caption-video agreement on colour and direction, how often
+    the joint video itself matches the prompt, and the agreement on the background (not in the prompt)
+    of each caption with its own video and, as the control, with the other samples' videos."""
     vae = vae or S.SyntheticVAE()
     tok = tokenizer or S.SyntheticTokenizer()
     L = text_len if text_len is not None else len(data.caption_ids[0])
     dev, dtype = model.device, model.dtype
     shape = tuple(data.latents[0].shape)
-    agree, match, examples = [], [], []
+    agree, match, examples, said_bg, seen_bg = [], [], [], [], []
     model.eval()
     for sl in _chunks(len(data.samples), batch):
         lat, ids = sampling.joint(model, [p.to(dev, dtype) for p in data.prompt_embeds[sl]], shape,
@@ -197,10 +200,23 @@ def evaluate_joint(model, data: S.SyntheticData, *, steps: int = 20, shift: floa
             text = tok.decode(i.cpu())
             agree.append(S.agreement(text, pix))
             seen = S.read_video(pix)
+            said_bg.append(S.parse_caption(text)["background"])
+            seen_bg.append(seen["background"])
             match.append(float(seen["color"] == s.color and seen["direction"] == s.direction))
             if len(examples) < 4:
                 examples.append(dict(prompt=s.prompt, caption=text, video=seen))
-    return dict(joint_agreement=S.mean(agree), joint_video_accuracy=S.mean(match), examples=examples)
+    own, others = background_agreement(said_bg, seen_bg)
+    return dict(joint_agreement=S.mean(agree), joint_video_accuracy=S.mean(match), joint_background_agreement=own,
+                joint_background_agreement_shuffled=others, examples=examples)
+
+
+def background_agreement(said: list, seen: list) -> tuple[float, float]:
+    """Fraction of captions whose stated background is the one their own video shows, and the same over
+    every caption paired with every *other* video (the level the two streams' marginals give without
+    any coupling). ``said``: per caption the parsed background (None when not stated)."""
+    own = S.mean(float(a is not None and a == b) for a, b in zip(said, seen))
+    others = S.mean(float(a is not None and a == b) for i, a in enumerate(said) for j, b in enumerate(seen) if i != j)
+    return own, others
 
 
 # ---------------------------------------------------------------------------- the demo
@@ -288,6 +304,8 @@ def run_demo(cfg: DemoConfig, out: str | Path, *, progress: bool = True, log=pri
         generation_accuracy=g["generation_accuracy"], generation_color_accuracy=g["color_accuracy"],
         generation_direction_accuracy=g["direction_accuracy"],
         joint_agreement=j["joint_agreement"], joint_video_accuracy=j["joint_video_accuracy"], joint_examples=j["examples"],
+        joint_background_agreement=j["joint_background_agreement"],
+        joint_background_agreement_shuffled=j["joint_background_agreement_shuffled"],
         generation_chance=(1 / len(S.COLORS)) * (1 / len(S.DIRECTIONS)),
         n_train=len(train_s), n_test=len(test_s), text_flow=cfg.text_flow, seed=cfg.seed,
         stage1_seconds=stage_seconds[1], stage2_seconds=stage_seconds[2], eval_seconds=time.time() - t_eval,
@@ -308,6 +326,7 @@ def run_demo(cfg: DemoConfig, out: str | Path, *, progress: bool = True, log=pri
     log(f"understanding {u['attribute_accuracy']:.3f} (caption-only {u['caption_only_attribute_accuracy']:.3f})"
         + "".join(f"; cached {n}: {r['attribute_accuracy']:.3f} (tokens = exact {r['token_agreement']:.3f})"
                   for n, r in cached.items())
-        + f", generation {g['generation_accuracy']:.3f}, joint agreement {j['joint_agreement']:.3f}, "
+        + f", generation {g['generation_accuracy']:.3f}, joint agreement {j['joint_agreement']:.3f} (background "
+        f"{j['joint_background_agreement']:.3f}, other videos {j['joint_background_agreement_shuffled']:.3f}), "
         f"chance {metrics['chance']:.3f}, {metrics['seconds']:.0f}s")
     return metrics

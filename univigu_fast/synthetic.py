@@ -254,16 +254,19 @@ def make_dataset(n: int | list, seed: int = 0, *, text_dim: int, frames: int = 3
 
 # ---------------------------------------------------------------------------- evaluators
 def read_video(pixels: torch.Tensor) -> dict:
-    """Rule-based reading of ``(3, F, S, S)`` pixels in [0, 1]: ``{"color", "direction"}`` (None if no
-    foreground is found in the first or last frame)."""
+    """Rule-based reading of ``(3, F, S, S)`` pixels in [0, 1]: ``{"color", "direction", "background"}``
+    (colour / direction None if no foreground is found in the first or last frame; the background is
+    the named one nearest the first frame's median colour)."""
     Fr = pixels.shape[1]
+    median = pixels[:, 0].reshape(3, -1).median(dim=1).values
+    background = min(BACKGROUNDS, key=lambda b: float((median - torch.tensor(BACKGROUNDS[b])).norm()))
     cents, cols = [], []
     for f in (0, Fr - 1):
         fr = pixels[:, f].reshape(3, -1)
         bg = fr.median(dim=1).values
         m = (fr - bg[:, None]).norm(dim=0) > 0.5
         if m.sum() == 0:
-            return {"color": None, "direction": None}
+            return {"color": None, "direction": None, "background": background}
         idx = m.nonzero()[:, 0].float()
         S = pixels.shape[-1]
         cents.append(torch.stack([(idx // S).mean(), (idx % S).mean()]))
@@ -278,7 +281,7 @@ def read_video(pixels: torch.Tensor) -> dict:
         direction = "right" if dx > 0 else "left"
     else:
         direction = "down" if dy > 0 else "up"
-    return {"color": color, "direction": direction}
+    return {"color": color, "direction": direction, "background": background}
 
 
 def parse_caption(text: str) -> dict:
@@ -305,10 +308,12 @@ def attribute_scores(text: str, sample: Sample, attributes=ATTRIBUTES) -> dict:
     return {a: float(got[a] == getattr(sample, a)) for a in attributes}
 
 
-def agreement(text: str, pixels: torch.Tensor) -> float:
-    """Joint generation: fraction of (colour, direction) on which the caption and the video agree."""
+def agreement(text: str, pixels: torch.Tensor, attributes=("color", "direction")) -> float:
+    """Joint generation: fraction of ``attributes`` on which the caption and the video agree. Colour and
+    direction are stated by the prompt both streams are conditioned on (following the prompt is enough to
+    agree on them); the background is not, so only the streams' coupling makes them agree on it."""
     got, seen = parse_caption(text), read_video(pixels)
-    return sum(float(got[a] is not None and got[a] == seen[a]) for a in ("color", "direction")) / 2
+    return sum(float(got[a] is not None and got[a] == seen[a]) for a in attributes) / len(attributes)
 
 
 def mean(xs) -> float:

@@ -309,7 +309,10 @@ def generate(model, prompts, prompt_ids, video_shape: Sequence[int], *, null_pro
     of (N,) prompt token ids (the clean text stream; a length-0 tensor gives an empty text segment), or
     a right-padded (B, N) tensor with ``prompt_lens`` (B,);
     video_shape: (C, F, H, W); null_prompt: (L0, text_dim) empty-prompt condition, needed when
-    ``guidance != 1``; shift: Wan's flow shift; guidance: classifier-free guidance scale.
+    ``guidance != 1``; shift: Wan's flow shift; guidance: classifier-free guidance scale (as in the
+    public T2V script the unconditional pass swaps only the cross-attention prompt and the text stream
+    keeps ``prompt_ids``; the prompt also reaches the video through self-attention, so guidance acts
+    weakly: README).
     Returns a list of fp32 (C, F, H, W) latents (the Euler state is kept in fp32 whatever the model dtype).
     """
     steps = _check_steps(steps)

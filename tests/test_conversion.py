@@ -1,6 +1,7 @@
 """Checkpoint conversion: three Wan sources agree; public-implementation checkpoints load; IO round trip."""
 import argparse
 import json
+import shutil
 
 import pytest
 import torch
@@ -419,3 +420,33 @@ def test_loaders_name_the_right_loader_for_the_wrong_source(wan, tmp_path):
     torch.save({"model": model.state_dict(), "args": argparse.Namespace(lr=1.0)}, tmp_path / "public.pth")
     with pytest.raises(ValueError, match=r"weights_only=True.*torch.load\(path, weights_only=False\)"):
         UniViGUModel.from_uni_vigu(tmp_path / "public.pth")
+
+
+def test_loaded_models_own_their_memory(tmp_path, monkeypatch):
+    """The weights are the model's: not a memory map of the file (overwriting the folder must not change
+    a loaded model) and not shared between parameters when the checkpoint aliased them (torch.save keeps
+    aliasing: the public 'copy' init done by reference); a save that fails keeps the earlier one."""
+    import safetensors.torch
+
+    a, b = tiny_reference(seed=6), tiny_reference(seed=7)
+    a.save_pretrained(tmp_path / "m")
+    b.save_pretrained(tmp_path / "b")
+    loaded = UniViGUModel.from_pretrained(tmp_path / "m")
+    shutil.copyfile(tmp_path / "b" / "model.safetensors", tmp_path / "m" / "model.safetensors")  # in place (cp)
+    assert torch.equal(loaded.patch_embedding.weight, a.patch_embedding.weight)
+    sd = a.state_dict()
+    for k in [k for k in sd if ".ffn." in k]:
+        sd[k.replace(".ffn.", ".ffn_t.")] = sd[k]  # the same tensor under both names
+    torch.save({"model": sd}, tmp_path / "tied.pt")
+    tied = UniViGUModel.from_uni_vigu(tmp_path / "tied.pt")
+    w, w_t = tied.blocks[0].ffn.net[0].proj.weight, tied.blocks[0].ffn_t.net[0].proj.weight
+    assert torch.equal(w, w_t) and w.untyped_storage().data_ptr() != w_t.untyped_storage().data_ptr()
+    tied.save_pretrained(tmp_path / "t")  # safetensors refuses tensors that share memory
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+    monkeypatch.setattr(safetensors.torch, "save_file", fail)
+    with pytest.raises(OSError, match="disk full"):
+        a.save_pretrained(tmp_path / "m", max_shard_size="20KB")
+    monkeypatch.undo()
+    assert torch.equal(UniViGUModel.from_pretrained(tmp_path / "m").patch_embedding.weight, b.patch_embedding.weight)

@@ -278,14 +278,12 @@ def _mode_mix(text: str) -> dict[str, float]:
 
 
 def _save_full(tr, path):
-    """Full state dict from a sharded/DDP model (collective), written by rank 0."""
-    from safetensors.torch import save_file
+    """Full state dict from a sharded/DDP model (collective), written by rank 0 as ``save_pretrained`` does."""
+    from .conversion import save_weights
 
     sd = tr.state_dict()["model"]
     if path is not None:
-        path.mkdir(parents=True, exist_ok=True)
-        tr.model.config.save(path / "config.json")
-        save_file({k: v.contiguous().cpu() for k, v in sd.items()}, str(path / "model.safetensors"))
+        save_weights(sd, tr.model.config, path)
 
 
 def caption(

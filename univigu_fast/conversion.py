@@ -225,26 +225,30 @@ def _dtype_arg(dtype, torch_dtype):
     return dtype
 
 
-def _load_assigned(cls, config: UniViGUConfig, sd: dict, dtype, *, owned: bool):
+def _load_assigned(cls, config: UniViGUConfig, sd: dict, dtype, device, *, owned: bool):
     """``cls(config)`` with ``sd``'s weights (strict), built on the meta device and given the tensors (cast
     to ``dtype``, default the default dtype) instead of random-initialised then overwritten: peak memory is
     the weights once, not a float32 model beside them. The text RoPE frequencies stay float32. ``owned``:
-    ``sd``'s tensors may become the model's (else they are copied)."""
+    ``sd``'s tensors are ours (``torch.load``'s) and may become the model's; else (a caller's dict, a
+    memory-mapped safetensors file) each is copied. Tensors sharing memory in ``sd`` (``torch.save``
+    keeps aliasing) are copied apart. ``device``: default the default device, as for a built model."""
     dtype = dtype or torch.get_default_dtype()
-    tensors = {}
+    tensors, taken = {}, set()
     for k, v in sd.items():
         if isinstance(v, torch.Tensor) and v.is_floating_point():
             t = v.detach().to(dtype=torch.float32 if k == "rotary_emb_text.inv_freq" else dtype,
                               memory_format=torch.contiguous_format)
-            if not owned and t.data_ptr() == v.data_ptr():
+            storage = t.untyped_storage().data_ptr()
+            if (not owned and t.data_ptr() == v.data_ptr()) or storage in taken:
                 t = t.clone()
+            taken.add(t.untyped_storage().data_ptr())
             v = t
         tensors[k] = v
     with torch.device("meta"):
         model = cls(config)
     model.load_state_dict(tensors, strict=True, assign=True)
     check_text_rope_base(model)
-    return model
+    return model.to(device=torch.get_default_device() if device is None else device)
 
 
 def _source_kind_error(sd: dict) -> None:
@@ -401,13 +405,14 @@ def from_uni_vigu(cls, ckpt, config: UniViGUConfig | None = None, *, device=None
     checkpoint trained with the mask source. ``device`` / ``dtype`` (``torch_dtype``) as in
     ``from_pretrained``."""
     dtype = _dtype_arg(dtype, torch_dtype)
-    owned = isinstance(ckpt, (str, Path))
-    if owned:
+    owned = False  # torch.load's tensors are ours; a caller's dict and a (memory-mapped) safetensors file are copied
+    if isinstance(ckpt, (str, Path)):
         path = Path(ckpt)
         if path.is_dir():
             raise ValueError(f"ckpt {path} is a folder; from_uni_vigu reads one checkpoint file (or a dict): a "
                              "save_pretrained folder loads with from_pretrained, a Wan2.1 folder with from_wan")
-        ckpt = _read_safetensors(path) if path.suffix == ".safetensors" else _torch_load(path)
+        owned = path.suffix != ".safetensors"
+        ckpt = _torch_load(path) if owned else _read_safetensors(path)
     if not isinstance(ckpt, dict):
         raise TypeError(f"ckpt must be a path or a dict, got {type(ckpt).__name__}")
     sd = {_strip(k): v for k, v in _weights(ckpt).items()}
@@ -428,7 +433,7 @@ def from_uni_vigu(cls, ckpt, config: UniViGUConfig | None = None, *, device=None
             config = _infer_config(sd, overrides, head_dim=overrides.get("attention_head_dim"))
         except KeyError as e:
             raise ValueError(f"checkpoint lacks weight {e.args[0]!r}") from None
-    return _load_assigned(cls, config, sd, dtype, owned=owned).to(device=device).eval()
+    return _load_assigned(cls, config, sd, dtype, device, owned=owned).eval()
 
 
 def check_text_rope_base(model) -> None:
@@ -467,13 +472,20 @@ _SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 def save_pretrained(model, path, *, max_shard_size="10GB") -> None:
     """``config.json`` and the weights: ``model.safetensors``, or, over ``max_shard_size`` (diffusers'
     default 10 GB), shards ``model-0000i-of-0000n.safetensors`` named by ``model.safetensors.index.json``
-    (the Hugging Face layout). Weight files of an earlier save into the folder are removed first."""
+    (the Hugging Face layout)."""
+    save_weights(model.state_dict(), model.config, path, max_shard_size=max_shard_size)
+
+
+def save_weights(state_dict: dict, config: UniViGUConfig, path, *, max_shard_size="10GB") -> None:
+    """``save_pretrained`` of a state dict (e.g. the full one gathered from a sharded model). The new
+    files are written under temporary names first: weight files of an earlier save into the folder are
+    replaced only once every new one is written (a failed save leaves the earlier one loadable)."""
     from safetensors.torch import save_file
 
     limit = _size_bytes(max_shard_size)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    sd = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
     shards, size = [{}], 0
     for k, v in sd.items():
         nbytes = v.numel() * v.element_size()
@@ -482,28 +494,30 @@ def save_pretrained(model, path, *, max_shard_size="10GB") -> None:
             size = 0
         shards[-1][k] = v
         size += nbytes
+    names = [_WEIGHTS] if len(shards) == 1 else [f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                                                  for i in range(1, len(shards) + 1)]
+    for name, shard in zip(names, shards):
+        save_file(shard, str(path / (name + ".tmp")))
+    if len(shards) > 1:
+        weight_map = {k: name for name, shard in zip(names, shards) for k in shard}
+        total = sum(v.numel() * v.element_size() for v in sd.values())
+        (path / (_INDEX + ".tmp")).write_text(json.dumps({"metadata": {"total_size": total},
+                                                          "weight_map": weight_map}, indent=2) + "\n")
+        names.append(_INDEX)
     for old in path.iterdir():
         if old.name in (_WEIGHTS, _INDEX) or _SHARD.fullmatch(old.name):
             old.unlink()
-    model.config.save(path / "config.json")
-    if len(shards) == 1:
-        save_file(shards[0], str(path / _WEIGHTS))
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards, 1):
-        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(path / name))
-        weight_map.update(dict.fromkeys(shard, name))
-    total = sum(v.numel() * v.element_size() for v in sd.values())
-    (path / _INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+    for name in names:
+        (path / (name + ".tmp")).replace(path / name)
+    config.save(path / "config.json")
 
 
 def from_pretrained(cls, path, *, subfolder: str | None = None, device=None, dtype: torch.dtype | None = None,
                     torch_dtype: torch.dtype | None = None):
     """A folder written by ``save_pretrained`` (``path / subfolder`` when given), in eval mode as in
     diffusers; ``torch_dtype`` is diffusers' name for ``dtype`` (default: the default dtype; the text
-    RoPE frequencies stay float32). The model is built without a random initialisation and given the
-    file's tensors, so loading needs about the model's size in memory once."""
+    RoPE frequencies stay float32). The model is built without a random initialisation and given a copy
+    of the file's tensors (no float32 model beside them; the model owns its memory)."""
     dtype = _dtype_arg(dtype, torch_dtype)
     path = Path(path) / subfolder if subfolder else Path(path)
     if not (path / "config.json").is_file():
@@ -526,4 +540,4 @@ def from_pretrained(cls, path, *, subfolder: str | None = None, device=None, dty
             sd.update(_read_safetensors(path / f))
     else:
         sd = _read_safetensors(path / _WEIGHTS)
-    return _load_assigned(cls, config, sd, dtype, owned=True).to(device=device).eval()
+    return _load_assigned(cls, config, sd, dtype, device, owned=False).eval()  # safetensors: memory-mapped

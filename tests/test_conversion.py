@@ -449,4 +449,5 @@ def test_loaded_models_own_their_memory(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         a.save_pretrained(tmp_path / "m", max_shard_size="20KB")
     monkeypatch.undo()
+    assert not list((tmp_path / "m").glob("*.tmp"))
     assert torch.equal(UniViGUModel.from_pretrained(tmp_path / "m").patch_embedding.weight, b.patch_embedding.weight)

@@ -266,7 +266,7 @@ def from_wan(cls, source, config: UniViGUConfig | None = None, *, variant: str |
     folder's weight variant as diffusers names it (``"fp16"`` loads ``*.fp16.safetensors``);
     ``subfolder``: the folder under ``source`` (``"transformer"`` of a pipeline is found without it);
     ``device`` / ``dtype`` (``torch_dtype``): where and in what the model is returned (default: the
-    default dtype, on the CPU). Other keywords are the config's text-stream fields."""
+    default dtype, on the default device). Other keywords are the config's text-stream fields."""
     dtype = _dtype_arg(dtype, torch_dtype)
     wan_config = None
     if (variant is not None or subfolder is not None) and not isinstance(source, (str, Path)):
@@ -496,14 +496,20 @@ def save_weights(state_dict: dict, config: UniViGUConfig, path, *, max_shard_siz
         size += nbytes
     names = [_WEIGHTS] if len(shards) == 1 else [f"model-{i:05d}-of-{len(shards):05d}.safetensors"
                                                   for i in range(1, len(shards) + 1)]
-    for name, shard in zip(names, shards):
-        save_file(shard, str(path / (name + ".tmp")))
     if len(shards) > 1:
-        weight_map = {k: name for name, shard in zip(names, shards) for k in shard}
-        total = sum(v.numel() * v.element_size() for v in sd.values())
-        (path / (_INDEX + ".tmp")).write_text(json.dumps({"metadata": {"total_size": total},
-                                                          "weight_map": weight_map}, indent=2) + "\n")
         names.append(_INDEX)
+    try:
+        for name, shard in zip(names, shards):
+            save_file(shard, str(path / (name + ".tmp")))
+        if len(shards) > 1:
+            weight_map = {k: name for name, shard in zip(names, shards) for k in shard}
+            total = sum(v.numel() * v.element_size() for v in sd.values())
+            (path / (_INDEX + ".tmp")).write_text(json.dumps({"metadata": {"total_size": total},
+                                                              "weight_map": weight_map}, indent=2) + "\n")
+    except BaseException:
+        for name in names:
+            (path / (name + ".tmp")).unlink(missing_ok=True)
+        raise
     for old in path.iterdir():
         if old.name in (_WEIGHTS, _INDEX) or _SHARD.fullmatch(old.name):
             old.unlink()

@@ -4,7 +4,18 @@ The Triton kernels live in the top-level ``kernels/`` folder (one file per op) a
 subpackage ``univigu_fast.kernels`` through ``package_dir``, so ``import univigu_fast.kernels``
 works from a wheel and from an editable install alike.
 """
+import os
+import sys
+
 from setuptools import find_packages, setup
+
+# This folder's ``kernels/`` is not Hugging Face's ``kernels`` package (a dependency of transformers >=
+# 5.25), whose setuptools plugin (an ``egg_info.writers`` entry point in ``kernels._internals``) every
+# build in an environment that has it imports: with this folder first on sys.path the import finds ours
+# and the build fails. Keep the folder on the path, after site-packages.
+_here = os.path.dirname(os.path.abspath(__file__))
+_entries = [p for p in sys.path if os.path.abspath(p or ".") == _here]
+sys.path[:] = [p for p in sys.path if p not in _entries] + _entries
 
 setup(
     name="univigu-fast",

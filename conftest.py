@@ -1,0 +1,14 @@
+"""pytest setup shared by tests/ and bench/.
+
+The repository root holds ``kernels/`` (shipped as ``univigu_fast.kernels``, DESIGN §1). On sys.path
+(``python -m pytest`` puts the working directory there, and so does this file's own rootdir insertion)
+that folder shadows Hugging Face's ``kernels`` package, which transformers >= 5.25 imports when it is
+installed: diffusers' Wan model, the video path's oracle, then fails to import. The root stays on the
+path, after site-packages.
+"""
+import sys
+from pathlib import Path
+
+_ROOT = Path(__file__).resolve().parent
+_root_entries = [p for p in sys.path if Path(p or ".").resolve() == _ROOT]
+sys.path[:] = [p for p in sys.path if p not in _root_entries] + _root_entries

@@ -298,16 +298,21 @@ def remember_host_values(t: torch.Tensor, values) -> torch.Tensor:
 
     For small metadata tensors (cu_seqlens, segment tables) that the packer builds from Python lists
     and the kernels' launchers read back on the host every layer. Tied to ``t._version``: an
-    in-place change of ``t`` invalidates the record."""
-    t._univigu_host = (t._version, tuple(int(v) for v in values))
+    in-place change of ``t`` invalidates the record (an inference tensor, made under
+    ``torch.inference_mode()``, has no version counter: its record holds until it is replaced)."""
+    t._univigu_host = (_version(t), tuple(int(v) for v in values))
     return t
+
+
+def _version(t: torch.Tensor):
+    return None if t.is_inference() else t._version
 
 
 def host_list(t: torch.Tensor) -> list[int]:
     """``t.tolist()`` of a small 1-D integer tensor, without a device sync when the values were
     recorded with :func:`remember_host_values` (and ``t`` is unchanged since)."""
     rec = getattr(t, "_univigu_host", None)
-    if rec is not None and rec[0] == t._version:
+    if rec is not None and rec[0] == _version(t):
         return list(rec[1])
     return t.tolist()
 

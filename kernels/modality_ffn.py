@@ -11,6 +11,7 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from ._utils import (HAS_TRITON, TensorDescriptor, cdiv, check_contiguous, check_devices, check_segments,
                      custom_op, expand_segments, host_list, interpreting, log_once, segment_sum, tile_table,
@@ -492,6 +493,18 @@ def _setup_context(ctx, inputs, output):
     ctx.has_gate = gate is not None
     ctx.has_residual = residual is not None
     ctx.saved = save
+    ctx.unused = _experts_without_rows(seg_offsets, seg_expert, len(weights) // 4)
+
+
+def _experts_without_rows(seg_offsets, seg_expert, n_experts: int) -> set:
+    """Experts no segment with rows routes to: their weights get no gradient (None, as when the reference
+    never calls them; zeros would still move them under weight decay and momentum). Eager only: traced
+    (torch.compile, fake tensors) the values are unknown and every expert gets a gradient."""
+    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+        return set()
+    offsets, expert = host_list(seg_offsets), host_list(seg_expert)
+    used = {e for e, a, b in zip(expert, offsets, offsets[1:]) if b > a}
+    return set(range(n_experts)) - used
 
 
 def _backward(ctx, dout, _dpre, _dy):
@@ -502,7 +515,8 @@ def _backward(ctx, dout, _dpre, _dy):
         raise RuntimeError("modality_ffn: backward called on a forward run without grad")
     dx, dws, dgate = _modality_ffn_bwd_op(dout, x, seg_offsets, seg_expert, list(weights), gate, pre, y)
     dres = dout if ctx.has_residual else None  # d(residual + ...) / d residual = identity
-    return dx, None, None, list(dws), dres, (dgate if ctx.has_gate else None), None, None
+    dws = [None if i // 4 in ctx.unused else g for i, g in enumerate(dws)]
+    return dx, None, None, dws, dres, (dgate if ctx.has_gate else None), None, None
 
 
 torch.library.register_autograd("univigu_fast::modality_ffn_fwd", _backward, setup_context=_setup_context)

@@ -241,3 +241,32 @@ def test_dtypes_without_a_kernel_run_the_reference_ops(dtype):
         # float64: the modulation / timestep math is float32 by design (as Wan's), so fp32-level agreement
         torch.testing.assert_close(y, x, **(TOL[torch.float32] if dtype == torch.float64 else dict(atol=0, rtol=0)))
     assert all(torch.equal(i, j) for i, j in zip(ids_a, ids_b))
+
+
+@pytest.mark.parametrize("text", ["none", "empty"])
+def test_text_expert_gets_no_gradient_without_text_rows(text):
+    """A batch without text rows never calls ffn_t in the reference, so its gradients stay None; the fast
+    model's grouped FFN must leave them None too (zeros would still move them under AdamW's weight
+    decay and momentum)."""
+    ref, fast = _pair()
+    videos, prompts, _, tau_v, _ = _batch(ref.config, "joint", torch.float32)
+    kw = {} if text == "none" else dict(text=[torch.zeros(0, dtype=torch.long, device=DEVICE)] * len(videos),
+                                        tau_text=torch.full((len(videos),), 0.5))
+    grads = []
+    for model in (ref, fast):
+        model.train().zero_grad(set_to_none=True)
+        sum((v ** 2).mean() for v in model(videos, tau_v, prompts, **kw).video_velocity).backward()
+        grads.append({n for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0] == grads[1] and not any(".ffn_t." in n for n in grads[1]) and any(".ffn." in n for n in grads[1])
+
+
+def test_inference_mode_runs_as_no_grad():
+    """Packed tables made under torch.inference_mode() have no version counter to tie their host copy to."""
+    ref, fast = _pair()
+    videos, prompts, texts, tau_v, tau_t = _batch(ref.config, "joint", torch.float32)
+    for model in (ref, fast):
+        with torch.no_grad():
+            want = model(videos, tau_v, prompts, text=texts, tau_text=tau_t)
+        with torch.inference_mode():
+            got = model(videos, tau_v, prompts, text=texts, tau_text=tau_t)
+        torch.testing.assert_close(flat_outputs(got), flat_outputs(want), atol=0, rtol=0)

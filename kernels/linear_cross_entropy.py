@@ -29,7 +29,10 @@ accumulator lives in the not-yet-written tail rows of ``dW``'s own storage (its 
 that tail are processed last, after the accumulator is rounded once into ``dx``, and add into
 ``dx`` in its dtype (``2N / Vc + 1`` additions). Where ``dW`` is not requested or is too small,
 the accumulator is a plain fp32 buffer. ``logits`` and ``dz`` chunks are in the input dtype (as
-Liger's).
+Liger's). Precision: the forward's ``lse`` comes from fp32 logits, the backward's softmax from
+the chunk rounded to the input dtype, so in 16-bit a row's ``softmax - onehot`` no longer sums to
+exactly 0: measured in fp16 against fp64, ``dx`` relative error 3.2e-3 (torch's own fp16 path 2.2e-3)
+at logits of magnitude ~28, 1.3e-2 (3.1e-3) at ~110; equal at ~3.
 """
 from __future__ import annotations
 
@@ -375,6 +378,10 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
 def _check_ce_inputs(x, weight, target, bias, ignore_index, reduction, label_smoothing):
     _check_inputs(x, weight, bias)
+    if bias is not None and bias.dtype != x.dtype:
+        # the backward recomputes the logits in x's dtype: a wider bias would be rounded there (and
+        # overflow float16 above 65504), unlike the forward, which reads it in float32
+        raise TypeError(f"bias dtype {bias.dtype} must match x dtype {x.dtype} (as torch.nn.functional.linear)")
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
     if target.dtype not in (torch.int64, torch.int32):

@@ -217,3 +217,11 @@ def test_strided_bias_and_transposed_weight():
         torch.testing.assert_close(got, linear_cross_entropy_reference(x, w, t, b_full[::2]), **LOSS_TOL[torch.float32])
     x, w, b, t = _data(4, 600, 16, torch.float16)
     _check(x, w.t().contiguous().t(), b, t, chunk_v=256)
+
+
+def test_bias_dtype_must_match_x():
+    """The backward recomputes the logits in x's dtype: an fp32 bias beside fp16 x would be rounded (and
+    overflow above 65504, giving inf / NaN gradients), so it is refused by name."""
+    x, w, b, t = _data(6, 20, 8, torch.float16)
+    with pytest.raises(TypeError, match="bias dtype torch.float32 must match x dtype torch.float16"):
+        linear_cross_entropy(x, w, t, b.float())

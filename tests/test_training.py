@@ -377,3 +377,35 @@ def test_training_checkpoint_loads_with_its_stored_config(data, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), back.state_dict().values()))
     # overrides apply on top of the stored config
     assert UniViGUModel.from_uni_vigu(path, eps=1e-6).config.eps == 1e-6
+
+
+@pytest.mark.parametrize("mode", ["understanding", "generation"])
+def test_resume_after_steps_that_left_parameters_without_gradients(data, tmp_path, mode):
+    """AdamW keeps no state for a parameter that has had no gradient (the video head of an
+    understanding-only run, the text head of a generation-only one): the checkpoint lacks it too, and
+    the resumed run continues exactly."""
+    cfg = dict(stage=1, steps=2, batch_size=4, warmup_steps=0, progress=False, lr=1e-3, log_every=1,
+               flow=dict(mode_mix={mode: 1.0}))
+    full = Trainer(_model(), data, TrainConfig(**cfg)).train()
+    Trainer(_model(), data, TrainConfig(**cfg, out_dir=str(tmp_path))).train(steps=1)
+    b = Trainer(_model(seed=5), data, TrainConfig(**cfg, out_dir=str(tmp_path)))
+    assert b.resume_if_possible() and b.step == 1
+    assert b.train()[0]["loss"] == full[1]["loss"]
+
+
+def test_resume_refuses_a_changed_kappa_power(data, tmp_path):
+    """FlowConfig(kappa_power=None) trains with the model config's exponent: a resume that would train
+    with another one (an explicit FlowConfig value, or a model config saying otherwise) is refused."""
+    cfg = dict(stage=1, steps=2, batch_size=4, warmup_steps=0, progress=False, out_dir=str(tmp_path))
+    Trainer(_model(), data, TrainConfig(**cfg)).train(steps=1)
+    assert Trainer(_model(), data, TrainConfig(**cfg, flow=dict(kappa_power=1.0))).resume_if_possible()
+    for trainer in (Trainer(_model(), data, TrainConfig(**cfg, flow=dict(kappa_power=3.0))),
+                    Trainer(_model(kappa_power=3.0), data, TrainConfig(**cfg))):
+        with pytest.raises(ValueError, match="holds a run with other settings \\(flow: "):
+            trainer.resume_if_possible()
+
+
+def test_batch_order_takes_any_int_seed():
+    for seed in (2**61, -2**61):  # seed * 7919 is outside manual_seed's range
+        assert batch_indices(10, 4, 3, seed) == batch_indices(10, 4, 3, seed)
+    assert batch_indices(10, 4, 3, -5) == batch_indices(10, 4, 3, -5) != batch_indices(10, 4, 3, 5)

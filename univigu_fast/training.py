@@ -145,7 +145,10 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
     pos = step * batch_size
     while len(out) < batch_size:
         epoch, off = divmod(pos, n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+        mixed = seed * 7919 + epoch
+        if not -2**63 <= mixed < 2**64:  # manual_seed's range (a huge seed used to overflow it)
+            mixed %= 2**64
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(mixed))
         take = min(batch_size - len(out), n - off)
         out += perm[off:off + take].tolist()
         pos += take
@@ -411,22 +414,30 @@ class Trainer:
         return path
 
     def load(self, path: str | Path) -> None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
 
         sd = torch.load(path, map_location="cpu", weights_only=False)
         # settings a resume would silently override (the optimizer state carries the old lr / betas) or
         # mix with the old run's (stage targets, schedule): refuse instead. steps may grow.
         saved, now = sd.get("train_config", {}), _jsonable(asdict(self.cfg))
-        for c in (saved, now):  # flow.kappa_power None means the model's (the exponent a run trains with)
+        # flow.kappa_power None means the model config's: the checkpoint's for the saved run, this one's now
+        then_model = (sd.get("model_config") or {}).get("kappa_power", 1.0)
+        for c, model_n in ((saved, then_model), (now, self.model.config.kappa_power)):
             if isinstance(c.get("flow"), dict) and c["flow"].get("kappa_power") is None:
-                c["flow"] = {**c["flow"], "kappa_power": self.model.config.kappa_power}
+                c["flow"] = {**c["flow"], "kappa_power": model_n}
         changed = {k: (saved[k], now[k]) for k in _RESUME_FIXED if k in saved and saved[k] != now[k]}
         if changed:
             diff = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in changed.items())
             raise ValueError(f"{path} holds a run with other settings ({diff}): resume with the same settings or "
                              "train into a new output folder")
-        set_state_dict(self.wrapped, self.opt, model_state_dict=sd["model"], optim_state_dict=sd["optimizer"],
-                       options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
+        set_model_state_dict(self.wrapped, sd["model"], options=options)
+        # not strict: AdamW keeps no state for a parameter that has had no gradient yet (the video head
+        # of an understanding-only run, the text head after generation-only steps), nor does the checkpoint
+        set_optimizer_state_dict(self.wrapped, self.opt, sd["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False,
+                                                          strict=False))
         self.sched.load_state_dict(sd["scheduler"])
         self.step = int(sd["step"])
         dp = sd["data_position"]

@@ -12,3 +12,11 @@ from pathlib import Path
 _ROOT = Path(__file__).resolve().parent
 _root_entries = [p for p in sys.path if Path(p or ".").resolve() == _ROOT]
 sys.path[:] = [p for p in sys.path if p not in _root_entries] + _root_entries
+
+# ... which lets an installed (non-editable) copy of the package win over the checkout: say so
+import importlib.util  # noqa: E402
+
+_spec = importlib.util.find_spec("univigu_fast")
+if _spec is not None and _spec.origin and _ROOT not in Path(_spec.origin).resolve().parents:
+    sys.stderr.write(f"conftest.py: testing the installed univigu_fast at {_spec.origin}, not this checkout "
+                     f"({_ROOT}); install the checkout with `pip install -e .`\n")

@@ -431,13 +431,24 @@ class Trainer:
             diff = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in changed.items())
             raise ValueError(f"{path} holds a run with other settings ({diff}): resume with the same settings or "
                              "train into a new output folder")
-        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
-        set_model_state_dict(self.wrapped, sd["model"], options=options)
-        # not strict: AdamW keeps no state for a parameter that has had no gradient yet (the video head
-        # of an understanding-only run, the text head after generation-only steps), nor does the checkpoint
+        # the model strictly (set_model_state_dict fills keys a full state dict lacks from the model itself)
+        names = set(self.model.state_dict())
+        if set(sd["model"]) != names:
+            lacking, extra = sorted(names - set(sd["model"])), sorted(set(sd["model"]) - names)
+            raise ValueError(f"{path} holds another model: it lacks {lacking[:6]} and has {extra[:6]} "
+                             "(train into a new output folder)")
+        set_model_state_dict(self.wrapped, sd["model"],
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
+        # the optimizer not strictly: AdamW keeps no state for a parameter that has had no gradient yet (the
+        # video head of an understanding-only run, the text head after generation-only steps), nor does the
+        # checkpoint; the state the loader makes up for such a parameter (step 1, zero moments) is dropped,
+        # so its first update after the resume is the uninterrupted run's
         set_optimizer_state_dict(self.wrapped, self.opt, sd["optimizer"],
                                  options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False,
                                                           strict=False))
+        stateless = {id(p) for n, p in self.model.named_parameters() if n not in sd["optimizer"]["state"]}
+        for p in [p for p in self.opt.state if id(p) in stateless]:
+            del self.opt.state[p]
         self.sched.load_state_dict(sd["scheduler"])
         self.step = int(sd["step"])
         dp = sd["data_position"]

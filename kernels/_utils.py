@@ -154,12 +154,18 @@ class _EagerCustomOp:
         self.op, self.fn, self.__doc__ = op, fn, fn.__doc__
 
     def __call__(self, *args, **kwargs):
-        if torch.is_grad_enabled() or torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+        if torch.is_grad_enabled() or tracing():
             return self.op(*args, **kwargs)
         return self.fn(*args, **kwargs)
 
     def register_fake(self, fake):
         return self.op.register_fake(fake)
+
+
+def tracing() -> bool:
+    """Whether ``torch.compile`` or a tracing dispatch mode (``make_fx``, fake tensors, non-strict export)
+    is running: tensors may then hold no values to read on the host."""
+    return torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
 
 
 @functools.lru_cache(maxsize=64)

@@ -11,11 +11,10 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from ._utils import (HAS_TRITON, TensorDescriptor, cdiv, check_contiguous, check_devices, check_segments,
                      custom_op, expand_segments, host_list, interpreting, log_once, segment_sum, tile_table,
-                     tma_compatible, token_segments, use_triton)
+                     tma_compatible, token_segments, tracing, use_triton)
 
 if HAS_TRITON:
     import triton
@@ -500,7 +499,7 @@ def _experts_without_rows(seg_offsets, seg_expert, n_experts: int) -> set:
     """Experts no segment with rows routes to: their weights get no gradient (None, as when the reference
     never calls them; zeros would still move them under weight decay and momentum). Eager only: traced
     (torch.compile, fake tensors) the values are unknown and every expert gets a gradient."""
-    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+    if tracing():
         return set()
     offsets, expert = host_list(seg_offsets), host_list(seg_expert)
     used = {e for e, a, b in zip(expert, offsets, offsets[1:]) if b > a}

@@ -125,10 +125,16 @@ def source_tokens(n: int, vocab_size: int, source: str, generator: torch.Generat
 
 
 # ---------------------------------------------------------------------------- per-sample randomness
+def seeded_generator(mix: int) -> torch.Generator:
+    """A host generator seeded with ``mix`` reduced modulo 2^64, ``manual_seed``'s range (it reads a
+    negative seed as its two's complement, so values already in range keep their stream): any int
+    seed mixed with steps and indices works (20240601 * 1_000_003 * ... overflowed it)."""
+    return torch.Generator().manual_seed(mix % 2**64)
+
+
 def sample_generator(seed: int, step: int, index: int) -> torch.Generator:
-    """A generator for global sample ``index`` of training step ``step`` (sharding-invariant). The mix is
-    reduced modulo 2^64 (``manual_seed``'s range), so any int seed works (20240601 overflowed it)."""
-    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1_000_033 + index) % 2**64)
+    """A generator for global sample ``index`` of training step ``step`` (sharding-invariant)."""
+    return seeded_generator((seed * 1_000_003 + step) * 1_000_033 + index)
 
 
 @dataclass

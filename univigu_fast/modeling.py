@@ -286,12 +286,16 @@ class UniViGUModelBase(nn.Module):
         lin = self.text_head.linear
         if text_output == "full" or c.text_flow == "embedding":
             return self._shape_text(list(torch.split(lin(feats), text_lens_list)), inp)
-        V = c.vocab_size  # the mask source's [MASK] column (index V) is never a decoded token
-        ids, mx, lse = ops.linear_argmax(feats, lin.weight[:V], None if lin.bias is None else lin.bias[:V],
-                                         gumbel_seed=sample_seed if text_output == "sample" else None,
-                                         temperature=temperature)
+        seed = sample_seed if text_output == "sample" else None
+        ids, mx, lse = ops.linear_argmax(feats, *self.token_head(), gumbel_seed=seed, temperature=temperature)
         parts = [list(torch.split(t, text_lens_list)) for t in (ids, mx, lse)]
         return TextDecoded(*(self._shape_text(p, inp, pad_value=0) for p in parts))
+
+    def token_head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``text_head.linear``'s weight and bias over the V real tokens, what decoding ranks: the mask
+        source's [MASK] row (index V) is never a decoded token."""
+        lin, V = self.text_head.linear, self.config.vocab_size
+        return lin.weight[:V], None if lin.bias is None else lin.bias[:V]
 
     def _check_text_rows(self, texts, dtype: torch.dtype | None) -> None:
         """Per-sample text: 1-D integer ids (discrete) or ``(N, dim)`` embeddings of ``dtype`` (embedding

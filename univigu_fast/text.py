@@ -188,6 +188,5 @@ def decode_features(model, features: torch.Tensor) -> torch.Tensor:
         raise ValueError("decode_features is for text_flow='discrete' (the head outputs logits)")
     if features.dim() != 2 or features.shape[-1] != c.dim:
         raise ValueError(f"features must be (N, dim={c.dim}), got shape {tuple(features.shape)}")
-    lin, V = model.text_head.linear, c.vocab_size  # the [MASK] row (mask source) is never a token
-    ids, _, _ = model.ops.linear_argmax(features, lin.weight[:V], None if lin.bias is None else lin.bias[:V])
+    ids, _, _ = model.ops.linear_argmax(features, *model.token_head())
     return ids

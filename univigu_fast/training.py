@@ -45,7 +45,8 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
-from .flow import FlowConfig, check_token_ids, combine, draw_batch, forward_samples, loss_counts, loss_terms
+from .flow import (FlowConfig, check_token_ids, combine, draw_batch, forward_samples, loss_counts, loss_terms,
+                   seeded_generator)
 from .text import pad_prompt
 
 STAGE_LR = {1: 2e-4, 2: 5e-5}
@@ -145,10 +146,7 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
     pos = step * batch_size
     while len(out) < batch_size:
         epoch, off = divmod(pos, n)
-        mixed = seed * 7919 + epoch
-        if not -2**63 <= mixed < 2**64:  # manual_seed's range (a huge seed used to overflow it)
-            mixed %= 2**64
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(mixed))
+        perm = torch.randperm(n, generator=seeded_generator(seed * 7919 + epoch))
         take = min(batch_size - len(out), n - off)
         out += perm[off:off + take].tolist()
         pos += take
@@ -256,9 +254,13 @@ class Trainer:
         self._checked.add(i)
         return ex
 
+    @property
+    def target_key(self) -> str:
+        """The example ids a stage trains the text stream to write: the prompt (1), the caption (2)."""
+        return "prompt_ids" if self.cfg.stage == 1 else "caption_ids"
+
     def targets(self, idx: Sequence[int]) -> list[torch.Tensor]:
-        key = "prompt_ids" if self.cfg.stage == 1 else "caption_ids"
-        return [self.example(i)[key] for i in idx]
+        return [self.example(i)[self.target_key] for i in idx]
 
     def train_step(self) -> dict:
         cfg, model = self.cfg, self.model
@@ -269,7 +271,7 @@ class Trainer:
         lo = self.rank * per
         mine = idx[lo:lo + per]
         exs = [self.example(i) for i in mine]
-        ys = [e["prompt_ids" if cfg.stage == 1 else "caption_ids"] for e in exs]
+        ys = [e[self.target_key] for e in exs]
         prompts = [pad_prompt(e["prompt_embeds"], cfg.prompt_length) for e in exs]
         samples = draw_batch([e["latents"] for e in exs], prompts,
                              pad_prompt(self.data.null_prompt, cfg.prompt_length), ys, cfg=cfg.flow,

@@ -259,7 +259,93 @@ def test_bad_cache_budget_and_text_step_ids_are_refused():
                 model.text_step(cache, bad, torch.tensor([0.5, 0.5]))
 
 
-@pytest.mark.parametrize("bad", ["sometimes", "every:0", "every:x", "every", "", 3])
+def _filled_cache(model, videos, prompts, text, tau_text=(0.0, 0.0), **kw):
+    cache = VideoCache(model, **kw)
+    model(videos, torch.ones(len(videos)), prompts, text=text, tau_text=torch.tensor(tau_text), video_cache=cache)
+    return cache
+
+
+def test_text_step_checks_text_output_like_forward():
+    """'sample' without a seed and unknown modes were decoded as argmax without a word."""
+    model = tiny_reference(seed=5)
+    videos, prompts = _inputs(model.config, seed=2)
+    text = [torch.arange(4), torch.arange(2)]
+    with torch.no_grad():
+        cache = _filled_cache(model, videos, prompts, text)
+    tau = torch.tensor([0.5, 0.5])
+    with pytest.raises(ValueError, match="text_output='sample' needs sample_seed"):
+        model.text_step(cache, text, tau, text_output="sample")
+    with pytest.raises(ValueError, match="text_output must be 'full', 'argmax' or 'sample', got 'samples'"):
+        model.text_step(cache, text, tau, text_output="samples")
+    with pytest.raises(TypeError, match="text must be a list of per-sample token ids"):
+        model.text_step(cache, None, tau)
+
+
+@pytest.mark.parametrize("change", ["load_state_dict", "assign", "in_place", "half"])
+def test_text_step_refuses_a_cache_of_changed_weights(change):
+    """A text step after the model's weights changed mixed the old weights' video / prompt keys and
+    values with the new weights (logits 4.9 off the exact ones); after ``.half()`` it (and the next
+    full step, which refilled the old fp32 buffers) failed inside the attention. Now the text step is
+    refused, and a full step refills the cache (new buffers for a new dtype) so the text steps are exact again."""
+    model, other = tiny_reference(seed=5), tiny_reference(seed=6)
+    videos, prompts = _inputs(model.config, seed=2)
+    text, tau = [torch.arange(4), torch.arange(2)], torch.tensor([0.3, 0.6])
+    with torch.no_grad():
+        cache = _filled_cache(model, videos, prompts, text)
+        model.text_step(cache, text, tau)
+        if change == "load_state_dict":
+            model.load_state_dict(other.state_dict())
+        elif change == "assign":
+            model.load_state_dict(other.state_dict(), assign=True)
+        elif change == "in_place":
+            model.blocks[0].attn1.to_v.weight.mul_(2)
+        else:
+            model.half()
+        error = ValueError if change == "half" else RuntimeError
+        with pytest.raises(error, match="run a full step with video_cache=... first"):
+            model.text_step(cache, text, tau)
+        dtype = model.dtype
+        full = model([v.to(dtype) for v in videos], torch.ones(2), [p.to(dtype) for p in prompts], text=text,
+                     tau_text=tau, video_cache=cache).text_out
+        assert cache.keys[0].dtype == dtype
+        step = model.text_step(cache, text, tau)
+    for a, b in zip(full, step):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+
+
+def test_cache_of_an_autograd_full_step():
+    """A full step run with autograd on: the cache keeps its own detached copies, so the text steps'
+    in-place writes neither break that step's backward (it failed: "modified by an inplace operation")
+    nor chain every refresh's autograd graph into the buffers."""
+    model = tiny_reference(seed=5)
+    videos, prompts = _inputs(model.config, seed=2)
+    text, tau = [torch.arange(4), torch.arange(2)], torch.tensor([0.3, 0.6])
+    cache = VideoCache(model)
+    for _ in range(2):  # the second is a refill of the same batch
+        out = model(videos, torch.ones(2), prompts, text=text, tau_text=tau, video_cache=cache)
+        model.text_step(cache, text, tau)
+        sum(t.float().square().sum() for t in out.text_out).backward()
+        assert not any(t.requires_grad for t in cache.keys + cache.values)
+        assert not any(t.requires_grad for kv in cache.prompt_kv for t in kv)
+
+
+def test_text_step_on_a_cache_filled_under_inference_mode():
+    """Inference tensors may only be updated in inference mode: a text step (no_grad) on a cache filled
+    under ``torch.inference_mode()`` raised; it now runs in that mode, and equals the no_grad result."""
+    model = tiny_reference(seed=5)
+    videos, prompts = _inputs(model.config, seed=2)
+    text, tau = [torch.arange(4), torch.arange(2)], torch.tensor([0.3, 0.6])
+    with torch.inference_mode():
+        cache = _filled_cache(model, videos, prompts, text)
+    got = model.text_step(cache, text, tau)
+    with torch.no_grad():
+        want = model.text_step(_filled_cache(model, videos, prompts, text), text, tau)
+    for a, b in zip(want, got):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+    assert not torch.is_inference_mode_enabled()
+
+
+@pytest.mark.parametrize("bad", ["sometimes", "every:0", "every:x", "every", "", 3, "every: 2", "every:+2", "every:1_0"])
 def test_bad_policy_strings(bad):
     with pytest.raises((ValueError, TypeError), match="policy"):
         parse_policy(bad)
@@ -515,11 +601,38 @@ def test_cuda_graph_caption_and_fallbacks(fake_graphs, monkeypatch, caplog):
     assert "CUDA graph capture of the text step failed" in caplog.text
 
 
+def test_cuda_graph_dropped_when_the_weights_may_have_moved(fake_graphs):
+    """A graph reads the weights where they were at capture: after ``load_state_dict`` (``assign=True``
+    puts new tensors in place) the next full step refills the cache into new buffers and drops the graph
+    (it kept replaying the old weights' memory); an in-place update keeps the storage, and the graph."""
+    model, other = tiny_reference(seed=5), tiny_reference(seed=6)
+    videos, prompts = _inputs(model.config, seed=2)
+    text, tau = [torch.arange(4), torch.arange(2)], torch.tensor([0.3, 0.6])
+    with torch.no_grad():
+        cache = _filled_cache(model, videos, prompts, text, cuda_graph=True)
+        model.text_step(cache, text, tau)
+        graph = cache.graph
+        model.blocks[0].attn1.to_v.weight.mul_(2)
+        model(videos, torch.ones(2), prompts, text=text, tau_text=tau, video_cache=cache)
+        model.text_step(cache, text, tau)
+        assert cache.graph is graph and cache.graph_captures == 1
+        model.load_state_dict(other.state_dict(), assign=True)
+        model(videos, torch.ones(2), prompts, text=text, tau_text=tau, video_cache=cache)
+        assert cache.graph is None
+        got = model.text_step(cache, text, tau)
+        assert cache.graph_captures == 2
+        want = other.text_step(_filled_cache(other, videos, prompts, text, tau_text=(0.3, 0.6)), text, tau)
+    for a, b in zip(want, got):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
+
 def test_cuda_graph_refused_where_it_cannot_run():
     model = tiny_reference()
     videos, prompts = _inputs(model.config)
     with pytest.raises(ValueError, match="cuda_graph=True needs a model on a CUDA device, got a model on cpu"):
         VideoCache(model, cuda_graph=True)
+    with pytest.raises(TypeError, match="cuda_graph must be True or False, got 'no'"):
+        VideoCache(model, cuda_graph="no")
     with pytest.raises(ValueError, match="cuda_graph=True .* video_cache='off' has none"):
         caption(model, videos, prompts, [3, 2], steps=2, cuda_graph=True)
 

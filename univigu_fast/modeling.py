@@ -25,6 +25,7 @@ Forward contract::
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from typing import NamedTuple, Sequence
@@ -94,6 +95,9 @@ class UniViGUModelBase(nn.Module):
         if c.text_ffn_init == "copy":
             for block in self.blocks:
                 block.ffn_t.load_state_dict(block.ffn.state_dict())
+        # how often a state dict was loaded (a VideoCache's text steps refuse weights loaded since its full step)
+        self.state_dict_loads = 0
+        self.register_load_state_dict_post_hook(_count_state_dict_load)
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -217,10 +221,7 @@ class UniViGUModelBase(nn.Module):
     def forward(self, video_latents, tau_video, encoder_hidden_states, text=None, tau_text=None, text_lens=None, *,
                 text_output: str = "full", sample_seed: int | None = None, temperature: float = 1.0,
                 video_cache=None) -> UniViGUOutput:
-        if text_output not in ("full", "argmax", "sample"):
-            raise ValueError(f"text_output must be 'full', 'argmax' or 'sample', got {text_output!r}")
-        if text_output == "sample" and sample_seed is None:
-            raise ValueError("text_output='sample' needs sample_seed")
+        _check_text_output(text_output, sample_seed)
         inp = self._prepare(video_latents, tau_video, encoder_hidden_states, text, tau_text, text_lens)
         c, ops, dev, dtype = self.config, self.ops, self.device, self.dtype
         videos, texts, B = inp["videos"], inp["texts"], len(inp["videos"])
@@ -337,9 +338,14 @@ class UniViGUModelBase(nn.Module):
         ids on a GPU are not, which would cost a host sync per step: ``forward`` checks them). Returns ``text_out`` as
         ``forward`` does (list form). The layers run as a CUDA graph replay when the cache was made
         with ``cuda_graph=True`` (``VideoCache.run_text_layers``); the decode head runs eagerly. Inference
-        only: it runs under ``torch.no_grad()`` (it writes into the cache's buffers)."""
-        c, dev, dtype = self.config, self.device, self.dtype
-        video_cache.check_owner(self)
+        only: it runs under ``torch.no_grad()`` (it writes into the cache's buffers), and under
+        ``torch.inference_mode()`` when the full step did. A cache whose model's weights, dtype or device
+        changed since its full step is refused (``VideoCache.check_ready``)."""
+        c = self.config
+        _check_text_output(text_output, sample_seed)
+        video_cache.check_ready(self)
+        if not isinstance(text, (list, tuple)):
+            raise TypeError(f"text must be a list of per-sample token ids / embeddings, got {type(text).__name__}")
         texts = list(text)
         self._check_text_rows(texts, None)
         if c.text_flow == "discrete" and all(t.is_cpu for t in texts):
@@ -347,6 +353,14 @@ class UniViGUModelBase(nn.Module):
         lens = [t.shape[0] for t in texts]
         view = video_cache.text_view(lens)
         tau_text = self._check_tau(tau_text, len(texts), "tau_text")
+        # buffers filled under inference_mode are inference tensors: update them in that mode
+        # (inference_mode(False) would turn autograd back on: no_grad stays)
+        mode = torch.inference_mode() if video_cache.keys[0].is_inference() else contextlib.nullcontext()
+        with mode:
+            return self._text_step(video_cache, view, texts, lens, tau_text, text_output, sample_seed, temperature)
+
+    def _text_step(self, video_cache, view, texts, lens, tau_text, text_output, sample_seed, temperature):
+        c, dev, dtype = self.config, self.device, self.dtype
         if c.text_flow == "discrete":
             rows = self.vocab_embed(torch.cat([t.to(dev) for t in texts]).long())
         else:
@@ -415,6 +429,17 @@ class UniViGUModelBase(nn.Module):
         from .conversion import from_pretrained
 
         return from_pretrained(cls, path, **kwargs)
+
+
+def _count_state_dict_load(model, incompatible_keys) -> None:
+    model.state_dict_loads += 1
+
+
+def _check_text_output(text_output, sample_seed) -> None:
+    if text_output not in ("full", "argmax", "sample"):
+        raise ValueError(f"text_output must be 'full', 'argmax' or 'sample', got {text_output!r}")
+    if text_output == "sample" and sample_seed is None:
+        raise ValueError("text_output='sample' needs sample_seed")
 
 
 def _same_shapes(ts: Sequence[torch.Tensor]) -> bool:

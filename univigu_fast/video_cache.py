@@ -26,10 +26,17 @@ text steps: one launch for all layers. The inputs that change per step (the text
 time modulation) are copied into the graph's static buffers; the decode head runs outside it (its
 sampling seed changes every step). A refresh (``every:r``) writes the new keys/values into the same
 buffers, so one graph serves the whole caption; a full step on another batch drops it.
+
+A cache belongs to one model and to its weights as they were at the last full step: a text-only step
+refuses a cache whose model has since changed its weights in place (an optimizer step,
+``load_state_dict``), loaded a state dict with ``assign=True``, or changed dtype or device; a full step
+after such a change refills it (and drops a captured graph, which reads the weights where they were).
+A cache filled under ``torch.inference_mode()`` is updated by its text steps in that mode too.
 """
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 
 import torch
@@ -47,13 +54,9 @@ def parse_policy(policy: str) -> tuple[str, int]:
     p = policy.strip().lower()
     if p in ("off", "once"):
         return p, 0
-    if p.startswith("every:"):
-        try:
-            r = int(p.split(":", 1)[1])
-        except ValueError:
-            r = 0
-        if r >= 1:
-            return "every", r
+    every = re.fullmatch(r"every:([1-9][0-9]*)", p)  # not int(): it would take " 2", "+2", "1_0"
+    if every:
+        return "every", int(every.group(1))
     raise ValueError(f"video cache policy {policy!r} is not one of 'off', 'once', 'every:r' (r a positive integer)")
 
 
@@ -67,6 +70,12 @@ def cache_bytes(config, video_lens, text_lens, dtype: torch.dtype, prompt_lens=(
 def is_full_step(policy: tuple[str, int], step: int) -> bool:
     kind, r = policy
     return kind == "off" or step == 0 or (kind == "every" and step % r == 0)
+
+
+def _owned(t: torch.Tensor) -> torch.Tensor:
+    """The cache's own copy of a tensor autograd may have saved for a backward pass (text steps write
+    into the buffers in place), else ``t`` itself (no copy in the usual no-grad full step)."""
+    return t.detach().clone() if t.requires_grad else t
 
 
 @dataclass
@@ -84,10 +93,11 @@ class LayerKV:
             # same dtype, the attention would apply) and let the attention skip its key rotation.
             k = c.rotate(k, joint.rope)
             if c.refill:  # a refresh of the same batch: into the buffers a text-step graph reads
-                c.keys[self.index].copy_(k)
-                c.values[self.index].copy_(v)
+                with torch.no_grad():  # the buffers stay out of this step's autograd graph
+                    c.keys[self.index].copy_(k)
+                    c.values[self.index].copy_(v)
             else:
-                c.keys[self.index], c.values[self.index] = k, v
+                c.keys[self.index], c.values[self.index] = _owned(k), _owned(v)
             return k, v, joint.cu_seqlens, joint.max_seqlen, None
         # text-only step: fresh text keys (rotated with the text rows' tables) and values written in
         # place into the text rows (the buffers belong to the cache; the video rows are never written)
@@ -104,15 +114,23 @@ class LayerKV:
         if c.capturing or kept is None:
             fresh = compute()
             if c.refill and kept is not None:
-                for old, new in zip(kept, fresh):
-                    old.copy_(new)
+                with torch.no_grad():
+                    for old, new in zip(kept, fresh):
+                        old.copy_(new)
             else:
-                c.prompt_kv[self.index] = fresh
+                c.prompt_kv[self.index] = tuple(_owned(t) for t in fresh)
         return c.prompt_kv[self.index]
 
 
-def _layout(packed: PackedBatch):
-    return (packed.video_grids, packed.text_lens, packed.prompt_lens, packed.cu_seqlens.device)
+def _layout(packed: PackedBatch, dtype: torch.dtype):
+    return (packed.video_grids, packed.text_lens, packed.prompt_lens, packed.cu_seqlens.device, dtype)
+
+
+def _weights_state(model, params: list[torch.Tensor]) -> tuple[int, int]:
+    """What changes when ``model``'s weights do: its count of ``load_state_dict`` calls (``assign=True``
+    replaces the parameters) and the sum of ``params``' version counters (bumped by in-place updates:
+    optimizer steps, ``load_state_dict`` copies). Host-only; about 0.1 ms for a 1.3B model's ~1K tensors."""
+    return model.state_dict_loads, sum(p._version for p in params)
 
 
 def check_cuda_graph_device(device: torch.device) -> None:
@@ -176,9 +194,11 @@ class VideoCache:
             raise ValueError(f"max_bytes (max_cache_bytes) must be a number of bytes >= 0 or None, got {max_bytes!r}")
         self.model = model
         self.max_bytes = max_bytes
+        if not isinstance(cuda_graph, bool):
+            raise TypeError(f"cuda_graph must be True or False, got {cuda_graph!r}")
         if cuda_graph:
             check_cuda_graph_device(model.device)
-        self.cuda_graph = bool(cuda_graph)
+        self.cuda_graph = cuda_graph
         self.graph: GraphedTextLayers | None = None
         self.graph_captures = 0  # CUDA graphs captured (one per full step followed by text steps)
         self.graph_error: str | None = None  # why capture failed (text steps then run eagerly)
@@ -192,6 +212,8 @@ class VideoCache:
         self.refill = False  # this full step refreshes the buffers of the same batch in place
         self.text_rows = torch.zeros(0, dtype=torch.long)
         self.text_rope = None
+        self._params: list[torch.Tensor] = []  # the model's weights at the last full step ...
+        self.weights: tuple[int, int] | None = None  # ... and their _weights_state
         self._views: dict = {}
         # the key rotation of the model's own attention op (bit-identical keys): the reference's for
         # the reference ops, else the kernel entry point (which falls back to the reference itself)
@@ -205,6 +227,20 @@ class VideoCache:
         if model is not self.model:
             raise ValueError(f"video_cache was made for another model (VideoCache({type(self.model).__name__}) at "
                              f"{id(self.model):#x}); make one per model: VideoCache(model)")
+
+    def check_ready(self, model) -> None:
+        """A text-only step of ``model`` may read this cache: it is ``model``'s, filled by a full step, and
+        the model's weights, dtype and device are those of that step."""
+        self.check_owner(model)
+        if self.joint is None or self.capturing or self.keys[0] is None:
+            raise RuntimeError("text_step needs a filled cache: run a full step with video_cache=... first")
+        kept = self.keys[0]
+        if (model.dtype, model.device) != (kept.dtype, kept.device):
+            raise ValueError(f"the model is now {model.dtype} on {model.device} but the cache was filled in {kept.dtype} "
+                             f"on {kept.device}: run a full step with video_cache=... first")
+        if _weights_state(model, self._params) != self.weights:
+            raise RuntimeError("the model's weights changed since the cache's last full step (load_state_dict, an "
+                               "optimizer step or another in-place update): run a full step with video_cache=... first")
 
     def check_fits(self, video_lens, text_lens, prompt_lens=()) -> int:
         need = cache_bytes(self.model.config, video_lens, text_lens, self.model.dtype, prompt_lens)
@@ -224,11 +260,16 @@ class VideoCache:
 
     def begin_capture(self, packed: PackedBatch) -> None:
         self.capturing = True
+        loads = self.model.state_dict_loads
+        if self.weights is None or self.weights[0] != loads:  # the parameters may be new tensors
+            self._params = list(self.model.parameters())
         # a refresh (every:r) of the same batch writes the new keys/values into the buffers already
-        # there: same memory, and a captured text-step graph (which reads those buffers, the packing
-        # and the text tables kept here) stays valid
+        # there: same memory, and a captured text-step graph (which reads those buffers, the packing,
+        # the text tables kept here and the weights where they were) stays valid
         self.refill = self.joint is not None and all(k is not None for k in self.keys) and \
-            _layout(packed) == _layout(self.joint)
+            _layout(packed, self.model.dtype) == _layout(self.joint, self.keys[0].dtype) and \
+            self.weights is not None and self.weights[0] == loads
+        self.weights = _weights_state(self.model, self._params)
         if self.refill:
             return
         # another batch: drop the old buffers first, so the free memory the budget is read from
@@ -267,8 +308,6 @@ class VideoCache:
 
     def text_view(self, text_lens: list[int]) -> PackedBatch:
         """The text-only packing of a text step (empty video segments, text RoPE positions 0..L-1)."""
-        if self.joint is None or self.capturing:
-            raise RuntimeError("text_step needs a filled cache: run a full step with video_cache=... first")
         if list(text_lens) != list(self.joint.text_lens):
             raise ValueError(f"text lengths {list(text_lens)} differ from the cached step's {self.joint.text_lens}")
         key = tuple(text_lens)
@@ -297,6 +336,7 @@ class VideoCache:
         self.joint = None
         self.text_rope = None
         self._views.clear()
+        self._params, self.weights = [], None
 
 
 # ---------------------------------------------------------------------------- cost model (estimates)

@@ -120,12 +120,8 @@ class GatedResidualFunction(torch.autograd.Function):
         return dout, dy, None, dgate  # dout is in h's dtype; fp32 dgate is cast to gate's dtype by autograd
 
 
-def gated_residual(h: torch.Tensor, y: torch.Tensor, seg_offsets: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-    """``h + gate[seg] * y`` (fp32 math, result in h.dtype); h, y (T, dim), gate (S, dim), seg_offsets int32 (S+1,).
-
-    Differentiable in h, y and gate. ``h`` and ``y`` may differ in dtype (e.g. an fp32 residual
-    stream and a bf16 branch under autocast). Triton on CUDA / under the interpreter, else the reference.
-    """
+def check_inputs(h, y, seg_offsets, gate) -> None:
+    """The checks of :func:`gated_residual` (same arguments; any floating dtype)."""
     for name, t in (("h", h), ("y", y)):
         if not isinstance(t, torch.Tensor) or t.dim() != 2 or not t.is_floating_point():
             raise ValueError(f"{name} must be a floating (T, dim) tensor, got {describe(t)}")
@@ -136,6 +132,15 @@ def gated_residual(h: torch.Tensor, y: torch.Tensor, seg_offsets: torch.Tensor, 
     if not isinstance(gate, torch.Tensor) or gate.shape != (S, h.shape[1]) or not gate.is_floating_point():
         raise ValueError(f"gate must be a floating (S={S}, dim={h.shape[1]}) tensor, got {describe(gate)}")
     check_devices(h, y=y, gate=gate)
+
+
+def gated_residual(h: torch.Tensor, y: torch.Tensor, seg_offsets: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """``h + gate[seg] * y`` (fp32 math, result in h.dtype); h, y (T, dim), gate (S, dim), seg_offsets int32 (S+1,).
+
+    Differentiable in h, y and gate. ``h`` and ``y`` may differ in dtype (e.g. an fp32 residual
+    stream and a bf16 branch under autocast). Triton on CUDA / under the interpreter, else the reference.
+    """
+    check_inputs(h, y, seg_offsets, gate)
     if not use_triton(h, y, seg_offsets, gate):
         log_once("gated_residual: Triton unavailable for these tensors; using the PyTorch reference")
         return gated_residual_reference(h, y, seg_offsets, gate)

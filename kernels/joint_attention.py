@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._utils import (HAS_TRITON, cdiv, check_contiguous, custom_op, describe, host_list, interpreting, log_once,
-                     next_power_of_2, num_sms, on_input_device, pick_fastest, tile_table, use_triton)
+from ._utils import (HAS_TRITON, cdiv, check_contiguous, check_devices, custom_op, describe, host_list, interpreting,
+                     log_once, next_power_of_2, num_sms, on_input_device, pick_fastest, tile_table, use_triton)
 
 if HAS_TRITON:
     import triton
@@ -728,6 +728,8 @@ def apply_rope(x: torch.Tensor, rope: Rope) -> torch.Tensor:
     """Rotate ``x (T, H, D)`` by per-token RoPE tables (Triton where it can run, else the reference)."""
     if not isinstance(x, torch.Tensor) or x.dim() != 3:
         raise ValueError(f"x must be a (T, H, D) tensor, got {describe(x)}")
+    if rope is None:  # (None means "no rotation" to joint_attention; here there is nothing else to do)
+        raise TypeError("rope must be a tuple (cos, sin, interleaved), got None")
     _check_rope(rope, x, "rope")
     if x.shape[-1] not in SUPPORTED_HEAD_DIMS:  # the kernel's tiles need a power-of-two head_dim
         log_once(f"apply_rope: head_dim {x.shape[-1]} has no Triton kernel (supported: {SUPPORTED_HEAD_DIMS}); "
@@ -743,7 +745,7 @@ def rope_tables_from_positions(pos: torch.Tensor, freq: torch.Tensor, axis: torc
     """The per-token tables of the position-id form (the spec of :func:`apply_rope_positions`):
     ``pos`` int32 (T, 3), ``freq`` fp32 / ``axis`` int (2, D/2) (row 0: interleaved rows, row 1: the
     others), ``interleaved`` bool (T,) -> ``(cos, sin, interleaved)`` with fp32 angles."""
-    m = torch.where(interleaved, 0, 1).long()
+    m = torch.where(interleaved.bool(), 0, 1).long()
     angle = pos.float().gather(1, axis.long()[m]) * freq.float()[m]
     return angle.cos(), angle.sin(), interleaved
 
@@ -753,12 +755,20 @@ def apply_rope_positions(x: torch.Tensor, pos: torch.Tensor, freq: torch.Tensor,
     """Rotate ``x (T, H, D)`` with cos / sin computed in the RoPE kernel from position ids (the
     alternative to the tables, forward only; see :func:`rope_tables_from_positions` for the form).
     ``packing.rope_positions`` builds ``pos, freq, axis`` for a packed batch."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 3:
+        raise ValueError(f"x must be a (T, H, D) tensor, got {describe(x)}")
     T, H, D = x.shape
-    want = {"pos": ((T, 3), torch.int32), "freq": ((2, D // 2), torch.float32), "axis": ((2, D // 2), torch.int32)}
-    for name, t in (("pos", pos), ("freq", freq), ("axis", axis)):
-        shape, dtype = want[name]
-        if tuple(t.shape) != shape or t.dtype != dtype or not t.is_contiguous():
-            raise ValueError(f"{name} must be contiguous {dtype} of shape {shape}, got {t.dtype} {tuple(t.shape)}")
+    want = {"pos": ((T, 3), (torch.int32,)), "freq": ((2, D // 2), (torch.float32,)),
+            "axis": ((2, D // 2), (torch.int32,)), "interleaved": ((T,), (torch.bool, torch.uint8, torch.int8))}
+    for name, t in (("pos", pos), ("freq", freq), ("axis", axis), ("interleaved", interleaved)):
+        shape, dtypes = want[name]
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or t.dtype not in dtypes or not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous {' / '.join(map(str, dtypes))} of shape {shape}, got {describe(t)}")
+    check_devices(x, pos=pos, freq=freq, axis=axis, interleaved=interleaved)
+    if axis.numel() and not torch.compiler.is_compiling():  # the kernel gathers pos[:, axis]: an index
+        lo, hi = torch.aminmax(axis)  # (one sync; not on the model's path, which uses the tables)
+        if lo < 0 or hi > 2:
+            raise ValueError(f"axis must hold position columns 0, 1 or 2, got values in [{int(lo)}, {int(hi)}]")
     if not use_triton(x) or D not in SUPPORTED_HEAD_DIMS:  # the kernel's tiles need a power-of-two head_dim
         return apply_rope_reference(x, rope_tables_from_positions(pos, freq, axis, interleaved))
     return _rotate(x.contiguous(), freq, freq, interleaved, inverse=False, positions=(pos, freq, axis))
@@ -850,6 +860,46 @@ def _check_rope(rope, x: torch.Tensor, name: str) -> None:
     check_contiguous(il, f"{name}.interleaved")
 
 
+def check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, softmax_scale=None, rope_q=None,
+                 rope_k=None, any_float: bool = False) -> float:
+    """The checks of :func:`joint_attention` (same arguments); returns the softmax scale. ``any_float``:
+    any floating dtype and head_dim (what the reference takes; ``ops`` checks with it before falling back)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 3:
+            raise ValueError(f"{name} must be (T, H, head_dim), got shape {tuple(t.shape)}")
+        if t.dtype not in (torch.float16, torch.bfloat16, torch.float32) and not (any_float and t.is_floating_point()):
+            raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if q.shape[1:] != k.shape[1:]:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree on (H, head_dim)")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    D = q.shape[-1]
+    if D not in SUPPORTED_HEAD_DIMS and not any_float:
+        raise ValueError(f"head_dim {D} is not supported: expected one of {SUPPORTED_HEAD_DIMS}")
+    if not q.device == k.device == v.device:
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    _check_cu_seqlens(cu_seqlens_q, q, "cu_seqlens_q", max_seqlen_q, "max_seqlen_q")
+    _check_cu_seqlens(cu_seqlens_k, k, "cu_seqlens_k", max_seqlen_k, "max_seqlen_k")
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError(f"cu_seqlens_q ({cu_seqlens_q.numel()}) and cu_seqlens_k ({cu_seqlens_k.numel()}) "
+                         "must describe the same batch size")
+    _check_rope(rope_q, q, "rope_q")
+    _check_rope(rope_k, k, "rope_k")
+    if q.shape[1] == 0 or D == 0:
+        raise ValueError(f"q, k, v must have at least one head of head_dim >= 1, got q {tuple(q.shape)}")
+    try:
+        scale = float(softmax_scale) if softmax_scale is not None else D ** -0.5
+    except (TypeError, ValueError):
+        raise TypeError(f"softmax_scale must be a number or None, got {softmax_scale!r}") from None
+    if not scale > 0 or scale == float("inf"):  # the kernels fold the scale into max / exp2 (needs > 0)
+        raise ValueError(f"softmax_scale must be a finite positive number, got {softmax_scale!r}")
+    return scale
+
+
 def joint_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -872,34 +922,8 @@ def joint_attention(
     with no keys gets zeros. Differentiable in q, k, v. Runs the Triton kernels on CUDA (or under
     the interpreter); elsewhere the per-sample SDPA reference (logged once).
     """
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 3:
-            raise ValueError(f"{name} must be (T, H, head_dim), got shape {tuple(t.shape)}")
-        if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    if q.shape[1:] != k.shape[1:]:
-        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree on (H, head_dim)")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    D = q.shape[-1]
-    if D not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"head_dim {D} is not supported: expected one of {SUPPORTED_HEAD_DIMS}")
-    if not q.device == k.device == v.device:
-        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    _check_cu_seqlens(cu_seqlens_q, q, "cu_seqlens_q", max_seqlen_q, "max_seqlen_q")
-    _check_cu_seqlens(cu_seqlens_k, k, "cu_seqlens_k", max_seqlen_k, "max_seqlen_k")
-    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
-        raise ValueError(f"cu_seqlens_q ({cu_seqlens_q.numel()}) and cu_seqlens_k ({cu_seqlens_k.numel()}) "
-                         "must describe the same batch size")
-    _check_rope(rope_q, q, "rope_q")
-    _check_rope(rope_k, k, "rope_k")
-    scale = float(softmax_scale) if softmax_scale is not None else D ** -0.5
-    if not scale > 0 or scale == float("inf"):  # the kernels fold the scale into max / exp2 (needs > 0)
-        raise ValueError(f"softmax_scale must be a finite positive number, got {softmax_scale!r}")
+    scale = check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale=softmax_scale,
+                         rope_q=rope_q, rope_k=rope_k)
     chosen = _choose_backend(backend, q)
     if torch.is_grad_enabled() and any(t.requires_grad for r in (rope_q, rope_k) if r is not None for t in r[:2]):
         log_once("joint_attention: RoPE tables that require grad take the per-sample SDPA reference (the "

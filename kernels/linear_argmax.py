@@ -530,7 +530,9 @@ def _reduce_blocks(splits: int) -> tuple[int, int]:
     return max(1, min(64, 4096 // block_s)), block_s
 
 
-def _check_inputs(x, weight, bias, temperature=1.0, gumbel_seed=None):
+def check_inputs(x, weight, bias=None, *, gumbel_seed=None, temperature=1.0, any_float: bool = False) -> None:
+    """The checks of :func:`linear_argmax` (same arguments); ``any_float``: any floating dtype (what the
+    reference takes; ``ops`` checks with it before falling back)."""
     if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
         raise TypeError("x and weight must be torch.Tensors")
     if x.dim() != 2:
@@ -541,7 +543,7 @@ def _check_inputs(x, weight, bias, temperature=1.0, gumbel_seed=None):
         raise ValueError(f"weight must be (V, dim={x.shape[1]}) to match x {tuple(x.shape)}, got {tuple(weight.shape)}")
     if weight.shape[0] == 0 or x.shape[1] == 0:
         raise ValueError(f"weight must have V >= 1 and dim >= 1, got shape {tuple(weight.shape)}")
-    if x.dtype not in _FLOAT_DTYPES:
+    if x.dtype not in _FLOAT_DTYPES and not (any_float and x.is_floating_point()):
         raise TypeError(f"x must be float16, bfloat16 or float32, got {x.dtype}")
     if weight.dtype != x.dtype:
         raise TypeError(f"weight dtype {weight.dtype} must match x dtype {x.dtype}")
@@ -552,7 +554,7 @@ def _check_inputs(x, weight, bias, temperature=1.0, gumbel_seed=None):
             raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
         if bias.shape != (weight.shape[0],):
             raise ValueError(f"bias must be (V={weight.shape[0]},), got shape {tuple(bias.shape)}")
-        if bias.dtype not in _FLOAT_DTYPES:
+        if bias.dtype not in _FLOAT_DTYPES and not (any_float and bias.is_floating_point()):
             raise TypeError(f"bias must be a float tensor, got {bias.dtype}")
         check_devices(x, bias=bias)
     check_decode_args(temperature, gumbel_seed)
@@ -694,7 +696,7 @@ def linear_argmax(
     outputs. Never materialises the ``(N, V)`` logits on the Triton path. Not differentiable (a
     decode); one opaque op (``univigu_fast::linear_argmax``) to ``torch.compile``.
     """
-    _check_inputs(x, weight, bias, temperature, gumbel_seed)
+    check_inputs(x, weight, bias, gumbel_seed=gumbel_seed, temperature=temperature)
     if not use_triton(x, weight, bias):
         log_once("linear_argmax: Triton path unavailable (needs CUDA or TRITON_INTERPRET=1), using the reference")
         return linear_argmax_reference(x, weight, bias, gumbel_seed=gumbel_seed, temperature=temperature)

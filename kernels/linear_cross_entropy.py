@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 from ._utils import (HAS_TRITON, cdiv, check_devices, log_once, next_power_of_2, on_input_device, pick_fastest,
                      use_triton)
-from .linear_argmax import _check_inputs, _linear_argmax_launch
+from .linear_argmax import _linear_argmax_launch, check_inputs
 
 if HAS_TRITON:
     import triton
@@ -327,7 +327,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, target, ignore_index, reduction, label_smoothing, chunk_v, forward_method):
         n = x.shape[0]
         v = weight.shape[0]
-        valid = target != ignore_index
+        valid = _not_ignored(target, ignore_index)
         tgt = torch.where(valid, target, -1).to(torch.int32)
         chunk_v = chunk_v or default_chunk_v(n, x.shape[1], v)
         if n == 0:
@@ -376,8 +376,17 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         return dx, dw, db, None, None, None, None, None, None
 
 
+def _not_ignored(target: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """``target != ignore_index``, as the reference's int64 comparison: an ``ignore_index`` outside an int32
+    target's range matches no row (compared in int32 it would wrap, 2**32 matching 0)."""
+    info = torch.iinfo(target.dtype)
+    if not info.min <= ignore_index <= info.max:
+        return torch.ones_like(target, dtype=torch.bool)
+    return target != ignore_index
+
+
 def _check_ce_inputs(x, weight, target, bias, ignore_index, reduction, label_smoothing):
-    _check_inputs(x, weight, bias)
+    check_inputs(x, weight, bias)
     if bias is not None and bias.dtype != x.dtype:
         # the backward recomputes the logits in x's dtype: a wider bias would be rounded there (and
         # overflow float16 above 65504), unlike the forward, which reads it in float32
@@ -396,7 +405,7 @@ def _check_ce_inputs(x, weight, target, bias, ignore_index, reduction, label_smo
     if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)) \
             or not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must be a float in [0, 1], got {label_smoothing!r}")
-    bad = (target != ignore_index) & ((target < 0) | (target >= weight.shape[0]))
+    bad = _not_ignored(target, ignore_index) & ((target < 0) | (target >= weight.shape[0]))
     if bool(bad.any()):
         i = int(bad.nonzero()[0, 0])
         raise ValueError(f"target[{i}] = {int(target[i])} is outside [0, V={weight.shape[0]}) and is not "

@@ -524,11 +524,13 @@ torch.library.register_autograd("univigu_fast::modality_ffn_fwd", _backward, set
 # ----------------------------------------------------------------------------------------------
 # Entry point and module
 # ----------------------------------------------------------------------------------------------
-def _validate(x, seg_offsets, seg_expert, experts, residual, gate) -> None:
+def check_inputs(x, seg_offsets, seg_expert, experts, residual=None, gate=None, *, any_float: bool = False) -> None:
+    """The checks of :func:`modality_ffn` (same arguments); ``any_float``: any floating dtype (what the
+    reference takes; ``ops`` checks with it before falling back)."""
     if not isinstance(x, torch.Tensor) or x.dim() != 2:
         raise ValueError(f"x must be a (T, dim) tensor, got {getattr(x, 'shape', type(x).__name__)}")
     T, dim = x.shape
-    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32) and not (any_float and x.is_floating_point()):
         raise TypeError(f"x must be float16, bfloat16 or float32, got {x.dtype}")
     if not isinstance(seg_expert, torch.Tensor) or seg_expert.dtype != torch.int32:
         raise TypeError(f"seg_expert must be an int32 tensor, got {getattr(seg_expert, 'dtype', type(seg_expert).__name__)}")
@@ -582,7 +584,7 @@ def modality_ffn(
     of residual / gate may be None. Differentiable in x, every weight, the gate and the residual.
     Triton on CUDA (or under the interpreter) for fp16 / bf16 / fp32; the reference elsewhere.
     """
-    _validate(x, seg_offsets, seg_expert, experts, residual, gate)
+    check_inputs(x, seg_offsets, seg_expert, experts, residual, gate)
     tensors = [x, residual, gate, *[t for e in experts for t in e]]
     if len(experts) > 2:
         log_once("modality_ffn: the grouped kernel takes at most two experts; using the reference")

@@ -220,7 +220,8 @@ class ModulatedLayerNormFunction(torch.autograd.Function):
         return dx, None, dshift, dscale, None  # fp32 sums; autograd casts them to shift/scale's dtype
 
 
-def _check(x, seg_offsets, shift, scale):
+def check_inputs(x, seg_offsets, shift, scale, eps=1e-6) -> None:
+    """The checks of :func:`modulated_layer_norm` (same arguments; any floating dtype)."""
     if not isinstance(x, torch.Tensor) or x.dim() != 2:
         raise ValueError(f"x must be a (T, dim) tensor, got shape {tuple(getattr(x, 'shape', ()))}")
     if not x.is_floating_point():
@@ -246,7 +247,7 @@ def modulated_layer_norm(
     interpreter, else the reference (logged once). ``seg_offsets`` must be a valid table (0 first, T
     last, non-decreasing), on x's device; checked (``_utils.check_segments``: no sync for the packer's tables).
     """
-    _check(x, seg_offsets, shift, scale)
+    check_inputs(x, seg_offsets, shift, scale)
     if not use_triton(x, seg_offsets, shift, scale):
         log_once("modulated_layer_norm: Triton unavailable for these tensors; using the PyTorch reference")
         return modulated_layer_norm_reference(x, seg_offsets, shift, scale, eps)

@@ -128,14 +128,19 @@ class RMSNormFunction(torch.autograd.Function):
         return dx, dw, None
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """RMSNorm of ``x (T, dim)`` with ``weight (dim,)``, fp32 statistics, result in x.dtype; differentiable in both."""
+def check_inputs(x, weight, eps=1e-6) -> None:
+    """The checks of :func:`rms_norm` (same arguments; any floating dtype)."""
     if not isinstance(x, torch.Tensor) or x.dim() != 2 or not x.is_floating_point():
         raise ValueError(f"x must be a floating (T, dim) tensor, got {getattr(x, 'dtype', type(x).__name__)} "
                          f"{tuple(getattr(x, 'shape', ()))}")
     if not isinstance(weight, torch.Tensor) or weight.shape != (x.shape[-1],):
         raise ValueError(f"weight must be (dim={x.shape[-1]},), got {tuple(getattr(weight, 'shape', ()))}")
     check_devices(x, weight=weight)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """RMSNorm of ``x (T, dim)`` with ``weight (dim,)``, fp32 statistics, result in x.dtype; differentiable in both."""
+    check_inputs(x, weight, eps)
     if not use_triton(x, weight):
         log_once("rms_norm: Triton unavailable for these tensors; using the PyTorch reference")
         return rms_norm_reference(x, weight, eps)

@@ -173,6 +173,15 @@ def test_from_pretrained_takes_diffusers_arguments(tmp_path):
         UniViGUModel.from_pretrained(tmp_path / "pipe/transformer", torch_dtype="bf16")
     with pytest.raises(FileNotFoundError, match="has no config.json.*from_wan"):
         UniViGUModel.from_pretrained(tmp_path / "pipe")
+    # a torn config.json / index is named (a bare JSONDecodeError / KeyError before)
+    config = tmp_path / "pipe" / "transformer" / "config.json"
+    config.write_text(config.read_text()[:40])
+    with pytest.raises(ValueError, match=r"transformer/config.json is not valid JSON: .* at line \d+ column \d+"):
+        UniViGUModel.from_pretrained(tmp_path / "pipe", subfolder="transformer")
+    model.save_pretrained(tmp_path / "sharded", max_shard_size=4096)
+    (tmp_path / "sharded" / "model.safetensors.index.json").write_text('{"metadata": {}}')
+    with pytest.raises(ValueError, match="model.safetensors.index.json has no 'weight_map' object"):
+        UniViGUModel.from_pretrained(tmp_path / "sharded")
 
 
 def _original_release_folder(model_wan, config, folder):

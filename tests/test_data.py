@@ -79,8 +79,13 @@ def test_reader_checks_meta_and_stored_tensors(tmp_path):
         (tmp_path / "ok" / "meta.json").write_text(json.dumps({**meta, **change}))
         with pytest.raises(ValueError, match=match):
             VideoTextDataset(tmp_path / "ok")
-    # a shard whose tensors do not match meta.json fails when read, naming the file and key
+    # a shard whose tensors do not match meta.json fails when read, naming the file and key (the null
+    # prompt, read when opened, is checked against meta.json too)
     (tmp_path / "ok" / "meta.json").write_text(json.dumps({**meta, "text_dim": 8}))
+    with pytest.raises(ValueError, match=r"null_prompt.safetensors: must hold .* text_dim=8\) tensor, got torch.float32 \(1, 6\)"):
+        VideoTextDataset(tmp_path / "ok")
+    from safetensors.torch import save_file
+    save_file({"null_prompt_embeds": torch.zeros(1, 8)}, str(tmp_path / "ok" / "null_prompt.safetensors"))
     with pytest.raises(ValueError, match=r"shard_00000.safetensors: 0.prompt_embeds is torch.float32 \(2, 6\)"):
         VideoTextDataset(tmp_path / "ok").prompt_embeds[0]
 
@@ -108,6 +113,52 @@ def test_reader_names_corrupt_meta_and_shards(tmp_path):
     save_file({**shard, "1.prompt_ids": torch.tensor([1, 2, 3])}, str(tmp_path / "d" / "shard_00001.safetensors"))
     with pytest.raises(ValueError, match="example 1 has 2 prompt_embeds rows for 3 prompt_ids"):
         VideoTextDataset(tmp_path / "d")[1]
+
+
+def test_reader_names_broken_files(tmp_path):
+    """A torn meta.json, a truncated shard and a null prompt file without its tensor (or of the wrong
+    form) are named (a bare JSONDecodeError / SafetensorError / KeyError before)."""
+    _write_two(tmp_path / "d")
+    meta_path, shard = tmp_path / "d" / "meta.json", tmp_path / "d" / "shard_00000.safetensors"
+    meta = meta_path.read_text()
+    meta_path.write_text(meta[: len(meta) // 2])
+    with pytest.raises(ValueError, match=r"meta.json is not valid JSON: .* at line \d+ column \d+"):
+        VideoTextDataset(tmp_path / "d")
+    meta_path.write_text(meta)
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(ValueError, match="shard_00000.safetensors: not a readable safetensors shard"):
+        VideoTextDataset(tmp_path / "d").latents[0]
+    from safetensors.torch import save_file
+    for tensors, got in (({"other": torch.zeros(1, 6)}, "got none"), ({"null_prompt_embeds": torch.zeros(6)}, r"got .* \(6,\)"),
+                         ({"null_prompt_embeds": torch.zeros(1, 5)}, r"got .* \(1, 5\)")):
+        save_file(tensors, str(tmp_path / "d" / "null_prompt.safetensors"))
+        with pytest.raises(ValueError, match=rf"null_prompt.safetensors: must hold null_prompt_embeds, a float \(L0, text_dim=6\) tensor, {got}"):
+            VideoTextDataset(tmp_path / "d")
+
+
+def test_read_tensors_own_their_memory_and_the_dataset_pickles(tmp_path):
+    """The tensors read view the shard file's memory map no more: an in-place change by a caller was seen
+    by every later read (14 after one doubling), a rewrite of the file changed tensors already handed out
+    (and a truncation killed the process with SIGBUS). A dataset that has been read pickles (its open
+    shard handles did not: a DataLoader with spawned workers failed)."""
+    import pickle
+
+    _write_two(tmp_path / "d")
+    ds = VideoTextDataset(tmp_path / "d")
+    first, null = ds.latents[0].clone(), ds.null_prompt.clone()
+    held = ds.latents[0]
+    ds.latents[0].mul_(2)
+    torch.testing.assert_close(ds.latents[0], first, rtol=0, atol=0)
+    shard = tmp_path / "d" / "shard_00000.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-64:] = bytes(64)  # overwrite the file in place (the last tensor's bytes)
+    with open(shard, "r+b") as f:
+        f.write(data)
+    (tmp_path / "d" / "null_prompt.safetensors").write_bytes(b"")
+    torch.testing.assert_close(held, first, rtol=0, atol=0)
+    torch.testing.assert_close(ds.null_prompt, null, rtol=0, atol=0)
+    copy = pickle.loads(pickle.dumps(ds))
+    assert copy._open == {} and len(copy) == 2 and copy.caption_ids[1].tolist() == [3, 4]
 
 
 def test_rewriting_a_folder_never_mixes_two_datasets(tmp_path):

@@ -243,6 +243,37 @@ def test_dtypes_without_a_kernel_run_the_reference_ops(dtype):
     assert all(torch.equal(i, j) for i, j in zip(ids_a, ids_b))
 
 
+def test_fast_ops_check_arguments_before_falling_back():
+    """FAST_OPS falls back to the references (which check nothing and fill preallocated outputs) for a
+    float64 input or a head_dim without a kernel: it checks the arguments as the kernels do first. A
+    cu_seqlens ending short of the tokens returned rows of uninitialised memory; an expert id out of
+    range returned 7e194 for its rows."""
+    from univigu_fast.ops import FAST_OPS
+
+    for dtype, D in ((torch.float64, 16), (torch.float32, 24)):
+        q = torch.randn(14, 2, D, dtype=dtype)
+        for cu_q, cu_k, match in ((torch.tensor([0, 10], dtype=torch.int32), torch.tensor([0, 14], dtype=torch.int32),
+                                   r"cu_seqlens_q\[-1\] must equal the number of packed tokens 14, got 10"),
+                                  (torch.tensor([0, 14]), torch.tensor([0, 14], dtype=torch.int32), "cu_seqlens_q must be int32"),
+                                  (torch.tensor([0, 7, 14], dtype=torch.int32), torch.tensor([0, 14], dtype=torch.int32),
+                                   "same batch size")):
+            with pytest.raises((ValueError, TypeError), match=match):
+                FAST_OPS.attention(q, q, q, cu_q, cu_k, 14, 14)
+    x = torch.randn(6, 8, dtype=torch.float64)
+    expert = tuple(t.double() for t in (torch.randn(16, 8), torch.randn(16), torch.randn(8, 16), torch.randn(8)))
+    seg = torch.tensor([0, 2, 4, 6], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"seg_expert ids must lie in \[0, 2\), got \[0, 1, 2\]"):
+        FAST_OPS.modality_ffn(x, seg, torch.tensor([0, 1, 2], dtype=torch.int32), [expert, expert])
+    with pytest.raises(ValueError, match=r"weight must be \(V, dim=8\)"):
+        FAST_OPS.linear_argmax(x, torch.randn(5, 7, dtype=torch.float64))
+    with pytest.raises(ValueError, match="gate must be a floating"):
+        FAST_OPS.gated_residual(x, x, seg, torch.randn(2, 8, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"weight must be \(dim=8,\)"):
+        FAST_OPS.rms_norm(x, torch.randn(7, dtype=torch.float64), 1e-6)
+    with pytest.raises(ValueError, match=r"shift must be \(S=3, dim=8\)"):
+        FAST_OPS.modulated_layer_norm(x, seg, torch.randn(2, 8, dtype=torch.float64), torch.randn(3, 8, dtype=torch.float64), 1e-6)
+
+
 @pytest.mark.parametrize("text", ["none", "empty"])
 def test_text_expert_gets_no_gradient_without_text_rows(text):
     """A batch without text rows never calls ffn_t in the reference, so its gradients stay None; the fast

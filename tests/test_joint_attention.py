@@ -281,6 +281,34 @@ def test_bad_shapes_and_head_dims():
         joint_attention(q, q, q, _cu([9]), _cu([4, 5]), 9, 5)
     with pytest.raises(ValueError, match=r"rope_q.cos must be float32 of shape \(9, 8\)"):
         joint_attention(q, q, q, _cu([9]), _cu([9]), 9, 9, rope_q=_rope(8, 16, 0))
+    with pytest.raises(TypeError, match="softmax_scale must be a number or None, got 'x'"):  # float('x') named nothing
+        joint_attention(q, q, q, _cu([9]), _cu([9]), 9, 9, softmax_scale="x")
+    with pytest.raises(ValueError, match="at least one head"):  # a ZeroDivisionError in the launcher
+        joint_attention(q[:, :0], q[:, :0], q[:, :0], _cu([9]), _cu([9]), 9, 9)
+    with pytest.raises(TypeError, match="rope must be a tuple"):
+        apply_rope(q, None)
+
+
+def test_rope_positions_refuse_what_the_kernel_would_read_out_of_bounds():
+    """``axis`` values index the position columns and ``interleaved`` is read per row: an axis of 5 or -1,
+    a short or float ``interleaved`` gave finite numbers from the kernel (the reference raised)."""
+    grids, text_lens, D = [(2, 2, 2)], [3], 16
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, D, 2).float() / D))
+    pos, freq, axis, il = rope_positions(grids, text_lens, D, inv_freq, DEVICE)
+    T = pos.shape[0]
+    x = torch.randn(T, 2, D, device=DEVICE)
+    for bad, match in ((dict(axis=torch.full_like(axis, 5)), r"axis must hold position columns 0, 1 or 2, got values in \[5, 5\]"),
+                       (dict(axis=torch.full_like(axis, -1)), r"got values in \[-1, -1\]"),
+                       (dict(interleaved=il[:-2]), rf"interleaved must be contiguous .* of shape \({T},\)"),
+                       (dict(interleaved=il.float()), "interleaved must be contiguous"),
+                       (dict(x=x[0]), r"x must be a \(T, H, D\) tensor"),
+                       (dict(freq=freq.to("meta")), "freq .* must be on x's device")):
+        args = dict(x=x, pos=pos, freq=freq, axis=axis, interleaved=il, **{})
+        args.update(bad)
+        with pytest.raises(ValueError, match=match):
+            apply_rope_positions(**args)
+    want = apply_rope_reference(x, rope_tables_from_positions(pos, freq, axis, il))
+    torch.testing.assert_close(apply_rope_positions(x, pos, freq, axis, il.to(torch.uint8)), want)
 
 
 def test_bad_max_seqlen_and_devices():

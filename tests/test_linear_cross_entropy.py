@@ -194,6 +194,18 @@ def test_nan_rows_that_are_ignored_and_infinite_logits(method):
     assert torch.isinf(got[t != -100]).all() and (got[t == -100] == 0).all()
 
 
+def test_int32_target_with_an_ignore_index_outside_int32():
+    """An ``ignore_index`` no int32 target can hold ignores no row, as in the reference's int64 comparison:
+    compared in int32 it wrapped (2**32 matched every target 0: loss 10.01 vs 8.39)."""
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(6, 16, generator=g), torch.randn(40, 16, generator=g)
+    target = torch.tensor([0, 3, 0, 7, 0, 39], dtype=torch.int32)
+    for ignore_index in (2**32, -(2**40)):
+        got = linear_cross_entropy(x, w, target, ignore_index=ignore_index)
+        want = linear_cross_entropy_reference(x, w, target, ignore_index=ignore_index)
+        torch.testing.assert_close(got, want, **LOSS_TOL[torch.float32])
+
+
 def test_double_backward_is_refused_clearly():
     """create_graph=True gave 'mm(): functions with out=... arguments don't support automatic
     differentiation' from inside the backward; it is refused by name (a gradient without a graph would

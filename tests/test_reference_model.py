@@ -220,6 +220,15 @@ def test_embedding_flow_outputs_velocity():
         ("dtype_mix", TypeError, "encoder_hidden_states dtype"),
         ("prompt_width", ValueError, "text_dim"),
         ("missing_tau_text", ValueError, "tau_text"),
+        # (these four failed deep inside with an IndexError / AttributeError / torch's own message)
+        ("empty_batch", ValueError, r"at least one video \(B >= 1\)"),
+        ("tau_string", TypeError, "tau_video must be a real number or a \\(2,\\) tensor"),
+        ("tau_complex", TypeError, "tau_video must be a real number"),
+        ("cache_policy", TypeError, "video_cache must be a univigu_fast.video_cache.VideoCache"),
+        # (these were accepted and did nothing)
+        ("seed_with_argmax", ValueError, "sample_seed is for text_output='sample'"),
+        ("temperature_with_full", ValueError, "temperature is for text_output='argmax' / 'sample'"),
+        ("bad_seed", ValueError, r"gumbel_seed must be in \[0, 2\*\*63\)"),
     ],
 )
 def test_bad_inputs_name_the_argument(case, exc, match):
@@ -257,5 +266,19 @@ def test_bad_inputs_name_the_argument(case, exc, match):
         kwargs["encoder_hidden_states"] = torch.randn(2, 3, c.text_dim + 2)
     elif case == "missing_tau_text":
         kwargs.update(text=ids)
+    elif case == "empty_batch":
+        kwargs.update(video_latents=video[:0], tau_video=tau[:0], encoder_hidden_states=prompt[:0])
+    elif case == "tau_string":
+        kwargs["tau_video"] = "0.5"
+    elif case == "tau_complex":
+        kwargs["tau_video"] = torch.tensor([0.5, 0.5], dtype=torch.complex64)
+    elif case == "cache_policy":
+        kwargs.update(text=ids, tau_text=tau, video_cache="once")
+    elif case == "seed_with_argmax":
+        kwargs.update(text=ids, tau_text=tau, text_output="argmax", sample_seed=3)
+    elif case == "temperature_with_full":
+        kwargs.update(text=ids, tau_text=tau, temperature=0.5)
+    elif case == "bad_seed":
+        kwargs.update(text=ids, tau_text=tau, text_output="sample", sample_seed=-5)
     with pytest.raises(exc, match=match):
         model(**kwargs)

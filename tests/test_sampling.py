@@ -299,6 +299,23 @@ def test_sampler_inputs_are_checked_by_name():
             joint(m, prompts, shape, [2, 2], steps=1)
     with pytest.raises(ValueError, match="null_prompt must be one"):
         joint(m, prompts, (4, 1, 2, 2), [2, 2], steps=1, guidance=2.0, null_prompt=torch.randn(1, 1, cfg.text_dim))
+    with pytest.raises(ValueError, match=rf"null_prompt must be one \(L0, text_dim={cfg.text_dim}\) tensor"):
+        generate(m, prompts, ids, (4, 1, 2, 2), steps=1, guidance=2.0, null_prompt=torch.randn(1, cfg.text_dim + 1))
+    # shift=inf made every time 0 (the noise came back as the sample), guidance=nan / inf all-NaN latents,
+    # strings failed inside with a message naming nothing
+    for name, bad in (("shift", float("inf")), ("shift", "3"), ("guidance", float("nan")), ("guidance", float("inf")),
+                      ("guidance", "2"), ("shift", True)):
+        kw = {name: bad, **({"null_prompt": torch.randn(1, cfg.text_dim)} if name == "guidance" else {})}
+        with pytest.raises(ValueError, match=f"{name} must be a finite real number"):
+            generate(m, prompts, ids, (4, 1, 2, 2), steps=1, **kw)
+        with pytest.raises(ValueError, match=f"{name} must be a finite real number"):
+            joint(m, prompts, (4, 1, 2, 2), [2, 2], steps=1, **kw)
+    with pytest.raises(ValueError, match="shift must be > 0"):
+        generate(m, prompts, ids, (4, 1, 2, 2), steps=1, shift=0.0)
+    with pytest.raises(TypeError, match="stats must be a dict"):  # an AttributeError after the whole caption
+        caption(m, vids, prompts, [2, 2], steps=1, stats=[])
+    with pytest.raises(ValueError, match=rf"z must be \(N, dim={cfg.dim}\) text embeddings"):
+        decode_embeddings(m, torch.randn(cfg.dim))
 
 
 @pytest.mark.parametrize("text_flow", ["discrete", "embedding"])

@@ -104,14 +104,17 @@ def test_bad_examples_are_named_before_any_step(data):
     every weight), ids outside the vocabulary (an IndexError inside the step), float ids; int32 ids train
     as int64 ids do (F.cross_entropy refused them)."""
     V = _cfg().vocab_size
-    cfg = TrainConfig(stage=2, steps=1, batch_size=8, warmup_steps=0, progress=False)
+    cfg = TrainConfig(stage=2, steps=1, batch_size=8, warmup_steps=0, progress=False, prompt_length=8)
     nan = data.latents[3].clone()
     nan[0, 0, 0, 0] = float("nan")
     for replace, match in ((dict(latents={3: nan}), "example 3: latents holds NaN or Inf"),
                            (dict(caption_ids={5: torch.tensor([1, V])}), rf"example 5: caption_ids has ids outside \[0, vocab_size={V}\)"),
                            (dict(prompt_ids={2: torch.tensor([-1])}), "example 2: prompt_ids has ids outside"),
                            (dict(caption_ids={1: torch.tensor([1.0, 2.0])}), "example 1: caption_ids must be 1-D integer token ids"),
-                           (dict(prompt_embeds={4: torch.randn(3, TEXT_DIM + 1)}), "example 4: prompt_embeds must be a floating point")):
+                           (dict(prompt_embeds={4: torch.randn(3, TEXT_DIM + 1)}), "example 4: prompt_embeds must be a floating point"),
+                           # (these two were named by their position inside the step's batch, or not at all)
+                           (dict(latents={6: data.latents[6][:, :, :3]}), r"example 6: latents \(F, H, W\) = .* must be positive multiples of patch_size"),
+                           (dict(prompt_embeds={7: torch.randn(9, TEXT_DIM)}), "example 7: prompt_embeds has 9 rows, more than prompt_length=8")):
         m = _model()
         before = {k: v.clone() for k, v in m.state_dict().items()}
         with pytest.raises(ValueError, match=match):
@@ -216,7 +219,7 @@ def test_prompt_length_pads_what_the_model_sees(data):
         dropped += src is data.null_prompt
         assert p.shape == (8, TEXT_DIM) and torch.equal(p[: len(src)], src) and not p[len(src):].any()
     assert 0 < dropped < 4
-    with pytest.raises(ValueError, match="more than the padded length 2"):
+    with pytest.raises(ValueError, match=r"example \d+: prompt_embeds has \d+ rows, more than prompt_length=2"):
         Trainer(_model(), data, TrainConfig(steps=1, batch_size=4, progress=False, prompt_length=2)).train()
 
 

@@ -496,6 +496,9 @@ def test_cost_model_counts():
     assert off["full_step_flops"] / once["text_step_flops"] > 100
     # the text step reads every cached key/value row once per layer (bf16)
     assert text_step_bytes(s, c) > c.num_layers * 2 * (32760 + 256) * c.dim * 2
+    for steps in (0, -3, 2.0):  # 0 and -3 reported negative text-step counts
+        with pytest.raises(ValueError, match="steps must be a positive int"):
+            caption_cost(s, c, steps, "once")
 
 
 # ---------------------------------------------------------------------------- CUDA graph of the text step

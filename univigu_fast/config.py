@@ -17,6 +17,15 @@ _POSITIVE_INTS = ("num_attention_heads", "attention_head_dim", "in_channels", "o
                   "ffn_dim", "num_layers", "rope_max_seq_len", "vocab_size")
 
 
+def read_json(path: str | Path):
+    """``json.loads`` of a file; a torn or hand-broken file is named in the error (a bare JSONDecodeError is not)."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+
+
 @dataclass
 class UniViGUConfig:
     # --- WanTransformer3DModel fields (diffusers names and defaults) ---
@@ -134,7 +143,7 @@ class UniViGUConfig:
 
     @classmethod
     def load(cls, path: str | Path, strict: bool = False) -> "UniViGUConfig":
-        return cls.from_dict(json.loads(Path(path).read_text()), strict=strict)
+        return cls.from_dict(read_json(path), strict=strict)
 
     def wan_config(self) -> dict:
         """The ``WanTransformer3DModel`` constructor kwargs of the video path."""

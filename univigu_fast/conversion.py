@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .config import UMT5_VOCAB_SIZE, UniViGUConfig
+from .config import UMT5_VOCAB_SIZE, UniViGUConfig, read_json
 
 # diffusers top-level name -> our name(s); blocks are identical.
 _DIFFUSERS_TOP = {
@@ -152,16 +152,24 @@ def _check_config_against_weights(config: UniViGUConfig, ours: dict) -> None:
         raise ValueError("the config does not match the Wan weights: " + "; ".join(wrong))
 
 
+def _weight_map(index: Path) -> dict:
+    """The ``weight_map`` of a safetensors index file (tensor name -> shard file)."""
+    raw = read_json(index)
+    if not isinstance(raw, dict) or not isinstance(raw.get("weight_map"), dict):
+        raise ValueError(f"{index} has no 'weight_map' object (a safetensors index maps tensor names to shard files)")
+    return raw["weight_map"]
+
+
 def _load_folder_state(folder: Path, variant: str | None = None) -> tuple[dict, dict]:
     """``config.json`` and the weights of a diffusers-style folder: the shards its
     ``*.safetensors.index[.variant].json`` names, else ``diffusion_pytorch_model[.variant].safetensors``
     or the folder's one other ``.safetensors`` file (diffusers' file naming; other variants ignored)."""
-    cfg = json.loads((folder / "config.json").read_text())
+    cfg = read_json(folder / "config.json")
     tag = f".{variant}" if variant else ""
     index = folder / f"diffusion_pytorch_model.safetensors.index{tag}.json"
     single = folder / f"diffusion_pytorch_model{tag}.safetensors"
     if index.exists():
-        files = [folder / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+        files = [folder / name for name in sorted(set(_weight_map(index).values()))]
     elif single.exists():
         files = [single]
     else:
@@ -529,14 +537,14 @@ def from_pretrained(cls, path, *, subfolder: str | None = None, device=None, dty
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} has no config.json: from_pretrained reads a folder written by "
                                 "save_pretrained; a Wan2.1 or Uni-ViGU checkpoint loads with from_wan / from_uni_vigu")
-    raw = json.loads((path / "config.json").read_text())
+    raw = read_json(path / "config.json")
     if not isinstance(raw, dict) or "text_flow" not in raw:
         kind = raw.get("_class_name", "another model's") if isinstance(raw, dict) else "another model's"
         raise ValueError(f"{path / 'config.json'} is a {kind} config, not one save_pretrained wrote (it has no "
                          "text-stream fields): a Wan2.1 folder loads with from_wan")
     config = UniViGUConfig.from_dict(raw)
     if (path / _INDEX).is_file():
-        weight_map = json.loads((path / _INDEX).read_text())["weight_map"]
+        weight_map = _weight_map(path / _INDEX)
         files = sorted(set(weight_map.values()))
         lacking = [f for f in files if not (path / f).is_file()]
         if lacking:

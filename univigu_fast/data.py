@@ -39,6 +39,8 @@ from typing import Sequence
 
 import torch
 
+from .config import read_json
+
 FORMAT = "univigu-fast-examples"
 VERSION = 1
 
@@ -183,13 +185,11 @@ class VideoTextDataset:
     """Reads a directory written by ``ExampleWriter`` / ``preprocess`` (lazily, shard by shard)."""
 
     def __init__(self, path: str | Path):
-        from safetensors.torch import load_file
-
         self.path = Path(path)
         meta_path = self.path / "meta.json"
         if not meta_path.exists():
             raise FileNotFoundError(f"{meta_path} not found: not a univigu-fast examples directory")
-        self.meta = json.loads(meta_path.read_text())
+        self.meta = read_json(meta_path)
         if not isinstance(self.meta, dict) or self.meta.get("format") != FORMAT:
             fmt = self.meta.get("format") if isinstance(self.meta, dict) else type(self.meta).__name__
             raise ValueError(f"{meta_path}: format {fmt!r}, expected {FORMAT!r}")
@@ -199,7 +199,7 @@ class VideoTextDataset:
             if not isinstance(self.meta.get(key), kind):
                 raise ValueError(f"{meta_path}: {key!r} must be a{'n' if kind is int else ''} {kind.__name__}, "
                                  f"got {self.meta.get(key)!r}")
-        self.null_prompt = load_file(str(self.path / "null_prompt.safetensors"))["null_prompt_embeds"]
+        self.null_prompt = self._read_null_prompt()
         self._where = {}
         for sh in self.meta["shards"]:
             if not (isinstance(sh, dict) and isinstance(sh.get("file"), str) and isinstance(sh.get("first"), int)
@@ -219,21 +219,49 @@ class VideoTextDataset:
     def __len__(self):
         return int(self.meta["count"])
 
+    def __getstate__(self):  # open shard handles do not pickle (DataLoader workers under spawn): reopened lazily
+        return {**self.__dict__, "_open": {}}
+
+    def _shard(self, f: str):
+        """The open handle of shard ``f`` (a truncated or foreign file is named)."""
+        from safetensors import safe_open
+
+        if f not in self._open:
+            try:
+                self._open[f] = safe_open(str(self.path / f), framework="pt")
+            except Exception as e:  # noqa: BLE001 -- SafetensorError names no file
+                raise ValueError(f"{self.path / f}: not a readable safetensors shard ({type(e).__name__}: {e})") from None
+        return self._open[f]
+
+    def _read_null_prompt(self) -> torch.Tensor:
+        from safetensors.torch import load_file
+
+        path = self.path / "null_prompt.safetensors"
+        try:
+            tensors = load_file(str(path))
+        except Exception as e:  # noqa: BLE001 -- SafetensorError / FileNotFoundError: name the file
+            raise ValueError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+        t = tensors.get("null_prompt_embeds")
+        text_dim = self.meta.get("text_dim")
+        if t is None or t.dim() != 2 or not t.is_floating_point() or (text_dim is not None and t.shape[1] != text_dim):
+            raise ValueError(f"{path}: must hold null_prompt_embeds, a float (L0, text_dim={text_dim}) tensor, got "
+                             f"{'none' if t is None else f'{t.dtype} {tuple(t.shape)}'}")
+        return t.clone()  # our own memory, not a view of the file's pages (a rewrite of the file would change it)
+
     def get(self, i: int, key: str) -> torch.Tensor:
         """Example ``i``'s ``key`` tensor, checked against ``meta.json`` (a corrupt or foreign shard fails
         here, naming the file, not deep in a training step)."""
-        from safetensors import safe_open
-
         i = operator.index(i)  # ints and integer 0-d tensors (a shuffled torch.randperm index)
         if not -len(self) <= i < len(self):
             raise IndexError(f"example {i} out of range for {len(self)} examples")
         i = i % len(self)
         f = self._where[i]
-        if f not in self._open:
-            self._open[f] = safe_open(str(self.path / f), framework="pt")
-        if f"{i}.{key}" not in self._open[f].keys():
+        shard = self._shard(f)
+        if f"{i}.{key}" not in shard.keys():
             raise ValueError(f"{self.path / f}: has no {i}.{key} (meta.json places example {i} in it)")
-        t = self._open[f].get_tensor(f"{i}.{key}")
+        # a copy: the handle's tensors view the file's pages, which a rewrite of the file (or an in-place
+        # change by a caller, seen by every later read) would change under a running job
+        t = shard.get_tensor(f"{i}.{key}").clone()
         if key == "latents":
             ok = t.dim() == 4 and t.is_floating_point() and t.shape[0] == self.meta.get("latent_channels", t.shape[0])
             want = f"float (C={self.meta.get('latent_channels')}, F, H, W)"

@@ -89,8 +89,8 @@ def generation_taus(steps: int, shift: float = 1.0) -> list[float]:
     (uniform ``sigma`` grid 1 -> 0, shifted; ``shift = 1`` gives the uniform grid)."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    if not shift > 0:
-        raise ValueError(f"shift must be > 0, got {shift}")
+    if not 0 < shift < math.inf:  # inf would make every time 0
+        raise ValueError(f"shift must be finite and > 0, got {shift}")
     # sigma = 1 maps to 1 only up to rounding (1 + (shift - 1) != shift for e.g. 0.2): pin the start at 0
     return [0.0] + [min(1.0, max(0.0, 1.0 - wan_shift(1.0 - i / steps, shift))) for i in range(1, steps + 1)]
 

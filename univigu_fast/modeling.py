@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import numbers
 from typing import NamedTuple, Sequence
 
 import torch
@@ -35,10 +36,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import UniViGUConfig
-from .kernels._utils import host_to_device
+from .kernels._utils import describe, host_to_device
+from .kernels.linear_argmax import check_decode_args
 from .modules import TextHead, TextProjection, TimeEmbedding, UniViGUBlock, VideoHead
 from .ops import Ops
 from .packing import PackedBatch, padded_lengths
+from .video_cache import VideoCache
 
 logger = logging.getLogger("univigu_fast")
 
@@ -133,6 +136,8 @@ class UniViGUModelBase(nn.Module):
         if batched_video:
             if video_latents.dim() != 5:
                 raise ValueError(f"video_latents must be (B, C, F, H, W) or a list of (C, F, H, W), got shape {tuple(video_latents.shape)}")
+            if video_latents.shape[0] == 0:
+                raise ValueError(f"video_latents must hold at least one video (B >= 1), got shape {tuple(video_latents.shape)}")
             videos = list(video_latents.unbind(0))
         elif isinstance(video_latents, (list, tuple)) and video_latents:
             videos = list(video_latents)
@@ -208,7 +213,13 @@ class UniViGUModelBase(nn.Module):
     def _check_tau(tau, B, name):
         if tau is None:
             raise ValueError(f"{name} is required")
-        tau = torch.as_tensor(tau, dtype=torch.float32)
+        if isinstance(tau, torch.Tensor) and (tau.is_complex() or tau.dtype == torch.bool) or \
+                not isinstance(tau, (torch.Tensor, numbers.Real, list, tuple)) or isinstance(tau, bool):
+            raise TypeError(f"{name} must be a real number or a ({B},) tensor in [0, 1], got {describe(tau)}")
+        try:
+            tau = torch.as_tensor(tau, dtype=torch.float32)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise TypeError(f"{name} must be a real number or a ({B},) tensor in [0, 1], got {tau!r} ({e})") from None
         if tau.dim() == 0:
             tau = tau.expand(B)
         if tau.shape != (B,):
@@ -221,7 +232,7 @@ class UniViGUModelBase(nn.Module):
     def forward(self, video_latents, tau_video, encoder_hidden_states, text=None, tau_text=None, text_lens=None, *,
                 text_output: str = "full", sample_seed: int | None = None, temperature: float = 1.0,
                 video_cache=None) -> UniViGUOutput:
-        _check_text_output(text_output, sample_seed)
+        _check_text_output(text_output, sample_seed, temperature)
         inp = self._prepare(video_latents, tau_video, encoder_hidden_states, text, tau_text, text_lens)
         c, ops, dev, dtype = self.config, self.ops, self.device, self.dtype
         videos, texts, B = inp["videos"], inp["texts"], len(inp["videos"])
@@ -243,6 +254,9 @@ class UniViGUModelBase(nn.Module):
         x = packed.pack(video_tokens, text_tokens)
         context = self.cond_text_embedder(torch.cat([p.to(dev, dtype) for p in inp["prompts"]]))
         if video_cache is not None:
+            if not isinstance(video_cache, VideoCache):
+                raise TypeError(f"video_cache must be a univigu_fast.video_cache.VideoCache(model) or None, got "
+                                f"{type(video_cache).__name__} (policies such as 'once' are caption()'s video_cache)")
             video_cache.check_owner(self)
             video_cache.context = context
 
@@ -342,7 +356,7 @@ class UniViGUModelBase(nn.Module):
         ``torch.inference_mode()`` when the full step did. A cache whose model's weights, dtype or device
         changed since its full step is refused (``VideoCache.check_ready``)."""
         c = self.config
-        _check_text_output(text_output, sample_seed)
+        _check_text_output(text_output, sample_seed, temperature)
         video_cache.check_ready(self)
         if not isinstance(text, (list, tuple)):
             raise TypeError(f"text must be a list of per-sample token ids / embeddings, got {type(text).__name__}")
@@ -435,11 +449,16 @@ def _count_state_dict_load(model, incompatible_keys) -> None:
     model.state_dict_loads += 1
 
 
-def _check_text_output(text_output, sample_seed) -> None:
+def _check_text_output(text_output, sample_seed, temperature) -> None:
     if text_output not in ("full", "argmax", "sample"):
         raise ValueError(f"text_output must be 'full', 'argmax' or 'sample', got {text_output!r}")
     if text_output == "sample" and sample_seed is None:
         raise ValueError("text_output='sample' needs sample_seed")
+    if text_output != "sample" and sample_seed is not None:
+        raise ValueError(f"sample_seed is for text_output='sample' (it would be ignored with {text_output!r})")
+    if text_output == "full" and temperature != 1.0:
+        raise ValueError("temperature is for text_output='argmax' / 'sample' (the full logits are not rescaled)")
+    check_decode_args(temperature, sample_seed)
 
 
 def _same_shapes(ts: Sequence[torch.Tensor]) -> bool:

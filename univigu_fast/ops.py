@@ -7,6 +7,7 @@ missing). The reference and the fast model are the same modules with different o
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -66,6 +67,8 @@ def _fast_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqle
     if q.shape[-1] not in _ja.SUPPORTED_HEAD_DIMS:  # e.g. the synthetic demo's 24: the kernels' tiles need 2^k
         _log_once(f"joint_attention: head_dim {q.shape[-1]} has no Triton kernel (supported: "
                   f"{_ja.SUPPORTED_HEAD_DIMS}); the model uses the per-sample SDPA reference")
+        _ja.check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale=softmax_scale,
+                         rope_q=rope_q, rope_k=rope_k, any_float=True)
         fn = _ja.joint_attention_reference
     else:
         fn = _attention_eager if torch.compiler.is_compiling() else _ja.joint_attention
@@ -76,11 +79,13 @@ def _fast_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqle
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _kernel_dtypes_only(name: str, fast: Callable, reference: Callable) -> Callable:
+def _kernel_dtypes_only(name: str, fast: Callable, reference: Callable, check: Callable) -> Callable:
     """``fast``, or ``reference`` when the first argument's dtype has no kernel (e.g. a model in float64):
-    the kernels refuse such inputs; the model should still run."""
+    the kernels refuse such inputs; the model should still run. ``check`` (the kernel entry point's
+    argument checks, for any float dtype) runs first: the references check nothing."""
     def op(x, *args, **kwargs):
-        if x.dtype not in _KERNEL_DTYPES:
+        if isinstance(x, torch.Tensor) and x.dtype not in _KERNEL_DTYPES:
+            check(x, *args, **kwargs)
             _log_once(f"{name}: the kernels take float16 / bfloat16 / float32, got {x.dtype}; "
                       "the model uses the reference op")
             return reference(x, *args, **kwargs)
@@ -93,10 +98,14 @@ def _kernel_dtypes_only(name: str, fast: Callable, reference: Callable) -> Calla
 FAST_OPS = Ops(
     name="triton",
     modulated_layer_norm=_kernel_dtypes_only("modulated_layer_norm", _mln.modulated_layer_norm,
-                                             _mln.modulated_layer_norm_reference),
-    gated_residual=_kernel_dtypes_only("gated_residual", _gr.gated_residual, _gr.gated_residual_reference),
-    rms_norm=_kernel_dtypes_only("rms_norm", _rn.rms_norm, _rn.rms_norm_reference),
-    attention=_kernel_dtypes_only("joint_attention", _fast_attention, _ja.joint_attention_reference),
-    modality_ffn=_kernel_dtypes_only("modality_ffn", _fast_modality_ffn, _mf.modality_ffn_reference),
-    linear_argmax=_kernel_dtypes_only("linear_argmax", _la.linear_argmax, _la.linear_argmax_reference),
+                                             _mln.modulated_layer_norm_reference, _mln.check_inputs),
+    gated_residual=_kernel_dtypes_only("gated_residual", _gr.gated_residual, _gr.gated_residual_reference,
+                                       _gr.check_inputs),
+    rms_norm=_kernel_dtypes_only("rms_norm", _rn.rms_norm, _rn.rms_norm_reference, _rn.check_inputs),
+    attention=_kernel_dtypes_only("joint_attention", _fast_attention, _ja.joint_attention_reference,
+                                  functools.partial(_ja.check_inputs, any_float=True)),
+    modality_ffn=_kernel_dtypes_only("modality_ffn", _fast_modality_ffn, _mf.modality_ffn_reference,
+                                     functools.partial(_mf.check_inputs, any_float=True)),
+    linear_argmax=_kernel_dtypes_only("linear_argmax", _la.linear_argmax, _la.linear_argmax_reference,
+                                      functools.partial(_la.check_inputs, any_float=True)),
 )

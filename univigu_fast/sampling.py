@@ -95,11 +95,20 @@ def _check_video_shape(config, video_shape) -> tuple[int, int, int, int]:
     return shape
 
 
-def _check_null_prompt(null_prompt, guidance) -> None:
+def _check_guidance(config, null_prompt, guidance, shift) -> None:
+    """``guidance`` a finite real (CFG scale), ``shift`` a finite real > 0 (Wan's flow shift; inf made every
+    time 0: the sampler returned its noise), ``null_prompt`` one ``(L0, text_dim)`` tensor when guided."""
+    for name, value in (("guidance", guidance), ("shift", shift)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite real number, got {value!r}")
+    if not shift > 0:
+        raise ValueError(f"shift must be > 0, got {shift!r}")
     if guidance != 1.0 and null_prompt is None:
         raise ValueError("guidance != 1 needs null_prompt (the empty-prompt condition)")
-    if null_prompt is not None and (not isinstance(null_prompt, torch.Tensor) or null_prompt.dim() != 2):
-        raise ValueError(f"null_prompt must be one (L0, text_dim) tensor, got {getattr(null_prompt, 'shape', type(null_prompt).__name__)}")
+    if null_prompt is not None and (not isinstance(null_prompt, torch.Tensor) or null_prompt.dim() != 2
+                                    or null_prompt.shape[-1] != config.text_dim):
+        raise ValueError(f"null_prompt must be one (L0, text_dim={config.text_dim}) tensor, got "
+                         f"{getattr(null_prompt, 'shape', type(null_prompt).__name__)}")
 
 
 def _check_prompt_ids(prompt_ids, prompt_lens, batch: int, vocab_size: int) -> list[torch.Tensor]:
@@ -160,7 +169,9 @@ def jump_probability(t: float, h: float, kappa_power: float) -> float:
 
 def decode_embeddings(model, z: torch.Tensor) -> torch.Tensor:
     """Paper Eq. 8: ``argmax_v z . E_v`` with E = ``vocab_embed.weight`` (the fused argmax kernel);
-    the [MASK] row, if any, is excluded."""
+    the [MASK] row, if any, is excluded. z: (N, dim) -> ids (N,)."""
+    if not isinstance(z, torch.Tensor) or z.dim() != 2 or z.shape[-1] != model.config.dim:
+        raise ValueError(f"z must be (N, dim={model.config.dim}) text embeddings, got {getattr(z, 'shape', type(z).__name__)}")
     ids, _, _ = model.ops.linear_argmax(z, model.vocab_embed.weight[: model.config.vocab_size])
     return ids
 
@@ -238,6 +249,8 @@ def caption(model, videos, prompts, text_lens, *, steps: int = 50, seed: int = 0
         raise ValueError("max_cache_bytes is the budget of a cached caption; video_cache='off' keeps no cache "
                          "(use 'once' or 'every:r')")
     steps = _check_steps(steps)
+    if stats is not None and not isinstance(stats, dict):
+        raise TypeError(f"stats must be a dict (it receives the step counts) or None, got {type(stats).__name__}")
     videos, prompts = _per_sample(videos, "videos", "(C, F, H, W)"), _per_sample(prompts, "prompts", "(L, text_dim)")
     if len(prompts) != len(videos):
         raise ValueError(f"videos ({len(videos)}) and prompts ({len(prompts)}) must have the same length")
@@ -317,7 +330,7 @@ def generate(model, prompts, prompt_ids, video_shape: Sequence[int], *, null_pro
     """
     steps = _check_steps(steps)
     prompts = _per_sample(prompts, "prompts", "(L, text_dim)")
-    _check_null_prompt(null_prompt, guidance)
+    _check_guidance(model.config, null_prompt, guidance, shift)
     prompt_ids = _check_prompt_ids(prompt_ids, prompt_lens, len(prompts), model.config.vocab_size)
     video_shape = _check_video_shape(model.config, video_shape)
     g = _generator(seed)
@@ -348,7 +361,7 @@ def joint(model, prompts, video_shape: Sequence[int], text_lens, *, null_prompt:
     """
     steps = _check_steps(steps)
     prompts = _per_sample(prompts, "prompts", "(L, text_dim)")
-    _check_null_prompt(null_prompt, guidance)
+    _check_guidance(model.config, null_prompt, guidance, shift)
     text_lens = _check_text_lens(text_lens, len(prompts), "prompts")
     video_shape = _check_video_shape(model.config, video_shape)
     g = _generator(seed)

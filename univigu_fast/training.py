@@ -228,8 +228,9 @@ class Trainer:
     # ------------------------------------------------------------------ one step
     def example(self, i: int) -> dict[str, torch.Tensor]:
         """Example ``i``'s tensors, checked the first time it is drawn (a bad example is named here, not by
-        its batch position inside a step): latents ``(C, F, H, W)`` and prompt embeddings ``(L, text_dim)``
-        floating point and finite, ids 1-D integers in ``[0, vocab_size)`` (returned as int64)."""
+        its batch position inside a step): latents ``(C, F, H, W)`` (F, H, W multiples of the patch size) and
+        prompt embeddings ``(L <= prompt_length, text_dim)`` floating point and finite, ids 1-D integers in
+        ``[0, vocab_size)`` (returned as int64)."""
         c, d = self.model.config, self.data
         ex = dict(latents=d.latents[i], prompt_embeds=d.prompt_embeds[i], prompt_ids=d.prompt_ids[i],
                   caption_ids=d.caption_ids[i])
@@ -248,6 +249,13 @@ class Trainer:
         if ex["latents"].shape[0] != c.in_channels:
             raise ValueError(f"example {i}: latents have {ex['latents'].shape[0]} channels, expected "
                              f"in_channels={c.in_channels}")
+        fhw = tuple(ex["latents"].shape[1:])
+        if any(n == 0 or n % p for n, p in zip(fhw, c.patch_size)):
+            raise ValueError(f"example {i}: latents (F, H, W) = {fhw} must be positive multiples of patch_size {c.patch_size}")
+        L = ex["prompt_embeds"].shape[0]
+        if self.cfg.prompt_length and L > self.cfg.prompt_length:
+            raise ValueError(f"example {i}: prompt_embeds has {L} rows, more than prompt_length="
+                             f"{self.cfg.prompt_length} (the padded length; raise it or preprocess shorter prompts)")
         for key in ("prompt_ids", "caption_ids"):
             check_token_ids(ex[key], f"example {i}: {key}", c.vocab_size)
             ex[key] = ex[key].long()

@@ -380,6 +380,8 @@ def caption_cost(shape, config, steps: int, policy: str) -> dict:
     (exact step = ``profiling.component_flops(..., "understanding", decode=True)``)."""
     from .profiling import component_flops
 
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive int, got {steps!r}")
     pol = parse_policy(policy)
     full = sum(is_full_step(pol, i) for i in range(steps))
     f_full = sum(component_flops(shape, config, "understanding", decode=True).values())

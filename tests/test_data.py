@@ -296,3 +296,8 @@ def test_cli_text_front_end_pads_prompts_as_wan(wan_dir):
     assert ids.tolist() == [3, 4, 1] and emb.shape == (3, 16)
     emb, ids = _TextFrontEnd(model, wan_dir / "tokenizer", wan_dir / "text_encoder", False, 0).encode("a red cat")
     assert emb.shape == (4, 16)
+    # caption --data decodes only (the examples folder holds the empty prompt): no encoder is asked for or loaded
+    decoder = _TextFrontEnd(model, wan_dir / "tokenizer", None, False, encoder=False)
+    assert decoder.te is None and decoder.decode(torch.tensor([3, 4, 5, 1])) == fe.decode(torch.tensor([3, 4, 5, 1]))
+    with pytest.raises(RuntimeError, match="only decodes"):
+        decoder.encode("a red cat")

@@ -124,13 +124,17 @@ def test_cli_inference_and_train_option_checks(tmp_path, monkeypatch):
     model = ["--model", str(tmp_path / "m"), "--synthetic"]
     base = ["--prompt", "a red square", "--frames", "1", "--height", "2", "--width", "2", "--steps", "1",
             "--out", str(tmp_path / "o.pt")]
+    x = str(tmp_path / "x.pt")
+    torch.save(torch.zeros(16, 1, 2, 2), x)
     runner = CliRunner()
-    for cmd, args, named in (("caption", ["--latents", "x.pt", "--length", "-1"], "--length"),
-                             ("caption", ["--latents", "x.pt", "--kappa-power", "0"], "--kappa-power"),
-                             ("caption", ["--latents", "x.pt", "--temperature", "nan"], "--temperature"),
-                             ("caption", ["--latents", "x.pt", "--steps", "0"], "--steps"),
+    for cmd, args, named in (("caption", ["--latents", x, "--length", "-1"], "--length"),
+                             ("caption", ["--latents", x, "--kappa-power", "0"], "--kappa-power"),
+                             ("caption", ["--latents", x, "--temperature", "nan"], "--temperature"),
+                             ("caption", ["--latents", x, "--steps", "0"], "--steps"),
                              ("generate", base + ["--height", "5"], "--height"),
                              ("generate", base + ["--shift", "0"], "--shift"),
+                             ("generate", base + ["--guidance", "nan"], "--guidance"),  # (all-NaN latents, exit 0)
+                             ("joint", base + ["--guidance", "inf"], "--guidance"),
                              ("joint", base + ["--width", "0"], "--width"),
                              ("joint", base + ["--kappa-power", "-1"], "--kappa-power")):
         r = runner.invoke(app, [cmd, *model, *args])
@@ -149,6 +153,47 @@ def test_cli_inference_and_train_option_checks(tmp_path, monkeypatch):
                         (["--model", str(tmp_path / "emb"), "--kappa-power", "2"], "--kappa-power")):
         r = runner.invoke(app, ["train", "--out", str(tmp_path / "t"), "--synthetic", "4", "--steps", "1", *args])
         assert r.exit_code == 2 and named in r.output, (args, r.output)
+
+
+def test_cli_user_mistakes_are_usage_errors(tmp_path, monkeypatch):
+    """A missing or foreign --model / --data / --latents / --manifest, an --index out of range, latents of the
+    wrong form, a bad --device, --out naming a folder and a negative --synthetic are usage errors naming the
+    option (exit 2, no traceback; they were tracebacks, --out one only after the whole sampling run)."""
+    from univigu_fast import sampling
+    from univigu_fast.config import UniViGUConfig
+    from univigu_fast.data import ExampleWriter, LengthConstraints
+    from univigu_fast.reference import UniViGUModel
+
+    cfg = UniViGUConfig.tiny(in_channels=16, out_channels=16, text_dim=8, vocab_size=len(S.SyntheticTokenizer()))
+    UniViGUModel(cfg).save_pretrained(tmp_path / "m")
+    with ExampleWriter(tmp_path / "ex", text_dim=8, null_prompt=torch.zeros(1, 8),
+                       lengths=LengthConstraints((0, 8), (0, 8))) as w:
+        w.add(torch.zeros(16, 1, 2, 2), torch.zeros(1, 8), torch.tensor([1]), torch.tensor([2, 3]))
+    (tmp_path / "empty").mkdir()
+    torch.save({"video": torch.zeros(16, 1, 2, 2)}, tmp_path / "dict.pt")
+    torch.save(torch.zeros(4, 1, 2, 2), tmp_path / "four.pt")
+    monkeypatch.setattr(sampling, "generate", lambda *a, **k: pytest.fail("sampled before checking --out"))
+    model = ["--model", str(tmp_path / "m"), "--synthetic"]
+    gen = ["generate", *model, "--prompt", "a", "--frames", "1", "--height", "2", "--width", "2", "--steps", "1"]
+    cases = [(["caption", "--model", str(tmp_path / "gone"), "--latents", str(tmp_path / "four.pt")], "--model"),
+             (["caption", "--model", str(tmp_path / "empty"), "--synthetic", "--latents", str(tmp_path / "four.pt")], "--model"),
+             (["caption", *model, "--latents", str(tmp_path / "dict.pt")], "--latents"),
+             (["caption", *model, "--latents", str(tmp_path / "four.pt")], "in_channels=16"),
+             (["caption", *model, "--data", str(tmp_path / "empty")], "--data"),
+             (["caption", *model, "--data", str(tmp_path / "ex"), "--index", "5"], "--index 5 is out of range"),
+             (["caption", *model, "--data", str(tmp_path / "ex"), "--device", "bogus"], "--device"),
+             ([*gen, "--out", str(tmp_path / "empty")], "is a folder"),
+             (["train", "--out", str(tmp_path / "t"), "--synthetic", "-3", "--config", str(tmp_path / "m" / "config.json")],
+              "--synthetic"),
+             (["train", "--out", str(tmp_path / "t"), "--data", str(tmp_path / "empty"), "--config",
+               str(tmp_path / "m" / "config.json")], "--data"),
+             (["preprocess", "--manifest", str(tmp_path / "gone.jsonl"), "--out", str(tmp_path / "o")], "--manifest")]
+    if not torch.cuda.is_available():
+        cases.append((["caption", *model, "--data", str(tmp_path / "ex"), "--device", "cuda"], "no CUDA device"))
+    for args, named in cases:
+        r = CliRunner().invoke(app, args, env={"COLUMNS": "2000"})  # rich wraps the error panel at the width
+        flat = " ".join(r.output.replace("│", " ").split())
+        assert r.exit_code == 2 and isinstance(r.exception, SystemExit) and named in flat, (args, r.output[-1500:])
 
 
 def test_demo_model_config_patch_and_heads():

@@ -95,6 +95,44 @@ def test_profile_cli_usage_errors(tmp_path):
         assert named in result.output, (args, result.output[-1000:])
 
 
+def test_profile_warns_of_a_large_shape_on_cpu(tmp_path):
+    """--shape wan1.3b-480p without a GPU ran for hours without a word: it now says so first (the
+    missing --config then stops this run before any model is built)."""
+    import torch
+    from typer.testing import CliRunner
+
+    from univigu_fast.cli import app
+
+    if torch.cuda.is_available():
+        pytest.skip("the warning is for CPU runs")
+    result = CliRunner().invoke(app, ["profile", "--shape", "wan1.3b-480p", "--config", str(tmp_path / "missing.json")])
+    assert result.exit_code == 2 and "WARNING: --shape wan1.3b-480p without a GPU" in result.output, result.output
+
+
+def test_power_sampler_reports_the_draw_while_the_block_runs():
+    """The profile's power figure: NVML readings polled during the timed steps (one reading after them is
+    the idle draw), mean and max; nothing when there is no reader or it fails."""
+    import time
+
+    from univigu_fast.profiling import PowerSampler
+
+    readings = iter([300.0, 500.0, 400.0] + [400.0] * 1000)
+    with PowerSampler(lambda: next(readings), interval=0.005) as power:
+        time.sleep(0.1)
+    got = power.summary()
+    assert got["samples"] >= 3 and got["max_w"] == 500.0 and 300.0 < got["mean_w"] <= 500.0
+    with PowerSampler(None) as power:
+        pass
+    assert power.summary() is None
+
+    def broken():
+        raise RuntimeError("NVML: not supported")
+
+    with PowerSampler(broken, interval=0.005) as power:
+        time.sleep(0.05)
+    assert power.summary() is None and "not supported" in power.error
+
+
 def test_profile_cli_embedding_flow_has_no_decode(tmp_path):
     """The embedding flow's text output is a velocity: no decode row, no decode FLOPs."""
     import json

@@ -11,18 +11,31 @@ import typer
 app = typer.Typer(help="univigu-fast: fast Uni-ViGU (Wan2.1 + text stream) on Triton kernels.", no_args_is_help=True)
 
 
-def _nvml() -> dict | None:
-    try:
-        import pynvml
-    except ImportError:
+def _has_nvml() -> bool:
+    """NVML's Python bindings (the ``[nvml]`` extra: nvidia-ml-py), which torch.cuda's power / memory readers use."""
+    import importlib.util
+
+    return importlib.util.find_spec("pynvml") is not None
+
+
+def _nvml_memory() -> dict | None:
+    """Memory used on the device (all processes), as NVML reports it, of the GPU this process uses
+    (``torch.cuda`` maps ``CUDA_VISIBLE_DEVICES``; NVML's own index 0 is another GPU under it)."""
+    import torch
+
+    if not _has_nvml():
         return None
     try:
-        pynvml.nvmlInit()
-        h = pynvml.nvmlDeviceGetHandleByIndex(0)
-        mem = pynvml.nvmlDeviceGetMemoryInfo(h)
-        return {"nvml_memory_used_bytes": int(mem.used), "nvml_power_w": pynvml.nvmlDeviceGetPowerUsage(h) / 1000.0}
+        return {"nvml_memory_used_bytes": int(torch.cuda.device_memory_used())}
     except Exception:  # NVML present but unusable (e.g. in a container): say nothing rather than guess
         return None
+
+
+def _power_reader():
+    """Watts drawn by this process's GPU now (NVML), or None without NVML."""
+    import torch
+
+    return (lambda: torch.cuda.power_draw() / 1000.0) if _has_nvml() else None
 
 
 def _peak_rss_bytes() -> int | None:
@@ -73,6 +86,9 @@ def profile(
         shape_obj = P.shape_by_name(shape or ("wan1.3b-480p" if on_gpu else "tiny"))
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="--shape") from None
+    if not on_gpu and shape_obj.name != "tiny":
+        typer.echo(f"WARNING: --shape {shape_obj.name} without a GPU: each step of each model runs for minutes to "
+                   "hours on CPU (the fast model in Triton's interpreter); --shape tiny is the CPU profile", err=True)
     try:
         cfg = UniViGUConfig.load(config, strict=True) if config else P.config_for(shape_obj)
     except (OSError, ValueError, TypeError) as e:  # missing file, bad JSON, unknown or bad fields
@@ -118,9 +134,11 @@ def profile(
             torch.cuda.reset_peak_memory_stats()
         comps = P.profile_components(model, inputs, decode, reps=5 if on_gpu else 3)
         instrumented = comps["total"]  # with a sync around every op
-        comps["total"] = P.time_step(model, inputs, decode, reps=5 if on_gpu else 1)  # plain step, median
+        with P.PowerSampler(_power_reader() if on_gpu else None) as power:  # the draw during the plain steps
+            comps["total"] = P.time_step(model, inputs, decode, reps=5 if on_gpu else 1)  # plain step, median
         results[name] = {
             "seconds": comps,
+            "power_w": power.summary(),
             "peak_mem_bytes": torch.cuda.max_memory_allocated() if on_gpu else None,
             "instrumented_total_seconds": instrumented,
             "process_peak_rss_bytes": _peak_rss_bytes(),  # the whole process so far: bounds both models on CPU
@@ -137,7 +155,7 @@ def profile(
         "seconds_note": "components: medians of op-by-op synchronised steps ('other' = the rest of such a step; "
                         "they add up to instrumented_total_seconds); total: the median plain step", "flops": {**flops, "total": total_flops}, "results": results,
         "fast_vs_reference": agreement,
-        **({"nvml": _nvml()} if on_gpu else {}),
+        **({"nvml": _nvml_memory()} if on_gpu else {}),
     }
     if as_json:
         typer.echo(json.dumps(doc, indent=1))
@@ -174,7 +192,12 @@ def profile(
     if not on_gpu and results[models[-1][0]]["process_peak_rss_bytes"]:
         typer.echo(f"peak memory (process RSS, CPU): {results[models[-1][0]]['process_peak_rss_bytes'] / 2**20:.1f} MiB")
     if doc.get("nvml"):
-        typer.echo(f"NVML: memory used {doc['nvml']['nvml_memory_used_bytes'] / 2**30:.2f} GiB, power {doc['nvml']['nvml_power_w']:.0f} W")
+        typer.echo(f"NVML: device memory used {doc['nvml']['nvml_memory_used_bytes'] / 2**30:.2f} GiB")
+    for name, _ in models:
+        pw = results[name]["power_w"]
+        if pw:
+            typer.echo(f"power during the plain steps ({name}): mean {pw['mean_w']:.0f} W, max {pw['max_w']:.0f} W "
+                       f"({pw['samples']} NVML readings)")
     if "reference" in results and "triton" in results:
         typer.echo(f"speed-up (reference / triton, total): {results['reference']['seconds']['total'] / results['triton']['seconds']['total']:.2f}x")
     if agreement:

@@ -9,6 +9,7 @@ or ``--synthetic`` (the synthetic task's word tokenizer and fixed prompt-embeddi
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -20,7 +21,7 @@ STEPS_HELP = "Euler steps."
 SEED_HELP = "Random seed (noise, sampling)."
 
 # Options with the same default and help in several inference commands (typer copies an OptionInfo at each use).
-_MODEL_OPTION = typer.Option(..., help="save_pretrained folder of a trained model.")
+_MODEL_OPTION = typer.Option(..., exists=True, file_okay=False, help="save_pretrained folder of a trained model.")
 _PROMPT_OPTION = typer.Option(..., help="The prompt.")
 _STEPS_OPTION = typer.Option(50, min=1, help=STEPS_HELP)
 _SYNTHETIC_VIDEO_OPTION = typer.Option(False, help="Synthetic task front end; also decodes and reads the video.")
@@ -34,6 +35,22 @@ def _positive_finite(value: float) -> float:
     if not 0 < value < float("inf"):
         raise typer.BadParameter(f"must be a positive finite number, got {value}")
     return value
+
+
+def _finite(value: float) -> float:
+    if not abs(value) < float("inf"):
+        raise typer.BadParameter(f"must be a finite number, got {value}")
+    return value
+
+
+@contextlib.contextmanager
+def _usage_errors(option: str, what: str):
+    """A file or folder the user named that cannot be read (missing, torn, of another kind): a usage error
+    naming the option (exit 2), not a traceback."""
+    try:
+        yield
+    except (OSError, ValueError) as e:
+        raise typer.BadParameter(f"{what}: {e}", param_hint=option) from None
 
 
 _TEMPERATURE_OPTION = typer.Option(1.0, callback=_positive_finite,
@@ -50,7 +67,15 @@ _PROMPT_LENGTH_OPTION = typer.Option(None, help="Rows the prompt embeddings are 
 def _device(device: str | None) -> str:
     import torch
 
-    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise typer.BadParameter(str(e).splitlines()[0], param_hint="--device") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise typer.BadParameter(f"{device!r}: no CUDA device is available here", param_hint="--device")
+    return device
 
 
 def _load_model(path: Path, device: str):
@@ -60,7 +85,8 @@ def _load_model(path: Path, device: str):
     from .model import UniViGUModel  # the Triton kernels (each falls back to its reference op without a GPU)
 
     quiet_interpreter_warnings()  # only Triton's interpreter (TRITON_INTERPRET=1 on CPU) raises them
-    model = UniViGUModel.from_pretrained(path)
+    with _usage_errors("--model", f"cannot load a model from {path}"):
+        model = UniViGUModel.from_pretrained(path)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     return model.to(device, dtype).eval()
 
@@ -69,7 +95,7 @@ class _TextFrontEnd:
     """Prompt -> (embeddings, ids); empty-prompt embedding; ids -> text."""
 
     def __init__(self, model, tokenizer: Path | None, text_encoder: Path | None, synthetic: bool,
-                 prompt_length: int | None = None):
+                 prompt_length: int | None = None, encoder: bool = True):
         self.model = model
         self.prompt_length = _prompt_length(prompt_length, synthetic)
         if synthetic:
@@ -79,14 +105,17 @@ class _TextFrontEnd:
             self.enc = S.SyntheticPromptEncoder(self.tok, model.config.text_dim)
             self.synthetic = True
             return
-        if tokenizer is None or text_encoder is None:
-            raise typer.BadParameter("give --tokenizer and --text-encoder (local umT5 paths), or --synthetic")
-        from transformers import UMT5EncoderModel
-
+        if tokenizer is None or (encoder and text_encoder is None):
+            raise typer.BadParameter("give --tokenizer and --text-encoder (local umT5 paths), or --synthetic"
+                                     if encoder else "give --tokenizer (a local umT5 tokenizer, to decode), or --synthetic")
         from .text import load_tokenizer
 
         self.tok = load_tokenizer(tokenizer)
-        self.te = UMT5EncoderModel.from_pretrained(text_encoder, local_files_only=True).eval()
+        self.te = None  # only decoding (the caption of a dataset example, whose empty prompt it holds)
+        if encoder:
+            from transformers import UMT5EncoderModel
+
+            self.te = UMT5EncoderModel.from_pretrained(text_encoder, local_files_only=True).eval()
         self.synthetic = False
 
     def encode(self, prompt: str):
@@ -94,6 +123,8 @@ class _TextFrontEnd:
         import torch
 
         dev, dtype = self.model.device, self.model.dtype
+        if not self.synthetic and self.te is None:
+            raise RuntimeError("this text front end was made without --text-encoder: it only decodes")
         if self.synthetic:
             h, ids = self.enc(prompt), self.tok.encode(prompt)
         else:
@@ -141,6 +172,12 @@ def _prompted_model(model: Path, device: str | None, tokenizer: Path | None, tex
     return m, fe, emb, ids
 
 
+def _check_out_file(out: Path) -> None:
+    """Before sampling: the latents file can be written (not a folder), so no run ends in a failed save."""
+    if out.is_dir():
+        raise typer.BadParameter(f"{out} is a folder; give the file to write the latents to", param_hint="--out")
+
+
 def _save_latents(latents, out: Path, synthetic: bool) -> dict:
     import torch
 
@@ -158,10 +195,13 @@ def _save_latents(latents, out: Path, synthetic: bool) -> dict:
 def train(
     out: Path = typer.Option(..., help="Output folder: checkpoint.pt (resumable), log.jsonl, model/ (save_pretrained)."),
     stage: int = typer.Option(1, help="1 = Knowledge Recall (target text = the prompt); 2 = Capability Refinement (target = detailed caption)."),
-    data: Optional[Path] = typer.Option(None, help="Examples folder written by `univigu-fast preprocess`."),
-    synthetic: int = typer.Option(0, help="Instead of --data: generate this many synthetic shape videos (seed --seed)."),
-    model: Optional[Path] = typer.Option(None, help="Start from a save_pretrained folder (e.g. stage 1's OUT/model)."),
-    wan: Optional[Path] = typer.Option(None, help="Start from a diffusers Wan2.1 transformer folder (text stream initialised)."),
+    data: Optional[Path] = typer.Option(None, exists=True, file_okay=False,
+                                        help="Examples folder written by `univigu-fast preprocess`."),
+    synthetic: int = typer.Option(0, min=0, help="Instead of --data: generate this many synthetic shape videos (seed --seed)."),
+    model: Optional[Path] = typer.Option(None, exists=True, file_okay=False,
+                                         help="Start from a save_pretrained folder (e.g. stage 1's OUT/model)."),
+    wan: Optional[Path] = typer.Option(None, exists=True, file_okay=False,
+                                       help="Start from a diffusers Wan2.1 transformer folder (text stream initialised)."),
     config: Optional[Path] = typer.Option(None, help="Start from random weights with this UniViGUConfig JSON."),
     text_flow: Optional[str] = typer.Option(None, help="With --wan: 'discrete' (released checkpoints, the default) or "
                                                        "'embedding' (paper Eq. 7-8); --model / --config fix it."),
@@ -222,10 +262,17 @@ def train(
         raise typer.BadParameter("give exactly one of --model, --wan, --config")
     if (data is None) == (synthetic == 0):
         raise typer.BadParameter("give exactly one of --data or --synthetic N")
+    if data is not None:  # before the model: a folder that is not an examples folder is a usage error
+        from .data import VideoTextDataset
+
+        with _usage_errors("--data", f"cannot read examples from {data}"):
+            ds = VideoTextDataset(data)
     if model is not None:
-        m = UniViGUModel.from_pretrained(model)
+        with _usage_errors("--model", f"cannot load a model from {model}"):
+            m = UniViGUModel.from_pretrained(model)
     elif wan is not None:
-        m = UniViGUModel.from_wan(wan, text_flow=text_flow or "discrete")
+        with _usage_errors("--wan", f"cannot load a Wan2.1 transformer from {wan}"):
+            m = UniViGUModel.from_wan(wan, text_flow=text_flow or "discrete")
     else:
         torch.manual_seed(seed)
         try:
@@ -238,11 +285,7 @@ def train(
         raise typer.BadParameter(f"shapes the discrete text path; this model's text_flow is {m.config.text_flow!r}",
                                  param_hint="--kappa-power")
     m = m.to(dev)
-    if data is not None:
-        from .data import VideoTextDataset
-
-        ds = VideoTextDataset(data)
-    else:
+    if data is None:
         from . import synthetic as S
 
         ds = S.make_dataset(synthetic, seed, text_dim=m.config.text_dim)
@@ -288,8 +331,10 @@ def _save_full(tr, path):
 
 def caption(
     model: Path = _MODEL_OPTION,
-    latents: Optional[Path] = typer.Option(None, help="A .pt tensor (C, F, H, W) of VAE latents to caption."),
-    data: Optional[Path] = typer.Option(None, help="Or: an examples folder; caption example --index."),
+    latents: Optional[Path] = typer.Option(None, exists=True, dir_okay=False,
+                                           help="A .pt tensor (C, F, H, W) of VAE latents to caption."),
+    data: Optional[Path] = typer.Option(None, exists=True, file_okay=False,
+                                        help="Or: an examples folder; caption example --index."),
     index: int = typer.Option(0, help="With --data: which example."),
     length: int = typer.Option(256, min=1, help="Caption length in tokens (the model writes exactly this many)."),
     steps: int = _STEPS_OPTION,
@@ -297,7 +342,8 @@ def caption(
     kappa_power: Optional[float] = _KAPPA_POWER_OPTION,
     synthetic: bool = typer.Option(False, help="Use the synthetic task's tokenizer/prompt encoder."),
     tokenizer: Optional[Path] = _TOKENIZER_OPTION,
-    text_encoder: Optional[Path] = typer.Option(None, help="Local umT5 encoder folder (for the empty-prompt condition)."),
+    text_encoder: Optional[Path] = typer.Option(None, help="Local umT5 encoder folder (for the empty-prompt condition; "
+                                                           "not with --data, whose examples folder holds it)."),
     prompt_length: Optional[int] = _PROMPT_LENGTH_OPTION,
     seed: int = _SEED_OPTION,
     device: Optional[str] = _DEVICE_OPTION,
@@ -320,19 +366,31 @@ def caption(
         raise typer.BadParameter("replays the text-only steps of a cached caption: give --video-cache once or every:R",
                                  param_hint="--cuda-graph")
 
-    m = _load_model(model, _device(device))
-    if cuda_graph and m.device.type != "cuda":
-        raise typer.BadParameter(f"needs a CUDA device, the model is on {m.device}", param_hint="--cuda-graph")
-    fe = _TextFrontEnd(m, tokenizer, text_encoder, synthetic, prompt_length)
     if (latents is None) == (data is None):
         raise typer.BadParameter("give exactly one of --latents or --data")
+    # the video first (cheap, and a usage error should not wait for the model and the text encoder)
     if data is not None:
         from .data import VideoTextDataset
 
-        ds = VideoTextDataset(data)
-        z, null = ds.latents[index], fe.pad(ds.null_prompt)
+        with _usage_errors("--data", f"cannot read example {index} of {data}"):
+            ds = VideoTextDataset(data)
+            if not -len(ds) <= index < len(ds):
+                raise ValueError(f"--index {index} is out of range for its {len(ds)} examples")
+            z = ds.latents[index]
     else:
-        z, null = torch.load(latents, map_location="cpu", weights_only=True), fe.null()
+        with _usage_errors("--latents", f"cannot read {latents}"):
+            z = torch.load(latents, map_location="cpu", weights_only=True)
+            if not (isinstance(z, torch.Tensor) and z.dim() == 4 and z.is_floating_point()):
+                raise ValueError(f"expected one float (C, F, H, W) tensor, got "
+                                 f"{tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__}")
+    m = _load_model(model, _device(device))
+    if cuda_graph and m.device.type != "cuda":
+        raise typer.BadParameter(f"needs a CUDA device, the model is on {m.device}", param_hint="--cuda-graph")
+    if z.shape[0] != m.config.in_channels:
+        raise typer.BadParameter(f"the latents have {z.shape[0]} channels, the model takes in_channels="
+                                 f"{m.config.in_channels}", param_hint="--data" if data is not None else "--latents")
+    fe = _TextFrontEnd(m, tokenizer, text_encoder, synthetic, prompt_length, encoder=data is None)
+    null = fe.pad(ds.null_prompt) if data is not None else fe.null()
     ids = caption_sampler(m, [z.to(m.device, m.dtype)], [null.to(m.device, m.dtype)], [length], steps=steps, seed=seed,
                           kappa_power=kappa_power, temperature=temperature, video_cache=video_cache,
                           cuda_graph=cuda_graph)[0]
@@ -348,7 +406,8 @@ def generate(
     width: int = typer.Option(104, min=1, help="Latent width W (Wan 480p: 104)."),
     steps: int = _STEPS_OPTION,
     shift: float = _SHIFT_OPTION,
-    guidance: float = typer.Option(5.0, help="Classifier-free guidance scale (1 = off); uncond = the empty prompt."),
+    guidance: float = typer.Option(5.0, callback=_finite,
+                                   help="Classifier-free guidance scale (1 = off); uncond = the empty prompt."),
     synthetic: bool = _SYNTHETIC_VIDEO_OPTION,
     tokenizer: Optional[Path] = _TOKENIZER_OPTION,
     text_encoder: Optional[Path] = _TEXT_ENCODER_OPTION,
@@ -359,6 +418,7 @@ def generate(
     """Generation: video latents from a prompt (decode them with the Wan VAE)."""
     from .sampling import generate as run_generate
 
+    _check_out_file(out)
     m, fe, emb, ids = _prompted_model(model, device, tokenizer, text_encoder, synthetic, prompt, prompt_length)
     lat = run_generate(m, [emb], [ids], _video_shape(m, frames, height, width), null_prompt=fe.null(),
                        steps=steps, shift=shift, guidance=guidance, seed=seed)[0]
@@ -375,7 +435,7 @@ def joint(
     width: int = typer.Option(104, min=1, help="Latent width W."),
     steps: int = _STEPS_OPTION,
     shift: float = _SHIFT_OPTION,
-    guidance: float = typer.Option(5.0, help="CFG scale on the video velocity (1 = off)."),
+    guidance: float = typer.Option(5.0, callback=_finite, help="CFG scale on the video velocity (1 = off)."),
     temperature: float = _TEMPERATURE_OPTION,
     kappa_power: Optional[float] = _KAPPA_POWER_OPTION,
     synthetic: bool = _SYNTHETIC_VIDEO_OPTION,
@@ -388,6 +448,7 @@ def joint(
     """Joint generation: a video and its caption together from noise, coupled every step."""
     from .sampling import joint as run_joint
 
+    _check_out_file(out)
     m, fe, emb, _ = _prompted_model(model, device, tokenizer, text_encoder, synthetic, prompt, prompt_length)
     lat, ids = run_joint(m, [emb], _video_shape(m, frames, height, width), [length], null_prompt=fe.null(),
                          steps=steps, shift=shift, guidance=guidance, seed=seed, temperature=temperature,
@@ -418,7 +479,8 @@ def _token_range(option: str, text: str) -> tuple[int, int]:
 
 
 def preprocess(
-    manifest: Path = typer.Option(..., help="JSONL: one {\"video\": path, \"prompt\": str, \"caption\": str} per line."),
+    manifest: Path = typer.Option(..., exists=True, dir_okay=False,
+                                  help="JSONL: one {\"video\": path, \"prompt\": str, \"caption\": str} per line."),
     out: Path = typer.Option(..., help="Output examples folder."),
     wan: Optional[Path] = typer.Option(None, help="Local Wan diffusers folder (vae/, text_encoder/, tokenizer/)."),
     vae: Optional[Path] = typer.Option(None, help="Or: the AutoencoderKLWan folder."),

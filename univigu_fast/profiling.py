@@ -3,7 +3,9 @@ per component, and a per-op timer around an ``Ops`` object.
 
 Components: ``attention`` (self-attention core), ``cross_attention`` (core), ``ffn`` (routed FFN),
 ``glue`` (modulated LayerNorm, gated residual, q/k RMSNorm), ``decode`` (fused text decoding),
-``other`` (projections, embeddings, heads: the rest of the step).
+``other``: in time the rest of the step (projections, embeddings, heads); in FLOPs the blocks'
+self-attention q/k/v/o and cross-attention q/k/v/o projections only (the patch / prompt / time
+embeddings and the video head add < 0.01% at wan1.3b-480p and are not counted).
 """
 from __future__ import annotations
 
@@ -115,6 +117,45 @@ class TimedOps:
             modality_ffn=self._wrap(o.modality_ffn, lambda a, k: "ffn"),
             linear_argmax=self._wrap(o.linear_argmax, lambda a, k: "decode"),
         )
+
+
+class PowerSampler:
+    """The mean and max of ``read()`` (watts) polled every ``interval`` seconds in a thread while the block
+    runs: the GPU's draw during the timed steps (NVML averages over up to 1 s, so one reading after a
+    run is the idle draw). ``summary()``: ``{"mean_w", "max_w", "samples"}``, or None when ``read`` is
+    None, failed, or the block was too short for a sample."""
+
+    def __init__(self, read, interval: float = 0.05):
+        import threading
+
+        self.read, self.interval = read, interval
+        self.samples: list[float] = []
+        self.error: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self):
+        while not self._stop.wait(self.interval):
+            try:
+                self.samples.append(float(self.read()))
+            except Exception as e:  # noqa: BLE001 -- NVML unusable (e.g. in a container): report nothing
+                self.error = f"{type(e).__name__}: {e}"
+                return
+
+    def __enter__(self):
+        if self.read is not None:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.read is not None:
+            self._stop.set()
+            self._thread.join()
+
+    def summary(self) -> dict | None:
+        if self.read is None or self.error or not self.samples:
+            return None
+        return {"mean_w": sum(self.samples) / len(self.samples), "max_w": max(self.samples), "samples": len(self.samples)}
 
 
 def step(model, inputs: dict, decode: bool):

@@ -223,12 +223,16 @@ def test_cuda_torch_compile_matches_eager():
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
-def test_dtypes_without_a_kernel_run_the_reference_ops(dtype):
+def test_dtypes_without_a_kernel_run_the_reference_ops(dtype, monkeypatch):
     """float64 (no kernel takes it) and, under the interpreter, bfloat16 (its ``tl.dot`` computes bf16
     wrongly, DESIGN §7) run the reference ops: the fast model equals the reference in that dtype.
     On CUDA bf16 runs the kernels and is checked within bf16 error (``test_cuda_bf16_*``)."""
     if dtype == torch.bfloat16 and DEVICE == "cuda":
         pytest.skip("bf16 on CUDA runs the kernels; the test_cuda_bf16_* tests check them")
+    import univigu_fast.model as fast_module
+
+    launches = []
+    monkeypatch.setattr(fast_module, "modulated_layer_norm", lambda *args, **kwargs: launches.append(args))
     ref, fast = _pair(dtype)
     videos, prompts, texts, tau_v, tau_t = _batch(ref.config, "joint", dtype)
     with torch.no_grad():
@@ -241,6 +245,7 @@ def test_dtypes_without_a_kernel_run_the_reference_ops(dtype):
         # float64: the modulation / timestep math is float32 by design (as Wan's), so fp32-level agreement
         torch.testing.assert_close(y, x, **(TOL[torch.float32] if dtype == torch.float64 else dict(atol=0, rtol=0)))
     assert all(torch.equal(i, j) for i, j in zip(ids_a, ids_b))
+    assert launches == []  # norm2 too (its fused LayerNorm ran the kernel on float64 rows)
 
 
 def test_fast_ops_check_arguments_before_falling_back():

@@ -168,6 +168,22 @@ def test_cross_attention_different_lengths(dtype):
     _check([17, 40, 1, 32], [5, 0, 33, 64], H=2, D=64, dtype=dtype, rope=False, seed=5, softmax_scale=0.3)
 
 
+def test_dq_with_very_negative_scores_and_a_partial_key_block():
+    """Every score of a row near -900 (lse far below 0) and 5 keys (a partial key block): the dq
+    backward must zero the padded keys' probabilities (exp(0 - lse) of a padded key overflowed: NaN dq)."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.full((3, 1, 16), 30.0, device=DEVICE, requires_grad=True)
+    k = (-30.0 * torch.ones(5, 1, 16) + 0.1 * torch.randn(5, 1, 16, generator=g)).to(DEVICE).requires_grad_()
+    v = torch.randn(5, 1, 16, generator=g).to(DEVICE).requires_grad_()
+    cu_q, cu_k = _cu([3]), _cu([5])
+    out = joint_attention(q, k, v, cu_q, cu_k, 3, 5, backend="triton")
+    got = torch.autograd.grad(out.sum(), (q, k, v))
+    ref = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    want = torch.autograd.grad(joint_attention_reference(*ref, cu_q, cu_k, 3, 5).sum(), ref)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b, atol=1e-4, rtol=1e-4)
+
+
 def test_empty_key_sequence_gives_zeros():
     q, k, v, cu_q, cu_k = _inputs([3, 4], [0, 5], 1, 16, torch.float32)
     out = joint_attention(q, k, v, cu_q, cu_k, 4, 5)

@@ -103,6 +103,11 @@ def test_each_expert_reads_only_its_columns(use_tma, monkeypatch):
 def test_block_multiple_dims_and_single_expert_segments():
     x, seg, seg_expert, experts, residual, gate = _case([64, 32], [1, 1], dim=64, inner=(64, 128), dtype=torch.float32, seed=1)
     _compare(x, seg, seg_expert, experts, None, gate, torch.float32)
+    # expert 0 has no rows: its weights get no gradient (None, as autograd gives an unused parameter), not
+    # zeros, which AdamW's weight decay and momentum would still move (_compare reads None as zeros)
+    out = modality_ffn(x, seg, seg_expert, experts, gate=gate)
+    grads = torch.autograd.grad(out.square().sum(), [*experts[0], *experts[1]], allow_unused=True)
+    assert all(g is None for g in grads[:4]) and all(g is not None for g in grads[4:])
 
 
 def test_module_names_and_forward():

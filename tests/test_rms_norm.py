@@ -17,6 +17,18 @@ def test_matches_reference(geometry, dtype, T, dim):
                   grad_tol=None if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2))
 
 
+@pytest.mark.parametrize("eps", [1e-6, 1e-3])
+def test_eps_where_it_matters(eps):
+    """Rows of size ~1e-3 (mean square ~ 1e-6, eps's scale) and an all-zero row: the eps term decides
+    the result (elsewhere it is invisible: a kernel without it passed every other test)."""
+    x = torch.cat([torch.randn(6, 48, generator=torch.Generator().manual_seed(3)) * 1e-3, torch.zeros(1, 48)])
+    x = x.to(DEVICE).requires_grad_()
+    w = rand(48, dtype=torch.float32, seed=4)
+    ref_in = [x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()]
+    check_fwd_bwd(rn.rms_norm(x, w, eps), rn.rms_norm_reference(*ref_in, eps), (x, w), ref_in, torch.float32,
+                  grad_tol=dict(atol=1e-4, rtol=1e-4))  # dx ~ rstd ~ 700: fp32 rounding at that scale
+
+
 def test_no_grad_path_strided_rows_and_module():
     x = torch.randn(11, 2, 32, device=DEVICE)[:, 1]  # row stride 64, unit last stride
     m = rn.RMSNorm(32, eps=1e-5).to(DEVICE)

@@ -14,7 +14,7 @@ from .kernels._utils import HAS_TRITON, interpreter_problem, interpreting, log_o
 from .kernels.modulated_layer_norm import modulated_layer_norm
 from .modeling import TextDecoded, UniViGUModelBase, UniViGUOutput
 from .modules import FP32LayerNorm
-from .ops import FAST_OPS
+from .ops import _KERNEL_DTYPES, FAST_OPS
 
 
 class FusedFP32LayerNorm(FP32LayerNorm):
@@ -23,7 +23,8 @@ class FusedFP32LayerNorm(FP32LayerNorm):
     output in ``x.dtype``) in one read and one write instead of Wan's three fp32 passes."""
 
     def forward(self, x):
-        if x.dim() != 2 or self.weight is None or self.bias is None or not use_triton(x, self.weight):
+        if x.dim() != 2 or self.weight is None or self.bias is None or x.dtype not in _KERNEL_DTYPES \
+                or not use_triton(x, self.weight):  # (float64: the reference, as for every op)
             return super().forward(x)
         return modulated_layer_norm(x, one_segment_table(x.shape[0], x.device), self.bias.float()[None],
                                     (self.weight.float() - 1.0)[None], self.eps)

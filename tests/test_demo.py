@@ -172,12 +172,14 @@ def test_cli_user_mistakes_are_usage_errors(tmp_path, monkeypatch):
     (tmp_path / "empty").mkdir()
     torch.save({"video": torch.zeros(16, 1, 2, 2)}, tmp_path / "dict.pt")
     torch.save(torch.zeros(4, 1, 2, 2), tmp_path / "four.pt")
+    (tmp_path / "text.pt").write_text("not a tensor file")
     monkeypatch.setattr(sampling, "generate", lambda *a, **k: pytest.fail("sampled before checking --out"))
     model = ["--model", str(tmp_path / "m"), "--synthetic"]
     gen = ["generate", *model, "--prompt", "a", "--frames", "1", "--height", "2", "--width", "2", "--steps", "1"]
     cases = [(["caption", "--model", str(tmp_path / "gone"), "--latents", str(tmp_path / "four.pt")], "--model"),
              (["caption", "--model", str(tmp_path / "empty"), "--synthetic", "--latents", str(tmp_path / "four.pt")], "--model"),
              (["caption", *model, "--latents", str(tmp_path / "dict.pt")], "--latents"),
+             (["caption", *model, "--latents", str(tmp_path / "text.pt")], "not a torch tensor file"),
              (["caption", *model, "--latents", str(tmp_path / "four.pt")], "in_channels=16"),
              (["caption", *model, "--data", str(tmp_path / "empty")], "--data"),
              (["caption", *model, "--data", str(tmp_path / "ex"), "--index", "5"], "--index 5 is out of range"),

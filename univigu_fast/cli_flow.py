@@ -379,7 +379,10 @@ def caption(
             z = ds.latents[index]
     else:
         with _usage_errors("--latents", f"cannot read {latents}"):
-            z = torch.load(latents, map_location="cpu", weights_only=True)
+            try:
+                z = torch.load(latents, map_location="cpu", weights_only=True)
+            except Exception as e:  # noqa: BLE001 -- not a torch file / pickled objects: torch's own error types
+                raise ValueError(f"not a torch tensor file ({type(e).__name__}: {e})") from None
             if not (isinstance(z, torch.Tensor) and z.dim() == 4 and z.is_floating_point()):
                 raise ValueError(f"expected one float (C, F, H, W) tensor, got "
                                  f"{tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__}")

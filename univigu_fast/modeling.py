@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import numbers
 from typing import NamedTuple, Sequence
 
 import torch
@@ -213,8 +212,8 @@ class UniViGUModelBase(nn.Module):
     def _check_tau(tau, B, name):
         if tau is None:
             raise ValueError(f"{name} is required")
-        if isinstance(tau, torch.Tensor) and (tau.is_complex() or tau.dtype == torch.bool) or \
-                not isinstance(tau, (torch.Tensor, numbers.Real, list, tuple)) or isinstance(tau, bool):
+        if isinstance(tau, (str, bytes, bool, complex)) or \
+                isinstance(tau, torch.Tensor) and (tau.is_complex() or tau.dtype == torch.bool):
             raise TypeError(f"{name} must be a real number or a ({B},) tensor in [0, 1], got {describe(tau)}")
         try:
             tau = torch.as_tensor(tau, dtype=torch.float32)

@@ -136,6 +136,16 @@ def test_reader_names_broken_files(tmp_path):
             VideoTextDataset(tmp_path / "d")
 
 
+def safe_open_keys(path):
+    """(key, data offset) of each tensor in a safetensors file, from its header."""
+    import struct
+
+    raw = path.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + n])
+    return [(k, v["data_offsets"][0]) for k, v in header.items() if k != "__metadata__"]
+
+
 def test_read_tensors_own_their_memory_and_the_dataset_pickles(tmp_path):
     """The tensors read view the shard file's memory map no more: an in-place change by a caller was seen
     by every later read (14 after one doubling), a rewrite of the file changed tensors already handed out
@@ -146,19 +156,26 @@ def test_read_tensors_own_their_memory_and_the_dataset_pickles(tmp_path):
     _write_two(tmp_path / "d")
     ds = VideoTextDataset(tmp_path / "d")
     first, null = ds.latents[0].clone(), ds.null_prompt.clone()
-    held = ds.latents[0]
     ds.latents[0].mul_(2)
     torch.testing.assert_close(ds.latents[0], first, rtol=0, atol=0)
     shard = tmp_path / "d" / "shard_00000.safetensors"
+    last = sorted(safe_open_keys(shard), key=lambda kv: kv[1])[-1][0]  # the tensor stored last in the file
+    index, key = int(last.split(".")[0]), last.split(".", 1)[1]
+    held = ds.get(index, key)
+    before = held.clone()
     data = bytearray(shard.read_bytes())
-    data[-64:] = bytes(64)  # overwrite the file in place (the last tensor's bytes)
+    data[-held.numel() * held.element_size():] = bytes(held.numel() * held.element_size())  # its bytes, in place
     with open(shard, "r+b") as f:
         f.write(data)
     (tmp_path / "d" / "null_prompt.safetensors").write_bytes(b"")
-    torch.testing.assert_close(held, first, rtol=0, atol=0)
+    torch.testing.assert_close(held, before, rtol=0, atol=0)
+    assert not ds.get(index, key).any()  # a new read sees the rewrite
     torch.testing.assert_close(ds.null_prompt, null, rtol=0, atol=0)
     copy = pickle.loads(pickle.dumps(ds))
     assert copy._open == {} and len(copy) == 2 and copy.caption_ids[1].tolist() == [3, 4]
+    shard.write_bytes(shard.read_bytes()[:200])  # truncated while the handle is open (SIGBUS): reopened, named
+    with pytest.raises(ValueError, match="shard_00000.safetensors: not a readable safetensors shard"):
+        ds.latents[1]
 
 
 def test_rewriting_a_folder_never_mixes_two_datasets(tmp_path):

@@ -1,6 +1,7 @@
 """The reference UniViGUModel: exactly Wan2.1 without text, and DESIGN §3 with text."""
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -228,7 +229,9 @@ def test_embedding_flow_outputs_velocity():
         # (these were accepted and did nothing)
         ("seed_with_argmax", ValueError, "sample_seed is for text_output='sample'"),
         ("temperature_with_full", ValueError, "temperature is for text_output='argmax' / 'sample'"),
-        ("bad_seed", ValueError, r"gumbel_seed must be in \[0, 2\*\*63\)"),
+        ("bad_seed", ValueError, r"sample_seed must be an int in \[0, 2\*\*63\), got -5"),
+        ("numpy_complex_tau", TypeError, "tau_video must be a real number"),
+        ("numpy_bool_tau", TypeError, "tau_video must be a real number"),
     ],
 )
 def test_bad_inputs_name_the_argument(case, exc, match):
@@ -280,5 +283,9 @@ def test_bad_inputs_name_the_argument(case, exc, match):
         kwargs.update(text=ids, tau_text=tau, temperature=0.5)
     elif case == "bad_seed":
         kwargs.update(text=ids, tau_text=tau, text_output="sample", sample_seed=-5)
+    elif case == "numpy_complex_tau":  # the imaginary part was dropped with a warning
+        kwargs["tau_video"] = np.array([0.3 + 2j, 0.5 + 1j])
+    elif case == "numpy_bool_tau":  # read as 0 / 1
+        kwargs["tau_video"] = np.array([True, False])
     with pytest.raises(exc, match=match):
         model(**kwargs)

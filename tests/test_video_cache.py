@@ -279,9 +279,12 @@ def test_text_step_checks_text_output_like_forward():
         model.text_step(cache, text, tau, text_output="samples")
     with pytest.raises(TypeError, match="text must be a list of per-sample token ids"):
         model.text_step(cache, None, tau)
+    with pytest.raises(TypeError, match="video_cache must be a univigu_fast.video_cache.VideoCache"):
+        model.text_step("once", text, tau)
 
 
-@pytest.mark.parametrize("change", ["load_state_dict", "assign", "in_place", "half"])
+@pytest.mark.parametrize("change", ["load_state_dict", "assign", "in_place", "half", "submodule_assign", "data_assign",
+                                    "setattr", "half_and_back"])
 def test_text_step_refuses_a_cache_of_changed_weights(change):
     """A text step after the model's weights changed mixed the old weights' video / prompt keys and
     values with the new weights (logits 4.9 off the exact ones); after ``.half()`` it (and the next
@@ -299,6 +302,14 @@ def test_text_step_refuses_a_cache_of_changed_weights(change):
             model.load_state_dict(other.state_dict(), assign=True)
         elif change == "in_place":
             model.blocks[0].attn1.to_v.weight.mul_(2)
+        elif change == "submodule_assign":  # (the root's load_state_dict hook does not run)
+            model.blocks[0].load_state_dict(other.blocks[0].state_dict(), assign=True)
+        elif change == "data_assign":
+            model.blocks[0].attn1.to_v.weight.data = other.blocks[0].attn1.to_v.weight.detach().clone()
+        elif change == "setattr":
+            model.blocks[0].attn1.to_v.weight = torch.nn.Parameter(other.blocks[0].attn1.to_v.weight.detach().clone())
+        elif change == "half_and_back":  # same dtype, same values (fp16-rounded), new storage
+            model.half().float()
         else:
             model.half()
         error = ValueError if change == "half" else RuntimeError
@@ -316,17 +327,30 @@ def test_text_step_refuses_a_cache_of_changed_weights(change):
 def test_cache_of_an_autograd_full_step():
     """A full step run with autograd on: the cache keeps its own detached copies, so the text steps'
     in-place writes neither break that step's backward (it failed: "modified by an inplace operation")
-    nor chain every refresh's autograd graph into the buffers."""
+    nor chain every refresh's autograd graph into the buffers; the step itself keeps its own graph:
+    every gradient equals the uncached step's (the prompt path and cross-attention k/v got none)."""
     model = tiny_reference(seed=5)
     videos, prompts = _inputs(model.config, seed=2)
     text, tau = [torch.arange(4), torch.arange(2)], torch.tensor([0.3, 0.6])
+
+    def grads(**kw):
+        model.zero_grad(set_to_none=True)
+        out = model(videos, torch.ones(2), prompts, text=text, tau_text=tau, **kw)
+        if "video_cache" in kw:
+            model.text_step(kw["video_cache"], text, tau)
+        sum(t.float().square().sum() for t in out.text_out).backward()
+        return {n: p.grad for n, p in model.named_parameters()}
+
+    want = grads()
     cache = VideoCache(model)
     for _ in range(2):  # the second is a refill of the same batch
-        out = model(videos, torch.ones(2), prompts, text=text, tau_text=tau, video_cache=cache)
-        model.text_step(cache, text, tau)
-        sum(t.float().square().sum() for t in out.text_out).backward()
+        got = grads(video_cache=cache)
         assert not any(t.requires_grad for t in cache.keys + cache.values)
         assert not any(t.requires_grad for kv in cache.prompt_kv for t in kv)
+        assert [n for n in want if (want[n] is None) != (got[n] is None)] == []
+        for n, g in want.items():
+            if g is not None:
+                torch.testing.assert_close(got[n], g, rtol=1e-5, atol=1e-6, msg=n)
 
 
 def test_text_step_on_a_cache_filled_under_inference_mode():
@@ -343,6 +367,11 @@ def test_text_step_on_a_cache_filled_under_inference_mode():
     for a, b in zip(want, got):
         torch.testing.assert_close(b, a, rtol=0, atol=0)
     assert not torch.is_inference_mode_enabled()
+    with torch.no_grad():  # a refresh outside inference mode: new buffers (updating inference tensors raised)
+        model(videos, torch.ones(2), prompts, text=text, tau_text=torch.zeros(2), video_cache=cache)
+    assert not cache.keys[0].is_inference()
+    for a, b in zip(want, model.text_step(cache, text, tau)):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("bad", ["sometimes", "every:0", "every:x", "every", "", 3, "every: 2", "every:+2", "every:1_0"])
@@ -619,11 +648,16 @@ def test_cuda_graph_dropped_when_the_weights_may_have_moved(fake_graphs):
         model(videos, torch.ones(2), prompts, text=text, tau_text=tau, video_cache=cache)
         model.text_step(cache, text, tau)
         assert cache.graph is graph and cache.graph_captures == 1
+        model.half().float()  # same dtype, new storage: the graph would read freed memory
+        model(videos, torch.ones(2), prompts, text=text, tau_text=tau, video_cache=cache)
+        assert cache.graph is None
+        model.text_step(cache, text, tau)
+        assert cache.graph_captures == 2
         model.load_state_dict(other.state_dict(), assign=True)
         model(videos, torch.ones(2), prompts, text=text, tau_text=tau, video_cache=cache)
         assert cache.graph is None
         got = model.text_step(cache, text, tau)
-        assert cache.graph_captures == 2
+        assert cache.graph_captures == 3
         want = other.text_step(_filled_cache(other, videos, prompts, text, tau_text=(0.3, 0.6)), text, tau)
     for a, b in zip(want, got):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)

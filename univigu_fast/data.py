@@ -212,7 +212,7 @@ class VideoTextDataset:
         if sorted(self._where) != list(range(self.meta["count"])):
             raise ValueError(f"{meta_path}: its shards hold examples {_ranges(sorted(self._where))}, "
                              f"count says 0..{self.meta['count'] - 1}")
-        self._open: dict[str, object] = {}
+        self._open: dict[str, tuple] = {}  # shard file -> (its stat when opened, safe_open handle)
         self.latents, self.prompt_embeds = _Field(self, "latents"), _Field(self, "prompt_embeds")
         self.prompt_ids, self.caption_ids = _Field(self, "prompt_ids"), _Field(self, "caption_ids")
 
@@ -223,15 +223,20 @@ class VideoTextDataset:
         return {**self.__dict__, "_open": {}}
 
     def _shard(self, f: str):
-        """The open handle of shard ``f`` (a truncated or foreign file is named)."""
+        """The open handle of shard ``f`` (a truncated or foreign file is named). A handle maps the file: one
+        whose file changed since it was opened (rewritten in place, truncated: reading past its new end
+        would kill the process with SIGBUS) is reopened."""
         from safetensors import safe_open
 
-        if f not in self._open:
-            try:
-                self._open[f] = safe_open(str(self.path / f), framework="pt")
-            except Exception as e:  # noqa: BLE001 -- SafetensorError names no file
-                raise ValueError(f"{self.path / f}: not a readable safetensors shard ({type(e).__name__}: {e})") from None
-        return self._open[f]
+        path = self.path / f
+        try:
+            st = path.stat()
+            now = (st.st_ino, st.st_size, st.st_mtime_ns)
+            if f not in self._open or self._open[f][0] != now:
+                self._open[f] = (now, safe_open(str(path), framework="pt"))
+        except Exception as e:  # noqa: BLE001 -- a missing file; SafetensorError names no file
+            raise ValueError(f"{path}: not a readable safetensors shard ({type(e).__name__}: {e})") from None
+        return self._open[f][1]
 
     def _read_null_prompt(self) -> torch.Tensor:
         from safetensors.torch import load_file

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import numbers
 from typing import NamedTuple, Sequence
 
 import torch
@@ -212,13 +213,13 @@ class UniViGUModelBase(nn.Module):
     def _check_tau(tau, B, name):
         if tau is None:
             raise ValueError(f"{name} is required")
-        if isinstance(tau, (str, bytes, bool, complex)) or \
-                isinstance(tau, torch.Tensor) and (tau.is_complex() or tau.dtype == torch.bool):
-            raise TypeError(f"{name} must be a real number or a ({B},) tensor in [0, 1], got {describe(tau)}")
         try:
-            tau = torch.as_tensor(tau, dtype=torch.float32)
+            t = torch.as_tensor(tau)  # its own dtype first: complex / bool values are refused, not cast
         except (TypeError, ValueError, RuntimeError) as e:
             raise TypeError(f"{name} must be a real number or a ({B},) tensor in [0, 1], got {tau!r} ({e})") from None
+        if t.is_complex() or t.dtype == torch.bool:
+            raise TypeError(f"{name} must be a real number or a ({B},) tensor in [0, 1], got {describe(t)}")
+        tau = t.float()
         if tau.dim() == 0:
             tau = tau.expand(B)
         if tau.shape != (B,):
@@ -300,7 +301,7 @@ class UniViGUModelBase(nn.Module):
         lin = self.text_head.linear
         if text_output == "full" or c.text_flow == "embedding":
             return self._shape_text(list(torch.split(lin(feats), text_lens_list)), inp)
-        seed = sample_seed if text_output == "sample" else None
+        seed = int(sample_seed) if text_output == "sample" else None
         ids, mx, lse = ops.linear_argmax(feats, *self.token_head(), gumbel_seed=seed, temperature=temperature)
         parts = [list(torch.split(t, text_lens_list)) for t in (ids, mx, lse)]
         return TextDecoded(*(self._shape_text(p, inp, pad_value=0) for p in parts))
@@ -356,6 +357,9 @@ class UniViGUModelBase(nn.Module):
         changed since its full step is refused (``VideoCache.check_ready``)."""
         c = self.config
         _check_text_output(text_output, sample_seed, temperature)
+        if not isinstance(video_cache, VideoCache):
+            raise TypeError(f"video_cache must be a univigu_fast.video_cache.VideoCache filled by a full step, got "
+                            f"{type(video_cache).__name__}")
         video_cache.check_ready(self)
         if not isinstance(text, (list, tuple)):
             raise TypeError(f"text must be a list of per-sample token ids / embeddings, got {type(text).__name__}")
@@ -457,7 +461,10 @@ def _check_text_output(text_output, sample_seed, temperature) -> None:
         raise ValueError(f"sample_seed is for text_output='sample' (it would be ignored with {text_output!r})")
     if text_output == "full" and temperature != 1.0:
         raise ValueError("temperature is for text_output='argmax' / 'sample' (the full logits are not rescaled)")
-    check_decode_args(temperature, sample_seed)
+    if sample_seed is not None and (isinstance(sample_seed, bool) or not isinstance(sample_seed, numbers.Integral)
+                                    or not 0 <= sample_seed < 2**63):
+        raise ValueError(f"sample_seed must be an int in [0, 2**63), got {sample_seed!r}")
+    check_decode_args(temperature, None if sample_seed is None else int(sample_seed))
 
 
 def _same_shapes(ts: Sequence[torch.Tensor]) -> bool:

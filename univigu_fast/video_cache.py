@@ -29,9 +29,11 @@ buffers, so one graph serves the whole caption; a full step on another batch dro
 
 A cache belongs to one model and to its weights as they were at the last full step: a text-only step
 refuses a cache whose model has since changed its weights in place (an optimizer step,
-``load_state_dict``), loaded a state dict with ``assign=True``, or changed dtype or device; a full step
-after such a change refills it (and drops a captured graph, which reads the weights where they were).
-A cache filled under ``torch.inference_mode()`` is updated by its text steps in that mode too.
+``load_state_dict``), replaced a parameter (``assign=True``, ``setattr``, ``p.data = ...``) or changed
+dtype or device; a full step after such a change refills it (into new buffers, dropping a captured
+graph, which reads the weights where they were). Not seen (no version counter moves): writes through
+``p.data`` and fused optimizer steps (``fused=True``); run a full step after those. A cache filled under
+``torch.inference_mode()`` is updated by its text steps in that mode too.
 """
 from __future__ import annotations
 
@@ -119,18 +121,35 @@ class LayerKV:
                         old.copy_(new)
             else:
                 c.prompt_kv[self.index] = tuple(_owned(t) for t in fresh)
-        return c.prompt_kv[self.index]
+            return fresh  # (with autograd: the step's own graph, not the cache's detached copies)
+        return kept
 
 
 def _layout(packed: PackedBatch, dtype: torch.dtype):
     return (packed.video_grids, packed.text_lens, packed.prompt_lens, packed.cu_seqlens.device, dtype)
 
 
-def _weights_state(model, params: list[torch.Tensor]) -> tuple[int, int]:
-    """What changes when ``model``'s weights do: its count of ``load_state_dict`` calls (``assign=True``
-    replaces the parameters) and the sum of ``params``' version counters (bumped by in-place updates:
-    optimizer steps, ``load_state_dict`` copies). Host-only; about 0.1 ms for a 1.3B model's ~1K tensors."""
-    return model.state_dict_loads, sum(p._version for p in params)
+_registrations = [0]  # parameters (re)registered on any module: setattr, load_state_dict(assign=True) of a submodule
+_registration_hook = []
+
+
+def _count_registration(module, name, param):
+    _registrations[0] += 1
+
+
+def _watch_parameter_registrations() -> None:
+    """Count parameter registrations from the first cache on (one global hook: a counter, nothing else)."""
+    if not _registration_hook:
+        _registration_hook.append(torch.nn.modules.module.register_module_parameter_registration_hook(_count_registration))
+
+
+def _weights_state(model, params: list[torch.Tensor]) -> tuple[int, int, int, int]:
+    """What changes when ``model``'s weights do: its count of ``load_state_dict`` calls, the count of parameter
+    registrations (a parameter replaced), the sum of ``params``' storage addresses (``.data =``, a dtype or
+    device round trip) and of their version counters (in-place updates through autograd-visible ops).
+    Not seen: writes through ``p.data`` and fused optimizers (they bump no version counter)."""
+    return (getattr(model, "state_dict_loads", 0), _registrations[0], sum(p.data_ptr() for p in params),
+            sum(p._version for p in params))
 
 
 def check_cuda_graph_device(device: torch.device) -> None:
@@ -212,8 +231,9 @@ class VideoCache:
         self.refill = False  # this full step refreshes the buffers of the same batch in place
         self.text_rows = torch.zeros(0, dtype=torch.long)
         self.text_rope = None
+        _watch_parameter_registrations()
         self._params: list[torch.Tensor] = []  # the model's weights at the last full step ...
-        self.weights: tuple[int, int] | None = None  # ... and their _weights_state
+        self.weights: tuple[int, int, int, int] | None = None  # ... and their _weights_state
         self._views: dict = {}
         # the key rotation of the model's own attention op (bit-identical keys): the reference's for
         # the reference ops, else the kernel entry point (which falls back to the reference itself)
@@ -260,16 +280,17 @@ class VideoCache:
 
     def begin_capture(self, packed: PackedBatch) -> None:
         self.capturing = True
-        loads = self.model.state_dict_loads
-        if self.weights is None or self.weights[0] != loads:  # the parameters may be new tensors
-            self._params = list(self.model.parameters())
+        old = self.weights
+        self._params = list(self.model.parameters())  # (the parameters may be new tensors)
+        now = _weights_state(self.model, self._params)
         # a refresh (every:r) of the same batch writes the new keys/values into the buffers already
         # there: same memory, and a captured text-step graph (which reads those buffers, the packing,
         # the text tables kept here and the weights where they were) stays valid
         self.refill = self.joint is not None and all(k is not None for k in self.keys) and \
             _layout(packed, self.model.dtype) == _layout(self.joint, self.keys[0].dtype) and \
-            self.weights is not None and self.weights[0] == loads
-        self.weights = _weights_state(self.model, self._params)
+            old is not None and old[:3] == now[:3] and \
+            self.keys[0].is_inference() == torch.is_inference_mode_enabled()  # inference tensors: same mode
+        self.weights = now
         if self.refill:
             return
         # another batch: drop the old buffers first, so the free memory the budget is read from

@@ -168,7 +168,21 @@ def tracing() -> bool:
     return torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
 
 
-@functools.lru_cache(maxsize=64)
+def table_cache(maxsize: int):
+    """``functools.lru_cache`` for device tables every later call shares, built outside inference mode: a
+    table made by a first call under ``torch.inference_mode()`` would be an inference tensor, which a
+    later training step cannot save for its backward."""
+    def wrap(build):
+        @functools.lru_cache(maxsize=maxsize)
+        @functools.wraps(build)
+        def cached(*args):
+            with torch.inference_mode(False), torch.no_grad():
+                return build(*args)
+        return cached
+    return wrap
+
+
+@table_cache(maxsize=64)
 def _tile_table(offsets: tuple[int, ...], block: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     seg, row = [], []
     for s in range(len(offsets) - 1):
@@ -188,7 +202,7 @@ def tile_table(offsets, block: int, device) -> tuple[torch.Tensor, torch.Tensor]
     return retain(_tile_table(tuple(offsets), block, torch.device(device)))
 
 
-@functools.lru_cache(maxsize=64)
+@table_cache(maxsize=64)
 def _one_segment_table(n: int, device: torch.device) -> torch.Tensor:
     return remember_host_values(torch.tensor([0, n], dtype=torch.int32).to(device), [0, n])
 

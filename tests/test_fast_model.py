@@ -297,12 +297,24 @@ def test_text_expert_gets_no_gradient_without_text_rows(text):
 
 
 def test_inference_mode_runs_as_no_grad():
-    """Packed tables made under torch.inference_mode() have no version counter to tie their host copy to."""
-    ref, fast = _pair()
+    """Packed tables made under torch.inference_mode() have no version counter to tie their host copy to.
+    The kernels' cached tables (tiles, one-segment tables, video RoPE) that a first forward under
+    inference_mode builds are shared with later training steps: they are built outside inference mode
+    (a training step of the same shapes raised "Inference tensors cannot be saved for backward")."""
+    from univigu_fast.kernels import _utils
+    from univigu_fast import packing
+
+    for cached in (_utils._tile_table, _utils._one_segment_table, packing._video_rope):
+        cached.cache_clear()
+    ref, fast = _pair(attention_head_dim=16, num_attention_heads=3)  # shapes no earlier test cached
     videos, prompts, texts, tau_v, tau_t = _batch(ref.config, "joint", torch.float32)
     for model in (ref, fast):
-        with torch.no_grad():
-            want = model(videos, tau_v, prompts, text=texts, tau_text=tau_t)
         with torch.inference_mode():
             got = model(videos, tau_v, prompts, text=texts, tau_text=tau_t)
+        with torch.no_grad():
+            want = model(videos, tau_v, prompts, text=texts, tau_text=tau_t)
         torch.testing.assert_close(flat_outputs(got), flat_outputs(want), atol=0, rtol=0)
+        model.train()
+        model(videos, tau_v, prompts, text=texts, tau_text=tau_t).video_velocity[0].square().mean().backward()
+        model.eval()
+    assert all(p.grad is not None for p in fast.blocks[0].norm2.parameters())

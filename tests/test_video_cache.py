@@ -284,7 +284,7 @@ def test_text_step_checks_text_output_like_forward():
 
 
 @pytest.mark.parametrize("change", ["load_state_dict", "assign", "in_place", "half", "submodule_assign", "data_assign",
-                                    "setattr", "half_and_back"])
+                                    "setattr", "half_and_back", "data_assign_twice", "data_swap"])
 def test_text_step_refuses_a_cache_of_changed_weights(change):
     """A text step after the model's weights changed mixed the old weights' video / prompt keys and
     values with the new weights (logits 4.9 off the exact ones); after ``.half()`` it (and the next
@@ -310,6 +310,13 @@ def test_text_step_refuses_a_cache_of_changed_weights(change):
             model.blocks[0].attn1.to_v.weight = torch.nn.Parameter(other.blocks[0].attn1.to_v.weight.detach().clone())
         elif change == "half_and_back":  # same dtype, same values (fp16-rounded), new storage
             model.half().float()
+        elif change == "data_assign_twice":  # the allocator may hand the first storage back: a sum of
+            for _ in range(2):                 # addresses was the same again
+                for p in model.parameters():
+                    p.data = p.data * 1.1
+        elif change == "data_swap":  # two same-shape weights swap storages (same set of addresses)
+            a, b = model.blocks[0].attn1.to_q.weight, model.blocks[0].attn1.to_k.weight
+            a.data, b.data = b.data, a.data
         else:
             model.half()
         error = ValueError if change == "half" else RuntimeError
@@ -322,6 +329,53 @@ def test_text_step_refuses_a_cache_of_changed_weights(change):
         step = model.text_step(cache, text, tau)
     for a, b in zip(full, step):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+
+
+def test_text_step_refuses_weights_swapped_into_the_slots():
+    """torch.func.functional_call puts other weights (e.g. EMA ones) into the model's slots for one call:
+    a plain text step on a cache filled inside such a call, and a text step with such weights in the
+    slots on a cache filled with the model's own, mixed two sets of weights (logits 2.2 and 3.2 off)."""
+    from torch.func import functional_call
+
+    model = tiny_reference(seed=5)
+    videos, prompts = _inputs(model.config, seed=2)
+    text, tau = [torch.arange(4), torch.arange(2)], torch.tensor([0.3, 0.6])
+    ema = {n: p.detach() * 1.2 for n, p in model.named_parameters()}
+    with torch.no_grad():
+        cache = VideoCache(model)
+        functional_call(model, ema, (videos, torch.ones(2), prompts), dict(text=text, tau_text=tau, video_cache=cache))
+        with pytest.raises(RuntimeError, match="run a full step"):
+            model.text_step(cache, text, tau)
+        cache = _filled_cache(model, videos, prompts, text)
+        for name, t in ema.items():  # the slots now hold plain tensors, as inside functional_call
+            mod_name, _, leaf = name.rpartition(".")
+            mod = model.get_submodule(mod_name)
+            delattr(mod, leaf)
+            setattr(mod, leaf, t)
+        with pytest.raises(RuntimeError, match="run a full step"):
+            model.text_step(cache, text, tau)
+
+
+def test_cache_survives_unrelated_modules_and_frozen_keys():
+    """Building another module between a full step and a text step changes nothing of this model's
+    weights (a process-wide count of parameter registrations refused the step); a full step whose keys
+    need no grad but whose queries do (only to_q trained) keeps its own copies (the attention saves the
+    keys: a text step before the backward broke it)."""
+    model = tiny_reference(seed=5)
+    videos, prompts = _inputs(model.config, seed=2)
+    text, tau = [torch.arange(4), torch.arange(2)], torch.tensor([0.3, 0.6])
+    with torch.no_grad():
+        cache = _filled_cache(model, videos, prompts, text)
+        torch.nn.Linear(3, 3)
+        model.text_step(cache, text, tau)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.endswith("attn1.to_q.weight"))
+    out = model(videos, torch.ones(2), prompts, text=text, tau_text=tau, video_cache=cache)
+    model.text_step(cache, text, tau)
+    sum(t.square().sum() for t in out.text_out).backward()
+    assert model.blocks[0].attn1.to_q.weight.grad is not None
+    cache.release()
+    assert cache.nbytes == 0 and cache.text_rows.numel() == 0 and cache.weights is None
 
 
 def test_cache_of_an_autograd_full_step():
@@ -661,6 +715,25 @@ def test_cuda_graph_dropped_when_the_weights_may_have_moved(fake_graphs):
         want = other.text_step(_filled_cache(other, videos, prompts, text, tau_text=(0.3, 0.6)), text, tau)
     for a, b in zip(want, got):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
+
+def test_cuda_graph_first_replayed_under_inference_mode(fake_graphs):
+    """A graph captured by a text step under inference_mode (cache filled outside it) kept inference
+    tensors as its static inputs: the next text step outside inference_mode raised."""
+    model = tiny_reference(seed=5)
+    videos, prompts = _inputs(model.config, seed=2)
+    text, tau = [torch.arange(4), torch.arange(2)], torch.tensor([0.3, 0.6])
+    with torch.no_grad():
+        eager = _filled_cache(model, videos, prompts, text)
+        want = [model.text_step(eager, text, tau), model.text_step(eager, text, tau * 0.5)]
+        cache = _filled_cache(model, videos, prompts, text, cuda_graph=True)
+    with torch.inference_mode():
+        first = model.text_step(cache, text, tau)
+    with torch.no_grad():
+        second = model.text_step(cache, text, tau * 0.5)
+    for got, ref in zip((first, second), want):
+        for a, b in zip(ref, got):
+            torch.testing.assert_close(b, a, rtol=0, atol=0)
 
 
 def test_cuda_graph_refused_where_it_cannot_run():

@@ -98,9 +98,6 @@ class UniViGUModelBase(nn.Module):
         if c.text_ffn_init == "copy":
             for block in self.blocks:
                 block.ffn_t.load_state_dict(block.ffn.state_dict())
-        # how often a state dict was loaded (a VideoCache's text steps refuse weights loaded since its full step)
-        self.state_dict_loads = 0
-        self.register_load_state_dict_post_hook(_count_state_dict_load)
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -370,10 +367,10 @@ class UniViGUModelBase(nn.Module):
         lens = [t.shape[0] for t in texts]
         view = video_cache.text_view(lens)
         tau_text = self._check_tau(tau_text, len(texts), "tau_text")
-        # buffers filled under inference_mode are inference tensors: update them in that mode
-        # (inference_mode(False) would turn autograd back on: no_grad stays)
-        mode = torch.inference_mode() if video_cache.keys[0].is_inference() else contextlib.nullcontext()
-        with mode:
+        # the mode of the cache's buffers, whatever the caller's: buffers filled under inference_mode are
+        # inference tensors (updated in that mode only), others are updated (and a CUDA graph's static
+        # inputs made) outside it
+        with _buffer_mode(video_cache.keys[0].is_inference()):
             return self._text_step(video_cache, view, texts, lens, tau_text, text_output, sample_seed, temperature)
 
     def _text_step(self, video_cache, view, texts, lens, tau_text, text_output, sample_seed, temperature):
@@ -448,8 +445,14 @@ class UniViGUModelBase(nn.Module):
         return from_pretrained(cls, path, **kwargs)
 
 
-def _count_state_dict_load(model, incompatible_keys) -> None:
-    model.state_dict_loads += 1
+@contextlib.contextmanager
+def _buffer_mode(inference: bool):
+    if inference:
+        with torch.inference_mode():
+            yield
+    else:  # (inference_mode(False) alone would turn autograd back on)
+        with torch.inference_mode(False), torch.no_grad():
+            yield
 
 
 def _check_text_output(text_output, sample_seed, temperature) -> None:

@@ -6,14 +6,13 @@ per-token RoPE tables in the format of ``kernels/joint_attention.py`` and the pr
 """
 from __future__ import annotations
 
-import functools
 import itertools
 import math
 from dataclasses import dataclass
 
 import torch
 
-from .kernels._utils import host_list, remember_host_values
+from .kernels._utils import host_list, remember_host_values, table_cache
 
 
 def padded_lengths(lengths, batch: int, max_len: int, name: str = "text_lens") -> list[int]:
@@ -80,7 +79,7 @@ def rope_positions(video_grids, text_lens, head_dim: int, text_inv_freq: torch.T
             torch.cat(il).to(device))
 
 
-@functools.lru_cache(maxsize=8)
+@table_cache(maxsize=8)
 def _video_rope(grid: tuple[int, int, int], head_dim: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 ``cos, sin`` of :func:`_video_angles` on ``device``, computed once per (grid, head dim,
     device): a forward at wan1.3b-480p would otherwise spend ~20 ms of host time (float64 cos / sin

@@ -284,7 +284,8 @@ def test_text_step_checks_text_output_like_forward():
 
 
 @pytest.mark.parametrize("change", ["load_state_dict", "assign", "in_place", "half", "submodule_assign", "data_assign",
-                                    "setattr", "half_and_back", "data_assign_twice", "data_swap"])
+                                    "setattr", "half_and_back", "data_assign_twice", "data_swap", "new_layer",
+                                    "copied_layer"])
 def test_text_step_refuses_a_cache_of_changed_weights(change):
     """A text step after the model's weights changed mixed the old weights' video / prompt keys and
     values with the new weights (logits 4.9 off the exact ones); after ``.half()`` it (and the next
@@ -310,13 +311,21 @@ def test_text_step_refuses_a_cache_of_changed_weights(change):
             model.blocks[0].attn1.to_v.weight = torch.nn.Parameter(other.blocks[0].attn1.to_v.weight.detach().clone())
         elif change == "half_and_back":  # same dtype, same values (fp16-rounded), new storage
             model.half().float()
-        elif change == "data_assign_twice":  # the allocator may hand the first storage back: a sum of
-            for _ in range(2):                 # addresses was the same again
+        elif change == "data_assign_twice":  # CUDA's allocator may hand the first storage back (a sum of
+            for _ in range(2):                 # addresses was then the same again): the record holds it
                 for p in model.parameters():
                     p.data = p.data * 1.1
         elif change == "data_swap":  # two same-shape weights swap storages (same set of addresses)
             a, b = model.blocks[0].attn1.to_q.weight, model.blocks[0].attn1.to_k.weight
             a.data, b.data = b.data, a.data
+        elif change == "new_layer":  # a replaced submodule (LoRA injection, a quantized swap): the old
+            layer = torch.nn.Linear(*model.blocks[0].attn1.to_v.weight.T.shape)  # one's slots are unchanged
+            layer.load_state_dict(other.blocks[0].attn1.to_v.state_dict())
+            model.blocks[0].attn1.to_v = layer
+        elif change == "copied_layer":
+            import copy
+
+            model.blocks[0].attn1.to_v = copy.deepcopy(other.blocks[0].attn1.to_v)
         else:
             model.half()
         error = ValueError if change == "half" else RuntimeError
@@ -368,8 +377,13 @@ def test_cache_survives_unrelated_modules_and_frozen_keys():
         cache = _filled_cache(model, videos, prompts, text)
         torch.nn.Linear(3, 3)
         model.text_step(cache, text, tau)
+    # the recorded weights' storages stay alive, so no other tensor can take a recorded address
+    w = model.blocks[0].attn1.to_q.weight
+    w.data = w.data.clone()
+    assert [t.data_ptr() for t in cache.weights._held] == [ptr for _, ptr, _ in cache.weights.params]
     for name, p in model.named_parameters():
         p.requires_grad_(name.endswith("attn1.to_q.weight"))
+    cache = VideoCache(model)  # new buffers: the keys this autograd step stores (a refill copies into old ones)
     out = model(videos, torch.ones(2), prompts, text=text, tau_text=tau, video_cache=cache)
     model.text_step(cache, text, tau)
     sum(t.square().sum() for t in out.text_out).backward()
@@ -707,11 +721,17 @@ def test_cuda_graph_dropped_when_the_weights_may_have_moved(fake_graphs):
         assert cache.graph is None
         model.text_step(cache, text, tau)
         assert cache.graph_captures == 2
+        model.blocks[0].attn1.to_v = torch.nn.Linear(*model.blocks[0].attn1.to_v.weight.T.shape)  # a new layer
+        model(videos, torch.ones(2), prompts, text=text, tau_text=tau, video_cache=cache)
+        assert cache.graph is None
+        model.text_step(cache, text, tau)
+        assert cache.graph_captures == 3
+        model.blocks[0].attn1.to_v = other.blocks[0].attn1.to_v
         model.load_state_dict(other.state_dict(), assign=True)
         model(videos, torch.ones(2), prompts, text=text, tau_text=tau, video_cache=cache)
         assert cache.graph is None
         got = model.text_step(cache, text, tau)
-        assert cache.graph_captures == 3
+        assert cache.graph_captures == 4
         want = other.text_step(_filled_cache(other, videos, prompts, text, tau_text=(0.3, 0.6)), text, tau)
     for a, b in zip(want, got):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)

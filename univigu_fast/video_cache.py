@@ -32,7 +32,9 @@ refuses a cache whose model has since changed its weights in place (an optimizer
 ``load_state_dict``), replaced a parameter (``assign=True``, ``setattr``, ``p.data = ...``) or changed
 dtype or device; a full step after such a change refills it (into new buffers, dropping a captured
 graph, which reads the weights where they were). Not seen (no version counter moves): writes through
-``p.data`` and fused optimizer steps (``fused=True``); run a full step after those. A cache filled under
+``p.data`` and fused optimizer steps (``fused=True``); run a full step after those. The cache keeps the
+storages of the weights its full step read until the next full step or ``release()``: after
+``model.half()`` or a swapped layer the old weights stay in memory until then. A cache filled under
 ``torch.inference_mode()`` is updated by its text steps in that mode too.
 """
 from __future__ import annotations
@@ -131,26 +133,29 @@ def _layout(packed: PackedBatch, dtype: torch.dtype):
 
 
 class WeightsRecord:
-    """``model``'s weights as a full step saw them: each parameter's slot (module, name), the parameter, its
-    storage address (the storage kept alive by a view: no other tensor can take the address while this
-    record exists) and its version counter. ``moved()``: a slot holds another tensor (``setattr``,
-    ``load_state_dict(assign=True)``, ``torch.func.functional_call``) or a parameter another storage
-    (``p.data = ...``, a dtype or device round trip); ``changed()``: that, or an in-place update (optimizer
-    steps, ``load_state_dict`` copies). Host-only: ~0.2 ms for a 1.3B model's ~1K tensors. Not seen: writes
-    through ``p.data`` and fused optimizer steps (no version counter moves)."""
+    """``model``'s weights as a full step saw them: the module tree (each child in its slot, each module's
+    parameter slots, None ones included), each parameter's storage address (the storage kept alive by a
+    view: no other tensor can take the address while this record exists) and its version counter.
+    ``moved()``: a submodule or parameter slot holds another object (a replaced layer, LoRA injection,
+    ``setattr``, ``load_state_dict(assign=True)``, ``torch.func.functional_call``) or a parameter another
+    storage (``p.data = ...``, a dtype or device round trip); ``changed()``: that, or an in-place update
+    (optimizer steps, ``load_state_dict`` copies). Host-only: ~0.3 ms for a 1.3B model's ~1K tensors.
+    Not seen: writes through ``p.data`` and fused optimizer steps (no version counter moves). The replaced
+    storages stay alive until the next full step or ``VideoCache.release()``."""
 
     def __init__(self, model):
-        slots = [(mod._parameters, name, p) for mod in model.modules() for name, p in mod._parameters.items()
-                 if p is not None]
-        self.entries = [(s, name, p, p.data_ptr(), p._version) for s, name, p in slots]
-        self._held = [p.detach() for _, _, p in slots]  # the storages, alive while recorded
+        modules = list(model.modules())
+        self.slots = [(d, name, obj) for m in modules for d in (m._modules, m._parameters) for name, obj in d.items()]
+        params = [p for m in modules for p in m._parameters.values() if p is not None]
+        self.params = [(p, p.data_ptr(), p._version) for p in params]
+        self._held = [p.detach() for p in params]  # the storages, alive while recorded
 
     def moved(self) -> bool:
-        return any(slots.get(name) is not p or p.data_ptr() != ptr for slots, name, p, ptr, _ in self.entries)
+        return any(d.get(name) is not obj for d, name, obj in self.slots) or \
+            any(p.data_ptr() != ptr for p, ptr, _ in self.params)
 
     def changed(self) -> bool:
-        return any(slots.get(name) is not p or p.data_ptr() != ptr or p._version != version
-                   for slots, name, p, ptr, version in self.entries)
+        return self.moved() or any(p._version != version for p, _, version in self.params)
 
 
 def check_cuda_graph_device(device: torch.device) -> None:

@@ -29,8 +29,8 @@ buffers, so one graph serves the whole caption; a full step on another batch dro
 
 A cache belongs to one model and to its weights as they were at the last full step: a text-only step
 refuses a cache whose model has since changed its weights in place (an optimizer step,
-``load_state_dict``), replaced a parameter (``assign=True``, ``setattr``, ``p.data = ...``) or changed
-dtype or device; a full step after such a change refills it (into new buffers, dropping a captured
+``load_state_dict``), replaced a parameter (``assign=True``, ``setattr``, ``p.data = ...``) or a layer,
+or changed dtype or device; a full step after such a change refills it (into new buffers, dropping a captured
 graph, which reads the weights where they were). Not seen (no version counter moves): writes through
 ``p.data`` and fused optimizer steps (``fused=True``); run a full step after those. The cache keeps the
 storages of the weights its full step read until the next full step or ``release()``: after
@@ -263,8 +263,9 @@ class VideoCache:
             raise ValueError(f"the model is now {model.dtype} on {model.device} but the cache was filled in {kept.dtype} "
                              f"on {kept.device}: run a full step with video_cache=... first")
         if self.weights is None or self.weights.changed():
-            raise RuntimeError("the model's weights changed since the cache's last full step (load_state_dict, an "
-                               "optimizer step or another in-place update): run a full step with video_cache=... first")
+            raise RuntimeError("the model's weights changed since the cache's last full step (an in-place update such "
+                               "as load_state_dict or an optimizer step, a replaced parameter or layer): run a full "
+                               "step with video_cache=... first")
 
     def check_fits(self, video_lens, text_lens, prompt_lens=()) -> int:
         need = cache_bytes(self.model.config, video_lens, text_lens, self.model.dtype, prompt_lens)

@@ -44,12 +44,12 @@ def _finite(value: float) -> float:
 
 
 @contextlib.contextmanager
-def _usage_errors(option: str, what: str):
+def _usage_errors(option: str, what: str, errors: tuple = (OSError, ValueError)):
     """A file or folder the user named that cannot be read (missing, torn, of another kind): a usage error
     naming the option (exit 2), not a traceback."""
     try:
         yield
-    except (OSError, ValueError) as e:
+    except errors as e:
         raise typer.BadParameter(f"{what}: {e}", param_hint=option) from None
 
 
@@ -275,10 +275,8 @@ def train(
             m = UniViGUModel.from_wan(wan, text_flow=text_flow or "discrete")
     else:
         torch.manual_seed(seed)
-        try:
+        with _usage_errors("--config", f"cannot read a UniViGUConfig from {config}", (OSError, TypeError, ValueError)):
             cfg_model = UniViGUConfig.load(config, strict=True)
-        except (OSError, TypeError, ValueError) as e:
-            raise typer.BadParameter(f"cannot read a UniViGUConfig from {config}: {e}", param_hint="--config") from None
         m = UniViGUModel(cfg_model)
         m.init_text_stream()
     if kappa_power is not None and m.config.text_flow != "discrete":

@@ -180,18 +180,19 @@ def _load_folder_state(folder: Path, variant: str | None = None) -> tuple[dict, 
             raise FileNotFoundError(f"{folder}: expected {want}; found {[f.name for f in present]}")
     sd = {}
     for f in files:
-        sd.update(_read_safetensors(f))
+        sd.update(read_safetensors(f))
     return sd, cfg
 
 
-def _read_safetensors(path: Path) -> dict:
-    """``load_file`` naming the file when it cannot be read (a truncated download, say)."""
+def read_safetensors(path: Path, what: str = "weights") -> dict:
+    """``load_file`` naming the file (and ``what`` it should hold) when it cannot be read (a truncated
+    download, say). The tensors view the file's memory map: copy what must outlive a rewrite of it."""
     from safetensors.torch import load_file
 
     try:
         return load_file(str(path))
     except Exception as e:  # noqa: BLE001 - safetensors' errors do not name the file
-        raise ValueError(f"cannot read weights from {path}: {type(e).__name__}: {e}") from e
+        raise ValueError(f"cannot read {what} from {path}: {type(e).__name__}: {e}") from e
 
 
 def _torch_load(path: Path):
@@ -210,7 +211,7 @@ def _torch_load(path: Path):
 def _read_state_file(path: Path) -> dict:
     """A single weights file: ``.safetensors``, else a ``torch.save`` file (``.pt`` / ``.pth`` / ``.bin``)."""
     if path.suffix == ".safetensors":
-        return _read_safetensors(path)
+        return read_safetensors(path)
     obj = _torch_load(path)
     if not isinstance(obj, dict):
         raise TypeError(f"{path} holds a {type(obj).__name__}, expected a state dict")
@@ -420,7 +421,7 @@ def from_uni_vigu(cls, ckpt, config: UniViGUConfig | None = None, *, device=None
             raise ValueError(f"ckpt {path} is a folder; from_uni_vigu reads one checkpoint file (or a dict): a "
                              "save_pretrained folder loads with from_pretrained, a Wan2.1 folder with from_wan")
         owned = path.suffix != ".safetensors"
-        ckpt = _torch_load(path) if owned else _read_safetensors(path)
+        ckpt = _torch_load(path) if owned else read_safetensors(path)
     if not isinstance(ckpt, dict):
         raise TypeError(f"ckpt must be a path or a dict, got {type(ckpt).__name__}")
     sd = {_strip(k): v for k, v in _weights(ckpt).items()}
@@ -551,7 +552,7 @@ def from_pretrained(cls, path, *, subfolder: str | None = None, device=None, dty
             raise FileNotFoundError(f"{path / _INDEX} names shards that are not there: {lacking}")
         sd = {}
         for f in files:
-            sd.update(_read_safetensors(path / f))
+            sd.update(read_safetensors(path / f))
     else:
-        sd = _read_safetensors(path / _WEIGHTS)
+        sd = read_safetensors(path / _WEIGHTS)
     return _load_assigned(cls, config, sd, dtype, device, owned=False).eval()  # safetensors: memory-mapped

@@ -239,14 +239,10 @@ class VideoTextDataset:
         return self._open[f][1]
 
     def _read_null_prompt(self) -> torch.Tensor:
-        from safetensors.torch import load_file
+        from .conversion import read_safetensors
 
         path = self.path / "null_prompt.safetensors"
-        try:
-            tensors = load_file(str(path))
-        except Exception as e:  # noqa: BLE001 -- SafetensorError / FileNotFoundError: name the file
-            raise ValueError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
-        t = tensors.get("null_prompt_embeds")
+        t = read_safetensors(path, "the empty prompt's embedding").get("null_prompt_embeds")
         text_dim = self.meta.get("text_dim")
         if t is None or t.dim() != 2 or not t.is_floating_point() or (text_dim is not None and t.shape[1] != text_dim):
             raise ValueError(f"{path}: must hold null_prompt_embeds, a float (L0, text_dim={text_dim}) tensor, got "

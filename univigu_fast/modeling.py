@@ -41,7 +41,7 @@ from .kernels.linear_argmax import check_decode_args
 from .modules import TextHead, TextProjection, TimeEmbedding, UniViGUBlock, VideoHead
 from .ops import Ops
 from .packing import PackedBatch, padded_lengths
-from .video_cache import VideoCache
+from .video_cache import check_video_cache
 
 logger = logging.getLogger("univigu_fast")
 
@@ -251,10 +251,7 @@ class UniViGUModelBase(nn.Module):
         x = packed.pack(video_tokens, text_tokens)
         context = self.cond_text_embedder(torch.cat([p.to(dev, dtype) for p in inp["prompts"]]))
         if video_cache is not None:
-            if not isinstance(video_cache, VideoCache):
-                raise TypeError(f"video_cache must be a univigu_fast.video_cache.VideoCache(model) or None, got "
-                                f"{type(video_cache).__name__} (policies such as 'once' are caption()'s video_cache)")
-            video_cache.check_owner(self)
+            check_video_cache(video_cache, self)
             video_cache.context = context
 
         # Wan's time convention at the boundary (DESIGN §2)
@@ -354,9 +351,7 @@ class UniViGUModelBase(nn.Module):
         changed since its full step is refused (``VideoCache.check_ready``)."""
         c = self.config
         _check_text_output(text_output, sample_seed, temperature)
-        if not isinstance(video_cache, VideoCache):
-            raise TypeError(f"video_cache must be a univigu_fast.video_cache.VideoCache filled by a full step, got "
-                            f"{type(video_cache).__name__}")
+        check_video_cache(video_cache, self)
         video_cache.check_ready(self)
         if not isinstance(text, (list, tuple)):
             raise TypeError(f"text must be a list of per-sample token ids / embeddings, got {type(text).__name__}")

@@ -146,7 +146,7 @@ class WeightsRecord:
     def __init__(self, model):
         modules = list(model.modules())
         self.slots = [(d, name, obj) for m in modules for d in (m._modules, m._parameters) for name, obj in d.items()]
-        params = [p for m in modules for p in m._parameters.values() if p is not None]
+        params = [p for _, _, p in self.slots if isinstance(p, torch.Tensor)]
         self.params = [(p, p.data_ptr(), p._version) for p in params]
         self._held = [p.detach() for p in params]  # the storages, alive while recorded
 
@@ -206,6 +206,14 @@ class GraphedTextLayers:
         return self.out.clone()
 
 
+def check_video_cache(video_cache, model) -> None:
+    """``video_cache`` is a ``VideoCache`` made for ``model`` (not a policy string: those are ``caption``'s)."""
+    if not isinstance(video_cache, VideoCache):
+        raise TypeError(f"video_cache must be a univigu_fast.video_cache.VideoCache(model), got "
+                        f"{type(video_cache).__name__} (policies such as 'once' are caption()'s video_cache)")
+    video_cache.check_owner(model)
+
+
 def _size(n_bytes) -> str:
     return f"{n_bytes / 2**30:.2f} GiB ({int(n_bytes):,} bytes)"
 
@@ -253,9 +261,8 @@ class VideoCache:
                              f"{id(self.model):#x}); make one per model: VideoCache(model)")
 
     def check_ready(self, model) -> None:
-        """A text-only step of ``model`` may read this cache: it is ``model``'s, filled by a full step, and
-        the model's weights, dtype and device are those of that step."""
-        self.check_owner(model)
+        """A text-only step of ``model`` may read this cache (``check_video_cache`` first): it is filled by a
+        full step, and the model's weights, dtype and device are those of that step."""
         if self.joint is None or self.capturing or self.keys[0] is None:
             raise RuntimeError("text_step needs a filled cache: run a full step with video_cache=... first")
         kept = self.keys[0]

@@ -1,7 +1,8 @@
 """End-to-end benchmark: one denoising step of the full model at the DESIGN §6 shapes (30 layers).
 
-Records op ``model_step``: modes ``joint`` / ``understanding`` / ``generation`` (text decoded to ids:
-fused for ``triton``, logits + argmax for ``reference``), ``train`` (forward + backward of a loss on
+Records op ``model_step``: modes ``joint`` / ``understanding`` (text decoded to ids: fused for
+``triton``, logits + argmax for ``reference``), ``generation`` (the text head not run, as in the
+sampler: ``profiling.text_output``), ``train`` (forward + backward of a loss on
 both outputs), ``video`` (no text stream: ``triton`` vs diffusers' ``WanTransformer3DModel`` on the
 same weights, default attention backend); impls ``triton`` (fast model), ``reference``,
 ``diffusers``. Op ``caption``: a 50-step caption of one video at wan1.3b-480p (``triton``).
@@ -96,7 +97,7 @@ def _error_vs_fp32(c, inputs, model) -> tuple[float, float]:
 def _flops(s, cfg, mode):
     """One step's FLOPs (``cfg``'s layers). ``train``: every GEMM 3x its forward, attention 3.5x
     (flash-attn's count, as ``bench_joint_attention``: its backward recomputes the scores)."""
-    f = P.component_flops(s, cfg, "video" if mode == "video" else "joint", decode=mode not in ("video", "train"))
+    f = P.component_flops(s, cfg, "video" if mode == "video" else "joint", decode=mode in ("joint", "understanding"))
     total = sum(f.values())
     return 3 * total + 0.5 * (f["attention"] + f["cross_attention"]) if mode == "train" else total
 
@@ -141,7 +142,7 @@ def test_bench_model_step(benchmark, shape, mode, impl):
                 model.eval()
 
                 def run():
-                    return P.step(model, inputs, decode=True)
+                    return P.step(model, inputs, P.text_output(mode, cfg))
         run()
         torch.cuda.synchronize()
     except Exception as e:  # one failing impl must not stop the others

@@ -186,3 +186,23 @@ def test_compare_outputs_sees_a_difference():
     diff = P.compare_outputs(other, ref, inputs)
     assert abs(diff["video_velocity"]["max_abs_diff"] - 0.5) < 1e-4  # the bias shift, through unpatchify
     assert diff["text"]["max_abs_diff"] > 1 and diff["text"]["argmax_agreement"] < 1.0
+
+
+def test_profiled_step_asks_the_text_head_what_the_samplers_do():
+    """``profile`` / ``bench_model`` time one step as the samplers run it: ids decoded in joint and
+    understanding, no text head in generation (its output is the clean prompt's, not used)."""
+    import torch
+
+    from _models import tiny_reference
+    from univigu_fast import profiling as P
+
+    model = tiny_reference()
+    assert [P.text_output(m, model.config) for m in P.MODES] == ["argmax", "argmax", "none", "none"]
+    assert P.text_output("joint", tiny_reference(text_flow="embedding").config) == "full"
+    calls = []
+    model.text_head.linear.register_forward_hook(lambda *a: calls.append(1))
+    for mode in P.MODES:
+        out = P.step(model, P.make_inputs(P.TINY_SHAPE, model.config, mode, "cpu", torch.float32),
+                     P.text_output(mode, model.config))
+        assert (out.text_out is None) == (mode in ("generation", "video"))
+    assert not calls  # the fused decode reads the head's weight; the (N, V) logits are never formed

@@ -126,8 +126,20 @@ def test_generate_classifier_free_guidance():
     for a, b in zip(out, x0):
         torch.testing.assert_close(a, b + 4.0)
     assert any(torch.equal(c["prompts"][0], null) for c in m.calls) and len(m.calls) == 2
+    assert [c["text_output"] for c in m.calls] == ["none", "none"]  # the clean prompt's logits are not used
     with pytest.raises(ValueError, match="null_prompt"):
         generate(m, prompts, y, (C, FR, H, W), steps=1, guidance=2.0)
+
+
+def test_joint_guidance_pass_does_not_run_the_text_head():
+    """The unconditional pass of joint CFG steers the video only: its text head is not run."""
+    z1, y = _data(2)
+    m = Oracle("discrete", z1, y)
+    null = torch.zeros(1, m.config.text_dim)
+    joint(m, [torch.ones(1, m.config.text_dim)] * 2, (C, FR, H, W), [5] * 2, null_prompt=null, steps=3, guidance=2.0)
+    uncond = [torch.equal(c["prompts"][0], null) for c in m.calls]
+    assert uncond == [False, True] * 3
+    assert [c["text_output"] for c in m.calls] == ["sample", "none"] * 3
 
 
 @pytest.mark.parametrize("text_flow", ["discrete", "embedding"])

@@ -277,6 +277,8 @@ def test_text_step_checks_text_output_like_forward():
         model.text_step(cache, text, tau, text_output="sample")
     with pytest.raises(ValueError, match="text_output must be 'full', 'argmax' or 'sample', got 'samples'"):
         model.text_step(cache, text, tau, text_output="samples")
+    with pytest.raises(ValueError, match="text_output must be 'full', 'argmax' or 'sample', got 'none'"):
+        model.text_step(cache, text, tau, text_output="none")  # a text-only step's output is its text
     with pytest.raises(TypeError, match="text must be a list of per-sample token ids"):
         model.text_step(cache, None, tau)
     with pytest.raises(TypeError, match="video_cache must be a univigu_fast.video_cache.VideoCache"):

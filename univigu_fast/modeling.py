@@ -20,8 +20,9 @@ Forward contract::
   ``"sample"`` (``sample_seed``, ``temperature``) a ``TextDecoded(ids, max_logit, logsumexp)`` from the
   fused decode op instead (discrete flow: the head's linear over the V real tokens, the [MASK] column
   of the mask source is never decoded and not in the two statistics; embedding flow: the row's embedding
-  velocity is returned unchanged, decode it with ``decode_embeddings``). Outputs mirror the input
-  form (batched tensors or lists).
+  velocity is returned unchanged, decode it with ``decode_embeddings``); with ``text_output="none"``
+  ``None``: the text head is not run (a pass whose text output is not used, e.g. generation's or a
+  guidance pass's). Outputs mirror the input form (batched tensors or lists).
 """
 from __future__ import annotations
 
@@ -278,7 +279,7 @@ class UniViGUModelBase(nn.Module):
             video_velocity = torch.stack(video_out)
 
         text_out = None
-        if inp["has_text"]:
+        if inp["has_text"] and text_output != "none":
             text_out = self._text_head(text_rows, temb_t, text_lens_list, inp, text_output, sample_seed, temperature)
         return UniViGUOutput(video_velocity, text_out)
 
@@ -350,7 +351,7 @@ class UniViGUModelBase(nn.Module):
         ``torch.inference_mode()`` when the full step did. A cache whose model's weights, dtype or device
         changed since its full step is refused (``VideoCache.check_ready``)."""
         c = self.config
-        _check_text_output(text_output, sample_seed, temperature)
+        _check_text_output(text_output, sample_seed, temperature, ("full", "argmax", "sample"))
         check_video_cache(video_cache, self)
         video_cache.check_ready(self)
         if not isinstance(text, (list, tuple)):
@@ -450,15 +451,18 @@ def _buffer_mode(inference: bool):
             yield
 
 
-def _check_text_output(text_output, sample_seed, temperature) -> None:
-    if text_output not in ("full", "argmax", "sample"):
-        raise ValueError(f"text_output must be 'full', 'argmax' or 'sample', got {text_output!r}")
+def _check_text_output(text_output, sample_seed, temperature,
+                       choices=("full", "argmax", "sample", "none")) -> None:
+    if text_output not in choices:
+        raise ValueError(f"text_output must be {', '.join(map(repr, choices[:-1]))} or {choices[-1]!r}, "
+                         f"got {text_output!r}")
     if text_output == "sample" and sample_seed is None:
         raise ValueError("text_output='sample' needs sample_seed")
     if text_output != "sample" and sample_seed is not None:
         raise ValueError(f"sample_seed is for text_output='sample' (it would be ignored with {text_output!r})")
-    if text_output == "full" and temperature != 1.0:
-        raise ValueError("temperature is for text_output='argmax' / 'sample' (the full logits are not rescaled)")
+    if text_output in ("full", "none") and temperature != 1.0:
+        raise ValueError(f"temperature is for text_output='argmax' / 'sample' (it would be ignored with "
+                         f"{text_output!r}: the full logits are not rescaled)")
     if sample_seed is not None and (isinstance(sample_seed, bool) or not isinstance(sample_seed, numbers.Integral)
                                     or not 0 <= sample_seed < 2**63):
         raise ValueError(f"sample_seed must be an int in [0, 2**63), got {sample_seed!r}")

@@ -304,8 +304,7 @@ def _guided(model, x, tau_v, prompts, null_prompts, guidance, **kw):
     out = model(x, tau_v, prompts, **kw)
     if guidance == 1.0:
         return [v.float() for v in out.video_velocity], out
-    kw_u = dict(kw)
-    kw_u.pop("text_output", None)
+    kw_u = dict(kw, text_output="none")  # the unconditional pass's text output is not used
     kw_u.pop("sample_seed", None)
     kw_u.pop("temperature", None)
     vu = model(x, tau_v, null_prompts, **kw_u).video_velocity
@@ -343,7 +342,7 @@ def generate(model, prompts, prompt_ids, video_shape: Sequence[int], *, null_pro
     for i in range(steps):
         t, t_next = taus[i], taus[i + 1]
         v, _ = _guided(model, x, torch.full((B,), t), prompts, nulls, guidance, text=text,
-                       tau_text=torch.ones(B))
+                       tau_text=torch.ones(B), text_output="none")  # the clean prompt's logits are not used
         x = [xi + (t_next - t) * vi for xi, vi in zip(x, v)]
     return x
 

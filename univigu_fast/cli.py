@@ -89,11 +89,11 @@ def profile(
     if not on_gpu and shape_obj.name != "tiny":
         typer.echo(f"WARNING: --shape {shape_obj.name} without a GPU: each step of each model runs for minutes to "
                    "hours on CPU (the fast model in Triton's interpreter); --shape tiny is the CPU profile", err=True)
-    try:
+    from .cli_flow import _usage_errors
+
+    # missing file, bad JSON, unknown or bad fields
+    with _usage_errors("--config", f"cannot read a UniViGUConfig from {config}", (OSError, TypeError, ValueError)):
         cfg = UniViGUConfig.load(config, strict=True) if config else P.config_for(shape_obj)
-    except (OSError, ValueError, TypeError) as e:  # missing file, bad JSON, unknown or bad fields
-        raise typer.BadParameter(f"cannot read a UniViGUConfig from {config}: {type(e).__name__}: {e}",
-                                 param_hint="--config") from None
     if layers is not None:
         cfg.num_layers = layers
     torch_dtype = dtypes[dtype] if on_gpu else torch.float32

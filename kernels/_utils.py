@@ -171,14 +171,20 @@ def tracing() -> bool:
 def table_cache(maxsize: int):
     """``functools.lru_cache`` for device tables every later call shares, built outside inference mode: a
     table made by a first call under ``torch.inference_mode()`` would be an inference tensor, which a
-    later training step cannot save for its backward."""
+    later training step cannot save for its backward. Under a tracing mode (fake tensors, ``make_fx``)
+    the table is built and not cached: a fake tensor kept would be handed to every later real call."""
     def wrap(build):
-        @functools.lru_cache(maxsize=maxsize)
-        @functools.wraps(build)
-        def cached(*args):
+        def fresh(*args):
             with torch.inference_mode(False), torch.no_grad():
                 return build(*args)
-        return cached
+
+        cached = functools.lru_cache(maxsize=maxsize)(fresh)
+
+        @functools.wraps(build)
+        def table(*args):
+            return fresh(*args) if _get_current_dispatch_mode() is not None else cached(*args)
+        table.cache_clear, table.cache_info = cached.cache_clear, cached.cache_info
+        return table
     return wrap
 
 

@@ -205,3 +205,25 @@ def test_launchers_make_the_inputs_cuda_device_current(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "get_device", lambda self: 0)
     launcher(x, scale=1.0)
     assert entered == [1]
+
+
+def test_tables_built_under_fake_tensors_are_not_cached():
+    """A first call under a tracing mode (fake tensors: torch.compile / export of a caller) cached a
+    FakeTensor that every later real call got back."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    from univigu_fast import packing
+    from univigu_fast.kernels import _utils
+
+    offsets, n, grid = (0, 7, 19, 23), 29, (1, 3, 29)  # shapes no other test uses
+    cpu = torch.device("cpu")
+    with FakeTensorMode():
+        fake = (_utils.tile_table(offsets, 4, cpu)[0], _utils.one_segment_table(n, cpu),
+                packing._video_rope(grid, 8, cpu)[0])
+    assert all(isinstance(t, FakeTensor) for t in fake)
+    seg, row = _utils.tile_table(offsets, 4, cpu)
+    one = _utils.one_segment_table(n, cpu)
+    cos, sin = packing._video_rope(grid, 8, cpu)
+    assert not any(isinstance(t, FakeTensor) for t in (seg, row, one, cos, sin))
+    assert seg.tolist() == [0, 0, 1, 1, 1, 2] and row.tolist() == [0, 4, 7, 11, 15, 19] and one.tolist() == [0, n]
+    assert cos.shape == (87, 4) and torch.equal(cos, packing._video_angles(grid, 8).cos().float())

@@ -28,7 +28,7 @@ def main():
         torch.set_num_threads(a.threads)
     cfg, saved, model, data = load_run(a.run)
     j = evaluate_joint(model, data, steps=cfg.gen_steps, shift=cfg.shift, guidance=cfg.guidance, seed=cfg.seed,
-                       temperature=cfg.caption_temperature)
+                       temperature=cfg.sampler_temperature)
     keys = ("joint_agreement", "joint_video_accuracy", "joint_background_agreement", "joint_background_agreement_shuffled")
     print(json.dumps(dict(run=str(a.run), text_flow=cfg.text_flow, n=len(data.samples),
                           saved_joint_agreement=saved.get("joint_agreement"), **{k: j[k] for k in keys}), indent=1))

@@ -69,12 +69,12 @@ def main():
                    saved_understanding_attribute_accuracy=saved.get("understanding_attribute_accuracy"), rows=[])
     for steps in a.steps:
         exact = evaluate_understanding(model, test, steps=steps, seed=cfg.seed, keep_ids=True,
-                                       temperature=cfg.caption_temperature)
+                                       temperature=cfg.sampler_temperature)
         ids = exact.pop("ids")
         rows = [dict(policy="off", steps=steps, token_agreement=1.0, **exact)]
         for policy in a.policies:
             r = evaluate_understanding(model, test, steps=steps, seed=cfg.seed, video_cache=policy, reference_ids=ids,
-                                       temperature=cfg.caption_temperature)
+                                       temperature=cfg.sampler_temperature)
             rows.append(dict(policy=policy, steps=steps, **r))
         for r in rows:
             print(f"steps {steps:3d} {r['policy']:>8}: attribute accuracy {r['attribute_accuracy']:.4f}  caption-only "

@@ -560,12 +560,18 @@ def check_inputs(x, weight, bias=None, *, gumbel_seed=None, temperature=1.0, any
     check_decode_args(temperature, gumbel_seed)
 
 
+# Below this, logits / temperature overflow fp32 for logits of a few thousand (and at 1e-38 for any
+# logit): ids from inf - inf, a non-finite logsumexp. Greedy decoding is the call without a seed.
+MIN_TEMPERATURE = 1e-6
+
+
 def check_decode_args(temperature, gumbel_seed):
     """The scalar arguments, checked by the kernel's entry point and the reference alike."""
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
         raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
-    if not 0 < temperature < math.inf:  # (comparisons, not math.isfinite: they trace with a symbolic float)
-        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+    if not MIN_TEMPERATURE <= temperature < math.inf:  # (comparisons, not math.isfinite: they trace symbolically)
+        raise ValueError(f"temperature must be finite and >= {MIN_TEMPERATURE:g} (logits / temperature stays finite "
+                         f"in fp32; greedy decoding is the argmax, without a seed), got {temperature}")
     if gumbel_seed is not None:
         if isinstance(gumbel_seed, bool) or not isinstance(gumbel_seed, int):
             raise TypeError(f"gumbel_seed must be an int or None, got {type(gumbel_seed).__name__}")

@@ -45,7 +45,7 @@ def test_run_demo_tiny_writes_metrics(tmp_path):
     cfg2, saved, model, test = load_run(tmp_path)
     assert saved == on_disk and (cfg2.seed, cfg2.n_test, cfg2.steps2) == (cfg.seed, cfg.n_test, cfg.steps2)
     assert [s.caption for s in test.samples] == [s.caption for s in S.split_samples(cfg.n_train, cfg.n_test, cfg.seed)[1]]
-    u = evaluate_understanding(model, test, steps=cfg.caption_steps, seed=cfg.seed, temperature=cfg.caption_temperature)
+    u = evaluate_understanding(model, test, steps=cfg.caption_steps, seed=cfg.seed, temperature=cfg.sampler_temperature)
     assert u["attribute_accuracy"] == on_disk["understanding_attribute_accuracy"]
 
 
@@ -130,6 +130,7 @@ def test_cli_inference_and_train_option_checks(tmp_path, monkeypatch):
     for cmd, args, named in (("caption", ["--latents", x, "--length", "-1"], "--length"),
                              ("caption", ["--latents", x, "--kappa-power", "0"], "--kappa-power"),
                              ("caption", ["--latents", x, "--temperature", "nan"], "--temperature"),
+                             ("joint", base + ["--temperature", "1e-38"], "--temperature"),  # (inf logits)
                              ("caption", ["--latents", x, "--steps", "0"], "--steps"),
                              ("generate", base + ["--height", "5"], "--height"),
                              ("generate", base + ["--shift", "0"], "--shift"),
@@ -153,6 +154,13 @@ def test_cli_inference_and_train_option_checks(tmp_path, monkeypatch):
                         (["--model", str(tmp_path / "emb"), "--kappa-power", "2"], "--kappa-power")):
         r = runner.invoke(app, ["train", "--out", str(tmp_path / "t"), "--synthetic", "4", "--steps", "1", *args])
         assert r.exit_code == 2 and named in r.output, (args, r.output)
+    # the embedding flow samples nothing: --temperature / --kappa-power were accepted and did nothing
+    emb = ["--model", str(tmp_path / "emb"), "--synthetic"]
+    for cmd, args, named in (("caption", ["--latents", x, "--temperature", "0.5"], "--temperature"),
+                             ("caption", ["--latents", x, "--kappa-power", "2"], "--kappa-power"),
+                             ("joint", base + ["--temperature", "0.5"], "--temperature")):
+        r = runner.invoke(app, [cmd, *emb, *args])
+        assert r.exit_code == 2 and named in r.output and "text_flow is 'embedding'" in r.output, (cmd, args, r.output)
 
 
 def test_cli_user_mistakes_are_usage_errors(tmp_path, monkeypatch):

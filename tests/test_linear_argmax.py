@@ -330,6 +330,7 @@ def test_empty_rows():
     (dict(bias=torch.randn(11)), ValueError),
     (dict(temperature=0.0), ValueError),
     (dict(temperature=-1.0), ValueError),
+    (dict(temperature=1e-38), ValueError),  # logits / T overflowed fp32: arbitrary ids, an inf logsumexp
     (dict(gumbel_seed=1.5), TypeError),
     (dict(gumbel_seed=-1), ValueError),
 ])
@@ -341,11 +342,24 @@ def test_bad_inputs(bad, err):
                       gumbel_seed=args["gumbel_seed"])
 
 
-@pytest.mark.parametrize("temperature", [0.0, -1.0, float("nan"), float("inf")])
+def test_smallest_temperature_samples_the_argmax_with_finite_statistics():
+    """At MIN_TEMPERATURE the sample is the argmax (noise T * Gumbel is far below the logit gaps) and
+    the statistics of logits / T stay finite."""
+    from univigu_fast.kernels.linear_argmax import MIN_TEMPERATURE
+
+    g = torch.Generator().manual_seed(4)
+    x, w = torch.randn(6, 16, generator=g), torch.randn(37, 16, generator=g)
+    ids, mx, lse = linear_argmax(x, w, gumbel_seed=2, temperature=MIN_TEMPERATURE)
+    assert torch.equal(ids, (x @ w.t()).argmax(-1))
+    assert torch.isfinite(mx).all() and torch.isfinite(lse).all()
+    torch.testing.assert_close(lse, mx, rtol=1e-5, atol=0)  # all the mass on the max
+
+
+@pytest.mark.parametrize("temperature", [0.0, -1.0, float("nan"), float("inf"), 1e-7, 1e-38])
 def test_reference_refuses_bad_temperature_too(temperature):
     """The reference model decodes with the reference: it refuses what the kernel refuses (a negative
     temperature sampled from softmax(-logits / |T|), 0 divided by zero)."""
-    with pytest.raises(ValueError, match="temperature must be finite and > 0"):
+    with pytest.raises(ValueError, match="temperature must be finite and >= 1e-06"):
         linear_argmax_reference(torch.randn(3, 8), torch.randn(10, 8), gumbel_seed=1, temperature=temperature)
 
 
@@ -426,5 +440,5 @@ def test_temperature_change_keeps_one_fullgraph_trace():
                       backend="eager")
     for t in (1.0, 0.7):
         assert torch.equal(f(x, w, t), la.linear_argmax(x, w, gumbel_seed=3, temperature=t)[0])
-    with pytest.raises(ValueError, match="temperature must be finite and > 0"):
+    with pytest.raises(ValueError, match="temperature must be finite and >= 1e-06"):
         la.linear_argmax(x, w, temperature=float("nan"))

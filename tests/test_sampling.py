@@ -237,6 +237,21 @@ def test_mask_column_is_never_decoded(fast):
     assert all(i.numel() and int(i.max()) < V for i in ids + jids)
 
 
+def test_embedding_flow_refuses_discrete_sampling_options():
+    """temperature / kappa_power shape the discrete path; the embedding flow's text follows its velocity:
+    they were accepted and changed nothing."""
+    cfg = UniViGUConfig.tiny(text_flow="embedding")
+    torch.manual_seed(0)
+    m = UniViGUModel(cfg).eval()
+    vids, prompts = [torch.randn(4, 1, 2, 2)] * 2, [torch.randn(2, cfg.text_dim)] * 2
+    for kw, name in ((dict(temperature=0.1), "temperature"), (dict(kappa_power=3.0), "kappa_power")):
+        with pytest.raises(ValueError, match=f"{name} is for text_flow='discrete': the embedding flow samples nothing"):
+            caption(m, vids, prompts, [3, 2], steps=1, **kw)
+        with pytest.raises(ValueError, match=f"{name} is for text_flow='discrete'"):
+            joint(m, prompts, (4, 1, 2, 2), [3, 2], steps=1, **kw)
+    assert [i.shape for i in caption(m, vids, prompts, [3, 2], steps=1, temperature=1.0)] == [(3,), (2,)]
+
+
 def test_sampler_arguments_are_checked():
     """Invalid temperatures, lengths and step counts are refused by name, before the first forward."""
     cfg = UniViGUConfig.tiny(discrete_source="mask")
@@ -244,9 +259,9 @@ def test_sampler_arguments_are_checked():
     m = UniViGUModel(cfg).eval()
     vids, prompts = [torch.randn(4, 1, 2, 2)] * 2, [torch.randn(2, cfg.text_dim)] * 2
     for temperature in (0.0, -1.0, float("nan"), float("inf")):
-        with pytest.raises(ValueError, match="temperature must be finite and > 0"):
+        with pytest.raises(ValueError, match="temperature must be finite and >= 1e-06"):
             caption(m, vids, prompts, [3, 2], steps=1, temperature=temperature)
-        with pytest.raises(ValueError, match="temperature must be finite and > 0"):
+        with pytest.raises(ValueError, match="temperature must be finite and >= 1e-06"):
             joint(m, prompts, (4, 1, 2, 2), [3, 2], steps=1, temperature=temperature)
     for lens in ([2.7, 3], ["3", 2], [True, 1], [-1, 2], [torch.tensor(2.0), 1]):
         with pytest.raises(ValueError, match=r"text_lens\[0\] must be a non-negative integer"):

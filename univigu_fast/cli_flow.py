@@ -53,7 +53,24 @@ def _usage_errors(option: str, what: str, errors: tuple = (OSError, ValueError))
         raise typer.BadParameter(f"{what}: {e}", param_hint=option) from None
 
 
-_TEMPERATURE_OPTION = typer.Option(1.0, callback=_positive_finite,
+def _discrete_text_options(model, temperature: float = 1.0, kappa_power: float | None = None) -> None:
+    """--temperature / --kappa-power shape the discrete text path: refused for an embedding-flow model
+    (they were accepted and did nothing)."""
+    for option, value, default in (("--temperature", temperature, 1.0), ("--kappa-power", kappa_power, None)):
+        if value != default and model.config.text_flow != "discrete":
+            raise typer.BadParameter(f"shapes the discrete text path; this model's text_flow is "
+                                     f"{model.config.text_flow!r}", param_hint=option)
+
+
+def _temperature(value: float) -> float:
+    from .kernels.linear_argmax import check_decode_args
+
+    with _usage_errors("--temperature", "bad temperature", (TypeError, ValueError)):
+        check_decode_args(value, None)
+    return value
+
+
+_TEMPERATURE_OPTION = typer.Option(1.0, callback=_temperature,
                                    help="Discrete text: sampling temperature of x1 from the logits.")
 _KAPPA_POWER_OPTION = typer.Option(None, callback=lambda v: v if v is None else _positive_finite(v),
                                    help="Discrete text: scheduler exponent n of kappa(t) = t^n (default: the "
@@ -279,9 +296,7 @@ def train(
             cfg_model = UniViGUConfig.load(config, strict=True)
         m = UniViGUModel(cfg_model)
         m.init_text_stream()
-    if kappa_power is not None and m.config.text_flow != "discrete":
-        raise typer.BadParameter(f"shapes the discrete text path; this model's text_flow is {m.config.text_flow!r}",
-                                 param_hint="--kappa-power")
+    _discrete_text_options(m, kappa_power=kappa_power)
     m = m.to(dev)
     if data is None:
         from . import synthetic as S
@@ -385,6 +400,7 @@ def caption(
                 raise ValueError(f"expected one float (C, F, H, W) tensor, got "
                                  f"{tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__}")
     m = _load_model(model, _device(device))
+    _discrete_text_options(m, temperature, kappa_power)
     if cuda_graph and m.device.type != "cuda":
         raise typer.BadParameter(f"needs a CUDA device, the model is on {m.device}", param_hint="--cuda-graph")
     if z.shape[0] != m.config.in_channels:
@@ -451,6 +467,7 @@ def joint(
 
     _check_out_file(out)
     m, fe, emb, _ = _prompted_model(model, device, tokenizer, text_encoder, synthetic, prompt, prompt_length)
+    _discrete_text_options(m, temperature, kappa_power)
     lat, ids = run_joint(m, [emb], _video_shape(m, frames, height, width), [length], null_prompt=fe.null(),
                          steps=steps, shift=shift, guidance=guidance, seed=seed, temperature=temperature,
                          kappa_power=kappa_power)

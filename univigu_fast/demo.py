@@ -79,6 +79,11 @@ class DemoConfig:
     # sampling
     caption_steps: int = 16
     caption_temperature: float = 0.1  # x1_hat ~ softmax(logits / T) in the discrete caption sampler
+
+    @property
+    def sampler_temperature(self) -> float:
+        """What the samplers get: the embedding flow samples nothing (its text follows its velocity)."""
+        return self.caption_temperature if self.text_flow == "discrete" else 1.0
     gen_steps: int = 20
     shift: float = 1.0
     guidance: float = 3.0
@@ -276,7 +281,7 @@ def run_demo(cfg: DemoConfig, out: str | Path, *, progress: bool = True, log=pri
             metrics[f"stage{stage}_final_{name}"] = S.mean(r[key] for r in tail if r[key] is not None)
         if stage == 1:
             u1 = evaluate_understanding(model, test, text_len=len(test.prompt_ids[0]), steps=cfg.caption_steps,
-                                        seed=cfg.seed, temperature=cfg.caption_temperature)
+                                        seed=cfg.seed, temperature=cfg.sampler_temperature)
             metrics["stage1_understanding_attribute_accuracy"] = u1["attribute_accuracy"]
             metrics["stage1_understanding_prompt_attribute_accuracy"] = u1["prompt_attribute_accuracy"]
             metrics["stage1_understanding_caption_only_attribute_accuracy"] = u1["caption_only_attribute_accuracy"]
@@ -286,16 +291,16 @@ def run_demo(cfg: DemoConfig, out: str | Path, *, progress: bool = True, log=pri
                 f"(prompt attrs {u1['prompt_attribute_accuracy']:.3f}, caption-only {u1['caption_only_attribute_accuracy']:.3f})")
     t_eval = time.time()
     u = evaluate_understanding(model, test, steps=cfg.caption_steps, seed=cfg.seed, keep_ids=True,
-                               temperature=cfg.caption_temperature)
+                               temperature=cfg.sampler_temperature)
     exact_ids = u.pop("ids")
     # issue 8: the same captions with the video-stream cache (same seed), scored and compared token by token
     cached = {name: evaluate_understanding(model, test, steps=cfg.caption_steps, seed=cfg.seed, video_cache=policy,
-                                           temperature=cfg.caption_temperature,
+                                           temperature=cfg.sampler_temperature,
                                            reference_ids=exact_ids)
               for name, policy in CACHED_POLICIES}
     g = evaluate_generation(model, test, steps=cfg.gen_steps, shift=cfg.shift, guidance=cfg.guidance, seed=cfg.seed)
     j = evaluate_joint(model, test, steps=cfg.gen_steps, shift=cfg.shift, guidance=cfg.guidance, seed=cfg.seed,
-                       temperature=cfg.caption_temperature)
+                       temperature=cfg.sampler_temperature)
     metrics.update(
         understanding_attribute_accuracy=u["attribute_accuracy"],
         understanding_caption_only_attribute_accuracy=u["caption_only_attribute_accuracy"],

@@ -181,6 +181,11 @@ class _TextState:
 
     def __init__(self, model, text_lens, g, kappa_power, temperature):
         check_decode_args(temperature, None)  # before the first (expensive) forward
+        if model.config.text_flow != "discrete":  # (they were accepted and did nothing)
+            for name, value, default in (("temperature", temperature, 1.0), ("kappa_power", kappa_power, None)):
+                if value != default:
+                    raise ValueError(f"{name} is for text_flow='discrete': the embedding flow samples nothing (its "
+                                     f"text follows its velocity, Eq. 16), got {name}={value!r}")
         if kappa_power is None:  # the exponent the model was trained with
             kappa_power = model.config.kappa_power
         if isinstance(kappa_power, bool) or not isinstance(kappa_power, numbers.Real) or not 0 < kappa_power < math.inf:

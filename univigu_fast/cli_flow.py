@@ -297,7 +297,7 @@ def train(
         m = UniViGUModel(cfg_model)
         m.init_text_stream()
     _discrete_text_options(m, kappa_power=kappa_power)
-    m = m.to(dev)
+    m = m.to(dev, torch.float32)  # float32 weights (a bf16 / fp16 checkpoint too): the Trainer's AdamW masters
     if data is None:
         from . import synthetic as S
 

@@ -11,7 +11,8 @@ stages: that is what text-to-video inference feeds the stream (the public T2V pa
 and sampling see the same thing; its text loss is not counted anyway.
 
 Optimiser: AdamW, betas (0.9, 0.95) (the paper's Adam betas; weight decay 0 by default, i.e. Adam),
-linear warm-up then constant or cosine, gradient clipping, bf16 autocast on CUDA only.
+linear warm-up then constant or cosine, gradient clipping, bf16 autocast on CUDA only (the weights,
+AdamW's masters, stay float32: a 16-bit model is refused).
 Checkpoints (``OUT/checkpoint.pt``; ``save_every`` steps and at the end) hold model, optimiser,
 scheduler, RNG states, the step and the data position; they are written to a temporary file and
 renamed, so an interruption leaves the previous checkpoint intact. Batches are a deterministic
@@ -202,10 +203,27 @@ class Trainer:
         self.rank, self.world = _dist()
         if cfg.batch_size % self.world:
             raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the world size {self.world}")
+        c = model.config
+        if c.in_channels != c.out_channels:  # the flow's target u = z1 - z0 lives in the input latents' space
+            raise ValueError(f"training needs in_channels == out_channels (the velocity target z1 - z0 has the "
+                             f"latents' channels), got in_channels={c.in_channels}, out_channels={c.out_channels}")
+        # 16-bit weights have no float32 master copy: AdamW's update overflowed float16 (NaN weights after
+        # the first step) and rounded most bf16 updates away. On CUDA the step runs under bf16 autocast.
+        low = [(n, p.dtype) for n, p in model.named_parameters() if p.requires_grad and p.dtype != torch.float32]
+        if low:
+            raise TypeError(f"Trainer needs float32 trainable weights (bf16 autocast runs the CUDA step), got "
+                            f"{low[0][0]} {low[0][1]} ({len(low)} such parameters): train model.float()")
         null = self.data.null_prompt
-        if not isinstance(null, torch.Tensor) or null.dim() != 2 or null.shape[1] != model.config.text_dim:
-            raise ValueError(f"null_prompt (the empty prompt's embedding) must be a (L0, text_dim="
-                             f"{model.config.text_dim}) tensor, got {getattr(null, 'shape', type(null).__name__)}")
+        if not isinstance(null, torch.Tensor) or null.dim() != 2 or null.shape[1] != c.text_dim \
+                or not null.is_floating_point():
+            raise ValueError(f"null_prompt (the empty prompt's embedding) must be a floating point (L0, text_dim="
+                             f"{c.text_dim}) tensor, got {getattr(null, 'dtype', '')} "
+                             f"{tuple(getattr(null, 'shape', ())) or type(null).__name__}")
+        if not torch.isfinite(null).all():
+            raise ValueError("null_prompt (the empty prompt's embedding) holds NaN or Inf values")
+        if cfg.prompt_length and null.shape[0] > cfg.prompt_length:
+            raise ValueError(f"null_prompt has {null.shape[0]} rows, more than prompt_length={cfg.prompt_length} "
+                             "(the padded length)")
         if model.config.text_flow == "embedding":  # E is the fixed codebook of Eq. 7-8 (see flow.py)
             model.vocab_embed.weight.requires_grad_(False)
         n = cfg.flow.kappa_power
@@ -312,7 +330,7 @@ class Trainer:
             raise FloatingPointError(f"step {self.step + 1}: non-finite loss ({loss_value:g} on this rank) or gradient "
                                      f"norm ({gnorm_value}) on examples {mine} (their inputs are finite: the model "
                                      "diverged); the weights were not updated. Resume from the last checkpoint with "
-                                     "a lower lr or grad_clip")
+                                     "a lower grad_clip, or train into a new output folder with a lower lr")
         lr = self.opt.param_groups[0]["lr"]  # this step's (the scheduler moves it on for the next one)
         self.opt.step()
         self.sched.step()
@@ -417,8 +435,14 @@ class Trainer:
         if self.rank == 0:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-            torch.save(sd, tmp)
-            os.replace(tmp, path)
+            try:
+                with open(tmp, "wb") as f:
+                    torch.save(sd, f)
+                    f.flush()
+                    os.fsync(f.fileno())  # on disk before the rename: a power loss keeps one whole checkpoint
+                os.replace(tmp, path)
+            finally:
+                tmp.unlink(missing_ok=True)  # a failed save (disk full) leaves no partial file
         if self.world > 1:
             dist.barrier()
         return path
@@ -429,14 +453,20 @@ class Trainer:
 
         sd = torch.load(path, map_location="cpu", weights_only=False)
         # settings a resume would silently override (the optimizer state carries the old lr / betas) or
-        # mix with the old run's (stage targets, schedule): refuse instead. steps may grow.
+        # mix with the old run's (stage targets, schedule, batches): refuse instead, before anything is loaded.
+        # steps may grow (not under a cosine schedule, whose curve spans them).
         saved, now = sd.get("train_config", {}), _jsonable(asdict(self.cfg))
         # flow.kappa_power None means the model config's: the checkpoint's for the saved run, this one's now
         then_model = (sd.get("model_config") or {}).get("kappa_power", 1.0)
         for c, model_n in ((saved, then_model), (now, self.model.config.kappa_power)):
             if isinstance(c.get("flow"), dict) and c["flow"].get("kappa_power") is None:
                 c["flow"] = {**c["flow"], "kappa_power": model_n}
-        changed = {k: (saved[k], now[k]) for k in _RESUME_FIXED if k in saved and saved[k] != now[k]}
+        fixed = _RESUME_FIXED + (("steps",) if now["schedule"] == "cosine" else ())  # the cosine's span
+        changed = {k: (saved[k], now[k]) for k in fixed if k in saved and saved[k] != now[k]}
+        dp = sd["data_position"]
+        for k in ("batch_size", "seed"):  # the batches a resumed run replays
+            if dp[k] != now[k]:
+                changed[k] = (dp[k], now[k])
         if changed:
             diff = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in changed.items())
             raise ValueError(f"{path} holds a run with other settings ({diff}): resume with the same settings or "
@@ -461,9 +491,6 @@ class Trainer:
             del self.opt.state[p]
         self.sched.load_state_dict(sd["scheduler"])
         self.step = int(sd["step"])
-        dp = sd["data_position"]
-        if dp["batch_size"] != self.cfg.batch_size or dp["seed"] != self.cfg.seed:
-            raise ValueError(f"checkpoint data position {dp} does not match batch_size={self.cfg.batch_size}, seed={self.cfg.seed}")
         torch.set_rng_state(sd["rng"]["torch"])
         random.setstate(sd["rng"]["python"])
         if sd["rng"].get("cuda") is not None and torch.cuda.is_available():

@@ -85,3 +85,17 @@ def test_integer_fields_take_numpy_integers():
     np = pytest.importorskip("numpy")
     c = UniViGUConfig.tiny(num_layers=np.int64(3), patch_size=(np.int32(1), 2, 2))
     assert c.num_layers == 3 and type(c.num_layers) is int and c.patch_size == (1, 2, 2)
+
+
+def test_float_fields_take_numpy_floats_and_store_python_ones():
+    """A NumPy float (e.g. read off an array) is stored as its exact Python float: a ``np.float32`` kept
+    as such made ``config.json`` unwritable (save_pretrained failed after replacing the weights)."""
+    import json
+
+    np = pytest.importorskip("numpy")
+    c = UniViGUConfig.tiny(eps=np.float32(1e-5), text_rope_base=np.float64(500.0), kappa_power=np.float32(2.0),
+                           pos_embed_seq_len=np.int64(257))
+    assert (type(c.eps), type(c.text_rope_base), type(c.kappa_power), type(c.pos_embed_seq_len)) == (float, float, float, int)
+    assert (c.eps, c.text_rope_base, c.kappa_power, c.pos_embed_seq_len) == (float(np.float32(1e-5)), 500.0, 2.0, 257)
+    assert c.eps != 1e-5  # the float32 value itself, not a rounding of it
+    assert UniViGUConfig.from_dict(json.loads(c.to_json())) == c

@@ -1,6 +1,7 @@
 """Checkpoint conversion: three Wan sources agree; public-implementation checkpoints load; IO round trip."""
 import argparse
 import json
+import re
 import shutil
 
 import pytest
@@ -460,3 +461,111 @@ def test_loaded_models_own_their_memory(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert not list((tmp_path / "m").glob("*.tmp"))
     assert torch.equal(UniViGUModel.from_pretrained(tmp_path / "m").patch_embedding.weight, b.patch_embedding.weight)
+
+
+def test_save_pretrained_replaces_config_with_the_weights(tmp_path):
+    """config.json is written with the weight files (under a temporary name, renamed with them): a config
+    that cannot be serialised fails before the folder is touched (it left the new weights beside the old
+    config, which loaded silently); a NumPy float field is stored as a Python float and saves."""
+    np = pytest.importorskip("numpy")
+    a = tiny_reference(seed=6)
+    a.save_pretrained(tmp_path / "m")
+    b = UniViGUModel(UniViGUConfig.tiny(eps=np.float32(1e-5)))
+    b.save_pretrained(tmp_path / "np")
+    back = UniViGUModel.from_pretrained(tmp_path / "np")
+    assert back.config.eps == float(np.float32(1e-5)) and torch.equal(back.patch_embedding.weight, b.patch_embedding.weight)
+    b.config.extra["note"] = np.float32(1.0)  # kept verbatim in extra: not JSON
+    for shard_size in ("10GB", "20KB"):
+        with pytest.raises(TypeError, match="float32 is not JSON serializable"):
+            b.save_pretrained(tmp_path / "m", max_shard_size=shard_size)
+        assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors"]
+        kept = UniViGUModel.from_pretrained(tmp_path / "m")
+        assert kept.config == a.config and kept.config.eps == 1e-6
+        assert torch.equal(kept.patch_embedding.weight, a.patch_embedding.weight)
+
+
+def test_from_uni_vigu_refuses_unknown_overrides_with_a_stored_config():
+    """A training checkpoint's ``model_config`` plus overrides: a misspelt override is refused naming it (it
+    went into ``config.extra`` and the stored value was used), as without a stored config."""
+    model = tiny_reference(seed=6)
+    ckpt = {"model": model.state_dict(), "model_config": model.config.to_dict()}
+    for source in (ckpt, {"model": model.state_dict()}):
+        with pytest.raises(TypeError, match=r"from_uni_vigu got unknown config overrides 'kapa_power' "
+                                            r"\(did you mean 'kappa_power'\?\): overrides are UniViGUConfig fields"):
+            UniViGUModel.from_uni_vigu(source, kapa_power=2.0)
+    back = UniViGUModel.from_uni_vigu(ckpt, kappa_power=2.0)
+    assert back.config.kappa_power == 2.0 and back.config.extra == {}
+    assert torch.equal(back.patch_embedding.weight, model.patch_embedding.weight)
+
+
+def test_from_uni_vigu_copies_views_of_a_flat_buffer_out(tmp_path):
+    """A checkpoint whose tensors are views of one flat buffer (FSDP flat parameters): each parameter gets
+    its own storage; the first one kept the whole buffer alive (2x the weights' memory)."""
+    model = tiny_reference(seed=6)
+    sd = model.state_dict()
+    flat = torch.empty(sum(v.numel() for v in sd.values()))
+    views, offset = {}, 0
+    for k, v in sd.items():
+        views[k] = flat[offset:offset + v.numel()].view(v.shape).copy_(v)
+        offset += v.numel()
+    torch.save({"model": views}, tmp_path / "flat.pt")
+    back = UniViGUModel.from_uni_vigu(tmp_path / "flat.pt")
+    tensors = dict(back.named_parameters()) | dict(back.named_buffers())
+    for k, t in tensors.items():
+        assert torch.equal(t, sd[k]), k
+        assert t.untyped_storage().nbytes() == t.numel() * t.element_size(), k
+    held = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors.values()}
+    assert sum(held.values()) == sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def test_unreadable_torch_files_are_named_with_torch_reason(tmp_path):
+    """A truncated .pt, a safetensors file named .pt and a text file: a ValueError naming the file and what
+    torch found, not a bare RuntimeError / KeyError, nor the weights_only=False advice (which is for a
+    checkpoint holding pickled objects)."""
+    from safetensors.torch import save_file
+
+    model = tiny_reference(seed=6)
+    torch.save({"model": model.state_dict()}, tmp_path / "ok.pt")
+    raw = (tmp_path / "ok.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(raw[:len(raw) // 2])
+    save_file(model.state_dict(), str(tmp_path / "renamed.pt"))
+    (tmp_path / "text.pt").write_text("hello")
+    found = {"cut.pt": "RuntimeError: PytorchStreamReader failed reading zip archive",
+             "renamed.pt": "UnpicklingError: Unsupported operand", "text.pt": "KeyError: 101"}
+    for name, reason in found.items():
+        for load in (UniViGUModel.from_uni_vigu, lambda p: UniViGUModel.from_wan(p, attention_head_dim=16)):
+            with pytest.raises(ValueError) as info:
+                load(tmp_path / name)
+            message = str(info.value)
+            assert message.startswith(f"cannot read {tmp_path / name}: torch.load failed with {reason}"), message
+            assert message.endswith("Expected a complete torch.save file (a safetensors file must be named "
+                                    "*.safetensors)") and "weights_only=False" not in message, message
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        UniViGUModel.from_uni_vigu(tmp_path / "missing.pt")
+
+
+def test_from_wan_names_from_pretrained_for_our_folders(tmp_path):
+    """A save_pretrained folder, single-file or sharded, given to from_wan: the right loader is named (the
+    sharded one got a FileNotFoundError listing its shards)."""
+    model = tiny_reference(seed=6)
+    model.save_pretrained(tmp_path / "one")
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    for folder in ("one", "sharded"):
+        for source in (tmp_path / folder, tmp_path / folder / "config.json"):
+            with pytest.raises(ValueError, match=f"{folder} is a Uni-ViGU save_pretrained folder .*config.json has "
+                                                 "text-stream fields.*: load it with from_pretrained"):
+                UniViGUModel.from_wan(source)
+
+
+def test_from_pretrained_says_what_the_path_is(tmp_path):
+    """A file or a missing path is called so (not 'has no config.json'); a config without a class name is
+    'another model's config'."""
+    model = tiny_reference(seed=6)
+    model.save_pretrained(tmp_path / "m")
+    for path, problem in ((tmp_path / "m" / "model.safetensors", "is a file \\(give the folder\\)"),
+                          (tmp_path / "gone", "does not exist"), (tmp_path, "has no config.json")):
+        with pytest.raises(FileNotFoundError, match=f"^{re.escape(str(path))} {problem}: from_pretrained reads a folder"):
+            UniViGUModel.from_pretrained(path)
+    (tmp_path / "m" / "config.json").write_text('{"hidden_size": 8}')
+    with pytest.raises(ValueError, match=r"config.json is another model's config, not one save_pretrained wrote"):
+        UniViGUModel.from_pretrained(tmp_path / "m")

@@ -26,6 +26,16 @@ def read_json(path: str | Path):
         raise ValueError(f"{path} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
 
 
+def unknown_field_hints(keys) -> str:
+    """``keys`` that are not ``UniViGUConfig`` fields, each with the nearest field name:
+    ``'num_layer' (did you mean 'num_layers'?), 'dim'``."""
+    import difflib
+
+    names = [f.name for f in dataclasses.fields(UniViGUConfig) if f.name != "extra"]
+    return ", ".join(f"{k!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, names, 1)) else repr(k)
+                     for k in keys)
+
+
 @dataclass
 class UniViGUConfig:
     # --- WanTransformer3DModel fields (diffusers names and defaults) ---
@@ -72,6 +82,9 @@ class UniViGUConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:
                 raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+            setattr(self, name, float(value))  # a NumPy scalar would not serialise to JSON
+        if isinstance(self.pos_embed_seq_len, numbers.Integral) and not isinstance(self.pos_embed_seq_len, bool):
+            self.pos_embed_seq_len = int(self.pos_embed_seq_len)
         if not isinstance(self.cross_attn_norm, bool):
             raise TypeError(f"cross_attn_norm must be a bool, got {self.cross_attn_norm!r}")
         if self.text_flow not in TEXT_FLOWS:
@@ -131,15 +144,14 @@ class UniViGUConfig:
         known = {k: v for k, v in d.items() if k in names}
         extra = {k: v for k, v in d.items() if k not in names and not k.startswith("_")}
         if strict and extra:
-            import difflib
-
-            hints = [f"{k!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, names, 1)) else repr(k)
-                     for k in extra]
-            raise ValueError(f"unknown UniViGUConfig keys: {', '.join(hints)}")
+            raise ValueError(f"unknown UniViGUConfig keys: {unknown_field_hints(extra)}")
         return cls(**known, extra=extra)
 
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        Path(path).write_text(self.to_json())
 
     @classmethod
     def load(cls, path: str | Path, strict: bool = False) -> "UniViGUConfig":

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .config import UMT5_VOCAB_SIZE, UniViGUConfig, read_json
+from .config import UMT5_VOCAB_SIZE, UniViGUConfig, read_json, unknown_field_hints
 
 # diffusers top-level name -> our name(s); blocks are identical.
 _DIFFUSERS_TOP = {
@@ -165,6 +165,9 @@ def _load_folder_state(folder: Path, variant: str | None = None) -> tuple[dict, 
     ``*.safetensors.index[.variant].json`` names, else ``diffusion_pytorch_model[.variant].safetensors``
     or the folder's one other ``.safetensors`` file (diffusers' file naming; other variants ignored)."""
     cfg = read_json(folder / "config.json")
+    if isinstance(cfg, dict) and "text_flow" in cfg:  # the field from_pretrained recognises
+        raise ValueError(f"{folder} is a Uni-ViGU save_pretrained folder (its config.json has text-stream fields), "
+                         "not a Wan2.1 one: load it with from_pretrained")
     tag = f".{variant}" if variant else ""
     index = folder / f"diffusion_pytorch_model.safetensors.index{tag}.json"
     single = folder / f"diffusion_pytorch_model{tag}.safetensors"
@@ -196,16 +199,23 @@ def read_safetensors(path: Path, what: str = "weights") -> dict:
 
 
 def _torch_load(path: Path):
-    """``torch.load(weights_only=True)``; a file that needs more (arbitrary pickled objects) is named, with
-    the way round it for a trusted file."""
-    import pickle
-
+    """``torch.load(weights_only=True)``; a file it cannot read is named: one that needs more (arbitrary
+    pickled objects) with the way round it for a trusted file, else (truncated, not a ``torch.save``
+    file) with torch's reason."""
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ValueError(f"cannot read {path} with torch.load(weights_only=True) (it holds more than tensors and "
-                         "plain containers). If you trust the file, load it yourself with "
-                         "torch.load(path, weights_only=False) and pass the dict") from e
+    except FileNotFoundError:
+        raise  # it names the file
+    except Exception as e:  # noqa: BLE001 - torch's errors (RuntimeError, OSError, UnpicklingError, KeyError) do not name the file
+        # torch's "Weights only load failed" suggests weights_only=False even for bytes that are no pickle
+        # at all ("Unsupported operand": a safetensors or text file); those get torch's reason instead
+        reason = str(e).rpartition("WeightsUnpickler error:")[2].strip().split("\n")[0].split(". ")[0]
+        if "Weights only load failed" in str(e) and not reason.startswith("Unsupported operand"):
+            raise ValueError(f"cannot read {path} with torch.load(weights_only=True) (it holds more than tensors "
+                             f"and plain containers: {reason}). If you trust the file, load it yourself with "
+                             "torch.load(path, weights_only=False) and pass the dict") from e
+        raise ValueError(f"cannot read {path}: torch.load failed with {type(e).__name__}: {reason}. Expected a "
+                         "complete torch.save file (a safetensors file must be named *.safetensors)") from e
 
 
 def _read_state_file(path: Path) -> dict:
@@ -247,8 +257,10 @@ def _load_assigned(cls, config: UniViGUConfig, sd: dict, dtype, device, *, owned
         if isinstance(v, torch.Tensor) and v.is_floating_point():
             t = v.detach().to(dtype=torch.float32 if k == "rotary_emb_text.inv_freq" else dtype,
                               memory_format=torch.contiguous_format)
-            storage = t.untyped_storage().data_ptr()
-            if (not owned and t.data_ptr() == v.data_ptr()) or storage in taken:
+            storage = t.untyped_storage()
+            whole = t.storage_offset() == 0 and storage.nbytes() == t.numel() * t.element_size()
+            # a view of a larger buffer (a flat parameter) would keep all of it alive: copied out
+            if (not owned and t.data_ptr() == v.data_ptr()) or not whole or storage.data_ptr() in taken:
                 t = t.clone()
             taken.add(t.untyped_storage().data_ptr())
             v = t
@@ -432,6 +444,9 @@ def from_uni_vigu(cls, ckpt, config: UniViGUConfig | None = None, *, device=None
     if config is not None:
         if overrides:
             raise ValueError(f"pass either config or overrides ({sorted(overrides)}), not both")
+    elif unknown := sorted(set(overrides) - set(UniViGUConfig.__dataclass_fields__)):
+        raise TypeError(f"from_uni_vigu got unknown config overrides {unknown_field_hints(unknown)}: overrides "
+                        "are UniViGUConfig fields")
     elif isinstance(stored, dict):
         config = UniViGUConfig.from_dict({**stored, **overrides})
     else:
@@ -487,11 +502,12 @@ def save_pretrained(model, path, *, max_shard_size="10GB") -> None:
 
 def save_weights(state_dict: dict, config: UniViGUConfig, path, *, max_shard_size="10GB") -> None:
     """``save_pretrained`` of a state dict (e.g. the full one gathered from a sharded model). The new
-    files are written under temporary names first: weight files of an earlier save into the folder are
-    replaced only once every new one is written (a failed save leaves the earlier one loadable)."""
+    files (weights and config.json) are written under temporary names first: those of an earlier save into
+    the folder are replaced only once every new one is written (a failed save leaves the earlier one loadable)."""
     from safetensors.torch import save_file
 
     limit = _size_bytes(max_shard_size)
+    config_json = config.to_json()  # an unserialisable config fails before any file is touched
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
@@ -507,6 +523,7 @@ def save_weights(state_dict: dict, config: UniViGUConfig, path, *, max_shard_siz
                                                   for i in range(1, len(shards) + 1)]
     if len(shards) > 1:
         names.append(_INDEX)
+    names.append("config.json")
     try:
         for name, shard in zip(names, shards):
             save_file(shard, str(path / (name + ".tmp")))
@@ -515,6 +532,7 @@ def save_weights(state_dict: dict, config: UniViGUConfig, path, *, max_shard_siz
             total = sum(v.numel() * v.element_size() for v in sd.values())
             (path / (_INDEX + ".tmp")).write_text(json.dumps({"metadata": {"total_size": total},
                                                               "weight_map": weight_map}, indent=2) + "\n")
+        (path / "config.json.tmp").write_text(config_json)
     except BaseException:
         for name in names:
             (path / (name + ".tmp")).unlink(missing_ok=True)
@@ -524,7 +542,6 @@ def save_weights(state_dict: dict, config: UniViGUConfig, path, *, max_shard_siz
             old.unlink()
     for name in names:
         (path / (name + ".tmp")).replace(path / name)
-    config.save(path / "config.json")
 
 
 def from_pretrained(cls, path, *, subfolder: str | None = None, device=None, dtype: torch.dtype | None = None,
@@ -536,12 +553,14 @@ def from_pretrained(cls, path, *, subfolder: str | None = None, device=None, dty
     dtype = _dtype_arg(dtype, torch_dtype)
     path = Path(path) / subfolder if subfolder else Path(path)
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} has no config.json: from_pretrained reads a folder written by "
-                                "save_pretrained; a Wan2.1 or Uni-ViGU checkpoint loads with from_wan / from_uni_vigu")
+        problem = ("does not exist" if not path.exists() else "is a file (give the folder)" if path.is_file()
+                   else "has no config.json")
+        raise FileNotFoundError(f"{path} {problem}: from_pretrained reads a folder written by save_pretrained; a "
+                                "Wan2.1 or Uni-ViGU checkpoint loads with from_wan / from_uni_vigu")
     raw = read_json(path / "config.json")
     if not isinstance(raw, dict) or "text_flow" not in raw:
-        kind = raw.get("_class_name", "another model's") if isinstance(raw, dict) else "another model's"
-        raise ValueError(f"{path / 'config.json'} is a {kind} config, not one save_pretrained wrote (it has no "
+        kind = f"a {raw['_class_name']}" if isinstance(raw, dict) and "_class_name" in raw else "another model's"
+        raise ValueError(f"{path / 'config.json'} is {kind} config, not one save_pretrained wrote (it has no "
                          "text-stream fields): a Wan2.1 folder loads with from_wan")
     config = UniViGUConfig.from_dict(raw)
     if (path / _INDEX).is_file():

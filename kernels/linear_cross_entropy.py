@@ -43,7 +43,8 @@ import torch.nn.functional as F
 
 from ._utils import (HAS_TRITON, cdiv, check_devices, log_once, next_power_of_2, on_input_device, pick_fastest,
                      use_triton)
-from .linear_argmax import _linear_argmax_launch, check_inputs
+from .linear_argmax import _linear_argmax_launch
+from .linear_argmax import check_inputs as _check_head_inputs
 
 if HAS_TRITON:
     import triton
@@ -385,8 +386,11 @@ def _not_ignored(target: torch.Tensor, ignore_index: int) -> torch.Tensor:
     return target != ignore_index
 
 
-def _check_ce_inputs(x, weight, target, bias, ignore_index, reduction, label_smoothing):
-    check_inputs(x, weight, bias)
+def check_inputs(x, weight, target, bias=None, *, ignore_index: int = -100, reduction: str = "mean",
+                 label_smoothing: float = 0.0, any_float: bool = False) -> None:
+    """The checks of :func:`linear_cross_entropy` (same arguments); ``any_float``: any floating dtype (what
+    the reference takes; ``ops`` checks with it before falling back)."""
+    _check_head_inputs(x, weight, bias, any_float=any_float)
     if bias is not None and bias.dtype != x.dtype:
         # the backward recomputes the logits in x's dtype: a wider bias would be rounded there (and
         # overflow float16 above 65504), unlike the forward, which reads it in float32
@@ -434,7 +438,8 @@ def linear_cross_entropy(
     (the Triton kernel of :mod:`.linear_argmax`, no logits buffer) or ``"chunked"`` (cuBLAS GEMM per
     chunk + online statistics); default: on CUDA the faster of the two, timed once per shape bucket.
     """
-    _check_ce_inputs(x, weight, target, bias, ignore_index, reduction, label_smoothing)
+    check_inputs(x, weight, target, bias, ignore_index=ignore_index, reduction=reduction,
+                 label_smoothing=label_smoothing)
     if chunk_v is not None and (not isinstance(chunk_v, int) or chunk_v < 1):
         raise ValueError(f"chunk_v must be a positive int or None, got {chunk_v!r}")
     if forward_method is not None and forward_method not in FORWARD_METHODS:

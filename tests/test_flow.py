@@ -230,3 +230,101 @@ def test_nothing_counted_still_backpropagates():
     assert loss.item() == 0 and terms["video_count"].item() == terms["text_count"].item() == 0
     loss.backward()
     assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+
+
+@pytest.mark.parametrize("fast", [False, True])
+@pytest.mark.parametrize("source", ["uniform", "mask"])
+def test_fused_text_loss_is_the_logits_loss(fast, source):
+    """Training's discrete text loss runs the fused linear cross-entropy inside the forward (``forward_samples``:
+    ``text_output="cross_entropy"``, the (N, V) logits never formed): loss sums, token accuracy and every
+    gradient equal those of the full logits + ``F.cross_entropy`` (modes mixed: generation's clean prompt
+    text and an empty caption are not counted; the mask source's [MASK] column is a class of both)."""
+    from _models import tiny_reference
+    from univigu_fast.flow import draw_batch, forward_samples
+    from univigu_fast.model import UniViGUModel as FastModel
+    from univigu_fast.modeling import TextLoss
+
+    ref = tiny_reference(seed=3, discrete_source=source).train()
+    with torch.no_grad():
+        ref.text_head.linear.bias[7] += 8.0  # the argmax is token 7: the targets below are half right
+    model = ref
+    if fast:
+        model = FastModel(ref.config).train()
+        model.load_state_dict(ref.state_dict())
+    c = model.config
+    g = torch.Generator().manual_seed(5)
+    videos = [torch.randn(c.in_channels, 1, 4, 4, generator=g) for _ in range(4)]
+    prompts = [torch.randn(3, c.text_dim, generator=g) for _ in range(4)]
+    ids = [torch.randint(0, 7, (n,), generator=g) for n in (5, 3, 0, 4)]
+    ids[0][::2], ids[1][1] = 7, 7
+    samples = draw_batch(videos, prompts, torch.zeros(1, c.text_dim), ids, cfg=FlowConfig(), model_config=c, seed=2,
+                         modes=["joint", "understanding", "understanding", "generation"],
+                         generation_texts=[torch.tensor([1, 2])] * 4)
+    fwd = model.forward
+
+    def logits_forward(*args, text_output=None, text_target=None, **kw):
+        return fwd(*args, **kw)
+
+    results = []
+    for forward in (None, logits_forward):
+        out = forward_samples(model, samples, forward=forward)
+        assert isinstance(out.text_out, TextLoss) == (forward is None)
+        terms = loss_terms(model, samples, out)
+        params = [p for p in model.parameters() if p.requires_grad]
+        grads = torch.autograd.grad(combine(terms, FlowConfig()), params, allow_unused=True)
+        results.append((terms, grads))
+    (fused, g_fused), (logits, g_logits) = results
+    assert fused["text_count"].item() == 8 and fused["text_tokens"].item() == 8  # 5 + 3 + 0; generation not
+    for key in ("text_sum", "text_correct", "video_sum"):
+        torch.testing.assert_close(fused[key], logits[key], rtol=1e-5, atol=1e-5)
+    assert fused["text_correct"].item() == 4
+    head = model.text_head.linear.weight
+    for p, a, b in zip(params, g_fused, g_logits):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert g_fused[[i for i, p in enumerate(params) if p is head][0]].abs().sum() > 0
+
+
+def test_cross_entropy_output_checks_its_targets():
+    """text_output="cross_entropy": per-token loss and argmax == target for ids in the text's form (a padded
+    (B, N) batch too); bad targets are refused by name."""
+    from _models import sample_batch, tiny_reference
+    from univigu_fast.modeling import IGNORE_INDEX
+
+    model = tiny_reference(seed=1)
+    c = model.config
+    videos, prompts, texts, tau_v, tau_t = sample_batch(c)
+    target = [torch.randint(0, c.text_out_dim, (t.shape[0],)) for t in texts]
+    target[0][2] = IGNORE_INDEX
+    with torch.no_grad():
+        logits = model(videos, tau_v, prompts, text=texts, tau_text=tau_t).text_out
+        out = model(videos, tau_v, prompts, text=texts, tau_text=tau_t, text_output="cross_entropy",
+                    text_target=target).text_out
+        want = F.cross_entropy(logits[0], target[0], reduction="none")
+        torch.testing.assert_close(out.loss[0], want, rtol=1e-5, atol=1e-6)
+        assert out.loss[0][2] == 0 and not out.correct[0][2] and out.loss[1].shape == (0,)
+        assert torch.equal(out.correct[0][[0, 1, 3]], (logits[0].argmax(-1) == target[0])[[0, 1, 3]])
+        padded = torch.stack([texts[0], torch.zeros(7, dtype=texts[0].dtype)])
+        batched = model(videos, tau_v, prompts, text=padded, tau_text=tau_t, text_lens=torch.tensor([7, 0]),
+                        text_output="cross_entropy", text_target=torch.stack([target[0], torch.full((7,), 3)])).text_out
+        torch.testing.assert_close(batched.loss[0], want, rtol=1e-5, atol=1e-6)
+        assert batched.loss.shape == (2, 7) and not batched.loss[1].any()
+    kw = dict(text=texts, tau_text=tau_t)
+    for extra, exc, match in (
+            (dict(text_output="cross_entropy"), ValueError, "needs text_target"),
+            (dict(text_target=target), ValueError, "text_target is for text_output='cross_entropy'"),
+            (dict(text_output="cross_entropy", text_target=target[:1]), TypeError, "text_target must have the text's form \\(a list of 2 tensors\\), got list of 1"),
+            (dict(text_output="cross_entropy", text_target=[target[0][:3], target[1]]), ValueError, r"text_target\[0\] must be \(7,\) integer ids like text\[0\]"),
+            (dict(text_output="cross_entropy", text_target=[target[0].float(), target[1]]), ValueError, r"text_target\[0\] must be"),
+            (dict(text_output="cross_entropy", text_target=[torch.full((7,), c.text_out_dim), target[1]]), ValueError,
+             rf"text_target has ids outside \[0, {c.text_out_dim}\) that are not IGNORE_INDEX=-100"),
+            (dict(text_output="cross_entropy", text_target=target, temperature=0.5), ValueError, "temperature is for")):
+        with pytest.raises(exc, match=match):
+            model(videos, tau_v, prompts, **kw, **extra)
+    with pytest.raises(ValueError, match="text_output='cross_entropy' needs text"):
+        model(videos, tau_v, prompts, text_output="cross_entropy", text_target=target)
+    emb = tiny_reference(text_flow="embedding")
+    ve, pe, te, tv, tt = sample_batch(emb.config)
+    with pytest.raises(ValueError, match="'cross_entropy' is for text_flow='discrete'"):
+        emb(ve, tv, pe, text=te, tau_text=tt, text_output="cross_entropy", text_target=target)

@@ -211,7 +211,7 @@ def test_text_output_none_skips_the_text_head(text_flow):
     torch.testing.assert_close(none.video_velocity, full.video_velocity, rtol=0, atol=0)
     with pytest.raises(ValueError, match="temperature is for text_output='argmax' / 'sample' \\(it would be ignored with 'none'"):
         model(videos, tau_v, prompts, text=texts, tau_text=tau_t, text_output="none", temperature=0.5)
-    with pytest.raises(ValueError, match="text_output must be 'full', 'argmax', 'sample' or 'none', got 'nothing'"):
+    with pytest.raises(ValueError, match="text_output must be 'full', 'argmax', 'sample', 'cross_entropy' or 'none', got 'nothing'"):
         model(videos, tau_v, prompts, text=texts, tau_text=tau_t, text_output="nothing")
 
 

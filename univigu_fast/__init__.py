@@ -10,6 +10,7 @@ _LAZY = {
     "UniViGUConfig": ("univigu_fast.config", "UniViGUConfig"),
     "UniViGUOutput": ("univigu_fast.modeling", "UniViGUOutput"),
     "TextDecoded": ("univigu_fast.modeling", "TextDecoded"),
+    "TextLoss": ("univigu_fast.modeling", "TextLoss"),
 }
 
 

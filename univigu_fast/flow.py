@@ -43,6 +43,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from .modeling import IGNORE_INDEX, TextLoss
+
 MODES = ("joint", "understanding", "generation")
 
 
@@ -259,7 +261,8 @@ def loss_terms(model, samples: Sequence[NoisedSample], out, loss_unit: str = "to
     Returns ``video_sum`` (sum of squared errors over counted video elements), ``video_count``,
     ``text_sum`` (sum of per-token CE, or of squared errors over elements), ``text_count``
     (``loss_counts``), ``text_tokens``, ``text_correct`` (discrete: argmax == target over counted
-    tokens; embedding: decode by Eq. 8).
+    tokens; embedding: decode by Eq. 8). ``out.text_out``: a ``TextLoss`` (``forward_samples``, the fused
+    cross-entropy), the logits, or the embedding flow's velocity.
     """
     c = model.config
     dev = model.device
@@ -271,9 +274,12 @@ def loss_terms(model, samples: Sequence[NoisedSample], out, loss_unit: str = "to
         if s.mode != "understanding":
             d = v_pred[i].float() - s.video_target.to(dev).float()
             vs = vs + d.pow(2).sum()
-        if s.mode != "generation" and s.text_target.numel():
+        if _counts_text(s):
             y = s.text_target.to(dev)
-            if c.text_flow == "discrete":
+            if isinstance(t_pred, TextLoss):  # the fused cross-entropy (forward_samples)
+                ts = ts + t_pred.loss[i].sum()
+                corr = corr + t_pred.correct[i].sum().float()
+            elif c.text_flow == "discrete":  # logits
                 logits = t_pred[i].float()
                 ts = ts + F.cross_entropy(logits, y, reduction="sum")
                 corr = corr + (logits.argmax(-1) == y).sum().float()
@@ -332,16 +338,27 @@ def draw_batch(videos, prompts, null_prompt, text_ids, *, cfg: FlowConfig, model
             for i, (v, p, y) in enumerate(zip(videos, prompts, text_ids))]
 
 
+def _counts_text(s: NoisedSample) -> bool:
+    """Whether the text loss counts ``s``'s text (generation carries the clean prompt, not a target)."""
+    return s.mode != "generation" and s.text_target.numel() > 0
+
+
 def forward_samples(model, samples: Sequence[NoisedSample], *, forward=None, autocast=None):
-    """The model's output on the noised samples (``forward``: a wrapper of ``model``, e.g. DDP / FSDP)."""
+    """The model's output on the noised samples (``forward``: a wrapper of ``model``, e.g. DDP / FSDP).
+    Discrete flow: the text output is the fused cross-entropy against the targets (``TextLoss``; the
+    ``(N, V)`` logits are never formed), computed inside the forward, where DDP / FSDP see the head."""
     dev, dtype = model.device, model.dtype
+    texts = [t.to(dev, dtype) if t.is_floating_point() else t.to(dev) for t in text_inputs(model, samples)]
+    kw = {}
+    if model.config.text_flow == "discrete":
+        kw = dict(text_output="cross_entropy",
+                  text_target=[s.text_target.to(dev) if _counts_text(s) else torch.full_like(t, IGNORE_INDEX)
+                               for s, t in zip(samples, texts)])
     with autocast if autocast is not None else _nullcontext():
         return (forward or model)([s.video_in.to(dev, dtype) for s in samples],
                                   torch.tensor([s.tau_video for s in samples]),
                                   [s.prompt.to(dev, dtype) for s in samples],
-                                  text=[t.to(dev, dtype) if t.is_floating_point() else t.to(dev)
-                                        for t in text_inputs(model, samples)],
-                                  tau_text=torch.tensor([s.tau_text for s in samples]))
+                                  text=texts, tau_text=torch.tensor([s.tau_text for s in samples]), **kw)
 
 
 def uniflow_loss(model, videos, prompts, null_prompt, text_ids, *, cfg: FlowConfig, seed: int = 0, step: int = 0,

@@ -22,7 +22,10 @@ Forward contract::
   of the mask source is never decoded and not in the two statistics; embedding flow: the row's embedding
   velocity is returned unchanged, decode it with ``decode_embeddings``); with ``text_output="none"``
   ``None``: the text head is not run (a pass whose text output is not used, e.g. generation's or a
-  guidance pass's). Outputs mirror the input form (batched tensors or lists).
+  guidance pass's); with ``text_output="cross_entropy"`` and ``text_target`` (ids of the text's form,
+  ``IGNORE_INDEX`` where not counted; discrete flow) a ``TextLoss(loss, correct)`` per token from the fused
+  linear cross-entropy, the ``(N, V)`` logits never formed (training). Outputs mirror the input form
+  (batched tensors or lists).
 """
 from __future__ import annotations
 
@@ -56,6 +59,16 @@ class TextDecoded(NamedTuple):
     ids: torch.Tensor | list[torch.Tensor]
     max_logit: torch.Tensor | list[torch.Tensor]
     logsumexp: torch.Tensor | list[torch.Tensor]
+
+
+class TextLoss(NamedTuple):
+    """``text_output="cross_entropy"``: per token, fp32 ``loss`` (0 where the target is ``IGNORE_INDEX``)
+    and ``correct`` (bool: the argmax is the target; False where ignored)."""
+    loss: torch.Tensor | list[torch.Tensor]
+    correct: torch.Tensor | list[torch.Tensor]
+
+
+IGNORE_INDEX = -100  # a text_target position not counted (as torch.nn.functional.cross_entropy)
 
 
 class TextRope(nn.Module):
@@ -229,9 +242,10 @@ class UniViGUModelBase(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, video_latents, tau_video, encoder_hidden_states, text=None, tau_text=None, text_lens=None, *,
                 text_output: str = "full", sample_seed: int | None = None, temperature: float = 1.0,
-                video_cache=None) -> UniViGUOutput:
-        _check_text_output(text_output, sample_seed, temperature)
+                text_target=None, video_cache=None) -> UniViGUOutput:
+        _check_text_output(text_output, sample_seed, temperature, _FORWARD_TEXT_OUTPUTS)
         inp = self._prepare(video_latents, tau_video, encoder_hidden_states, text, tau_text, text_lens)
+        inp["targets"] = self._text_targets(text_output, text_target, inp)
         c, ops, dev, dtype = self.config, self.ops, self.device, self.dtype
         videos, texts, B = inp["videos"], inp["texts"], len(inp["videos"])
         text_lens_list = [0 if t is None else t.shape[0] for t in texts]
@@ -294,12 +308,68 @@ class UniViGUModelBase(nn.Module):
         rows = torch.cat(text_rows)
         feats = self.text_head.features(rows, per_row(shift_t), per_row(scale_t))
         lin = self.text_head.linear
+        if text_output == "cross_entropy":
+            return self._text_loss(feats, torch.cat(inp["targets"]), text_lens_list, inp)
         if text_output == "full" or c.text_flow == "embedding":
             return self._shape_text(list(torch.split(lin(feats), text_lens_list)), inp)
         seed = int(sample_seed) if text_output == "sample" else None
         ids, mx, lse = ops.linear_argmax(feats, *self.token_head(), gumbel_seed=seed, temperature=temperature)
         parts = [list(torch.split(t, text_lens_list)) for t in (ids, mx, lse)]
         return TextDecoded(*(self._shape_text(p, inp, pad_value=0) for p in parts))
+
+    def _text_loss(self, feats, target, text_lens_list, inp) -> TextLoss:
+        """Per-token cross-entropy of ``text_head.linear`` (all its rows: the mask source's [MASK] is a
+        class the model learns not to predict) through the fused op, and argmax == target."""
+        lin = self.text_head.linear
+        x, w, b = feats, lin.weight, lin.bias
+        if torch.is_autocast_enabled(x.device.type):  # the operands F.linear would see under autocast
+            dt = torch.get_autocast_dtype(x.device.type)
+            x, w, b = x.to(dt), w.to(dt), None if b is None else b.to(dt)
+        else:
+            w, b = w.to(x.dtype), None if b is None else b.to(x.dtype)
+        loss = self.ops.linear_cross_entropy(x, w, target, b, ignore_index=IGNORE_INDEX, reduction="none")
+        with torch.no_grad():
+            ids = self.ops.linear_argmax(x.detach(), w.detach(), None if b is None else b.detach())[0]
+        parts = [list(torch.split(t, text_lens_list)) for t in (loss, ids == target)]
+        return TextLoss(*(self._shape_text(p, inp, pad_value=0) for p in parts))
+
+    def _text_targets(self, text_output, text_target, inp) -> list[torch.Tensor] | None:
+        """``text_target`` in the text's form (a list of (N_i,) ids, or a padded (B, N) tensor cut by
+        ``text_lens``), checked: integer ids in ``[0, text_out_dim)`` or ``IGNORE_INDEX``."""
+        if text_output != "cross_entropy":
+            if text_target is not None:
+                raise ValueError(f"text_target is for text_output='cross_entropy' (it would be ignored with {text_output!r})")
+            return None
+        c, texts = self.config, inp["texts"]
+        if c.text_flow != "discrete":
+            raise ValueError("text_output='cross_entropy' is for text_flow='discrete' (the embedding flow's text "
+                             "output is a velocity)")
+        if not inp["has_text"]:
+            raise ValueError("text_output='cross_entropy' needs text")
+        if text_target is None:
+            raise ValueError("text_output='cross_entropy' needs text_target (the target ids)")
+        if isinstance(text_target, torch.Tensor) and inp["batched_text"]:
+            if text_target.shape != (len(texts), inp["text_width"]):
+                raise ValueError(f"text_target must have the text's shape {(len(texts), inp['text_width'])}, "
+                                 f"got {tuple(text_target.shape)}")
+            targets = [t[: x.shape[0]] for t, x in zip(text_target.unbind(0), texts)]
+        elif isinstance(text_target, (list, tuple)) and not inp["batched_text"] and len(text_target) == len(texts):
+            targets = list(text_target)
+        else:
+            form = f"a ({len(texts)}, N) tensor" if inp["batched_text"] else f"a list of {len(texts)} tensors"
+            raise TypeError(f"text_target must have the text's form ({form}), got {type(text_target).__name__}"
+                            f"{'' if not isinstance(text_target, (list, tuple)) else f' of {len(text_target)}'}")
+        for i, (t, x) in enumerate(zip(targets, texts)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.is_floating_point() or t.is_complex() \
+                    or t.dtype == torch.bool or t.shape[0] != x.shape[0]:
+                raise ValueError(f"text_target[{i}] must be ({x.shape[0]},) integer ids like text[{i}], got "
+                                 f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
+        flat = torch.cat([t.reshape(-1) for t in targets]).to(self.device).long()
+        bad = (flat != IGNORE_INDEX) & ((flat < 0) | (flat >= c.text_out_dim))
+        if bool(bad.any()):  # a host sync, as the cross-entropy's own check
+            raise ValueError(f"text_target has ids outside [0, {c.text_out_dim}) that are not IGNORE_INDEX="
+                             f"{IGNORE_INDEX}: {flat[bad][:4].tolist()}")
+        return list(torch.split(flat, [t.shape[0] for t in targets]))
 
     def token_head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``text_head.linear``'s weight and bias over the V real tokens, what decoding ranks: the mask
@@ -451,8 +521,10 @@ def _buffer_mode(inference: bool):
             yield
 
 
-def _check_text_output(text_output, sample_seed, temperature,
-                       choices=("full", "argmax", "sample", "none")) -> None:
+_FORWARD_TEXT_OUTPUTS = ("full", "argmax", "sample", "cross_entropy", "none")
+
+
+def _check_text_output(text_output, sample_seed, temperature, choices=_FORWARD_TEXT_OUTPUTS) -> None:
     if text_output not in choices:
         raise ValueError(f"text_output must be {', '.join(map(repr, choices[:-1]))} or {choices[-1]!r}, "
                          f"got {text_output!r}")
@@ -460,7 +532,7 @@ def _check_text_output(text_output, sample_seed, temperature,
         raise ValueError("text_output='sample' needs sample_seed")
     if text_output != "sample" and sample_seed is not None:
         raise ValueError(f"sample_seed is for text_output='sample' (it would be ignored with {text_output!r})")
-    if text_output in ("full", "none") and temperature != 1.0:
+    if text_output not in ("argmax", "sample") and temperature != 1.0:
         raise ValueError(f"temperature is for text_output='argmax' / 'sample' (it would be ignored with "
                          f"{text_output!r}: the full logits are not rescaled)")
     if sample_seed is not None and (isinstance(sample_seed, bool) or not isinstance(sample_seed, numbers.Integral)

@@ -16,6 +16,7 @@ import torch
 from .kernels import gated_residual as _gr
 from .kernels import joint_attention as _ja
 from .kernels import linear_argmax as _la
+from .kernels import linear_cross_entropy as _lce
 from .kernels import modality_ffn as _mf
 from .kernels import modulated_layer_norm as _mln
 from .kernels import rms_norm as _rn
@@ -31,6 +32,7 @@ class Ops:
     attention: Callable  # (q, k, v, cu_q, cu_k, max_q, max_k, *, softmax_scale, rope_q, rope_k)
     modality_ffn: Callable  # (x, seg_offsets, seg_expert, experts, *, residual, gate)
     linear_argmax: Callable  # (x, weight, bias=None, *, gumbel_seed=None, temperature=1.0)
+    linear_cross_entropy: Callable  # (x, weight, target, bias=None, *, ignore_index=-100, reduction="mean")
 
 
 REFERENCE_OPS = Ops(
@@ -41,6 +43,7 @@ REFERENCE_OPS = Ops(
     attention=_ja.joint_attention_reference,
     modality_ffn=_mf.modality_ffn_reference,
     linear_argmax=_la.linear_argmax_reference,
+    linear_cross_entropy=_lce.linear_cross_entropy_reference,
 )
 
 
@@ -108,4 +111,7 @@ FAST_OPS = Ops(
                                      functools.partial(_mf.check_inputs, any_float=True)),
     linear_argmax=_kernel_dtypes_only("linear_argmax", _la.linear_argmax, _la.linear_argmax_reference,
                                       functools.partial(_la.check_inputs, any_float=True)),
+    linear_cross_entropy=_kernel_dtypes_only("linear_cross_entropy", _lce.linear_cross_entropy,
+                                             _lce.linear_cross_entropy_reference,
+                                             functools.partial(_lce.check_inputs, any_float=True)),
 )

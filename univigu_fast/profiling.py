@@ -116,6 +116,7 @@ class TimedOps:
             attention=self._wrap(o.attention, attention_kind),
             modality_ffn=self._wrap(o.modality_ffn, lambda a, k: "ffn"),
             linear_argmax=self._wrap(o.linear_argmax, lambda a, k: "decode"),
+            linear_cross_entropy=self._wrap(o.linear_cross_entropy, lambda a, k: "decode"),
         )
 
 

@@ -43,6 +43,7 @@ setup(
             "transformers>=4.45",
             "tokenizers",
             "pytest-xdist",
+            "flow_matching",  # Meta's, the public code's dependency: tests/test_flow.py cross-checks against it
             "build",
             "wheel",
         ],

@@ -169,17 +169,49 @@ def test_draw_sample_modes_pin_tau_and_keep_clean(text_flow):
         FlowConfig(cond_dropout=1.5)
 
 
-def test_matches_flow_matching_library_if_installed():
-    """Optional cross-check against Meta's flow_matching (the public code's dependency)."""
-    fm = pytest.importorskip("flow_matching")
+def test_matches_flow_matching_library():
+    """Cross-check against Meta's flow_matching (the public code's dependency; a dev requirement): the
+    polynomial scheduler, the mixture path's token frequencies, and one step of its
+    MixtureDiscreteEulerSolver (the fraction of tokens that jump to x1) against ``jump_probability``."""
+    pytest.importorskip("flow_matching", reason="pip install -e '.[dev]' installs flow_matching")
     from flow_matching.path import MixtureDiscreteProbPath
     from flow_matching.path.scheduler import PolynomialConvexScheduler
+    from flow_matching.solver import MixtureDiscreteEulerSolver
+    from flow_matching.utils import ModelWrapper
+
+    from univigu_fast.sampling import jump_probability
 
     t = torch.tensor([0.2, 0.7])
     out = PolynomialConvexScheduler(n=2.0)(t)
     torch.testing.assert_close(out.alpha_t, PolynomialScheduler(2.0).kappa(t))
     torch.testing.assert_close(out.d_alpha_t, PolynomialScheduler(2.0).dkappa(t))
-    assert MixtureDiscreteProbPath is not None and fm is not None
+
+    n, V = 40000, 11
+    x0 = torch.zeros(n, dtype=torch.long)
+    x1 = torch.ones(n, dtype=torch.long)
+    for power, tau in ((1.0, 0.3), (2.0, 0.6)):  # fraction of x1 tokens on the path: both kappa(tau)
+        path = MixtureDiscreteProbPath(PolynomialConvexScheduler(n=power))
+        torch.manual_seed(0)
+        theirs = path.sample(x_0=x0, x_1=x1, t=torch.full((n,), tau)).x_t.float().mean()
+        ours = discrete_path(x1, x0, tau, PolynomialScheduler(power), torch.Generator().manual_seed(0)).float().mean()
+        k = PolynomialScheduler(power).kappa(tau)
+        assert abs(theirs - k) < 0.01 and abs(ours - k) < 0.01, (power, tau, float(theirs), float(ours), k)
+
+    class OneHot(ModelWrapper):  # the posterior p(x1 | x_t) puts all mass on token 1
+        def __init__(self):
+            super().__init__(None)
+
+        def forward(self, x, t, **extras):
+            return F.one_hot(torch.ones_like(x), V).float()
+
+    for power, tau, h in ((1.0, 0.3, 0.1), (2.0, 0.5, 0.2), (1.0, 0.05, 0.02)):
+        solver = MixtureDiscreteEulerSolver(OneHot(), MixtureDiscreteProbPath(PolynomialConvexScheduler(n=power)), V)
+        torch.manual_seed(1)
+        steps = solver.sample(x_init=x0, step_size=None, time_grid=torch.tensor([tau, tau + h, 1.0]),
+                              return_intermediates=True)
+        jumped = float(steps[1].float().mean())  # after the first (non-final) step
+        want = jump_probability(tau, h, power)
+        assert abs(jumped - want) < 4 * (want * (1 - want) / n) ** 0.5 + 1e-3, (power, tau, h, jumped, want)
 
 
 def test_draw_sample_checks_and_precision():

@@ -23,6 +23,12 @@ Embedding text flow:
 Euler on the embeddings, then ``argmax_v z . E_v`` (Eq. 8) with the fused ``linear_argmax`` op against
 ``vocab_embed``.
 All functions return token ids; detokenise with the tokenizer (``univigu_fast.text``/synthetic).
+
+Randomness: one generator seeded with ``seed`` draws for the whole batch, sample after sample (video
+noise, text source, jump uniforms, the decode's Gumbel seeds), and the fused sampler's Gumbel noise
+is keyed on the row of the packed batch. Same inputs and seed give the same outputs; a sample's draw
+also depends on its position in the batch and on the text lengths of the samples before it (as with
+one generator for a batch in diffusers). Run a sample alone (B = 1) to reproduce it on its own.
 """
 from __future__ import annotations
 

@@ -79,6 +79,13 @@ def _fast_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqle
               rope_q=rope_q, rope_k=rope_k)
 
 
+@torch.compiler.disable
+def _linear_cross_entropy_eager(*args, **kwargs):
+    """The fused cross-entropy (an autograd.Function whose launcher chunks on the host, not a custom op)
+    runs eagerly at a graph break under ``torch.compile``; autograd goes through it as in eager mode."""
+    return _lce.linear_cross_entropy(*args, **kwargs)
+
+
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -111,7 +118,7 @@ FAST_OPS = Ops(
                                      functools.partial(_mf.check_inputs, any_float=True)),
     linear_argmax=_kernel_dtypes_only("linear_argmax", _la.linear_argmax, _la.linear_argmax_reference,
                                       functools.partial(_la.check_inputs, any_float=True)),
-    linear_cross_entropy=_kernel_dtypes_only("linear_cross_entropy", _lce.linear_cross_entropy,
+    linear_cross_entropy=_kernel_dtypes_only("linear_cross_entropy", _linear_cross_entropy_eager,
                                              _lce.linear_cross_entropy_reference,
                                              functools.partial(_lce.check_inputs, any_float=True)),
 )

@@ -1,11 +1,15 @@
 """Shared benchmark plumbing: device peaks, timing, and the results JSON of DESIGN §6.
 
 Every bench file times its impls with :func:`measure` inside a pytest-benchmark test and appends a
-record; after every record (and at session end, ``bench/conftest.py``) the run's records are merged
-into ``bench/results/<device>-<date>.json`` with the device's measured bf16 matmul peak and copy
-bandwidth from the same run. ``UNIVIGU_RESULTS_DIR`` names another folder for that file
-(``bench/run_gpu.sh`` points it at the device call's ``$OUT``, so a call cut off at its time limit
-still returns every figure it measured).
+record; after every record (and at session end, ``bench/conftest.py``) the run's records are merged,
+with the device's measured bf16 matmul peak and copy bandwidth from the same run, into the device's
+newest results file (:func:`results_path`: the one ``bench/readme_table.py`` renders), so groups
+measured in sessions on different days end up in one file; a device without one gets
+``bench/results/<device>-<date>.json``. ``UNIVIGU_RESULTS_DIR`` names another folder for that file,
+which then starts from the same-named committed file (``bench/run_gpu.sh`` points it at the device
+call's ``$OUT``, so a call cut off at its time limit still returns every figure it measured);
+``UNIVIGU_RESULTS_FILE`` names the file itself. Under ``--benchmark-disable`` (a smoke run) every
+impl runs once and nothing is recorded.
 
 ``peak_mem_bytes`` is the memory an impl allocates on top of what was resident before the call
 (inputs and weights excluded), read with ``torch.cuda.max_memory_allocated`` after a garbage
@@ -36,10 +40,12 @@ from typing import Callable
 import pytest
 import torch
 
-RESULTS_DIR = Path(os.environ.get("UNIVIGU_RESULTS_DIR") or Path(__file__).parent / "results")
+COMMITTED_DIR = Path(__file__).parent / "results"
+RESULTS_DIR = Path(os.environ.get("UNIVIGU_RESULTS_DIR") or COMMITTED_DIR)
 RECORDS: list[dict] = []
-_RUN_ID = datetime.datetime.now().isoformat()
-_EARLIER: dict[Path, list[dict]] = {}  # results file -> the records earlier runs left in it
+_NOW = datetime.datetime.now()
+_RUN_ID, _RUN_DATE = _NOW.isoformat(), _NOW.date().isoformat()  # once per run (a run may pass midnight)
+_RUN: dict = {}  # this run's results file ("path") and the records earlier runs left in it ("earlier")
 _WARNED: set = set()  # dropped earlier records already reported
 _PEAKS: dict[str, float] = {}
 WARMUP_S = 0.3  # minimum warm-up per measurement (when it has one), seconds
@@ -128,7 +134,9 @@ def measure(
     ``MAX_ROUNDS``, so its timed part lasts about ``TIMED_S`` (10 rounds of a 0.2 ms op are noise).
     Peak memory comes from one more call, except for a single-round measurement (a 50-step caption),
     where the timed call itself is measured.
-    Returns the record (also appended to :data:`RECORDS`).
+    Returns the record (also appended to :data:`RECORDS`). Under ``--benchmark-disable`` pytest-benchmark
+    runs ``fn`` once, untimed: ``ms`` is that call's wall time and the record is not kept (a smoke run
+    must not replace measured groups in the results file).
     """
 
     def timed():
@@ -150,17 +158,25 @@ def measure(
         for tuner in tuners.values():
             tuner.best_config = None
 
+    wall_s = []
+
+    def timed_rounds(n):
+        t0 = time.perf_counter()
+        out = benchmark.pedantic(timed, rounds=n, iterations=1, warmup_rounds=0)
+        wall_s.append(time.perf_counter() - t0)
+        return out
+
     if rounds == 1:  # one long call (a 50-step caption): its memory is read from the timed call itself
         forget_configs()
-        peak = _extra_peak_memory(lambda: benchmark.pedantic(timed, rounds=1, iterations=1, warmup_rounds=0),
-                                  attempts=1)
+        peak = _extra_peak_memory(lambda: timed_rounds(1), attempts=1)
         gpu_state = _gpu_state()
     else:
-        benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=0)
+        timed_rounds(rounds)
         gpu_state = _gpu_state()
         forget_configs()
         peak = _extra_peak_memory(timed)
-    ms = benchmark.stats.stats.median * 1e3
+    disabled = benchmark.stats is None  # --benchmark-disable: pedantic ran ``timed`` once, untimed
+    ms = wall_s[0] * 1e3 if disabled else benchmark.stats.stats.median * 1e3
     configs = {name: _config_dict(t.best_config) for name, t in tuners.items()
                if getattr(t, "best_config", None) is not None}
     record = {
@@ -178,10 +194,15 @@ def measure(
         "configs": configs or None,
         "gpu_state": gpu_state,
         "run": _RUN_ID,
+        "date": _RUN_DATE,
         "commit": _git_commit(),
     }
     record.update(rates_vs_peaks(flops, bytes_moved, ms, device_peaks()))
     benchmark.extra_info.update(record)
+    if disabled:
+        sys.stderr.write(f"bench: pytest-benchmark is disabled (--benchmark-disable): {op} {shape} {mode} {impl} "
+                         f"ran once ({ms:.3g} ms wall), not recorded\n")
+        return record
     RECORDS.append(record)
     write_results()  # after every record, so a run cut short still leaves its figures
     return record
@@ -203,15 +224,11 @@ def rates_vs_peaks(flops: float | None, bytes_moved: float | None, ms: float, pe
 
 
 def _gpu_state() -> dict | None:
-    """``{"sm_clock_mhz", "power_w", "temp_c"}`` of the current device from NVML, or None."""
+    """``{"sm_clock_mhz", "power_w", "temp_c"}`` of the current device from NVML, or None. Read with
+    torch.cuda's readers, which map ``CUDA_VISIBLE_DEVICES`` to NVML's index of the same GPU."""
     try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        h = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
-        return {"sm_clock_mhz": pynvml.nvmlDeviceGetClockInfo(h, pynvml.NVML_CLOCK_SM),
-                "power_w": round(pynvml.nvmlDeviceGetPowerUsage(h) / 1000, 1),
-                "temp_c": pynvml.nvmlDeviceGetTemperature(h, pynvml.NVML_TEMPERATURE_GPU)}
+        return {"sm_clock_mhz": torch.cuda.clock_rate(), "power_w": round(torch.cuda.power_draw() / 1000, 1),
+                "temp_c": torch.cuda.temperature()}
     except Exception:  # noqa: BLE001 - diagnostics only
         return None
 
@@ -259,7 +276,8 @@ def _git_commit() -> str | None:
     if os.environ.get("UNIVIGU_COMMIT"):
         return os.environ["UNIVIGU_COMMIT"]
     try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, text=True).strip()
+        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, text=True,
+                                       stderr=subprocess.DEVNULL).strip()
     except Exception:
         return None
 
@@ -268,31 +286,66 @@ def _identity(record: dict) -> tuple:
     return tuple(record.get(k) for k in ("op", "shape", "mode", "impl", "dtype"))
 
 
+def results_path() -> Path:
+    """The file this run's records merge into: ``UNIVIGU_RESULTS_FILE``; else, in ``RESULTS_DIR``, the
+    device's newest results file there or, failing that, the name of its newest committed one (newest
+    as ``bench/readme_table.py`` picks the file it renders); else a new ``<device>-<date>.json``."""
+    if os.environ.get("UNIVIGU_RESULTS_FILE"):
+        return Path(os.environ["UNIVIGU_RESULTS_FILE"])
+    from readme_table import newest_results
+
+    for folder in (RESULTS_DIR, COMMITTED_DIR):
+        try:
+            return RESULTS_DIR / newest_results(folder, f"{device_slug()}-*.json").name
+        except FileNotFoundError:
+            pass
+    return RESULTS_DIR / f"{device_slug()}-{_RUN_DATE}.json"
+
+
+def _load(path: Path) -> dict | None:
+    """A results file's JSON; None if it is missing or torn (a run killed while writing it): a torn
+    file is moved aside to ``<name>.corrupt``, which is said on stderr."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except ValueError as e:
+        aside = path.with_name(path.name + ".corrupt")
+        os.replace(path, aside)
+        sys.stderr.write(f"write_results: {path} is not valid JSON ({e}): moved aside to {aside}\n")
+        return None
+
+
 def write_results() -> Path | None:
-    """Merge this run's records into ``<RESULTS_DIR>/<device>-<date>.json`` (default ``bench/results/``).
+    """Merge this run's records into :func:`results_path` (chosen at the run's first write; in a
+    fresh ``RESULTS_DIR`` the file starts from the committed file of that name).
 
     Records of an (op, shape) pair measured in this run replace that pair's older records, so every
     ratio inside one (op, shape) is between impls timed in the same run: measure an (op, shape)'s
     records in one run (``-k`` selections that split them drop the other part, which is reported on
-    stderr, as ``model_step`` / ``wan1.3b-480p`` split from its ``cached`` text step). Each record names its
-    ``run`` and ``commit``; ``runs`` maps every run whose records the file holds to its commit,
-    versions and measured peaks (the top-level ones are this run's); other top-level keys an
-    earlier run or a person left (a ``note``) are kept.
+    stderr, as ``model_step`` / ``wan1.3b-480p`` split from its ``cached`` text step); records of
+    other pairs are kept. Each record names its ``run``, ``date`` and ``commit``; ``runs`` maps every
+    run whose records the file holds to its commit, versions, date and measured peaks (the top-level
+    ones are the latest run's); other top-level keys an earlier run or a person left (a ``note``) are
+    kept. The file is replaced atomically (a run killed mid-write leaves the previous version).
     """
     if not RECORDS or not torch.cuda.is_available():
         return None
     import triton
 
-    date = datetime.date.today().isoformat()
-    path = RESULTS_DIR / f"{device_slug()}-{date}.json"
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    old = json.loads(path.read_text()) if path.exists() else {"records": []}
-    if path not in _EARLIER:  # the file as this run first found it (later writes hold this run's records too)
-        _EARLIER[path] = old.get("records", [])
+    path = _RUN.get("path") or results_path()
+    old = _load(path)
+    if old is None and path.parent.resolve() != COMMITTED_DIR.resolve():
+        old = _load(COMMITTED_DIR / path.name)  # a fresh $OUT: start from the committed file
+    old = old or {"records": []}
+    if "path" not in _RUN:  # the file as this run first found it (later writes hold this run's records too)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # records of files from before records carried a date: the file's (it held one day's runs)
+        _RUN.update(path=path, earlier=[{**r, "date": r.get("date") or old.get("date")} for r in old.get("records", [])])
     fresh = {(r["op"], r["shape"]) for r in RECORDS}
-    kept = [r for r in _EARLIER[path] if (r["op"], r["shape"]) not in fresh]
+    kept = [r for r in _RUN["earlier"] if (r["op"], r["shape"]) not in fresh]
     measured = {_identity(r) for r in RECORDS}
-    dropped = [_identity(r) for r in _EARLIER[path] if (r["op"], r["shape"]) in fresh and _identity(r) not in measured]
+    dropped = [_identity(r) for r in _RUN["earlier"] if (r["op"], r["shape"]) in fresh and _identity(r) not in measured]
     if set(dropped) - _WARNED:
         _WARNED.update(dropped)
         sys.stderr.write(f"write_results: {path.name}: records of an earlier run dropped because this run measures "
@@ -303,7 +356,7 @@ def write_results() -> Path | None:
         if chosen:
             autotune[name] = {**autotune.get(name, {}), **chosen}
     this_run = {"commit": _git_commit(), "torch": torch.__version__, "triton": triton.__version__,
-                **device_peaks()}
+                "date": _RUN_DATE, **device_peaks()}
     records = kept + RECORDS
     live = {r.get("run") for r in records}
     runs = {k: v for k, v in (old.get("runs") or {}).items() if k in live}
@@ -311,12 +364,13 @@ def write_results() -> Path | None:
     doc = {
         **old,
         "device": torch.cuda.get_device_name(),
-        "date": date,
         **this_run,
         "run_id": _RUN_ID,
         "runs": runs,
         "records": records,
         "autotune": autotune,
     }
-    path.write_text(json.dumps(doc, indent=1) + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=1) + "\n")
+    os.replace(tmp, path)
     return path

@@ -4,8 +4,9 @@ Records op ``model_step``: modes ``joint`` / ``understanding`` (text decoded to 
 ``triton``, logits + argmax for ``reference``), ``generation`` (the text head not run, as in the
 sampler: ``profiling.text_output``), ``train`` (forward + backward of a loss on
 both outputs), ``video`` (no text stream: ``triton`` vs diffusers' ``WanTransformer3DModel`` on the
-same weights, default attention backend); impls ``triton`` (fast model), ``reference``,
-``diffusers``. Op ``caption``: a 50-step caption of one video at wan1.3b-480p (``triton``).
+same weights, timed with the fastest of its attention backends that runs here, named in the record's
+``attention_backend``; ``attention_backends_ms`` has every one tried); impls ``triton`` (fast model),
+``reference``, ``diffusers``. Op ``caption``: a 50-step caption of one video at wan1.3b-480p (``triton``).
 Op ``caption`` also with the video-stream cache (impls ``cached-once``, ``cached-every4``; with
 ``-graph``: its text-only steps replayed from a CUDA graph) and ``model_step`` / ``understanding`` /
 ``cached`` and ``cached-graph`` (one text-only step on a filled cache; its record also carries
@@ -17,7 +18,7 @@ wan14b-720p is not run here (three 14B copies do not fit one 80 GB GPU next to t
 import pytest
 import torch
 
-from _common import gpu_busy_ms, measure, requires_cuda, write_results
+from _common import _cuda_time_ms, gpu_busy_ms, measure, requires_cuda, write_results
 from univigu_fast import profiling as P
 from univigu_fast.shapes import SHAPES
 
@@ -75,6 +76,34 @@ def _diffusers(c):
     return c["wan"]
 
 
+# diffusers' attention backends (``diffusers.attention_backend``) tried for its model, the fastest
+# recorded: PyTorch SDPA's (auto, cuDNN, flash, memory-efficient) and flash-attn 2 / 3 and xformers
+# where installed. Not tried: Hub kernels (downloads), SageAttention (int8: another function), flex
+# and math (eager, they materialise the score matrix).
+DIFFUSERS_BACKENDS = ("native", "_native_cudnn", "_native_flash", "_native_efficient", "flash", "_flash_3", "xformers")
+
+
+def _fastest_backend(run) -> tuple[str | None, dict]:
+    """Times ``run`` under each of :data:`DIFFUSERS_BACKENDS` (one warm-up call, median of two):
+    the fastest's name (None where the installed diffusers has no attention backends or none ran)
+    and ``{backend: ms, or why it did not run}``."""
+    try:
+        from diffusers import attention_backend
+    except ImportError:  # a diffusers without attention backends: its default attention only
+        return None, {}
+    tried = {}
+    for name in DIFFUSERS_BACKENDS:
+        try:
+            with attention_backend(name):
+                run()
+                tried[name] = _cuda_time_ms(run, warmup=0, reps=2)
+        except Exception as e:  # not installed, or no kernel for this dtype / head size / GPU
+            tried[name] = f"{type(e).__name__}: {str(e)[:120]}"
+            torch.cuda.empty_cache()
+    ok = {k: v for k, v in tried.items() if isinstance(v, float)}
+    return (min(ok, key=ok.get) if ok else None), tried
+
+
 def _error_vs_fp32(c, inputs, model) -> tuple[float, float]:
     """Max |output - fp32 reference output| of one joint step (video velocity and full text logits)
     and the fp32 output's max |value|. flash-attn's rule reads two records of one run: the fast
@@ -119,10 +148,20 @@ def test_bench_model_step(benchmark, shape, mode, impl):
             wan = _diffusers(c)
             t_wan = [1000 * (1 - tau) for tau in inputs["tau_video"].tolist()]
 
-            def run():
+            def run_default():
                 with torch.no_grad():
                     return [wan(v[None], torch.tensor([t], device="cuda"), p[None]).sample
                             for v, t, p in zip(inputs["video_latents"], t_wan, inputs["encoder_hidden_states"])]
+
+            backend, tried = _fastest_backend(run_default)
+
+            def run():
+                if backend is None:
+                    return run_default()
+                from diffusers import attention_backend
+
+                with attention_backend(backend):
+                    return run_default()
         else:
             model = c["fast"] if impl == "triton" else c["ref"]
             if mode == "train":
@@ -150,6 +189,9 @@ def test_bench_model_step(benchmark, shape, mode, impl):
         pytest.skip(f"{impl} failed: {type(e).__name__}: {str(e)[:300]}")
     record = measure(benchmark, run, op="model_step", shape=shape, mode=mode, impl=impl, dtype=DTYPE,
                      flops=_flops(s, cfg, mode), rounds=3, warmup_rounds=1)
+    if impl == "diffusers":
+        record.update(attention_backend=backend or "default", attention_backends_ms=tried)
+        write_results()
     if mode == "train":
         record["layers"] = cfg.num_layers
         write_results()

@@ -15,17 +15,27 @@
 # With 15 minutes of device time in all (start ~2-3 min), one call of ~580 s fits, e.g.
 #   UNIVIGU_COMMIT=<sha> UNIVIGU_BUDGET_S=220 bash bench/run_gpu.sh tests "";
 #   UNIVIGU_COMMIT=<sha> UNIVIGU_BUDGET_S=330 bash bench/run_gpu.sh bench "linear_argmax or glue or modality_ffn"
-# and the other groups go to later sessions (copy the returned results JSON into bench/results/ first).
-# Records of an (op, shape) measured again replace the older ones in the day's results file. That file
-# is written to $OUT after every record (UNIVIGU_RESULTS_DIR), starting from the committed results, so
-# a call stopped at the device's time limit still brings back what it measured.
-# Each pytest run stops itself (SIGINT: it still prints its summary) after UNIVIGU_BUDGET_S seconds
-# (default 540, under the device's 10-minute command limit); one test is stopped after 240 s. The
-# device copy of the tree has no .git: give the commit, UNIVIGU_COMMIT=<sha> bash bench/run_gpu.sh ...
+# and the other groups go to later sessions: each session's returned results JSON replaces the committed
+# one of the same name in bench/results/ (commit it before the next session).
+# All sessions' groups merge into one file per device: the device's newest committed results file
+# (bench/_common.py results_path; a device without one gets <device>-<date>.json). That one file is
+# written to $OUT after every record (UNIVIGU_RESULTS_DIR), starting from the committed file, so a call
+# stopped at the device's time limit still brings back what it measured; records of an (op, shape)
+# measured again replace the older ones, the other groups' records stay. $OUT gets that file, env.txt,
+# install.log, tests.log and bench.log (at most 8 files come back from a device call).
+# UNIVIGU_BUDGET_S (default 540, under the device's 10-minute command limit) is the whole call's budget:
+# each pytest run gets the time left and stops itself then (SIGINT: it still prints its summary); one
+# test is stopped after 240 s. The device copy of the tree has no .git: give the commit,
+# UNIVIGU_COMMIT=<sha> bash bench/run_gpu.sh ...
 set -uo pipefail
 cd "$(dirname "$0")/.."
+deadline=$(( $(date +%s) + ${UNIVIGU_BUDGET_S:-540} ))
 what=${1:-all}
 kexpr=${2:-}
+case "$what" in
+  tests|bench|all) ;;
+  *) echo "usage: bash bench/run_gpu.sh [tests|bench|all] [pytest -k expression] (got '$what')" >&2; exit 2 ;;
+esac
 out=${OUT:-/tmp/univigu-out}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -44,7 +54,12 @@ timeout_opt=""
 python3 -c "import pytest_timeout" 2>/dev/null && timeout_opt="--timeout 240"
 workers=""
 python3 -c "import xdist" 2>/dev/null && workers="-n ${UNIVIGU_TEST_WORKERS:-8}"  # tests only: benches run alone
-budget=${UNIVIGU_BUDGET_S:-540}
+time_left() {  # seconds to the deadline; says so and fails when none are left for step $1
+  local left=$(( deadline - $(date +%s) ))
+  [ "$left" -gt 0 ] && echo "$left" && return 0
+  echo "run_gpu.sh: UNIVIGU_BUDGET_S=${UNIVIGU_BUDGET_S:-540} spent: $1 not run" >&2
+  return 1
+}
 if [ -z "${UNIVIGU_COMMIT:-}" ] && ! git rev-parse HEAD >/dev/null 2>&1; then
   echo "WARNING: no git here and UNIVIGU_COMMIT unset: the records' commit will be null"
 fi
@@ -62,13 +77,17 @@ print("F.grouped_mm", hasattr(F, "grouped_mm"), "torch._grouped_mm", hasattr(tor
 PY
 rc=0
 if [ "$what" = tests ] || [ "$what" = all ]; then
-  timeout -s INT -k 15 "$budget" python3 -m pytest tests -q -x $workers $timeout_opt ${kexpr:+-k "$kexpr"} \
-    -p no:cacheprovider -rfEs --durations=15 2>&1 | tee -a "$out/tests.log" || rc=1
+  if budget=$(time_left tests); then
+    timeout -s INT -k 15 "$budget" python3 -m pytest tests -q --maxfail=20 $workers $timeout_opt ${kexpr:+-k "$kexpr"} \
+      -p no:cacheprovider -rfEs --durations=15 2>&1 | tee -a "$out/tests.log" || rc=1
+  else rc=1; fi
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
-  cp -n bench/results/*.json "$out/" 2>/dev/null  # -n: never over a file an earlier run in this call wrote
-  UNIVIGU_RESULTS_DIR="$out" timeout -s INT -k 15 "$budget" python3 -m pytest bench --benchmark-only -q $timeout_opt \
-    ${kexpr:+-k "$kexpr"} -p no:cacheprovider -rfEs --durations=15 --benchmark-columns=median,rounds 2>&1 \
-    | tee -a "$out/bench.log" || rc=1
+  if budget=$(time_left bench); then
+    # the results file starts from the committed one (or from what an earlier run in this call wrote)
+    UNIVIGU_RESULTS_DIR="$out" timeout -s INT -k 15 "$budget" python3 -m pytest bench --benchmark-only -q $timeout_opt \
+      ${kexpr:+-k "$kexpr"} -p no:cacheprovider -rfEs --durations=15 --benchmark-columns=median,rounds 2>&1 \
+      | tee -a "$out/bench.log" || rc=1
+  else rc=1; fi
 fi
 exit $rc

@@ -58,3 +58,41 @@ def test_render_ratios_rates_and_memory():
 def test_readme_section_is_the_newest_results():
     """Whoever commits a results file regenerates the README table (`python bench/readme_table.py`)."""
     assert _module().main(["--check"]) == 0
+
+
+def _rows(text):
+    return [[c.strip() for c in line.split("|")[1:-1]]
+            for line in text.splitlines() if line.startswith("| ") and "---" not in line and "op |" not in line]
+
+
+def test_a_group_without_ours_is_one_row_with_ours_missing():
+    """Our impl failed (the bench files skip a failing impl): its peers are not shown as ours."""
+    doc = {"device": "GPU", "date": "2026-12-05", "peak_tflops": 800.0, "peak_gbps": 4000.0, "records": [
+        _rec("modality_ffn", "wan1.3b-480p", "fwd_bwd", impl, ms)
+        for impl, ms in (("naive", 30.0), ("compile", 20.0), ("grouped_mm", 25.0))]}
+    assert _rows(_module().render(doc, "x.json")) == [
+        ["modality_ffn", "wan1.3b-480p", "fwd_bwd", "—", "—", "30", "compile 20", "—", "—", "— / — / —"]]
+
+
+def test_newest_results_is_by_date_then_name_not_file_time(tmp_path):
+    import json
+    import os
+
+    for name, date in (("h100-2026-11-23.json", "2026-12-05"), ("h200-2026-12-05.json", "2026-12-05"),
+                       ("h200-2026-12-01.json", "2026-12-01")):
+        (tmp_path / name).write_text(json.dumps({"date": date, "records": []}))
+    os.utime(tmp_path / "h100-2026-11-23.json", (2e9, 2e9))  # touched last (a checkout, a copy)
+    mod = _module()
+    assert mod.newest_results(tmp_path).name == "h200-2026-12-05.json"
+    assert mod.newest_results(tmp_path, "h100-*.json").name == "h100-2026-11-23.json"
+
+
+def test_a_file_merging_several_days_says_so_and_names_diffusers_backend():
+    doc = {"device": "GPU", "date": "2026-12-05", "commit": "abc", "peak_tflops": 800.0, "peak_gbps": 4000.0,
+           "records": [{**_rec("model_step", "wan1.3b-480p", "joint", "triton", 600.0), "date": "2026-11-23"},
+                       {**_rec("model_step", "wan1.3b-480p", "video", "diffusers", 580.0), "date": "2026-12-05",
+                        "attention_backend": "_native_cudnn"}]}
+    text = _module().render(doc, "x.json")
+    assert ", 2026-11-23 to 2026-12-05;" in text.splitlines()[0]
+    joint = next(r for r in _rows(text) if r[2] == "joint")
+    assert joint[6] == "580 (_native_cudnn)" and joint[8] == "1.03x"

@@ -2,9 +2,9 @@
 
 Records op ``model_step``: modes ``joint`` / ``understanding`` (text decoded to ids: fused for
 ``triton``, logits + argmax for ``reference``), ``generation`` (the text head not run, as in the
-sampler: ``profiling.text_output``), ``train`` (forward + backward of a loss on
-both outputs), ``video`` (no text stream: ``triton`` vs diffusers' ``WanTransformer3DModel`` on the
-same weights, timed with the fastest of its attention backends that runs here, named in the record's
+sampler: ``profiling.text_output``), ``train`` (forward + backward of the training loss: video MSE
++ the fused text cross-entropy), ``video`` (no text stream: ``triton`` vs diffusers'
+``WanTransformer3DModel`` on the same weights, timed with the fastest of its attention backends that runs here, named in the record's
 ``attention_backend``; ``attention_backends_ms`` has every one tried); impls ``triton`` (fast model),
 ``reference``, ``diffusers``. Op ``caption``: a 50-step caption of one video at wan1.3b-480p (``triton``).
 Op ``caption`` also with the video-stream cache (impls ``cached-once``, ``cached-every4``; with
@@ -126,7 +126,7 @@ def _error_vs_fp32(c, inputs, model) -> tuple[float, float]:
 def _flops(s, cfg, mode):
     """One step's FLOPs (``cfg``'s layers). ``train``: every GEMM 3x its forward, attention 3.5x
     (flash-attn's count, as ``bench_joint_attention``: its backward recomputes the scores)."""
-    f = P.component_flops(s, cfg, "video" if mode == "video" else "joint", decode=mode in ("joint", "understanding"))
+    f = P.component_flops(s, cfg, "video" if mode == "video" else "joint", decode=mode in ("joint", "understanding", "train"))
     total = sum(f.values())
     return 3 * total + 0.5 * (f["attention"] + f["cross_attention"]) if mode == "train" else total
 
@@ -170,10 +170,10 @@ def test_bench_model_step(benchmark, shape, mode, impl):
                 for p in params:
                     p.requires_grad_(True)
 
-                def run():
-                    out = model(**inputs)
+                def run():  # the Trainer's loss form: video MSE + the fused text cross-entropy (flow.forward_samples)
+                    out = model(**inputs, text_output="cross_entropy", text_target=inputs["text"])
                     loss = sum(v.float().pow(2).mean() for v in out.video_velocity) + \
-                        sum(t.float().logsumexp(-1).mean() for t in out.text_out if t.numel())
+                        sum(t.sum() for t in out.text_out.loss)
                     loss.backward()
                     for p in params:
                         p.grad = None

@@ -1,8 +1,8 @@
 """End-to-end benchmark: one denoising step of the full model at the DESIGN §6 shapes (30 layers).
 
-Records op ``model_step``: modes ``joint`` / ``understanding`` (text decoded to ids: fused for
-``triton``, logits + argmax for ``reference``), ``generation`` (the text head not run, as in the
-sampler: ``profiling.text_output``), ``train`` (forward + backward of the training loss: video MSE
+Records op ``model_step``: modes ``joint`` / ``understanding`` (the next ids sampled as the samplers do:
+fused for ``triton``, logits + Gumbel-max for ``reference``), ``generation`` (the text head not run, as in
+the sampler: ``profiling.text_head_kwargs``), ``train`` (forward + backward of the training loss: video MSE
 + the fused text cross-entropy), ``video`` (no text stream: ``triton`` vs diffusers'
 ``WanTransformer3DModel`` on the same weights, timed with the fastest of its attention backends that runs here, named in the record's
 ``attention_backend``; ``attention_backends_ms`` has every one tried); impls ``triton`` (fast model),
@@ -181,7 +181,7 @@ def test_bench_model_step(benchmark, shape, mode, impl):
                 model.eval()
 
                 def run():
-                    return P.step(model, inputs, P.text_output(mode, cfg))
+                    return P.step(model, inputs, P.text_head_kwargs(mode, cfg))
         run()
         torch.cuda.synchronize()
     except Exception as e:  # one failing impl must not stop the others
@@ -253,7 +253,8 @@ def test_bench_cached_text_step(benchmark, impl):
 
     def run():
         with torch.no_grad():
-            return c["fast"].text_step(cache, inputs["text"], inputs["tau_text"], text_output="argmax")
+            return c["fast"].text_step(cache, inputs["text"], inputs["tau_text"],
+                                       **P.text_head_kwargs("understanding", c["cfg"]))
 
     try:
         record = measure(benchmark, run, op="model_step", shape="wan1.3b-480p", mode="understanding", impl=impl,

@@ -168,7 +168,8 @@ def linear_argmax_reference(
     ``logits / temperature``.
     """
     check_decode_args(temperature, gumbel_seed)
-    logits = x.float() @ weight.float().t()
+    with torch.autocast(x.device.type, enabled=False):  # fp32 logits, as the kernel's fp32 accumulation
+        logits = x.float() @ weight.float().t()
     if bias is not None:
         logits = logits + bias.float()
     if temperature != 1.0:
@@ -560,8 +561,9 @@ def check_inputs(x, weight, bias=None, *, gumbel_seed=None, temperature=1.0, any
     check_decode_args(temperature, gumbel_seed)
 
 
-# Below this, logits / temperature overflow fp32 for logits of a few thousand (and at 1e-38 for any
-# logit): ids from inf - inf, a non-finite logsumexp. Greedy decoding is the call without a seed.
+# A conservative floor: logits / temperature overflows fp32 below about max|logit| / 3.4e38 (at 1e-38
+# for logits of 4 or more: ids from inf - inf, a non-finite logsumexp), and far above that a sample
+# is already the argmax. Greedy decoding is the call without a seed.
 MIN_TEMPERATURE = 1e-6
 
 
@@ -570,8 +572,9 @@ def check_decode_args(temperature, gumbel_seed):
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
         raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
     if not MIN_TEMPERATURE <= temperature < math.inf:  # (comparisons, not math.isfinite: they trace symbolically)
-        raise ValueError(f"temperature must be finite and >= {MIN_TEMPERATURE:g} (logits / temperature stays finite "
-                         f"in fp32; greedy decoding is the argmax, without a seed), got {temperature}")
+        raise ValueError(f"temperature must be finite and >= {MIN_TEMPERATURE:g} (a floor: logits / temperature "
+                         f"overflows fp32 near 1e-38, and below the floor a sample is the argmax, the call "
+                         f"without a seed), got {temperature}")
     if gumbel_seed is not None:
         if isinstance(gumbel_seed, bool) or not isinstance(gumbel_seed, int):
             raise TypeError(f"gumbel_seed must be an int or None, got {type(gumbel_seed).__name__}")

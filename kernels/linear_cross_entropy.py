@@ -70,7 +70,8 @@ def linear_cross_entropy_reference(
     x (N, dim), weight (V, dim), target (N,) int, bias (V,) -> fp32 loss: scalar, or (N,) for
     ``reduction="none"`` (0 on ignored rows). Differentiable w.r.t. x, weight and bias.
     """
-    logits = x.float() @ weight.float().t()
+    with torch.autocast(x.device.type, enabled=False):  # fp32 logits (autocast would make the matmul 16-bit)
+        logits = x.float() @ weight.float().t()
     if bias is not None:
         logits = logits + bias.float()
     return F.cross_entropy(logits, target.long(), ignore_index=ignore_index, reduction=reduction,

@@ -360,3 +360,27 @@ def test_cross_entropy_output_checks_its_targets():
     ve, pe, te, tv, tt = sample_batch(emb.config)
     with pytest.raises(ValueError, match="'cross_entropy' is for text_flow='discrete'"):
         emb(ve, tv, pe, text=te, tau_text=tt, text_output="cross_entropy", text_target=target)
+
+
+def test_cross_entropy_output_under_autocast():
+    """Under CPU bf16 autocast: a float32 model's fused loss is that of bf16 operands with fp32 logits
+    (F.linear's operands under autocast); a float64 model's is float64's (autocast leaves float64 alone:
+    the fused path computed it in bf16, 6e-3 off)."""
+    from _models import sample_batch, tiny_reference
+
+    for dtype, tol in ((torch.float32, 1e-5), (torch.float64, 1e-5)):
+        model = tiny_reference(seed=1).to(dtype)
+        videos, prompts, texts, tau_v, tau_t = sample_batch(model.config, dtype=dtype)
+        target = [torch.randint(0, model.config.text_out_dim, (t.shape[0],)) for t in texts]
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            feats = {}
+            model.text_head.linear.register_forward_pre_hook(lambda m, a: feats.update(x=a[0]))
+            model(videos, tau_v, prompts, text=texts, tau_text=tau_t)  # full logits: records the head's input
+            out = model(videos, tau_v, prompts, text=texts, tau_text=tau_t, text_output="cross_entropy",
+                        text_target=target).text_out
+        lin = model.text_head.linear
+        x, w, b = feats["x"][:7], lin.weight, lin.bias
+        if dtype == torch.float32:  # the operands F.linear sees under autocast, the logits in fp32
+            x, w, b = x.bfloat16(), w.bfloat16(), b.bfloat16()
+        want = F.cross_entropy(x.double() @ w.double().t() + b.double(), target[0], reduction="none")
+        torch.testing.assert_close(out.loss[0].double(), want, rtol=tol, atol=tol)

@@ -189,7 +189,7 @@ def test_compare_outputs_sees_a_difference():
 
 
 def test_profiled_step_asks_the_text_head_what_the_samplers_do():
-    """``profile`` / ``bench_model`` time one step as the samplers run it: ids decoded in joint and
+    """``profile`` / ``bench_model`` time one step as the samplers run it: the next ids sampled in joint and
     understanding, no text head in generation (its output is the clean prompt's, not used)."""
     import torch
 
@@ -197,12 +197,13 @@ def test_profiled_step_asks_the_text_head_what_the_samplers_do():
     from univigu_fast import profiling as P
 
     model = tiny_reference()
-    assert [P.text_output(m, model.config) for m in P.MODES] == ["argmax", "argmax", "none", "none"]
-    assert P.text_output("joint", tiny_reference(text_flow="embedding").config) == "full"
+    kinds = [P.text_head_kwargs(m, model.config)["text_output"] for m in P.MODES]
+    assert kinds == ["sample", "sample", "none", "none"]  # the samplers' discrete decode draws the next ids
+    assert P.text_head_kwargs("joint", tiny_reference(text_flow="embedding").config) == dict(text_output="full")
     calls = []
     model.text_head.linear.register_forward_hook(lambda *a: calls.append(1))
     for mode in P.MODES:
         out = P.step(model, P.make_inputs(P.TINY_SHAPE, model.config, mode, "cpu", torch.float32),
-                     P.text_output(mode, model.config))
+                     P.text_head_kwargs(mode, model.config))
         assert (out.text_out is None) == (mode in ("generation", "video"))
     assert not calls  # the fused decode reads the head's weight; the (N, V) logits are never formed

@@ -101,8 +101,8 @@ def profile(
     with torch.device(device):
         fast_model = UniViGUModel(cfg).to(torch_dtype).eval()
     inputs = P.make_inputs(shape_obj, cfg, mode, device, torch_dtype)
-    text_output = P.text_output(mode, cfg)
-    flops = P.component_flops(shape_obj, cfg, mode, decode=text_output == "argmax")
+    text_kwargs = P.text_head_kwargs(mode, cfg)
+    flops = P.component_flops(shape_obj, cfg, mode, decode=P.decodes(text_kwargs))
     peak_tflops = None
     if on_gpu:  # the matmul peak of the run's dtype (a bf16 peak made fp32 runs look 10x below it)
         n = 8192
@@ -132,10 +132,10 @@ def profile(
     for name, model in models:
         if on_gpu:
             torch.cuda.reset_peak_memory_stats()
-        comps = P.profile_components(model, inputs, text_output, reps=5 if on_gpu else 3)
+        comps = P.profile_components(model, inputs, text_kwargs, reps=5 if on_gpu else 3)
         instrumented = comps["total"]  # with a sync around every op
         with P.PowerSampler(_power_reader() if on_gpu else None) as power:  # the draw during the plain steps
-            comps["total"] = P.time_step(model, inputs, text_output, reps=5 if on_gpu else 1)  # plain step, median
+            comps["total"] = P.time_step(model, inputs, text_kwargs, reps=5 if on_gpu else 1)  # plain step, median
         results[name] = {
             "seconds": comps,
             "power_w": power.summary(),

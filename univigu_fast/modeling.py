@@ -69,6 +69,7 @@ class TextLoss(NamedTuple):
 
 
 IGNORE_INDEX = -100  # a text_target position not counted (as torch.nn.functional.cross_entropy)
+_AUTOCAST_FLOATS = (torch.float32, torch.float16, torch.bfloat16)  # the dtypes autocast recasts
 
 
 class TextRope(nn.Module):
@@ -322,7 +323,7 @@ class UniViGUModelBase(nn.Module):
         class the model learns not to predict) through the fused op, and argmax == target."""
         lin = self.text_head.linear
         x, w, b = feats, lin.weight, lin.bias
-        if torch.is_autocast_enabled(x.device.type):  # the operands F.linear would see under autocast
+        if torch.is_autocast_enabled(x.device.type) and x.dtype in _AUTOCAST_FLOATS:  # what F.linear would see
             dt = torch.get_autocast_dtype(x.device.type)
             x, w, b = x.to(dt), w.to(dt), None if b is None else b.to(dt)
         else:

@@ -159,30 +159,36 @@ class PowerSampler:
         return {"mean_w": sum(self.samples) / len(self.samples), "max_w": max(self.samples), "samples": len(self.samples)}
 
 
-def text_output(mode: str, config: UniViGUConfig) -> str:
-    """What one step of ``mode`` asks of the text head, as the samplers do: ids from the fused decode
-    (joint, understanding; the embedding flow's velocity is its output), nothing in generation (the
-    clean prompt text's output is not used) or without a text stream."""
+def text_head_kwargs(mode: str, config: UniViGUConfig) -> dict:
+    """What one step of ``mode`` asks of the text head, as the samplers do: a sample of the next ids from
+    the fused decode (joint, understanding: ``text_output="sample"``, a fixed seed; the embedding flow's
+    velocity is its output), nothing in generation (the clean prompt text's output is not used) or
+    without a text stream. (A guided joint step adds an unconditional pass with ``"none"``.)"""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if mode in ("generation", "video"):
-        return "none"
-    return "argmax" if config.text_flow == "discrete" else "full"
+        return dict(text_output="none")
+    return dict(text_output="sample", sample_seed=0) if config.text_flow == "discrete" else dict(text_output="full")
 
 
-def step(model, inputs: dict, text_output: str):
+def decodes(text_kwargs: dict) -> bool:
+    """Whether a step with ``text_kwargs`` runs the fused decode (the ``decode`` FLOPs of ``component_flops``)."""
+    return text_kwargs["text_output"] in ("argmax", "sample")
+
+
+def step(model, inputs: dict, text_kwargs: dict):
     with torch.no_grad():
-        return model(**inputs, text_output=text_output)
+        return model(**inputs, **text_kwargs)
 
 
-def time_step(model, inputs: dict, text_output: str, reps: int = 3) -> float:
+def time_step(model, inputs: dict, text_kwargs: dict, reps: int = 3) -> float:
     """Median seconds of one synchronised forward step."""
     times = []
     for _ in range(reps + 1):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        step(model, inputs, text_output)
+        step(model, inputs, text_kwargs)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
@@ -190,20 +196,20 @@ def time_step(model, inputs: dict, text_output: str, reps: int = 3) -> float:
     return times[len(times) // 2]
 
 
-def profile_components(model, inputs: dict, text_output: str, reps: int = 3) -> dict[str, float]:
+def profile_components(model, inputs: dict, text_kwargs: dict, reps: int = 3) -> dict[str, float]:
     """Seconds per component in one step: ops timed one by one over ``reps`` instrumented steps (after a
     warm-up), the median per component; ``other`` is the rest of the median instrumented step."""
     timed = TimedOps(type(model).ops)
     model.ops = timed.ops()
     runs = []
     try:
-        step(model, inputs, text_output)  # warm-up (compiles / autotunes)
+        step(model, inputs, text_kwargs)  # warm-up (compiles / autotunes)
         for _ in range(max(reps, 1)):
             timed.seconds.clear()
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            step(model, inputs, text_output)
+            step(model, inputs, text_kwargs)
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             runs.append({**timed.seconds, "total": time.perf_counter() - t0})

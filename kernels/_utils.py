@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 import os
 import time
 import warnings
@@ -357,6 +358,12 @@ def host_to_device(t: torch.Tensor, device) -> torch.Tensor:
 def describe(t) -> str:
     """``"<dtype> <shape>"`` of a tensor (or the type name of anything else) for error messages."""
     return f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}"
+
+
+def check_eps(eps) -> None:
+    """A norm's ``eps``: a finite number >= 0 (NaN or inf gave all-NaN outputs, a negative one NaN rows)."""
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < math.inf:
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
 
 
 def check_devices(x: torch.Tensor, **tensors) -> None:

@@ -34,7 +34,7 @@ def apply_rope_reference(x: torch.Tensor, rope: Rope) -> torch.Tensor:
     a_il, b_il = xf[..., 0::2], xf[..., 1::2]
     # rotate-half pairs (i, i + hd/2)
     a_rh, b_rh = xf[..., : hd // 2], xf[..., hd // 2:]
-    il = interleaved.view(T, 1, 1)
+    il = interleaved.view(T, 1, 1) != 0  # bool, or the uint8 / int8 flags the kernels also take
     a = torch.where(il, a_il, a_rh)
     b = torch.where(il, b_il, b_rh)
     c, s = cos.float().unsqueeze(1), sin.float().unsqueeze(1)
@@ -71,8 +71,9 @@ def joint_attention_reference(
         qs, qe, ks, ke = cq[i], cq[i + 1], ck[i], ck[i + 1]
         if qe == qs:
             continue
-        if ke == ks:  # nothing to attend to: defined as zeros (flash-attn convention)
-            out[qs:qe] = 0
+        if ke == ks:  # nothing to attend to: defined as zeros (flash-attn convention), written as the empty
+            # product (q k^T) v so the output stays a function of q, k and v (zero gradients), as the kernel's
+            out[qs:qe] = torch.einsum("lhd,khd->hlk", q[qs:qe], k[ks:ke]).matmul(v[ks:ke].transpose(0, 1)).transpose(0, 1)
             continue
         # 4-D (1, H, L, hd) inputs so PyTorch can pick its flash / cuDNN backends (3-D falls back to math)
         o = F.scaled_dot_product_attention(
@@ -856,7 +857,8 @@ def _check_rope(rope, x: torch.Tensor, name: str) -> None:
     if sin.stride() != cos.stride():  # the kernels read both with cos's row stride
         raise ValueError(f"{name}.sin must have cos's strides {tuple(cos.stride())}, got {tuple(sin.stride())}")
     if il.shape != (T,) or il.dtype not in (torch.bool, torch.uint8, torch.int8):
-        raise ValueError(f"{name}.interleaved must be bool of shape ({T},), got {il.dtype} {tuple(il.shape)}")
+        raise ValueError(f"{name}.interleaved must be bool (or uint8 / int8 flags) of shape ({T},), got {il.dtype} "
+                         f"{tuple(il.shape)}")
     check_contiguous(il, f"{name}.interleaved")
 
 

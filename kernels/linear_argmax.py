@@ -165,21 +165,23 @@ def linear_argmax_reference(
     kernels draw it (:func:`linear_sample_reference`: two-level Gumbel-max, the same Philox stream),
     so the reference draws the same ids as the kernel up to floating-point near-ties. ``max_logit`` is then
     ``logits[id] / temperature`` (the un-noised logit of the sampled id) and ``logsumexp`` that of
-    ``logits / temperature``.
+    ``logits / temperature``. Not differentiable, as the kernel (the two statistics came out requiring
+    grad: a loss on them trained the reference model only).
     """
     check_decode_args(temperature, gumbel_seed)
-    with torch.autocast(x.device.type, enabled=False):  # fp32 logits, as the kernel's fp32 accumulation
+    # fp32 logits, as the kernel's fp32 accumulation (autocast would make the matmul 16-bit)
+    with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
         logits = x.float() @ weight.float().t()
-    if bias is not None:
-        logits = logits + bias.float()
-    if temperature != 1.0:
-        logits = logits * (1.0 / temperature)
-    if gumbel_seed is None:
-        ids = logits.argmax(dim=-1)  # first maximal index, like torch.argmax
-    else:
-        ids = linear_sample_reference(logits, int(gumbel_seed))[0]
-    max_logit = logits.gather(-1, ids[:, None]).squeeze(-1)
-    return ids, max_logit, torch.logsumexp(logits, dim=-1)
+        if bias is not None:
+            logits = logits + bias.float()
+        if temperature != 1.0:
+            logits = logits * (1.0 / temperature)
+        if gumbel_seed is None:
+            ids = logits.argmax(dim=-1)  # first maximal index, like torch.argmax
+        else:
+            ids = linear_sample_reference(logits, int(gumbel_seed))[0]
+        max_logit = logits.gather(-1, ids[:, None]).squeeze(-1)
+        return ids, max_logit, torch.logsumexp(logits, dim=-1)
 
 
 # ----------------------------------------------------------------------------------------------

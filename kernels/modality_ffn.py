@@ -561,6 +561,11 @@ def check_inputs(x, seg_offsets, seg_expert, experts, residual=None, gate=None, 
         if any(t.dtype != x.dtype for t in e):
             raise TypeError(f"experts[{i}] dtypes {[t.dtype for t in e]} must match x.dtype {x.dtype}")
     check_devices(x, residual=residual, gate=gate)
+    for name, t in (("residual", residual), ("gate", gate)):  # an int residual truncated the output to ints
+        if t is not None and t.dtype not in (torch.float16, torch.bfloat16, torch.float32) \
+                and not (any_float and t.is_floating_point()):
+            raise TypeError(f"{name} must be float16, bfloat16 or float32{' (or another float)' if any_float else ''}, "
+                            f"got {t.dtype}")
     if residual is not None and residual.shape != x.shape:
         raise ValueError(f"residual must be (T, dim) = {tuple(x.shape)}, got {tuple(residual.shape)}")
     if gate is not None and gate.shape != (S, dim):

@@ -24,8 +24,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._utils import (HAS_TRITON, cdiv, check_devices, check_segments, custom_op, expand_segments, log_once, next_power_of_2,
-                     num_sms, use_triton)
+from ._utils import (HAS_TRITON, cdiv, check_devices, check_eps, check_segments, custom_op, expand_segments, log_once,
+                     next_power_of_2, num_sms, use_triton)
 
 if HAS_TRITON:
     import triton
@@ -235,6 +235,7 @@ def check_inputs(x, seg_offsets, shift, scale, eps=1e-6) -> None:
             raise ValueError(f"{name} must be (S={S}, dim={x.shape[1]}), got {tuple(t.shape)}")
         if not t.is_floating_point():
             raise TypeError(f"{name} must be floating point, got {t.dtype}")
+    check_eps(eps)
     check_devices(x, shift=shift, scale=scale)
 
 
@@ -247,7 +248,7 @@ def modulated_layer_norm(
     interpreter, else the reference (logged once). ``seg_offsets`` must be a valid table (0 first, T
     last, non-decreasing), on x's device; checked (``_utils.check_segments``: no sync for the packer's tables).
     """
-    check_inputs(x, seg_offsets, shift, scale)
+    check_inputs(x, seg_offsets, shift, scale, eps)
     if not use_triton(x, seg_offsets, shift, scale):
         log_once("modulated_layer_norm: Triton unavailable for these tensors; using the PyTorch reference")
         return modulated_layer_norm_reference(x, seg_offsets, shift, scale, eps)

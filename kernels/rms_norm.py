@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ._utils import HAS_TRITON, check_devices, custom_op, log_once, use_triton
+from ._utils import HAS_TRITON, check_devices, check_eps, custom_op, log_once, use_triton
 from .modulated_layer_norm import geometry
 
 if HAS_TRITON:
@@ -135,6 +135,9 @@ def check_inputs(x, weight, eps=1e-6) -> None:
                          f"{tuple(getattr(x, 'shape', ()))}")
     if not isinstance(weight, torch.Tensor) or weight.shape != (x.shape[-1],):
         raise ValueError(f"weight must be (dim={x.shape[-1]},), got {tuple(getattr(weight, 'shape', ()))}")
+    if not weight.is_floating_point():
+        raise TypeError(f"weight must be floating point, got {weight.dtype}")
+    check_eps(eps)
     check_devices(x, weight=weight)
 
 

@@ -460,3 +460,26 @@ def test_split_kv_output_keeps_q_layout_as_the_registered_fake():
     torch.library.opcheck(ja._joint_attention_fwd_op.op, args, test_utils=("test_faketensor",))
     torch.testing.assert_close(out, joint_attention_reference(q, k, v, cu_q, cu_k, Tq, Tk, softmax_scale=0.25),
                                atol=2e-5, rtol=2e-5)
+
+
+def test_samples_without_keys_stay_differentiable_in_the_reference():
+    """Queries of a sample with no keys attend to nothing: zeros (flash-attn's convention), with zero
+    gradients. The reference wrote constant zeros: with no sample having both, its output did not
+    require grad and ``autograd.grad`` failed; the kernel's gives zeros."""
+    q, k, v, cu_q, cu_k = _inputs([3, 0], [0, 4], 2, 64, torch.float32)
+    for attention in (joint_attention_reference, joint_attention):
+        out = attention(q, k, v, cu_q, cu_k, 3, 4)
+        assert out.requires_grad and not out.any()
+        grads = torch.autograd.grad(out.sum(), (q, k, v))
+        assert all(not g.any() for g in grads)
+
+
+def test_reference_rope_takes_the_uint8_and_int8_flags_the_kernel_takes():
+    """``interleaved`` may be bool, uint8 or int8 (the kernels read ``!= 0``); the reference, also every
+    fallback's path, raised torch's "where expected condition to be a boolean tensor" for int8."""
+    cos, sin, il = _rope(6, 64, seed=2)
+    x = torch.randn(6, 2, 64, device=DEVICE)
+    want = apply_rope_reference(x, (cos, sin, il))
+    for dtype in (torch.uint8, torch.int8):
+        torch.testing.assert_close(apply_rope_reference(x, (cos, sin, il.to(dtype))), want, rtol=0, atol=0)
+        torch.testing.assert_close(apply_rope(x, (cos, sin, il.to(dtype))), want, **TOL[torch.float32])

@@ -442,3 +442,14 @@ def test_temperature_change_keeps_one_fullgraph_trace():
         assert torch.equal(f(x, w, t), la.linear_argmax(x, w, gumbel_seed=3, temperature=t)[0])
     with pytest.raises(ValueError, match="temperature must be finite and >= 1e-06"):
         la.linear_argmax(x, w, temperature=float("nan"))
+
+
+def test_reference_statistics_are_not_differentiable_like_the_kernel():
+    """The decode is not differentiable: the reference's max_logit / logsumexp required grad (a loss on
+    them trained the reference model only); under autocast its logits are still fp32."""
+    x, w = torch.randn(4, 8, requires_grad=True), torch.randn(10, 8, requires_grad=True)
+    for out in (linear_argmax_reference(x, w), linear_argmax(x, w)):
+        assert not any(t.requires_grad for t in out)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, mx, lse = linear_argmax_reference(x, w)
+    torch.testing.assert_close(lse, torch.logsumexp(x.detach() @ w.detach().t(), -1), rtol=1e-6, atol=1e-6)

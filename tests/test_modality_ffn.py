@@ -173,6 +173,10 @@ def test_bad_segment_tables_and_dims():
         modality_ffn(x, seg, seg_expert, [[t.half() for t in e] for e in experts])
     with pytest.raises(TypeError, match="x must be float16, bfloat16 or float32, got torch.int64"):
         modality_ffn(x.long(), seg, seg_expert, [[t.long() for t in e] for e in experts])
+    for kw, name in ((dict(residual=residual.int()), "residual"), (dict(gate=gate.int()), "gate")):
+        # an int residual made the output int (truncated); an int gate was accepted too
+        with pytest.raises(TypeError, match=f"{name} must be float16, bfloat16 or float32, got torch.int32"):
+            modality_ffn(x, seg, seg_expert, experts, **kw)
     meta = torch.empty(3, dtype=torch.int32, device="meta")
     with pytest.raises(ValueError, match="seg_offsets must be on the data's device"):
         modality_ffn(x, meta, seg_expert, experts)

@@ -94,6 +94,8 @@ def test_bad_inputs():
     ok = torch.zeros(2, 8, device=DEVICE)
     with pytest.raises(ValueError, match=r"scale \(meta\) must be on x's device"):  # torch's error named nothing
         mln.modulated_layer_norm(x, seg, ok, ok.to("meta"))
+    with pytest.raises(ValueError, match="eps must be a finite number >= 0, got nan"):  # all-NaN output before
+        mln.modulated_layer_norm(x, seg, ok, ok, float("nan"))
     for bad in (None, 0.0):  # an AttributeError before
         with pytest.raises(TypeError, match=r"shift must be a \(S=2, dim=8\) tensor, got"):
             mln.modulated_layer_norm(x, seg, bad, ok)

@@ -48,6 +48,11 @@ def test_bad_inputs():
         rn.rms_norm(x[None], torch.ones(8, device=DEVICE))
     with pytest.raises(ValueError, match=r"weight \(meta\) must be on x's device"):  # torch's error named nothing
         rn.rms_norm(x, torch.ones(8, device="meta"))
+    with pytest.raises(TypeError, match="weight must be floating point, got torch.int64"):  # (accepted before)
+        rn.rms_norm(x, torch.ones(8, device=DEVICE, dtype=torch.int64))
+    for eps in (-1e-6, float("nan"), float("inf")):  # NaN rows / all-NaN outputs before
+        with pytest.raises(ValueError, match="eps must be a finite number >= 0"):
+            rn.rms_norm(x, torch.ones(8, device=DEVICE), eps)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled kernels at the real width need CUDA")

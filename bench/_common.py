@@ -302,16 +302,24 @@ def results_path() -> Path:
     return RESULTS_DIR / f"{device_slug()}-{_RUN_DATE}.json"
 
 
-def _load(path: Path) -> dict | None:
+def _load(path: Path, move_aside: bool = True) -> dict | None:
     """A results file's JSON; None if it is missing or torn (a run killed while writing it): a torn
-    file is moved aside to ``<name>.corrupt``, which is said on stderr."""
+    file is moved aside to ``<name>.corrupt`` (``move_aside``: the file this run writes; the committed
+    file it starts from is only read), which is said on stderr."""
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
         return None
     except ValueError as e:
+        if not move_aside:
+            sys.stderr.write(f"write_results: {path} is not valid JSON ({e}): not merged, this run starts empty\n")
+            return None
         aside = path.with_name(path.name + ".corrupt")
-        os.replace(path, aside)
+        try:
+            os.replace(path, aside)
+        except OSError as err:  # a read-only folder: the run still writes its own file
+            sys.stderr.write(f"write_results: {path} is not valid JSON ({e}) and cannot be moved aside ({err})\n")
+            raise
         sys.stderr.write(f"write_results: {path} is not valid JSON ({e}): moved aside to {aside}\n")
         return None
 
@@ -336,7 +344,7 @@ def write_results() -> Path | None:
     path = _RUN.get("path") or results_path()
     old = _load(path)
     if old is None and path.parent.resolve() != COMMITTED_DIR.resolve():
-        old = _load(COMMITTED_DIR / path.name)  # a fresh $OUT: start from the committed file
+        old = _load(COMMITTED_DIR / path.name, move_aside=False)  # a fresh $OUT: start from the committed file
     old = old or {"records": []}
     if "path" not in _RUN:  # the file as this run first found it (later writes hold this run's records too)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -15,8 +15,10 @@
 # With 15 minutes of device time in all (start ~2-3 min), one call of ~580 s fits, e.g.
 #   UNIVIGU_COMMIT=<sha> UNIVIGU_BUDGET_S=220 bash bench/run_gpu.sh tests "";
 #   UNIVIGU_COMMIT=<sha> UNIVIGU_BUDGET_S=330 bash bench/run_gpu.sh bench "linear_argmax or glue or modality_ffn"
-# and the other groups go to later sessions: each session's returned results JSON replaces the committed
-# one of the same name in bench/results/ (commit it before the next session).
+# and the other groups go to later sessions. After EVERY call, copy its returned results file over the one
+# of the same name in bench/results/ before the next call (the working tree travels to the device: the
+# next call starts from it; a call that started from the older file would return one without the first
+# call's groups), and commit it before the session ends.
 # All sessions' groups merge into one file per device: the device's newest committed results file
 # (bench/_common.py results_path; a device without one gets <device>-<date>.json). That one file is
 # written to $OUT after every record (UNIVIGU_RESULTS_DIR), starting from the committed file, so a call
@@ -29,13 +31,19 @@
 # UNIVIGU_COMMIT=<sha> bash bench/run_gpu.sh ...
 set -uo pipefail
 cd "$(dirname "$0")/.."
-deadline=$(( $(date +%s) + ${UNIVIGU_BUDGET_S:-540} ))
 what=${1:-all}
 kexpr=${2:-}
 case "$what" in
   tests|bench|all) ;;
   *) echo "usage: bash bench/run_gpu.sh [tests|bench|all] [pytest -k expression] (got '$what')" >&2; exit 2 ;;
 esac
+budget_s=${UNIVIGU_BUDGET_S:-540}
+min_step=${UNIVIGU_MIN_STEP_S:-20}  # a step with less time left is not started (it would die importing torch)
+case "$budget_s$min_step" in
+  ''|*[!0-9]*) echo "usage: UNIVIGU_BUDGET_S / UNIVIGU_MIN_STEP_S must be whole seconds, got '$budget_s' / '$min_step'" >&2
+               exit 2 ;;
+esac
+deadline=$(( $(date +%s) + budget_s ))
 out=${OUT:-/tmp/univigu-out}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -54,10 +62,10 @@ timeout_opt=""
 python3 -c "import pytest_timeout" 2>/dev/null && timeout_opt="--timeout 240"
 workers=""
 python3 -c "import xdist" 2>/dev/null && workers="-n ${UNIVIGU_TEST_WORKERS:-8}"  # tests only: benches run alone
-time_left() {  # seconds to the deadline; says so and fails when none are left for step $1
+time_left() {  # seconds to the deadline; says so and fails when fewer than $min_step are left for step $1
   local left=$(( deadline - $(date +%s) ))
-  [ "$left" -gt 0 ] && echo "$left" && return 0
-  echo "run_gpu.sh: UNIVIGU_BUDGET_S=${UNIVIGU_BUDGET_S:-540} spent: $1 not run" >&2
+  [ "$left" -ge "$min_step" ] && [ "$left" -gt 0 ] && echo "$left" && return 0
+  echo "run_gpu.sh: UNIVIGU_BUDGET_S=$budget_s spent ($left s left): $1 not run" >&2
   return 1
 }
 if [ -z "${UNIVIGU_COMMIT:-}" ] && ! git rev-parse HEAD >/dev/null 2>&1; then

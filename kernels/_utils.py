@@ -5,6 +5,7 @@ import contextlib
 import functools
 import logging
 import math
+import numbers
 import os
 import time
 import warnings
@@ -362,7 +363,7 @@ def describe(t) -> str:
 
 def check_eps(eps) -> None:
     """A norm's ``eps``: a finite number >= 0 (NaN or inf gave all-NaN outputs, a negative one NaN rows)."""
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < math.inf:
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 <= eps < math.inf:
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
 
 

@@ -96,3 +96,16 @@ def test_a_file_merging_several_days_says_so_and_names_diffusers_backend():
     assert ", 2026-11-23 to 2026-12-05;" in text.splitlines()[0]
     joint = next(r for r in _rows(text) if r[2] == "joint")
     assert joint[6] == "580 (_native_cudnn)" and joint[8] == "1.03x"
+
+
+def test_a_file_merging_several_runs_names_their_commits_and_versions():
+    """The header named only the latest run's commit and versions for records of several runs."""
+    doc = {"device": "GPU", "date": "2026-12-05", "commit": "b" * 40, "torch": "2.12", "triton": "3.7",
+           "runs": {"r1": {"torch": "2.11", "triton": "3.6"}, "r2": {"torch": "2.12", "triton": "3.7"}},
+           "records": [{**_rec("linear_argmax", "n256-d1536", "fwd", "triton", 1.0), "commit": "a" * 40},
+                       {**_rec("modality_ffn", "wan1.3b-480p", "fwd", "triton", 3.0), "commit": "b" * 40}]}
+    head = _module().render(doc, "x.json").splitlines()[0]
+    assert "commits `aaaaaaaaaa`, `bbbbbbbbbb`" in head and "torch / triton 2.11 / 3.6, 2.12 / 3.7" in head
+    one = dict(doc, runs={"r2": doc["runs"]["r2"]}, records=doc["records"][1:])
+    head = _module().render(one, "x.json").splitlines()[0]
+    assert "torch 2.12, triton 3.7, commit `bbbbbbbbbb`," in head

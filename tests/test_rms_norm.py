@@ -53,6 +53,10 @@ def test_bad_inputs():
     for eps in (-1e-6, float("nan"), float("inf")):  # NaN rows / all-NaN outputs before
         with pytest.raises(ValueError, match="eps must be a finite number >= 0"):
             rn.rms_norm(x, torch.ones(8, device=DEVICE), eps)
+    import numpy as np  # a NumPy eps is a real number like any other (F.rms_norm takes it)
+
+    torch.testing.assert_close(rn.rms_norm(x, torch.ones(8, device=DEVICE), np.float32(1e-6)),
+                               rn.rms_norm(x, torch.ones(8, device=DEVICE), 1e-6))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled kernels at the real width need CUDA")

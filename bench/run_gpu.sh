@@ -26,8 +26,8 @@
 # measured again replace the older ones, the other groups' records stay. $OUT gets that file, env.txt,
 # install.log, tests.log and bench.log (at most 8 files come back from a device call).
 # UNIVIGU_BUDGET_S (default 540, under the device's 10-minute command limit) is the whole call's budget:
-# each pytest run gets the time left and stops itself then (SIGINT: it still prints its summary); one
-# test is stopped after 240 s. The device copy of the tree has no .git: give the commit,
+# each pytest run gets the time left and stops itself then (SIGINT: it still prints its summary); with
+# pytest-timeout installed one test is stopped after 240 s. The device copy of the tree has no .git: give the commit,
 # UNIVIGU_COMMIT=<sha> bash bench/run_gpu.sh ...
 set -uo pipefail
 cd "$(dirname "$0")/.."

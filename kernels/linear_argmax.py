@@ -736,7 +736,8 @@ def _(x, weight, bias, gumbel_seed, temperature):
 
 
 class LinearArgmax(torch.nn.Module):
-    """Thin module: ``forward(x, weight, bias=None)`` -> :func:`linear_argmax` with fixed seed/temperature."""
+    """Thin module: ``forward(x, weight, bias=None, gumbel_seed=None)`` -> :func:`linear_argmax` at the
+    module's temperature."""
 
     def __init__(self, temperature: float = 1.0):
         super().__init__()

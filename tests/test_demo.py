@@ -180,6 +180,7 @@ def test_cli_user_mistakes_are_usage_errors(tmp_path, monkeypatch):
     (tmp_path / "empty").mkdir()
     torch.save({"video": torch.zeros(16, 1, 2, 2)}, tmp_path / "dict.pt")
     torch.save(torch.zeros(4, 1, 2, 2), tmp_path / "four.pt")
+    torch.save(torch.zeros(16, 1, 2, 2), tmp_path / "16.pt")
     (tmp_path / "text.pt").write_text("not a tensor file")
     monkeypatch.setattr(sampling, "generate", lambda *a, **k: pytest.fail("sampled before checking --out"))
     model = ["--model", str(tmp_path / "m"), "--synthetic"]
@@ -192,6 +193,12 @@ def test_cli_user_mistakes_are_usage_errors(tmp_path, monkeypatch):
              (["caption", *model, "--data", str(tmp_path / "empty")], "--data"),
              (["caption", *model, "--data", str(tmp_path / "ex"), "--index", "5"], "--index 5 is out of range"),
              (["caption", *model, "--data", str(tmp_path / "ex"), "--device", "bogus"], "--device"),
+             # options that were accepted and ignored
+             (["caption", *model, "--latents", str(tmp_path / "four.pt"), "--index", "1"], "--index"),
+             (["caption", *model, "--latents", str(tmp_path / "16.pt"), "--tokenizer", str(tmp_path)], "--synthetic"),
+             ([*gen, "--text-encoder", str(tmp_path), "--out", str(tmp_path / "g.pt")], "--synthetic"),
+             (["caption", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "ex"), "--tokenizer", str(tmp_path),
+               "--text-encoder", str(tmp_path)], "--text-encoder"),
              ([*gen, "--out", str(tmp_path / "empty")], "is a folder"),
              (["train", "--out", str(tmp_path / "t"), "--synthetic", "-3", "--config", str(tmp_path / "m" / "config.json")],
               "--synthetic"),

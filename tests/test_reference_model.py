@@ -222,6 +222,10 @@ def test_embedding_flow_outputs_velocity():
     with torch.no_grad():
         out = model(videos, tau_v, prompts, text=texts, tau_text=tau_t)
     assert out.text_out[0].shape == (7, c.dim) and out.text_out[1].shape == (0, c.dim)
+    # nothing is sampled from a velocity: a seed / temperature were accepted and ignored
+    for kw in (dict(text_output="sample", sample_seed=3), dict(text_output="argmax", temperature=0.05)):
+        with pytest.raises(ValueError, match="sample_seed / temperature are for text_flow='discrete'"):
+            model(videos, tau_v, prompts, text=texts, tau_text=tau_t, **kw)
 
 
 @pytest.mark.parametrize(

@@ -115,6 +115,12 @@ class _TextFrontEnd:
                  prompt_length: int | None = None, encoder: bool = True):
         self.model = model
         self.prompt_length = _prompt_length(prompt_length, synthetic)
+        if synthetic and (tokenizer is not None or text_encoder is not None):  # (they were ignored)
+            raise typer.BadParameter("uses the synthetic task's tokenizer and prompt encoder: drop --tokenizer / "
+                                     "--text-encoder", param_hint="--synthetic")
+        if not encoder and text_encoder is not None:
+            raise typer.BadParameter("not with --data: its examples folder holds the empty prompt's embedding",
+                                     param_hint="--text-encoder")
         if synthetic:
             from . import synthetic as S
 
@@ -381,6 +387,8 @@ def caption(
 
     if (latents is None) == (data is None):
         raise typer.BadParameter("give exactly one of --latents or --data")
+    if index != 0 and data is None:  # (it was ignored)
+        raise typer.BadParameter("picks an example of --data; --latents holds one video", param_hint="--index")
     # the video first (cheap, and a usage error should not wait for the model and the text encoder)
     if data is not None:
         from .data import VideoTextDataset

@@ -74,7 +74,8 @@ class DemoConfig:
     mode_mix: dict = field(default_factory=lambda: {"joint": 1.0, "understanding": 3.0, "generation": 2.0})
     # per-element squared errors (FlowConfig.loss_unit): a video token of this task holds 192 latent values,
     # and the per-token mean of DESIGN §4 weights video 192 x more against the captions; measured (seed 0):
-    # understanding 0.612 (discrete) / 0.607 (embedding) with "token" vs 0.926 / 0.647 with "element"
+    # understanding 0.612 (discrete) / 0.607 (embedding) with "token" vs 0.926 / 0.647 with "element" (at
+    # 2626013; the committed embedding run gives 0.658)
     loss_unit: str = "element"
     # sampling
     caption_steps: int = 16

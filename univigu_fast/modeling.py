@@ -244,7 +244,7 @@ class UniViGUModelBase(nn.Module):
     def forward(self, video_latents, tau_video, encoder_hidden_states, text=None, tau_text=None, text_lens=None, *,
                 text_output: str = "full", sample_seed: int | None = None, temperature: float = 1.0,
                 text_target=None, video_cache=None) -> UniViGUOutput:
-        _check_text_output(text_output, sample_seed, temperature, _FORWARD_TEXT_OUTPUTS)
+        _check_text_output(text_output, sample_seed, temperature, _FORWARD_TEXT_OUTPUTS, self.config.text_flow)
         inp = self._prepare(video_latents, tau_video, encoder_hidden_states, text, tau_text, text_lens)
         inp["targets"] = self._text_targets(text_output, text_target, inp)
         c, ops, dev, dtype = self.config, self.ops, self.device, self.dtype
@@ -422,7 +422,7 @@ class UniViGUModelBase(nn.Module):
         ``torch.inference_mode()`` when the full step did. A cache whose model's weights, dtype or device
         changed since its full step is refused (``VideoCache.check_ready``)."""
         c = self.config
-        _check_text_output(text_output, sample_seed, temperature, ("full", "argmax", "sample"))
+        _check_text_output(text_output, sample_seed, temperature, ("full", "argmax", "sample"), c.text_flow)
         check_video_cache(video_cache, self)
         video_cache.check_ready(self)
         if not isinstance(text, (list, tuple)):
@@ -525,7 +525,8 @@ def _buffer_mode(inference: bool):
 _FORWARD_TEXT_OUTPUTS = ("full", "argmax", "sample", "cross_entropy", "none")
 
 
-def _check_text_output(text_output, sample_seed, temperature, choices=_FORWARD_TEXT_OUTPUTS) -> None:
+def _check_text_output(text_output, sample_seed, temperature, choices=_FORWARD_TEXT_OUTPUTS,
+                       text_flow: str = "discrete") -> None:
     if text_output not in choices:
         raise ValueError(f"text_output must be {', '.join(map(repr, choices[:-1]))} or {choices[-1]!r}, "
                          f"got {text_output!r}")
@@ -540,6 +541,9 @@ def _check_text_output(text_output, sample_seed, temperature, choices=_FORWARD_T
                                     or not 0 <= sample_seed < 2**63):
         raise ValueError(f"sample_seed must be an int in [0, 2**63), got {sample_seed!r}")
     check_decode_args(temperature, None if sample_seed is None else int(sample_seed))
+    if text_flow != "discrete" and (sample_seed is not None or temperature != 1.0):  # (they were ignored)
+        raise ValueError("sample_seed / temperature are for text_flow='discrete': the embedding flow's text output "
+                         "is its velocity, nothing is sampled")
 
 
 def _same_shapes(ts: Sequence[torch.Tensor]) -> bool:

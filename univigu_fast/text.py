@@ -5,11 +5,11 @@
 * ``tokenize``: strings -> padded ids ``(B, N)`` + ``text_lens (B,)``, the model's ``text`` input. As
   the public implementation, ids are the tokenizer's own (special tokens such as ``</s>`` kept),
   padded on the right; the model drops the padding via ``text_lens``.
-* ``decode``: the text stream's output -> token ids. Discrete flow: ``argmax`` of the logits
-  (``text_head.linear`` applied to the head features). Embedding flow (paper Eq. 8):
-  ``argmax_v z . E_v`` against ``vocab_embed``. Both are a ``(N, dim) x (dim, V)`` product reduced to
-  one id per row, which runs through ``ops.linear_argmax`` (the fused kernel in the fast model, a
-  plain matmul + argmax in the reference).
+* ``decode``: the text stream's output -> token ids. Discrete flow: ``argmax`` of the given logits
+  over the V real tokens (the fused op without logits: ``decode_features`` or the model's
+  ``text_output="argmax"``). Embedding flow (paper Eq. 8): ``argmax_v z . E_v`` against ``vocab_embed``,
+  a ``(N, dim) x (dim, V)`` product reduced to one id per row through ``ops.linear_argmax`` (the fused
+  kernel in the fast model, a plain matmul + argmax in the reference).
 * ``detokenize``: ids -> strings, dropping the [MASK] id and ids the tokenizer does not know.
 * ``pad_prompt``: a prompt's umT5 embedding zero-padded to 512 rows, the conditioning Wan's pipeline feeds.
 """

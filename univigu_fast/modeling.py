@@ -43,7 +43,7 @@ from .config import UniViGUConfig
 from .kernels._utils import describe, host_to_device
 from .kernels.linear_argmax import check_decode_args
 from .modules import TextHead, TextProjection, TimeEmbedding, UniViGUBlock, VideoHead
-from .ops import Ops
+from .ops import Ops, autocast_dtype
 from .packing import PackedBatch, padded_lengths
 from .video_cache import check_video_cache
 
@@ -69,7 +69,6 @@ class TextLoss(NamedTuple):
 
 
 IGNORE_INDEX = -100  # a text_target position not counted (as torch.nn.functional.cross_entropy)
-_AUTOCAST_FLOATS = (torch.float32, torch.float16, torch.bfloat16)  # the dtypes autocast recasts
 
 
 class TextRope(nn.Module):
@@ -322,12 +321,8 @@ class UniViGUModelBase(nn.Module):
         """Per-token cross-entropy of ``text_head.linear`` (all its rows: the mask source's [MASK] is a
         class the model learns not to predict) through the fused op, and argmax == target."""
         lin = self.text_head.linear
-        x, w, b = feats, lin.weight, lin.bias
-        if torch.is_autocast_enabled(x.device.type) and x.dtype in _AUTOCAST_FLOATS:  # what F.linear would see
-            dt = torch.get_autocast_dtype(x.device.type)
-            x, w, b = x.to(dt), w.to(dt), None if b is None else b.to(dt)
-        else:
-            w, b = w.to(x.dtype), None if b is None else b.to(x.dtype)
+        dt = autocast_dtype(feats) or feats.dtype  # the operands F.linear would see
+        x, w, b = feats.to(dt), lin.weight.to(dt), None if lin.bias is None else lin.bias.to(dt)
         loss = self.ops.linear_cross_entropy(x, w, target, b, ignore_index=IGNORE_INDEX, reduction="none")
         with torch.no_grad():
             ids = self.ops.linear_argmax(x.detach(), w.detach(), None if b is None else b.detach())[0]

@@ -47,11 +47,19 @@ REFERENCE_OPS = Ops(
 )
 
 
+def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype ``F.linear`` on ``x`` computes in under ``torch.autocast`` (which recasts float16 /
+    bfloat16 / float32 only), None where autocast leaves it alone: the operands fused ops must be given."""
+    if torch.is_autocast_enabled(x.device.type) and x.dtype in (torch.float16, torch.bfloat16, torch.float32):
+        return torch.get_autocast_dtype(x.device.type)
+    return None
+
+
 def _fast_modality_ffn(x, seg_offsets, seg_expert, experts, *, residual=None, gate=None):
     """The grouped-GEMM FFN; under ``torch.autocast`` its GEMMs run in the autocast dtype (as ``F.linear``
     would in the reference), the gated residual stays in the residual stream's dtype."""
-    if torch.is_autocast_enabled(x.device.type):
-        dt = torch.get_autocast_dtype(x.device.type)
+    dt = autocast_dtype(x)
+    if dt is not None:
         x = x.to(dt)
         experts = [tuple(t.to(dt) for t in e) for e in experts]
     return _mf.modality_ffn(x, seg_offsets, seg_expert, experts, residual=residual, gate=gate)
